@@ -1,0 +1,1 @@
+//! Kestrel integration-test helpers.
