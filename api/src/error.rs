@@ -1,0 +1,47 @@
+//! Configuration errors.
+
+use thiserror::Error;
+
+/// Why a configuration was rejected. Every variant names the offending field by its JSON path.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The JSON could not be parsed into a [`crate::VmConfig`] (syntax error, wrong type,
+    /// unknown field — serde's message names the field and the line).
+    #[error("invalid configuration JSON: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// The configuration file could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// The path that was read.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A field holds a value Kestrel cannot use.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// JSON path of the field, e.g. `machine-config.vcpu_count`.
+        field: String,
+        /// Why the value was rejected.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// Shorthand for [`ConfigError::Invalid`].
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The JSON path of the offending field, when the error is about one field.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
