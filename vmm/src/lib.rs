@@ -1,1 +1,35 @@
-//! kestrel-vmm
+//! Kestrel: an embeddable virtual machine monitor.
+//!
+//! A container runtime links this crate and starts Linux microVMs inside its own process:
+//!
+//! ```no_run
+//! use kestrel_api::VmConfig;
+//! use kestrel_vmm::Vm;
+//!
+//! let config = VmConfig::new("/var/cache/kestrel/guest/current/vmlinux", 1, 256);
+//! let vm = Vm::create(&config)?;       // validates, creates KVM VM, memory, devices, vCPUs
+//! vm.start()?;                         // vCPU threads + event loop
+//! for t in vm.threads() { println!("{} {}", t.name, t.tid); } // for cgroups
+//! let why = vm.wait();                 // or vm.stop() from another thread
+//! println!("guest stopped: {why}");
+//! # Ok::<(), kestrel_vmm::VmmError>(())
+//! ```
+//!
+//! Threads of one VM: one per vCPU (`kestrel-<vm>-vcpu<N>`) and one event loop
+//! (`kestrel-<vm>-evloop`). Dropping a [`Vm`] stops it and joins every thread; its fds and
+//! guest memory are released with it.
+
+mod boot;
+mod error;
+mod evloop;
+mod exit;
+mod metrics;
+mod vcpu;
+mod vm;
+
+pub use boot::{host_kvm_is_software, DEFAULT_BOOT_ARGS, SOFTWARE_KVM_ARGS};
+pub use error::VmmError;
+pub use exit::{VcpuFault, VmExit};
+pub use metrics::VmMetrics;
+pub use vcpu::{kick_signal, KICK_SIGNAL_OFFSET};
+pub use vm::{effective_max_vcpus, ConsoleSink, ThreadInfo, ThreadKind, Vm};

@@ -1,1 +1,111 @@
-fn main() {}
+//! `kestrel`: boot a microVM from a JSON config and stream its serial console.
+//!
+//! Exit status: 0 when the guest reboots or powers off (or the VM is stopped), 1 for a VMM or
+//! guest failure, 2 for a configuration error. Failures print one line on stderr.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kestrel_api::VmConfig;
+use kestrel_vmm::{Vm, VmExit, VmmError};
+
+/// The default guest config, built by `resources/build-guest.sh` into the cache.
+const DEFAULT_CONFIG: &str = include_str!("../../resources/configs/default.json");
+
+#[derive(Parser)]
+#[command(
+    name = "kestrel",
+    version,
+    about = "Kestrel: boot a Linux microVM from a Firecracker-style JSON config",
+    long_about = "Boots the VM described by --config (Firecracker's --config-file shape plus \
+                  Kestrel sections) and streams its serial console to stdout. Without --config \
+                  it boots the default guest built by resources/build-guest.sh \
+                  (cache: $KESTREL_CACHE, default /var/cache/kestrel)."
+)]
+struct Cli {
+    /// VM configuration (JSON).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration and kernel command line on stderr before booting.
+    #[arg(long)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a configuration without creating anything.
+    Validate,
+}
+
+fn cache_dir() -> String {
+    std::env::var("KESTREL_CACHE").unwrap_or_else(|_| "/var/cache/kestrel".to_string())
+}
+
+fn load_config(path: Option<&PathBuf>) -> Result<VmConfig, kestrel_api::ConfigError> {
+    match path {
+        Some(p) => VmConfig::from_file(p),
+        None => {
+            let mut c = VmConfig::from_json(&DEFAULT_CONFIG.replace("${KESTREL_CACHE}", &cache_dir()))?;
+            // Interactive use: forward the terminal to the guest console.
+            // SAFETY: isatty has no preconditions.
+            c.serial.stdin = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;
+            Ok(c)
+        }
+    }
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("kestrel: {msg}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KESTREL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
+
+    let config = match load_config(cli.config.as_ref()) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    if let Err(e) = config.validate() {
+        if cli.config.is_none() {
+            return fail(
+                2,
+                format!("{e} (the default guest is built by resources/build-guest.sh)"),
+            );
+        }
+        return fail(2, e);
+    }
+    if let Some(Command::Validate) = cli.command {
+        println!("configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+
+    let vm = match Vm::create(&config) {
+        Ok(vm) => vm,
+        Err(VmmError::Config(e)) => return fail(2, e),
+        Err(e) => return fail(1, e),
+    };
+    if cli.verbose {
+        eprintln!("kestrel: kernel command line: {}", vm.cmdline());
+    }
+    if let Err(e) = vm.start() {
+        return fail(1, e);
+    }
+    let exit = vm.wait();
+    let m = vm.metrics();
+    tracing::info!("VM metrics: {m:?}");
+    match exit {
+        VmExit::Reset | VmExit::Shutdown | VmExit::Stopped => ExitCode::SUCCESS,
+        other => fail(1, format!("guest stopped: {other}")),
+    }
+}

@@ -1,0 +1,49 @@
+# Shared by scripts/*.sh. Source it; it sets ROOT and helpers.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export KESTREL_CACHE="${KESTREL_CACHE:-/var/cache/kestrel}"
+
+log() { echo "[kestrel] $*" >&2; }
+
+need_root() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "run as root (KVM, TAP devices, network namespaces and apt need it)" >&2
+        exit 1
+    fi
+}
+
+# Debian packages the build and the tests use, beyond what build-guest.sh installs.
+HOST_PACKAGES=(e2fsprogs iproute2 procps)
+
+install_host_packages() {
+    local missing=()
+    for p in "${HOST_PACKAGES[@]}"; do
+        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+            missing+=("$p")
+        fi
+    done
+    if [ "${#missing[@]}" -gt 0 ]; then
+        log "installing ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+check_toolchain() {
+    if ! command -v cargo >/dev/null; then
+        echo "cargo not found: install a Rust toolchain (rustup, stable >= 1.80) first" >&2
+        exit 1
+    fi
+}
+
+check_kvm() {
+    if [ ! -c /dev/kvm ]; then
+        echo "/dev/kvm is missing: Kestrel needs KVM" >&2
+        exit 1
+    fi
+}
+
+build_guest() {
+    log "building the guest kernel and initramfs (cached in $KESTREL_CACHE)"
+    bash "$ROOT/resources/build-guest.sh" >/dev/null
+}

@@ -1,0 +1,116 @@
+//! KVM tests with tiny hand-assembled guests: fast, no kernel needed.
+
+use std::time::Duration;
+
+use kestrel_api::{SerialOutput, VmConfig};
+use kestrel_tests::*;
+use kestrel_vmm::{ThreadKind, VcpuFault, Vm, VmExit};
+
+fn config(kernel: std::path::PathBuf, vcpus: u32) -> VmConfig {
+    let mut c = VmConfig::new(kernel, vcpus, 32);
+    c.serial.output = SerialOutput::None;
+    c
+}
+
+#[test]
+fn serial_bytes_arrive_and_i8042_reset_stops_the_vm() {
+    let msg = b"hello from a 64-bit tiny guest\n";
+    let k = write_tiny_guest("serial.elf", &serial_then_reset(msg));
+    let cap = Capture::default();
+    let vm = Vm::create_with_console(&config(k, 1), Box::new(cap.clone())).unwrap();
+    vm.start().unwrap();
+    let exit = vm.wait_timeout(Duration::from_secs(60)).expect("guest stops");
+    assert_eq!(exit, VmExit::Reset);
+    assert_eq!(cap.text().as_bytes(), msg);
+    let m = vm.metrics();
+    assert_eq!(m.serial_tx_bytes, msg.len() as u64);
+    assert!(m.pio_exits >= msg.len() as u64 + 1, "{m:?}");
+    assert!(m.setup_to_first_run_us.is_some());
+    assert!(vm.threads().is_empty(), "threads are released after wait");
+}
+
+#[test]
+fn unsupported_instruction_is_a_clean_error_naming_rip_and_bytes() {
+    let (code, rip, insn) = unsupported_mmio_instruction();
+    let k = write_tiny_guest("popcnt.elf", &code);
+    let vm = Vm::create(&config(k, 1)).unwrap();
+    vm.start().unwrap();
+    let exit = vm.wait_timeout(Duration::from_secs(60)).expect("guest stops");
+    match &exit {
+        VmExit::Failed {
+            vcpu: 0,
+            fault: VcpuFault::EmulationFailure { rip: r, bytes },
+        } => {
+            assert_eq!(*r, rip);
+            assert!(bytes.starts_with(&insn), "{bytes:02x?}");
+        }
+        other => panic!("unexpected exit {other:?}"),
+    }
+    let msg = exit.to_string();
+    assert!(msg.contains(&format!("{rip:#x}")) && msg.contains("f3 48 0f b8 18"), "{msg}");
+}
+
+#[test]
+fn stop_from_another_thread_and_thread_ids() {
+    let k = write_tiny_guest("spin.elf", &spin());
+    let mut c = config(k, 2);
+    c.kestrel.name = Some("spinner".into());
+    let vm = std::sync::Arc::new(Vm::create(&c).unwrap());
+    vm.start().unwrap();
+    let threads = vm.threads();
+    assert_eq!(threads.len(), 3, "{threads:?}");
+    assert!(threads
+        .iter()
+        .any(|t| t.kind == ThreadKind::EventLoop && t.name == "kestrel-spinner-evloop"));
+    for id in 0..2 {
+        let t = threads
+            .iter()
+            .find(|t| t.kind == ThreadKind::Vcpu(id))
+            .expect("vcpu thread listed");
+        assert_eq!(t.name, format!("kestrel-spinner-vcpu{id}"));
+        // The tid is a real thread of this process.
+        assert!(std::path::Path::new(&format!("/proc/self/task/{}", t.tid)).exists());
+    }
+    assert_eq!(vm.wait_timeout(Duration::from_millis(300)), None, "still spinning");
+    let v2 = vm.clone();
+    let stopper = std::thread::spawn(move || v2.stop());
+    assert_eq!(stopper.join().unwrap(), VmExit::Stopped);
+    assert_eq!(vm.stop(), VmExit::Stopped, "stop is idempotent");
+    assert!(vm.threads().is_empty());
+    assert!(vm.start().is_err(), "a stopped VM does not restart");
+}
+
+#[test]
+fn several_vms_in_one_process() {
+    let mut vms = Vec::new();
+    for i in 0..3 {
+        let msg = format!("vm number {i} says hi\n");
+        let k = write_tiny_guest(&format!("multi{i}.elf"), &serial_then_reset(msg.as_bytes()));
+        let cap = Capture::default();
+        let vm = Vm::create_with_console(&config(k, 1), Box::new(cap.clone())).unwrap();
+        vm.start().unwrap();
+        vms.push((vm, cap, msg));
+    }
+    for (vm, cap, msg) in vms {
+        assert_eq!(vm.wait_timeout(Duration::from_secs(60)), Some(VmExit::Reset));
+        assert_eq!(cap.text(), msg);
+    }
+}
+
+#[test]
+fn bad_config_is_rejected_before_anything_is_created() {
+    let mut c = config("/nonexistent/vmlinux".into(), 1);
+    let err = Vm::create(&c).err().expect("rejected").to_string();
+    assert!(err.contains("boot-source.kernel_image_path"), "{err}");
+    c.boot_source.kernel_image_path = write_tiny_guest("ok.elf", &spin());
+    c.machine_config.vcpu_count = 0;
+    let err = Vm::create(&c).err().expect("rejected").to_string();
+    assert!(err.contains("machine-config.vcpu_count"), "{err}");
+    // A file that is neither ELF nor bzImage.
+    let junk = scratch_dir().join("junk.bin");
+    std::fs::write(&junk, vec![0u8; 4096]).unwrap();
+    c.machine_config.vcpu_count = 1;
+    c.boot_source.kernel_image_path = junk;
+    let err = Vm::create(&c).err().expect("rejected").to_string();
+    assert!(err.contains("boot-source.kernel_image_path"), "{err}");
+}

@@ -1,0 +1,149 @@
+//! Errors of the VMM crate.
+
+use std::io;
+
+use kestrel_api::ConfigError;
+use thiserror::Error;
+
+/// Why creating, starting or controlling a VM failed.
+#[derive(Debug, Error)]
+pub enum VmmError {
+    /// The configuration was rejected; nothing was created.
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(#[source] kvm_ioctls::Error),
+    /// The host KVM speaks another API version.
+    #[error("KVM API version {0} is not the supported version 12")]
+    KvmApiVersion(i32),
+    /// The host KVM lacks a capability Kestrel needs.
+    #[error("KVM lacks the capability {0}")]
+    KvmCapability(&'static str),
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        /// What Kestrel asked KVM to do.
+        op: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory could not be mapped.
+    #[error("cannot map {size_mib} MiB of guest memory: {source}")]
+    GuestMemory {
+        /// Requested size.
+        size_mib: u64,
+        /// The mmap error.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// A file named in the configuration could not be opened or read.
+    #[error("{field}: cannot read {path}: {source}")]
+    File {
+        /// The configuration field.
+        field: &'static str,
+        /// The path.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The kernel image is neither a loadable ELF nor a bzImage.
+    #[error("boot-source.kernel_image_path: cannot load {path}: {source}")]
+    KernelLoad {
+        /// The path.
+        path: String,
+        /// linux-loader's reason.
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    /// The initrd does not fit in guest memory.
+    #[error("boot-source.initrd_path: {0}")]
+    Initrd(#[source] kestrel_arch::boot::BootError),
+    /// The kernel command line could not be built.
+    #[error("boot-source.boot_args: {0}")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    /// The command line could not be written into guest memory.
+    #[error("cannot write the kernel command line into guest memory: {0}")]
+    CmdlineLoad(#[source] linux_loader::loader::Error),
+    /// Boot parameters could not be written.
+    #[error("cannot write boot parameters: {0}")]
+    BootParams(#[source] kestrel_arch::boot::BootError),
+    /// The MP table could not be written.
+    #[error("cannot write the MP table: {0}")]
+    MpTable(#[source] kestrel_arch::mptable::MpTableError),
+    /// vCPU register setup failed.
+    #[error("vCPU {vcpu}: register setup failed: {source}")]
+    Regs {
+        /// vCPU index.
+        vcpu: u32,
+        /// The failure.
+        #[source]
+        source: kestrel_arch::regs::RegsError,
+    },
+    /// vCPU CPUID setup failed.
+    #[error("vCPU {vcpu}: CPUID setup failed: {source}")]
+    Cpuid {
+        /// vCPU index.
+        vcpu: u32,
+        /// The failure.
+        #[source]
+        source: kestrel_arch::cpuid::CpuidError,
+    },
+    /// A device could not be placed on a bus.
+    #[error("device {device}: {source}")]
+    Bus {
+        /// Device name.
+        device: &'static str,
+        /// The bus error.
+        #[source]
+        source: kestrel_devices::BusError,
+    },
+    /// An eventfd, timerfd or epoll operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
+    /// The event loop could not be set up.
+    #[error("event loop: {0:?}")]
+    EventManager(event_manager::Error),
+    /// A thread could not be spawned.
+    #[error("cannot spawn thread {name}: {source}")]
+    Spawn {
+        /// Thread name.
+        name: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The serial console output file could not be opened.
+    #[error("serial.path: cannot open {path}: {source}")]
+    SerialOutput {
+        /// The path.
+        path: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// `start` was called twice.
+    #[error("the VM was already started")]
+    AlreadyStarted,
+    /// The VM has stopped; the request needs a running VM.
+    #[error("the VM is not running")]
+    NotRunning,
+}
+
+/// Shorthand for KVM errors.
+pub(crate) fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { op, source }
+}
+
+/// Shorthand for I/O errors.
+pub(crate) fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> VmmError {
+    move |source| VmmError::Io { what, source }
+}

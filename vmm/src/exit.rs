@@ -1,0 +1,227 @@
+//! How a VM stopped, and the shared state that records it.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why a vCPU stopped the VM with an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuFault {
+    /// KVM could not emulate an instruction and Kestrel has no assist for it.
+    EmulationFailure {
+        /// Guest RIP (linear address of the instruction).
+        rip: u64,
+        /// Up to 15 instruction bytes read from guest memory (empty if unreadable).
+        bytes: Vec<u8>,
+    },
+    /// `KVM_EXIT_INTERNAL_ERROR` with another sub-error.
+    InternalError {
+        /// The sub-error code.
+        suberror: u32,
+    },
+    /// `KVM_EXIT_FAIL_ENTRY`.
+    FailEntry {
+        /// Hardware entry failure reason.
+        reason: u64,
+    },
+    /// `KVM_RUN` returned an error.
+    Run {
+        /// The errno.
+        errno: i32,
+    },
+    /// An exit Kestrel does not handle.
+    UnexpectedExit {
+        /// Name of the exit.
+        exit: String,
+    },
+    /// The guest's vCPU setup for an AP start failed.
+    ApStart {
+        /// What failed.
+        what: String,
+    },
+}
+
+/// How a VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest asked for a reset (i8042 `0xfe`, or a KVM reset system event): the normal way a
+    /// Linux guest without ACPI reboots or powers off with `reboot=k`.
+    Reset,
+    /// The guest powered off (a KVM shutdown system event).
+    Shutdown,
+    /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`).
+    TripleFault,
+    /// The VM was stopped through the API.
+    Stopped,
+    /// A vCPU failed.
+    Failed {
+        /// Which vCPU.
+        vcpu: u32,
+        /// What happened.
+        fault: VcpuFault,
+    },
+}
+
+impl VmExit {
+    /// Whether this is a clean guest-initiated stop or an API stop.
+    pub fn is_clean(&self) -> bool {
+        matches!(self, VmExit::Reset | VmExit::Shutdown | VmExit::Stopped)
+    }
+}
+
+impl fmt::Display for VcpuFault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VcpuFault::EmulationFailure { rip, bytes } => {
+                write!(f, "emulation failure at RIP {rip:#x}, instruction bytes [")?;
+                for (i, b) in bytes.iter().enumerate() {
+                    if i > 0 {
+                        write!(f, " ")?;
+                    }
+                    write!(f, "{b:02x}")?;
+                }
+                write!(f, "]")
+            }
+            VcpuFault::InternalError { suberror } => {
+                write!(f, "KVM internal error, suberror {suberror}")
+            }
+            VcpuFault::FailEntry { reason } => {
+                write!(f, "KVM entry failure, hardware reason {reason:#x}")
+            }
+            VcpuFault::Run { errno } => write!(
+                f,
+                "KVM_RUN failed: {}",
+                std::io::Error::from_raw_os_error(*errno)
+            ),
+            VcpuFault::UnexpectedExit { exit } => write!(f, "unexpected exit {exit}"),
+            VcpuFault::ApStart { what } => write!(f, "AP start assist failed: {what}"),
+        }
+    }
+}
+
+impl fmt::Display for VmExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmExit::Reset => write!(f, "guest reset"),
+            VmExit::Shutdown => write!(f, "guest power-off"),
+            VmExit::TripleFault => write!(f, "guest triple fault (KVM_EXIT_SHUTDOWN)"),
+            VmExit::Stopped => write!(f, "stopped by the API"),
+            VmExit::Failed { vcpu, fault } => write!(f, "vCPU {vcpu}: {fault}"),
+        }
+    }
+}
+
+/// The first exit reason wins; everyone who waits sees it. Setting it also raises `stop` and
+/// wakes the event loop, which kicks the vCPU threads out of `KVM_RUN`.
+pub(crate) struct ExitState {
+    reason: Mutex<Option<VmExit>>,
+    cv: Condvar,
+    stop: AtomicBool,
+    /// Wakes the event-loop thread.
+    pub(crate) wake: EventFd,
+}
+
+impl ExitState {
+    pub(crate) fn new() -> std::io::Result<Self> {
+        Ok(ExitState {
+            reason: Mutex::new(None),
+            cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            wake: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    /// Record `exit` unless a reason is already recorded; start stopping the VM.
+    pub(crate) fn report(&self, exit: VmExit) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            tracing::info!("VM exit: {exit}");
+            *r = Some(exit);
+        }
+        self.stop.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+        drop(r);
+        // The event loop kicks the vCPUs; a failed write only means the loop is gone already.
+        let _ = self.wake.write(1);
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn reason(&self) -> Option<VmExit> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Block until a reason is recorded, at most `timeout` if given.
+    pub(crate) fn wait(&self, timeout: Option<Duration>) -> Option<VmExit> {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        while r.is_none() {
+            match deadline {
+                None => r = self.cv.wait(r).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = std::time::Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    r = self
+                        .cv
+                        .wait_timeout(r, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                }
+            }
+        }
+        r.clone()
+    }
+}
+
+/// The i8042's reset line: records [`VmExit::Reset`].
+pub(crate) struct ResetTrigger(pub(crate) std::sync::Arc<ExitState>);
+
+impl vm_superio::Trigger for ResetTrigger {
+    type E = std::convert::Infallible;
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.report(VmExit::Reset);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_reason_wins() {
+        let e = ExitState::new().unwrap();
+        assert_eq!(e.wait(Some(Duration::from_millis(1))), None);
+        assert!(!e.stopping());
+        e.report(VmExit::Reset);
+        e.report(VmExit::Stopped);
+        assert_eq!(e.wait(None), Some(VmExit::Reset));
+        assert!(e.stopping());
+        assert_eq!(e.wake.read().unwrap(), 2);
+    }
+
+    #[test]
+    fn fault_display_names_rip_and_bytes() {
+        let x = VmExit::Failed {
+            vcpu: 1,
+            fault: VcpuFault::EmulationFailure {
+                rip: 0x100000,
+                bytes: vec![0x0f, 0x01, 0xca],
+            },
+        };
+        assert_eq!(
+            x.to_string(),
+            "vCPU 1: emulation failure at RIP 0x100000, instruction bytes [0f 01 ca]"
+        );
+    }
+}

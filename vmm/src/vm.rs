@@ -1,0 +1,543 @@
+//! The VM object: create → start → wait → stop → drop.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, SubscriberOps};
+use kestrel_api::{GuestCompat, SerialOutput, VmConfig, MAX_SUPPORTED_VCPUS};
+use kestrel_arch::layout;
+use kestrel_devices::legacy::{
+    SerialDevice, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042, I8042_PORT_BASE,
+    I8042_PORT_LEN,
+};
+use kestrel_devices::Bus;
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot;
+use crate::error::{io_err, kvm_err, VmmError};
+use crate::evloop::{self, ConsoleInput, Control, Subscriber};
+use crate::exit::{ExitState, ResetTrigger, VmExit};
+use crate::metrics::{VmCounters, VmMetrics};
+use crate::vcpu::{self, Vcpu, VcpuShared};
+
+/// Address of the TSS KVM needs on Intel (three pages just below the IOAPIC... well below 4 GiB).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// What a thread of the VM does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// A vCPU thread (with its index).
+    Vcpu(u32),
+    /// The event-loop thread.
+    EventLoop,
+}
+
+/// A thread of the VM, for runtimes that place threads into cgroups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreadInfo {
+    /// Thread name (`kestrel-<vm>-vcpu<N>` / `kestrel-<vm>-evloop`).
+    pub name: String,
+    /// Linux thread id.
+    pub tid: i32,
+    /// Role.
+    pub kind: ThreadKind,
+}
+
+/// Where the serial console writes.
+pub type ConsoleSink = Box<dyn Write + Send>;
+
+struct Threads {
+    evloop: Option<JoinHandle<()>>,
+    vcpus: Vec<JoinHandle<()>>,
+}
+
+/// One microVM. `Send + Sync`: share it (e.g. in an `Arc`) to stop it from another thread.
+pub struct Vm {
+    name: String,
+    max_vcpus: u32,
+    cmdline: String,
+    // Field order matters for drop: vCPU fds and the VM fd go before guest memory is unmapped.
+    pending_vcpus: Mutex<Vec<Vcpu>>,
+    vm_fd: VmFd,
+    _kvm: Kvm,
+    shared: Arc<VcpuShared>,
+    exit: Arc<ExitState>,
+    serial: Arc<Mutex<SerialDevice>>,
+    forward_stdin: bool,
+    started: AtomicBool,
+    threads: Mutex<Threads>,
+    thread_info: Arc<Mutex<Vec<ThreadInfo>>>,
+    vcpu_pthreads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    created_at: Instant,
+    create_us: u64,
+    // Keeps the serial irqfd alive as long as KVM may signal through it.
+    _serial_irq: EventFd,
+}
+
+/// Resolve `max_vcpus`: the configured value, or when absent/0 the host's CPU count, never below
+/// `vcpu_count`, never above KVM's or the MP table's limit.
+pub fn effective_max_vcpus(config: &VmConfig, host_cpus: u32, kvm_max: u32) -> u32 {
+    let limit = kvm_max.min(MAX_SUPPORTED_VCPUS);
+    let wanted = match config.machine_config.max_vcpus {
+        Some(n) if n > 0 => n,
+        _ => host_cpus.max(config.machine_config.vcpu_count),
+    };
+    wanted.min(limit)
+}
+
+fn host_cpus() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1)
+}
+
+impl Vm {
+    /// Create a VM from `config`: validate, then create the KVM VM, guest memory, devices and
+    /// boot vCPUs, and load the guest. No thread runs until [`Vm::start`]. On error everything
+    /// created so far is released.
+    pub fn create(config: &VmConfig) -> Result<Vm, VmmError> {
+        config.validate()?;
+        let sink: ConsoleSink = match config.serial.output {
+            SerialOutput::Stdout => Box::new(std::io::stdout()),
+            SerialOutput::None => Box::new(std::io::sink()),
+            SerialOutput::File => {
+                let path = config.serial.path.clone().unwrap_or_default();
+                let f = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(|source| VmmError::SerialOutput {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                Box::new(f)
+            }
+        };
+        Self::create_with_console(config, sink)
+    }
+
+    /// Like [`Vm::create`], with the serial console written to `console` instead of what
+    /// `config.serial` says.
+    pub fn create_with_console(config: &VmConfig, console: ConsoleSink) -> Result<Vm, VmmError> {
+        let t0 = Instant::now();
+        config.validate()?;
+        let mc = &config.machine_config;
+
+        let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(VmmError::KvmApiVersion(api));
+        }
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmmError::KvmCapability(name));
+            }
+        }
+        let max_vcpus = effective_max_vcpus(config, host_cpus(), kvm.get_max_vcpus() as u32);
+        if mc.vcpu_count > max_vcpus {
+            return Err(kestrel_api::ConfigError::invalid(
+                "machine-config.vcpu_count",
+                format!("{} is above this host's KVM limit of {max_vcpus}", mc.vcpu_count),
+            )
+            .into());
+        }
+
+        let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        let mem_size = mc.mem_size_mib << 20;
+        let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(mem_size)).map_err(
+            |source| VmmError::GuestMemory {
+                size_mib: mc.mem_size_mib,
+                source,
+            },
+        )?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = region
+                .get_host_address(MemoryRegionAddress(0))
+                .map_err(|_| VmmError::KvmCapability("host address of guest memory"))?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which the VM keeps (in
+            // `shared`) until after the VM fd is closed.
+            unsafe { vm_fd.set_user_memory_region(r) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        // Guest image.
+        let kernel = boot::load_kernel(&mem, &config.boot_source.kernel_image_path)?;
+        let initrd = match &config.boot_source.initrd_path {
+            Some(p) => Some(boot::load_initrd(&mem, mem_size, p, kernel.end)?),
+            None => None,
+        };
+        let software_kvm = match config.kestrel.guest_compat {
+            GuestCompat::Auto => boot::host_kvm_is_software(),
+            GuestCompat::Always => true,
+            GuestCompat::Never => false,
+        };
+        let cmdline = boot::build_cmdline(config, max_vcpus, software_kvm, &[])?;
+        boot::write_boot_data(&mem, mem_size, &cmdline, initrd, &kernel, max_vcpus)?;
+        let cmdline_str = cmdline
+            .as_cstring()
+            .map_err(VmmError::Cmdline)?
+            .to_string_lossy()
+            .into_owned();
+
+        // Legacy devices.
+        let exit = Arc::new(ExitState::new().map_err(io_err("creating the control eventfd"))?);
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("creating the serial irq eventfd"))?;
+        vm_fd
+            .register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Arc::new(Mutex::new(SerialDevice::new(
+            serial_irq
+                .try_clone()
+                .map_err(io_err("cloning the serial irq eventfd"))?,
+            console,
+        )));
+        let mut pio = Bus::new();
+        pio.insert(serial.clone(), COM1_PORT_BASE, COM1_PORT_LEN)
+            .map_err(|source| VmmError::Bus {
+                device: "serial",
+                source,
+            })?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(ResetTrigger(exit.clone()))));
+        pio.insert(i8042, I8042_PORT_BASE, I8042_PORT_LEN)
+            .map_err(|source| VmmError::Bus {
+                device: "i8042",
+                source,
+            })?;
+
+        let shared = Arc::new(VcpuShared {
+            mem,
+            pio,
+            mmio: Bus::new(),
+            exit: exit.clone(),
+            counters: Arc::new(VmCounters::default()),
+            running: AtomicUsize::new(0),
+            first_run: std::sync::OnceLock::new(),
+        });
+
+        // Boot vCPUs.
+        let mut vcpus = Vec::with_capacity(mc.vcpu_count as usize);
+        for id in 0..mc.vcpu_count {
+            let fd = vcpu::create_vcpu(&kvm, &vm_fd, id, max_vcpus)?;
+            if id == 0 {
+                vcpu::setup_boot_vcpu(&fd, &shared.mem, kernel.entry)?;
+            }
+            vcpus.push(Vcpu {
+                id,
+                fd,
+                shared: shared.clone(),
+            });
+        }
+
+        let create_us = t0.elapsed().as_micros() as u64;
+        tracing::info!(
+            "VM {} created in {create_us} us: {} vCPUs (max {max_vcpus}), {} MiB, cmdline {cmdline_str:?}",
+            config.name(),
+            mc.vcpu_count,
+            mc.mem_size_mib
+        );
+        Ok(Vm {
+            name: config.name().to_string(),
+            max_vcpus,
+            cmdline: cmdline_str,
+            pending_vcpus: Mutex::new(vcpus),
+            vm_fd,
+            _kvm: kvm,
+            shared,
+            exit,
+            serial,
+            forward_stdin: config.serial.stdin,
+            started: AtomicBool::new(false),
+            threads: Mutex::new(Threads {
+                evloop: None,
+                vcpus: Vec::new(),
+            }),
+            thread_info: Arc::new(Mutex::new(Vec::new())),
+            vcpu_pthreads: Arc::new(Mutex::new(Vec::new())),
+            created_at: t0,
+            create_us,
+            _serial_irq: serial_irq,
+        })
+    }
+
+    /// Start the event loop and the vCPU threads. Returns once every thread runs and has
+    /// registered its thread id.
+    pub fn start(&self) -> Result<(), VmmError> {
+        if self.started.swap(true, Ordering::SeqCst) {
+            return Err(VmmError::AlreadyStarted);
+        }
+        if self.exit.stopping() {
+            return Err(VmmError::NotRunning);
+        }
+        vcpu::install_kick_handler()?;
+
+        let mut em = EventManager::<Subscriber>::new().map_err(VmmError::EventManager)?;
+        em.add_subscriber(Arc::new(Mutex::new(Control {
+            exit: self.exit.clone(),
+        })));
+        if self.forward_stdin {
+            let input = ConsoleInput::new(self.serial.clone(), libc::STDIN_FILENO)
+                .map_err(io_err("creating the console input timer"))?;
+            em.add_subscriber(Arc::new(Mutex::new(input)));
+        }
+
+        let (ready_tx, ready_rx) = mpsc::channel::<()>();
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+
+        // Event loop first: it is the one that kicks vCPUs when the VM stops.
+        let name = format!("kestrel-{}-evloop", self.name);
+        let (exit, shared, pthreads, info, tx) = (
+            self.exit.clone(),
+            self.shared.clone(),
+            self.vcpu_pthreads.clone(),
+            self.thread_info.clone(),
+            ready_tx.clone(),
+        );
+        let tname = name.clone();
+        let h = std::thread::Builder::new()
+            .name(thread_name(&name))
+            .spawn(move || {
+                register_thread(&info, tname, ThreadKind::EventLoop);
+                let _ = tx.send(());
+                evloop::run(em, exit, shared, pthreads);
+            })
+            .map_err(|source| VmmError::Spawn { name, source })?;
+        threads.evloop = Some(h);
+        let mut expected = 1;
+
+        let vcpus: Vec<Vcpu> =
+            std::mem::take(&mut *self.pending_vcpus.lock().unwrap_or_else(|p| p.into_inner()));
+        self.shared.running.fetch_add(vcpus.len(), Ordering::SeqCst);
+        let mut spawn_error = None;
+        let total = vcpus.len();
+        for (i, v) in vcpus.into_iter().enumerate() {
+            let name = format!("kestrel-{}-vcpu{}", self.name, v.id);
+            let (info, tx, id) = (self.thread_info.clone(), ready_tx.clone(), v.id);
+            let tname = name.clone();
+            match std::thread::Builder::new()
+                .name(thread_name(&name))
+                .spawn(move || {
+                    register_thread(&info, tname, ThreadKind::Vcpu(id));
+                    let _ = tx.send(());
+                    v.run_loop();
+                }) {
+                Ok(h) => {
+                    self.vcpu_pthreads
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(h.as_pthread_t());
+                    threads.vcpus.push(h);
+                    expected += 1;
+                }
+                Err(source) => {
+                    // The vCPUs not spawned never enter their loop.
+                    self.shared
+                        .running
+                        .fetch_sub(total - i, Ordering::SeqCst);
+                    spawn_error = Some(VmmError::Spawn { name, source });
+                    break;
+                }
+            }
+        }
+        drop(ready_tx);
+        for _ in 0..expected {
+            if ready_rx.recv().is_err() {
+                break;
+            }
+        }
+        drop(threads);
+        if let Some(e) = spawn_error {
+            self.exit.report(VmExit::Stopped);
+            self.join_all();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Block until the VM stops, then release its threads. Returns why it stopped.
+    pub fn wait(&self) -> VmExit {
+        let r = self.exit.wait(None).unwrap_or(VmExit::Stopped);
+        self.join_all();
+        r
+    }
+
+    /// Like [`Vm::wait`] with a timeout: `None` if the VM still runs after `timeout`.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<VmExit> {
+        let r = self.exit.wait(Some(timeout))?;
+        self.join_all();
+        Some(r)
+    }
+
+    /// Stop the VM (from any thread, at any time; idempotent). Returns once every thread of the
+    /// VM has been joined, with the reason the VM stopped (`Stopped` unless it had stopped
+    /// already for another reason).
+    pub fn stop(&self) -> VmExit {
+        self.exit.report(VmExit::Stopped);
+        self.join_all();
+        self.exit.reason().unwrap_or(VmExit::Stopped)
+    }
+
+    /// The exit reason, if the VM has stopped.
+    pub fn exit_reason(&self) -> Option<VmExit> {
+        self.exit.reason()
+    }
+
+    fn join_all(&self) {
+        let mut t = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        // The event loop returns only after every vCPU thread has left its loop.
+        if let Some(h) = t.evloop.take() {
+            if h.join().is_err() {
+                tracing::error!("VM {}: event-loop thread panicked", self.name);
+            }
+        }
+        self.vcpu_pthreads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        for h in t.vcpus.drain(..) {
+            if h.join().is_err() {
+                tracing::error!("VM {}: a vCPU thread panicked", self.name);
+            }
+        }
+        self.thread_info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Threads of the running VM with their Linux thread ids.
+    pub fn threads(&self) -> Vec<ThreadInfo> {
+        self.thread_info
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// vCPUs the guest can have (MP table size).
+    pub fn max_vcpus(&self) -> u32 {
+        self.max_vcpus
+    }
+
+    /// The kernel command line the guest was given.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// Counters and timings.
+    pub fn metrics(&self) -> VmMetrics {
+        let mut m = self.shared.counters.snapshot();
+        m.create_us = self.create_us;
+        m.setup_to_first_run_us = self
+            .shared
+            .first_run
+            .get()
+            .map(|t| t.duration_since(self.created_at).as_micros() as u64);
+        m.serial_tx_bytes = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .tx_bytes();
+        m
+    }
+
+    /// Guest memory (for tests, diagnostics and device models).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.shared.mem
+    }
+
+    /// The KVM VM fd (for callers that add their own devices).
+    pub fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.exit.report(VmExit::Stopped);
+        self.join_all();
+    }
+}
+
+fn register_thread(info: &Mutex<Vec<ThreadInfo>>, name: String, kind: ThreadKind) {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    info.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(ThreadInfo { name, tid, kind });
+}
+
+/// Linux limits thread names to 15 bytes: `kestrel-` becomes `k-`, then the distinctive tail
+/// (`...-vcpu3`) is kept. [`ThreadInfo::name`] always holds the full name.
+fn thread_name(full: &str) -> String {
+    if full.len() <= 15 {
+        return full.to_string();
+    }
+    let short = match full.strip_prefix("kestrel-") {
+        Some(rest) => format!("k-{rest}"),
+        None => full.to_string(),
+    };
+    let skip = short.len().saturating_sub(15);
+    short.chars().skip(skip).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_vcpus_policy() {
+        let mut c = VmConfig::new("/k", 1, 128);
+        assert_eq!(effective_max_vcpus(&c, 2, 1024), 2);
+        c.machine_config.max_vcpus = Some(0);
+        assert_eq!(effective_max_vcpus(&c, 8, 1024), 8);
+        c.machine_config.vcpu_count = 4;
+        assert_eq!(effective_max_vcpus(&c, 2, 1024), 4);
+        c.machine_config.max_vcpus = Some(16);
+        assert_eq!(effective_max_vcpus(&c, 2, 1024), 16);
+        assert_eq!(effective_max_vcpus(&c, 2, 8), 8);
+        c.machine_config.max_vcpus = None;
+        assert_eq!(effective_max_vcpus(&c, 512, 1024), MAX_SUPPORTED_VCPUS);
+    }
+
+    #[test]
+    fn thread_names_fit() {
+        assert_eq!(thread_name("kestrel-vm-vcpu0"), "k-vm-vcpu0");
+        assert_eq!(thread_name("short"), "short");
+        assert!(thread_name("kestrel-averylongname-evloop").len() <= 15);
+    }
+}
