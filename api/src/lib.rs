@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod error;
+pub mod sizing;
 
 pub use config::*;
 pub use error::ConfigError;
