@@ -92,7 +92,11 @@ pub fn memory_for(
     } else {
         // Boot RAM plus whole blocks of hotplugged memory.
         let extra = sum - boot_mib;
-        boot_mib.saturating_add(extra.div_ceil(block_size_mib).saturating_mul(block_size_mib))
+        boot_mib.saturating_add(
+            extra
+                .div_ceil(block_size_mib)
+                .saturating_mul(block_size_mib),
+        )
     };
     if needed > max_mib {
         return Err(SizingError::TooMuchMemory {
@@ -120,9 +124,17 @@ mod tests {
         assert_eq!(vcpus_for(0.5, &[0.25], 1, 8), Ok(1));
         assert_eq!(vcpus_for(0.0, &[0.5, 0.25], 1, 8), Ok(1));
         assert_eq!(vcpus_for(0.5, &[0.25, 0.5], 1, 8), Ok(2));
-        assert_eq!(vcpus_for(0.1, &[0.2, 0.7], 1, 8), Ok(1), "0.1+0.2+0.7 float noise");
+        assert_eq!(
+            vcpus_for(0.1, &[0.2, 0.7], 1, 8),
+            Ok(1),
+            "0.1+0.2+0.7 float noise"
+        );
         assert_eq!(vcpus_for(1.0, &[2.0, 1.5], 1, 8), Ok(5));
-        assert_eq!(vcpus_for(0.0, &[], 1, 8), Ok(1), "never below the boot count");
+        assert_eq!(
+            vcpus_for(0.0, &[], 1, 8),
+            Ok(1),
+            "never below the boot count"
+        );
         assert_eq!(vcpus_for(0.0, &[], 2, 8), Ok(2));
     }
 
@@ -141,7 +153,9 @@ mod tests {
             vcpus_for(f64::NAN, &[], 1, 4),
             Err(SizingError::BadOverhead(_))
         ));
-        let msg = vcpus_for(0.0, &[f64::INFINITY], 1, 4).unwrap_err().to_string();
+        let msg = vcpus_for(0.0, &[f64::INFINITY], 1, 4)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("containers[0].cpu_limit"), "{msg}");
     }
 
@@ -155,9 +169,15 @@ mod tests {
         assert_eq!(memory_for(0, &[1000], 128, 256, 1024), Ok(1024));
         assert_eq!(
             memory_for(0, &[1100], 128, 256, 1024),
-            Err(SizingError::TooMuchMemory { needed_mib: 1152, max_mib: 1024 })
+            Err(SizingError::TooMuchMemory {
+                needed_mib: 1152,
+                max_mib: 1024
+            })
         );
-        assert_eq!(memory_for(0, &[1], 0, 256, 1024), Err(SizingError::ZeroBlockSize));
+        assert_eq!(
+            memory_for(0, &[1], 0, 256, 1024),
+            Err(SizingError::ZeroBlockSize)
+        );
         assert_eq!(round_up_to_block(129, 128), Ok(256));
         assert_eq!(round_up_to_block(128, 128), Ok(128));
         assert_eq!(round_up_to_block(0, 128), Ok(0));

@@ -47,7 +47,7 @@ pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
 pub fn serial_then_reset(msg: &[u8]) -> Vec<u8> {
     assert!(msg.len() < 256);
     let mut c = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
-    // lea rsi, [rip + disp32] — the message follows the code below (22 bytes after the lea).
+                                              // lea rsi, [rip + disp32] — the message follows the code below (22 bytes after the lea).
     let code_after_lea: i32 = 5 + 4 + 4 + 3; // mov ecx + lodsb/out/loop + reset + hlt/jmp
     c.extend_from_slice(&[0x48, 0x8d, 0x35]);
     c.extend_from_slice(&code_after_lea.to_le_bytes());
@@ -165,12 +165,16 @@ pub fn guest_artifacts() -> GuestArtifacts {
 
 /// Number of threads of this process.
 pub fn thread_count() -> usize {
-    std::fs::read_dir("/proc/self/task").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 /// Number of open fds of this process.
 pub fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -181,7 +185,10 @@ mod tests {
     fn elf_header_fields() {
         let e = tiny_elf(&[0x90, 0xf4]);
         assert_eq!(&e[..4], b"\x7fELF");
-        assert_eq!(u64::from_le_bytes(e[24..32].try_into().unwrap()), TINY_LOAD_ADDR);
+        assert_eq!(
+            u64::from_le_bytes(e[24..32].try_into().unwrap()),
+            TINY_LOAD_ADDR
+        );
         assert_eq!(&e[120..], &[0x90, 0xf4]);
     }
 

@@ -8,8 +8,7 @@ use kestrel_tests::*;
 use kestrel_vmm::{Vm, VmExit};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
-const CONSOLE_CHECK: &str =
-    "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_";
+const CONSOLE_CHECK: &str = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_";
 
 fn boot(vcpus: u32) -> (Vm, Capture) {
     let g = guest_artifacts();
@@ -41,13 +40,20 @@ fn check_boot(vcpus: u32, expect_online: &str) {
     // User-space console output arrives whole (not only its first character).
     let line = format!("kestrel-init: console-check {}", CONSOLE_CHECK.repeat(4));
     assert!(text.contains(&line), "console line damaged:\n{text}");
-    assert!(text.contains("KESTREL_GUEST_READY"), "no readiness marker:\n{text}");
+    assert!(
+        text.contains("KESTREL_GUEST_READY"),
+        "no readiness marker:\n{text}"
+    );
     if vcpus > 1 {
         assert!(
             text.contains(&format!("Brought up 1 node, {vcpus} CPUs")),
             "kernel did not bring up {vcpus} CPUs:\n{text}"
         );
-        assert!(vm.metrics().assist_ap_start <= u64::from(vcpus), "{:?}", vm.metrics());
+        assert!(
+            vm.metrics().assist_ap_start <= u64::from(vcpus),
+            "{:?}",
+            vm.metrics()
+        );
     }
     let m = vm.metrics();
     eprintln!("boot with {vcpus} vCPU(s): {m:?}");

@@ -19,7 +19,9 @@ fn serial_bytes_arrive_and_i8042_reset_stops_the_vm() {
     let cap = Capture::default();
     let vm = Vm::create_with_console(&config(k, 1), Box::new(cap.clone())).unwrap();
     vm.start().unwrap();
-    let exit = vm.wait_timeout(Duration::from_secs(60)).expect("guest stops");
+    let exit = vm
+        .wait_timeout(Duration::from_secs(60))
+        .expect("guest stops");
     assert_eq!(exit, VmExit::Reset);
     assert_eq!(cap.text().as_bytes(), msg);
     let m = vm.metrics();
@@ -35,7 +37,9 @@ fn unsupported_instruction_is_a_clean_error_naming_rip_and_bytes() {
     let k = write_tiny_guest("popcnt.elf", &code);
     let vm = Vm::create(&config(k, 1)).unwrap();
     vm.start().unwrap();
-    let exit = vm.wait_timeout(Duration::from_secs(60)).expect("guest stops");
+    let exit = vm
+        .wait_timeout(Duration::from_secs(60))
+        .expect("guest stops");
     match &exit {
         VmExit::Failed {
             vcpu: 0,
@@ -47,7 +51,10 @@ fn unsupported_instruction_is_a_clean_error_naming_rip_and_bytes() {
         other => panic!("unexpected exit {other:?}"),
     }
     let msg = exit.to_string();
-    assert!(msg.contains(&format!("{rip:#x}")) && msg.contains("f3 48 0f b8 18"), "{msg}");
+    assert!(
+        msg.contains(&format!("{rip:#x}")) && msg.contains("f3 48 0f b8 18"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -71,7 +78,11 @@ fn stop_from_another_thread_and_thread_ids() {
         // The tid is a real thread of this process.
         assert!(std::path::Path::new(&format!("/proc/self/task/{}", t.tid)).exists());
     }
-    assert_eq!(vm.wait_timeout(Duration::from_millis(300)), None, "still spinning");
+    assert_eq!(
+        vm.wait_timeout(Duration::from_millis(300)),
+        None,
+        "still spinning"
+    );
     let v2 = vm.clone();
     let stopper = std::thread::spawn(move || v2.stop());
     assert_eq!(stopper.join().unwrap(), VmExit::Stopped);
@@ -92,7 +103,10 @@ fn several_vms_in_one_process() {
         vms.push((vm, cap, msg));
     }
     for (vm, cap, msg) in vms {
-        assert_eq!(vm.wait_timeout(Duration::from_secs(60)), Some(VmExit::Reset));
+        assert_eq!(
+            vm.wait_timeout(Duration::from_secs(60)),
+            Some(VmExit::Reset)
+        );
         assert_eq!(cap.text(), msg);
     }
 }
@@ -113,4 +127,52 @@ fn bad_config_is_rejected_before_anything_is_created() {
     c.boot_source.kernel_image_path = junk;
     let err = Vm::create(&c).err().expect("rejected").to_string();
     assert!(err.contains("boot-source.kernel_image_path"), "{err}");
+}
+
+#[test]
+fn vcpu_plug_park_and_memory_hotplug_primitives() {
+    use kestrel_vmm::VcpuRunState;
+    use vm_memory::{Bytes, GuestAddress};
+    let k = write_tiny_guest("hp.elf", &spin());
+    let mut c = config(k, 1);
+    c.machine_config.max_vcpus = Some(2);
+    c.machine_config.max_mem_size_mib = Some(32 + 256);
+    let vm = Vm::create(&c).unwrap();
+    assert!(vm.plug_vcpu(1).is_err(), "not started yet");
+    vm.start().unwrap();
+    assert_eq!(vm.threads().len(), 2);
+    // Adding out of order or beyond max_vcpus is refused.
+    assert!(vm.plug_vcpu(2).is_err());
+    vm.plug_vcpu(1).unwrap();
+    assert_eq!(
+        vm.vcpu_states(),
+        vec![(0, VcpuRunState::Running), (1, VcpuRunState::Running)]
+    );
+    let t = vm.threads();
+    assert!(t.iter().any(|t| t.name.ends_with("-vcpu1")), "{t:?}");
+    vm.park_vcpu(1).unwrap();
+    assert_eq!(vm.vcpu_states()[1], (1, VcpuRunState::Parked));
+    assert!(vm.park_vcpu(0).is_err(), "vCPU 0 stays");
+    vm.plug_vcpu(1).unwrap();
+    assert_eq!(vm.vcpu_states()[1], (1, VcpuRunState::Running));
+    assert_eq!(vm.threads().len(), 3, "the parked thread was reused");
+
+    // Memory: the region starts at the first 1 GiB boundary above boot RAM.
+    let (base, size) = vm.hotplug_region().unwrap();
+    assert_eq!((base, size), (1 << 30, 256 << 20));
+    let r = vm.add_memory(128 << 20, 128 << 20).unwrap();
+    assert_eq!(r.addr, base);
+    vm.guest_memory()
+        .write_obj(0xabcdu16, GuestAddress(r.addr + 0x1000))
+        .unwrap();
+    assert!(
+        vm.add_memory(256 << 20, 128 << 20).is_err(),
+        "only 128 MiB left"
+    );
+    vm.remove_memory(r.addr, r.size).unwrap();
+    assert!(vm
+        .guest_memory()
+        .read_obj::<u16>(GuestAddress(r.addr))
+        .is_err());
+    assert_eq!(vm.stop(), VmExit::Stopped);
 }

@@ -128,7 +128,8 @@ pub(crate) fn build_cmdline(
         c.insert_str(SOFTWARE_KVM_ARGS).map_err(VmmError::Cmdline)?;
         if max_vcpus > 1 {
             // Parallel AP bring-up reads the APIC id with CPUID, which this KVM does not filter.
-            c.insert_str("cpuhp.parallel=0").map_err(VmmError::Cmdline)?;
+            c.insert_str("cpuhp.parallel=0")
+                .map_err(VmmError::Cmdline)?;
         }
     }
     if max_vcpus > config.machine_config.vcpu_count {

@@ -29,15 +29,6 @@ pub enum VmmError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// Guest memory could not be mapped.
-    #[error("cannot map {size_mib} MiB of guest memory: {source}")]
-    GuestMemory {
-        /// Requested size.
-        size_mib: u64,
-        /// The mmap error.
-        #[source]
-        source: vm_memory::mmap::FromRangesError,
-    },
     /// A file named in the configuration could not be opened or read.
     #[error("{field}: cannot read {path}: {source}")]
     File {
@@ -129,6 +120,19 @@ pub enum VmmError {
         /// The error.
         #[source]
         source: io::Error,
+    },
+    /// Guest memory could not be set up or changed.
+    #[error("guest memory: {0}")]
+    Memory(#[source] crate::memory::MemoryError),
+    /// A vCPU index that cannot be plugged or parked.
+    #[error("vCPU {id}: not a vCPU that can be changed (next new index {next}, max_vcpus {max}; vCPU 0 stays)")]
+    VcpuIndex {
+        /// Requested index.
+        id: u32,
+        /// The next index a new vCPU would get.
+        next: u32,
+        /// The VM's maximum.
+        max: u32,
     },
     /// `start` was called twice.
     #[error("the VM was already started")]

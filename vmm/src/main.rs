@@ -48,7 +48,8 @@ fn load_config(path: Option<&PathBuf>) -> Result<VmConfig, kestrel_api::ConfigEr
     match path {
         Some(p) => VmConfig::from_file(p),
         None => {
-            let mut c = VmConfig::from_json(&DEFAULT_CONFIG.replace("${KESTREL_CACHE}", &cache_dir()))?;
+            let mut c =
+                VmConfig::from_json(&DEFAULT_CONFIG.replace("${KESTREL_CACHE}", &cache_dir()))?;
             // Interactive use: forward the terminal to the guest console.
             // SAFETY: isatty has no preconditions.
             c.serial.stdin = unsafe { libc::isatty(libc::STDIN_FILENO) } == 1;

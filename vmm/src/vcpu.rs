@@ -2,15 +2,16 @@
 //! a software (nested) KVM needs (docs/nested-kvm.md).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Once};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex, Once};
+use std::time::{Duration, Instant};
 
+use crate::memory::GuestMem;
 use kvm_bindings::{
     kvm_mp_state, KVM_MP_STATE_INIT_RECEIVED, KVM_MP_STATE_RUNNABLE, KVM_SYSTEM_EVENT_RESET,
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use kestrel_devices::Bus;
@@ -46,7 +47,7 @@ pub(crate) fn install_kick_handler() -> Result<(), VmmError> {
 
 /// What every vCPU thread shares.
 pub(crate) struct VcpuShared {
-    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) mem: GuestMem,
     pub(crate) pio: Bus,
     pub(crate) mmio: Bus,
     pub(crate) exit: Arc<ExitState>,
@@ -57,6 +58,90 @@ pub(crate) struct VcpuShared {
     pub(crate) first_run: std::sync::OnceLock<Instant>,
 }
 
+/// Whether a vCPU thread runs its guest or waits, parked (hot-removed vCPUs: KVM cannot
+/// destroy one vCPU, so its thread waits until the vCPU is added again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuRunState {
+    /// In (or about to enter) `KVM_RUN`.
+    Running,
+    /// Waiting, out of `KVM_RUN`.
+    Parked,
+    /// The thread has left its loop.
+    Exited,
+}
+
+/// Park/unpark handshake between the API and one vCPU thread.
+pub(crate) struct VcpuControl {
+    want_parked: Mutex<bool>,
+    state: Mutex<VcpuRunState>,
+    cv: Condvar,
+}
+
+impl VcpuControl {
+    pub(crate) fn new(parked: bool) -> Self {
+        VcpuControl {
+            want_parked: Mutex::new(parked),
+            state: Mutex::new(VcpuRunState::Running),
+            cv: Condvar::new(),
+        }
+    }
+
+    pub(crate) fn request(&self, parked: bool) {
+        *self.want_parked.lock().unwrap_or_else(|p| p.into_inner()) = parked;
+        self.cv.notify_all();
+    }
+
+    fn wants_parked(&self) -> bool {
+        *self.want_parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_state(&self, s: VcpuRunState) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
+        self.cv.notify_all();
+    }
+
+    pub(crate) fn state(&self) -> VcpuRunState {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wait until the thread reaches `want` (or exits), at most `timeout`.
+    pub(crate) fn wait_state(&self, want: VcpuRunState, timeout: Duration) -> VcpuRunState {
+        let end = Instant::now() + timeout;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while *st != want && *st != VcpuRunState::Exited {
+            let now = Instant::now();
+            if now >= end {
+                break;
+            }
+            st = self
+                .cv
+                .wait_timeout(st, (end - now).min(Duration::from_millis(10)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *st
+    }
+
+    /// Park here while asked to; returns false when the VM stops meanwhile.
+    fn park_while_requested(&self, exit: &ExitState) -> bool {
+        if !self.wants_parked() {
+            return true;
+        }
+        self.set_state(VcpuRunState::Parked);
+        let mut want = self.want_parked.lock().unwrap_or_else(|p| p.into_inner());
+        while *want && !exit.stopping() {
+            want = self
+                .cv
+                .wait_timeout(want, Duration::from_millis(20))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        drop(want);
+        self.set_state(VcpuRunState::Running);
+        !exit.stopping()
+    }
+}
+
 /// Create vCPU `id` and apply the setup every vCPU needs (CPUID, MSRs, FPU, LAPIC LINTs).
 pub(crate) fn create_vcpu(
     kvm: &Kvm,
@@ -64,7 +149,9 @@ pub(crate) fn create_vcpu(
     id: u32,
     max_vcpus: u32,
 ) -> Result<VcpuFd, VmmError> {
-    let fd = vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    let fd = vm
+        .create_vcpu(u64::from(id))
+        .map_err(kvm_err("KVM_CREATE_VCPU"))?;
     // MAX_SUPPORTED_VCPUS (254) keeps both in u8.
     let (id8, max8) = (id as u8, max_vcpus as u8);
     kestrel_arch::cpuid::setup_cpuid(kvm, &fd, id8, max8)
@@ -101,6 +188,7 @@ pub(crate) struct Vcpu {
     pub(crate) id: u32,
     pub(crate) fd: VcpuFd,
     pub(crate) shared: Arc<VcpuShared>,
+    pub(crate) ctl: Arc<VcpuControl>,
 }
 
 impl Vcpu {
@@ -113,6 +201,9 @@ impl Vcpu {
         let id = self.id;
         loop {
             if self.shared.exit.stopping() {
+                break;
+            }
+            if !self.ctl.park_while_requested(&self.shared.exit) {
                 break;
             }
             if self.id == 0 {
@@ -143,6 +234,7 @@ impl Vcpu {
                 _ => continue,
             }
         }
+        self.ctl.set_state(VcpuRunState::Exited);
         self.shared.running.fetch_sub(1, Ordering::SeqCst);
         // Wake the event loop so it sees the count drop.
         let _ = self.shared.exit.wake.write(1);
@@ -209,7 +301,10 @@ impl Vcpu {
 
     /// Linear RIP and up to 15 bytes at it (fewer at the end of guest memory).
     fn instruction_bytes(&self) -> Result<(u64, Vec<u8>), VcpuFault> {
-        let regs = self.fd.get_regs().map_err(|e| VcpuFault::Run { errno: e.errno() })?;
+        let regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| VcpuFault::Run { errno: e.errno() })?;
         let sregs = self
             .fd
             .get_sregs()
@@ -224,7 +319,7 @@ impl Vcpu {
         for _ in 0..15 {
             // Byte by byte: the instruction may cross a page (only the first page is
             // translated; that is enough to recognise the one-byte instructions we assist).
-            match self.shared.mem.read_obj::<u8>(GuestAddress(pa)) {
+            match self.shared.mem.memory().read_obj::<u8>(GuestAddress(pa)) {
                 Ok(b) => bytes.push(b),
                 Err(_) => break,
             }
@@ -259,7 +354,7 @@ impl Vcpu {
         if mp.mp_state != KVM_MP_STATE_INIT_RECEIVED {
             return Step::Continue;
         }
-        let mem = &self.shared.mem;
+        let mem = self.shared.mem.memory();
         let offset = mem.read_obj::<u16>(GuestAddress(0x467));
         let segment = mem.read_obj::<u16>(GuestAddress(0x469));
         let (offset, segment) = match (offset, segment) {

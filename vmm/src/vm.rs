@@ -10,23 +10,22 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
 use kestrel_api::{GuestCompat, SerialOutput, VmConfig, MAX_SUPPORTED_VCPUS};
-use kestrel_arch::layout;
 use kestrel_devices::legacy::{
-    SerialDevice, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042, I8042_PORT_BASE,
-    I8042_PORT_LEN,
+    SerialDevice, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
 };
 use kestrel_devices::Bus;
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{GuestMemory, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
+use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot;
 use crate::error::{io_err, kvm_err, VmmError};
 use crate::evloop::{self, ConsoleInput, Control, Subscriber};
 use crate::exit::{ExitState, ResetTrigger, VmExit};
+use crate::memory::{MemoryManager, PluggedRange};
 use crate::metrics::{VmCounters, VmMetrics};
-use crate::vcpu::{self, Vcpu, VcpuShared};
+use crate::vcpu::{self, kick_signal, Vcpu, VcpuControl, VcpuRunState, VcpuShared};
 
 /// Address of the TSS KVM needs on Intel (three pages just below the IOAPIC... well below 4 GiB).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -54,6 +53,12 @@ pub struct ThreadInfo {
 /// Where the serial console writes.
 pub type ConsoleSink = Box<dyn Write + Send>;
 
+struct VcpuSlot {
+    id: u32,
+    ctl: Arc<VcpuControl>,
+    pthread: Option<libc::pthread_t>,
+}
+
 struct Threads {
     evloop: Option<JoinHandle<()>>,
     vcpus: Vec<JoinHandle<()>>,
@@ -66,8 +71,12 @@ pub struct Vm {
     cmdline: String,
     // Field order matters for drop: vCPU fds and the VM fd go before guest memory is unmapped.
     pending_vcpus: Mutex<Vec<Vcpu>>,
+    vcpu_slots: Mutex<Vec<VcpuSlot>>,
+    /// Serialises hotplug operations.
+    resize: Mutex<()>,
     vm_fd: VmFd,
-    _kvm: Kvm,
+    kvm: Kvm,
+    memory: Mutex<MemoryManager>,
     shared: Arc<VcpuShared>,
     exit: Arc<ExitState>,
     serial: Arc<Mutex<SerialDevice>>,
@@ -151,39 +160,27 @@ impl Vm {
         if mc.vcpu_count > max_vcpus {
             return Err(kestrel_api::ConfigError::invalid(
                 "machine-config.vcpu_count",
-                format!("{} is above this host's KVM limit of {max_vcpus}", mc.vcpu_count),
+                format!(
+                    "{} is above this host's KVM limit of {max_vcpus}",
+                    mc.vcpu_count
+                ),
             )
             .into());
         }
 
         let vm_fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
         let mem_size = mc.mem_size_mib << 20;
-        let mem = GuestMemoryMmap::from_ranges(&layout::ram_regions(mem_size)).map_err(
-            |source| VmmError::GuestMemory {
-                size_mib: mc.mem_size_mib,
-                source,
-            },
-        )?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = region
-                .get_host_address(MemoryRegionAddress(0))
-                .map_err(|_| VmmError::KvmCapability("host address of guest memory"))?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-            };
-            // SAFETY: the region is a live mapping owned by `mem`, which the VM keeps (in
-            // `shared`) until after the VM fd is closed.
-            unsafe { vm_fd.set_user_memory_region(r) }
-                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        let max_mem_size = mc.max_mem_size_mib.unwrap_or(mc.mem_size_mib) << 20;
+        let memory =
+            MemoryManager::new(&vm_fd, mem_size, max_mem_size, false).map_err(VmmError::Memory)?;
+        let guest_mem = memory.guest_memory();
+        let mem = guest_mem.memory();
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm_fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -235,8 +232,9 @@ impl Vm {
                 source,
             })?;
 
+        drop(mem);
         let shared = Arc::new(VcpuShared {
-            mem,
+            mem: guest_mem.clone(),
             pio,
             mmio: Bus::new(),
             exit: exit.clone(),
@@ -247,15 +245,23 @@ impl Vm {
 
         // Boot vCPUs.
         let mut vcpus = Vec::with_capacity(mc.vcpu_count as usize);
+        let mut slots = Vec::with_capacity(mc.vcpu_count as usize);
         for id in 0..mc.vcpu_count {
             let fd = vcpu::create_vcpu(&kvm, &vm_fd, id, max_vcpus)?;
             if id == 0 {
-                vcpu::setup_boot_vcpu(&fd, &shared.mem, kernel.entry)?;
+                vcpu::setup_boot_vcpu(&fd, &guest_mem.memory(), kernel.entry)?;
             }
+            let ctl = Arc::new(VcpuControl::new(false));
+            slots.push(VcpuSlot {
+                id,
+                ctl: ctl.clone(),
+                pthread: None,
+            });
             vcpus.push(Vcpu {
                 id,
                 fd,
                 shared: shared.clone(),
+                ctl,
             });
         }
 
@@ -271,8 +277,11 @@ impl Vm {
             max_vcpus,
             cmdline: cmdline_str,
             pending_vcpus: Mutex::new(vcpus),
+            vcpu_slots: Mutex::new(slots),
+            resize: Mutex::new(()),
             vm_fd,
-            _kvm: kvm,
+            kvm,
+            memory: Mutex::new(memory),
             shared,
             exit,
             serial,
@@ -337,34 +346,12 @@ impl Vm {
 
         let vcpus: Vec<Vcpu> =
             std::mem::take(&mut *self.pending_vcpus.lock().unwrap_or_else(|p| p.into_inner()));
-        self.shared.running.fetch_add(vcpus.len(), Ordering::SeqCst);
         let mut spawn_error = None;
-        let total = vcpus.len();
-        for (i, v) in vcpus.into_iter().enumerate() {
-            let name = format!("kestrel-{}-vcpu{}", self.name, v.id);
-            let (info, tx, id) = (self.thread_info.clone(), ready_tx.clone(), v.id);
-            let tname = name.clone();
-            match std::thread::Builder::new()
-                .name(thread_name(&name))
-                .spawn(move || {
-                    register_thread(&info, tname, ThreadKind::Vcpu(id));
-                    let _ = tx.send(());
-                    v.run_loop();
-                }) {
-                Ok(h) => {
-                    self.vcpu_pthreads
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(h.as_pthread_t());
-                    threads.vcpus.push(h);
-                    expected += 1;
-                }
-                Err(source) => {
-                    // The vCPUs not spawned never enter their loop.
-                    self.shared
-                        .running
-                        .fetch_sub(total - i, Ordering::SeqCst);
-                    spawn_error = Some(VmmError::Spawn { name, source });
+        for v in vcpus {
+            match self.spawn_vcpu(v, &mut threads, Some(ready_tx.clone())) {
+                Ok(()) => expected += 1,
+                Err(e) => {
+                    spawn_error = Some(e);
                     break;
                 }
             }
@@ -380,6 +367,228 @@ impl Vm {
             self.exit.report(VmExit::Stopped);
             self.join_all();
             return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Spawn the thread of vCPU `v` (the caller holds the threads lock).
+    fn spawn_vcpu(
+        &self,
+        v: Vcpu,
+        threads: &mut Threads,
+        ready: Option<mpsc::Sender<()>>,
+    ) -> Result<(), VmmError> {
+        let name = format!("kestrel-{}-vcpu{}", self.name, v.id);
+        let (info, id) = (self.thread_info.clone(), v.id);
+        let tname = name.clone();
+        self.shared.running.fetch_add(1, Ordering::SeqCst);
+        let r = std::thread::Builder::new()
+            .name(thread_name(&name))
+            .spawn(move || {
+                register_thread(&info, tname, ThreadKind::Vcpu(id));
+                if let Some(tx) = ready {
+                    let _ = tx.send(());
+                }
+                v.run_loop();
+            });
+        match r {
+            Ok(h) => {
+                let pt = h.as_pthread_t();
+                self.vcpu_pthreads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(pt);
+                if let Some(slot) = self
+                    .vcpu_slots
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter_mut()
+                    .find(|s| s.id == id)
+                {
+                    slot.pthread = Some(pt);
+                }
+                threads.vcpus.push(h);
+                Ok(())
+            }
+            Err(source) => {
+                // It never entered its loop.
+                self.shared.running.fetch_sub(1, Ordering::SeqCst);
+                Err(VmmError::Spawn { name, source })
+            }
+        }
+    }
+
+    /// vCPUs that exist and their state (running, parked, exited), by index.
+    pub fn vcpu_states(&self) -> Vec<(u32, VcpuRunState)> {
+        self.vcpu_slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|s| (s.id, s.ctl.state()))
+            .collect()
+    }
+
+    /// Make vCPU `id` runnable: unpark it if it exists, else create it (CPUID, MSRs, FPU, LAPIC
+    /// as for boot vCPUs) and start its thread. The thread id appears in [`Vm::threads`] as soon
+    /// as the thread runs. vCPUs are added in order: `id` must be an existing vCPU or the next
+    /// index, and below `max_vcpus`. The guest still has to online the CPU.
+    pub fn plug_vcpu(&self, id: u32) -> Result<(), VmmError> {
+        let _serial = self.resize.lock().unwrap_or_else(|p| p.into_inner());
+        self.ensure_running()?;
+        let existing = self
+            .vcpu_slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|s| s.id == id)
+            .map(|s| s.ctl.clone());
+        if let Some(ctl) = existing {
+            ctl.request(false);
+            ctl.wait_state(VcpuRunState::Running, Duration::from_secs(5));
+            return Ok(());
+        }
+        let count = self
+            .vcpu_slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u32;
+        if id != count || id >= self.max_vcpus {
+            return Err(VmmError::VcpuIndex {
+                id,
+                next: count,
+                max: self.max_vcpus,
+            });
+        }
+        let fd = vcpu::create_vcpu(&self.kvm, &self.vm_fd, id, self.max_vcpus)?;
+        let ctl = Arc::new(VcpuControl::new(false));
+        self.vcpu_slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(VcpuSlot {
+                id,
+                ctl: ctl.clone(),
+                pthread: None,
+            });
+        let v = Vcpu {
+            id,
+            fd,
+            shared: self.shared.clone(),
+            ctl,
+        };
+        let (tx, rx) = mpsc::channel();
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        if self.exit.stopping() {
+            return Err(VmmError::NotRunning);
+        }
+        self.spawn_vcpu(v, &mut threads, Some(tx))?;
+        drop(threads);
+        let _ = rx.recv_timeout(Duration::from_secs(5));
+        tracing::info!("VM {}: vCPU {id} created", self.name);
+        Ok(())
+    }
+
+    /// Take vCPU `id` out of `KVM_RUN` and keep its thread waiting (after the guest offlined
+    /// the CPU). vCPU 0 cannot be parked. Returns when the thread is parked.
+    pub fn park_vcpu(&self, id: u32) -> Result<(), VmmError> {
+        let _serial = self.resize.lock().unwrap_or_else(|p| p.into_inner());
+        self.ensure_running()?;
+        let count = self
+            .vcpu_slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u32;
+        let (ctl, pthread) = match self
+            .vcpu_slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|s| s.id == id)
+        {
+            Some(s) if id != 0 => (s.ctl.clone(), s.pthread),
+            _ => {
+                return Err(VmmError::VcpuIndex {
+                    id,
+                    next: count,
+                    max: self.max_vcpus,
+                })
+            }
+        };
+        ctl.request(true);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ctl.state() == VcpuRunState::Running && Instant::now() < deadline {
+            let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+            if let (Some(pt), false) = (pthread, self.exit.stopping()) {
+                // SAFETY: the thread is not joined while we hold the threads lock and the VM
+                // is not stopping (joins happen only under that lock after a stop).
+                unsafe { libc::pthread_kill(pt, kick_signal()) };
+            }
+            drop(threads);
+            ctl.wait_state(VcpuRunState::Parked, Duration::from_millis(10));
+        }
+        match ctl.state() {
+            VcpuRunState::Parked => Ok(()),
+            _ => Err(VmmError::NotRunning),
+        }
+    }
+
+    /// Hot-plug `size` bytes of RAM (a multiple of `block`) at the lowest free address of the
+    /// hotplug region. The guest still has to probe and online it.
+    pub fn add_memory(&self, size: u64, block: u64) -> Result<PluggedRange, VmmError> {
+        let _serial = self.resize.lock().unwrap_or_else(|p| p.into_inner());
+        self.ensure_running()?;
+        self.memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(&self.vm_fd, size, block)
+            .map_err(VmmError::Memory)
+    }
+
+    /// Unplug a range returned by [`Vm::add_memory`] (after the guest offlined it); its host
+    /// pages are released.
+    pub fn remove_memory(&self, addr: u64, size: u64) -> Result<(), VmmError> {
+        let _serial = self.resize.lock().unwrap_or_else(|p| p.into_inner());
+        self.memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.vm_fd, addr, size)
+            .map_err(VmmError::Memory)
+    }
+
+    /// Hot-plugged memory ranges.
+    pub fn plugged_memory(&self) -> Vec<PluggedRange> {
+        self.memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .plugged()
+    }
+
+    /// The hotplug region (guest-physical address, size), if memory hotplug is enabled.
+    pub fn hotplug_region(&self) -> Option<(u64, u64)> {
+        self.memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .hotplug_region()
+    }
+
+    /// Host virtual address ranges of guest RAM (for RSS accounting).
+    pub fn guest_memory_host_ranges(&self) -> Vec<(u64, u64)> {
+        self.memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .host_ranges()
+    }
+
+    /// Whether guest RAM is memfd-backed (shareable with vhost-user backends).
+    pub fn guest_memory_is_shared(&self) -> bool {
+        self.memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_shared()
+    }
+
+    fn ensure_running(&self) -> Result<(), VmmError> {
+        if !self.started.load(Ordering::SeqCst) || self.exit.stopping() {
+            return Err(VmmError::NotRunning);
         }
         Ok(())
     }
@@ -475,9 +684,9 @@ impl Vm {
         m
     }
 
-    /// Guest memory (for tests, diagnostics and device models).
-    pub fn guest_memory(&self) -> &GuestMemoryMmap {
-        &self.shared.mem
+    /// A snapshot of guest memory (for tests, diagnostics and device models).
+    pub fn guest_memory(&self) -> Arc<GuestMemoryMmap> {
+        self.shared.mem.memory().into_inner()
     }
 
     /// The KVM VM fd (for callers that add their own devices).

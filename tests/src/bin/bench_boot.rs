@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use kestrel_api::{SerialOutput, VmConfig};
 use kestrel_tests::*;
 use kestrel_vmm::{Vm, VmExit};
-use vm_memory::{GuestMemory, GuestMemoryRegion, MemoryRegionAddress};
 
 /// Resident memory of this process outside the given host ranges (KiB), from /proc/self/smaps.
 fn rss_outside(ranges: &[(u64, u64)]) -> (u64, u64) {
@@ -74,14 +73,7 @@ fn one(vcpus: u32, mem: u64) -> Run {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let ranges: Vec<(u64, u64)> = vm
-        .guest_memory()
-        .iter()
-        .filter_map(|r| {
-            let h = r.get_host_address(MemoryRegionAddress(0)).ok()? as u64;
-            Some((h, h + r.len()))
-        })
-        .collect();
+    let ranges = vm.guest_memory_host_ranges();
     let (outside, inside) = rss_outside(&ranges);
     let exit = vm.wait_timeout(Duration::from_secs(300));
     assert_eq!(exit, Some(VmExit::Reset), "console:\n{}", cap.text());
