@@ -11,7 +11,9 @@
 
 pub mod config;
 pub mod error;
+pub mod rate_limiter;
 pub mod sizing;
 
 pub use config::*;
 pub use error::ConfigError;
+pub use rate_limiter::{RateLimiterConfig, TokenBucketConfig};

@@ -82,7 +82,7 @@ const _: () = {
     assert!(MPTABLE_START < HIMEM_START);
     assert!(MMIO_GAP_START < VIRTIO_MMIO_START && VIRTIO_MMIO_START < IOAPIC_START);
     assert!(IOAPIC_START < APIC_START && APIC_START < MMIO_GAP_END);
-    assert!(HOTPLUG_ALIGNMENT % MEM_BLOCK_SIZE == 0);
+    assert!(HOTPLUG_ALIGNMENT.is_multiple_of(MEM_BLOCK_SIZE));
 };
 
 /// RAM regions backing `mem_size` bytes of boot RAM.
@@ -129,7 +129,7 @@ pub fn hotplug_region(mem_size: u64, max_mem_size: u64) -> Option<(GuestAddress,
     let overlaps_hole = start < MMIO_GAP_END
         && start
             .checked_add(size)
-            .map_or(true, |end| end > MMIO_GAP_START);
+            .is_none_or(|end| end > MMIO_GAP_START);
     if overlaps_hole {
         start = MMIO_GAP_END;
     }

@@ -221,7 +221,7 @@ impl MemoryManager {
         block: u64,
     ) -> Result<PluggedRange, MemoryError> {
         let (_, total) = self.hotplug.ok_or(MemoryError::NoHotplugRegion)?;
-        if size == 0 || block == 0 || size % block != 0 {
+        if size == 0 || block == 0 || !size.is_multiple_of(block) {
             return Err(MemoryError::BadSize { size, block });
         }
         let addr = self.find_gap(size).ok_or(MemoryError::NoSpace {

@@ -1,0 +1,115 @@
+//! Rate-limiter configuration, in Firecracker's shape (`rx_rate_limiter`, `tx_rate_limiter`,
+//! `rate_limiter`): a bandwidth bucket (bytes) and an operations bucket, each with a size, an
+//! optional one-time burst and a refill time.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// One token bucket: `size` tokens refill completely every `refill_time` milliseconds;
+/// `one_time_burst` extra tokens are available once, at the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucketConfig {
+    /// Bucket capacity (bytes for bandwidth, operations for ops).
+    pub size: u64,
+    /// Extra tokens usable once.
+    #[serde(default)]
+    pub one_time_burst: Option<u64>,
+    /// Milliseconds for a full refill.
+    pub refill_time: u64,
+}
+
+/// A rate limiter: either bucket may be absent (unlimited).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiterConfig {
+    /// Bytes.
+    #[serde(default)]
+    pub bandwidth: Option<TokenBucketConfig>,
+    /// Operations (requests or packets).
+    #[serde(default)]
+    pub ops: Option<TokenBucketConfig>,
+}
+
+impl TokenBucketConfig {
+    /// Check the bucket; `field` is its JSON path.
+    pub fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        if self.size == 0 {
+            return Err(ConfigError::invalid(
+                format!("{field}.size"),
+                "must be positive (omit the bucket for no limit)",
+            ));
+        }
+        if self.refill_time == 0 {
+            return Err(ConfigError::invalid(
+                format!("{field}.refill_time"),
+                "must be a positive number of milliseconds",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl RateLimiterConfig {
+    /// Check both buckets; `field` is the limiter's JSON path (e.g. `drives[0].rate_limiter`).
+    pub fn validate(&self, field: &str) -> Result<(), ConfigError> {
+        if let Some(b) = &self.bandwidth {
+            b.validate(&format!("{field}.bandwidth"))?;
+        }
+        if let Some(o) = &self.ops {
+            o.validate(&format!("{field}.ops"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firecracker_shape() {
+        let j = r#"{"bandwidth": {"size": 1048576, "one_time_burst": 0, "refill_time": 1000},
+                    "ops": {"size": 100, "refill_time": 1000}}"#;
+        let r: RateLimiterConfig = serde_json::from_str(j).unwrap();
+        assert_eq!(r.bandwidth.unwrap().size, 1 << 20);
+        assert_eq!(r.ops.unwrap().one_time_burst, None);
+        r.validate("x").unwrap();
+        let bad: Result<RateLimiterConfig, _> =
+            serde_json::from_str(r#"{"bandwidth": {"size": 1, "refill_time": 1, "rate": 2}}"#);
+        assert!(bad
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field `rate`"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let r = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 0,
+                one_time_burst: None,
+                refill_time: 100,
+            }),
+            ops: None,
+        };
+        let e = r
+            .validate("network-interfaces[0].tx_rate_limiter")
+            .unwrap_err();
+        assert_eq!(
+            e.field(),
+            Some("network-interfaces[0].tx_rate_limiter.bandwidth.size")
+        );
+        let r = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig {
+                size: 10,
+                one_time_burst: None,
+                refill_time: 0,
+            }),
+        };
+        let e = r.validate("drives[1].rate_limiter").unwrap_err();
+        assert_eq!(e.field(), Some("drives[1].rate_limiter.ops.refill_time"));
+    }
+}

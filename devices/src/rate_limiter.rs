@@ -1,0 +1,468 @@
+//! Token-bucket rate limiter shared by virtio-blk and virtio-net.
+//!
+//! Two optional buckets — bandwidth (bytes) and operations — each refilling `size` tokens per
+//! `refill_time`, with a one-time burst that is spent first and never refilled. A request that
+//! cannot be paid for blocks the limiter and arms a timerfd for the moment enough tokens will
+//! have accumulated; the device watches the timerfd on its event loop and resumes the queue when
+//! it fires ([`RateLimiter::on_timer`]). Nothing polls.
+//!
+//! A request larger than a bucket's size can never be paid in full; it is let through when the
+//! bucket is full and drives the budget negative, so the limiter waits proportionally longer
+//! afterwards (the long-run rate still holds, and a large request cannot deadlock the queue).
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use kestrel_api::{RateLimiterConfig, TokenBucketConfig};
+use vmm_sys_util::timerfd::TimerFd;
+
+/// Time source (real or fake in tests).
+pub trait Clock: Send {
+    /// Monotonic time since an arbitrary origin.
+    fn now(&self) -> Duration;
+}
+
+/// The monotonic clock.
+#[derive(Debug)]
+pub struct MonotonicClock(Instant);
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        MonotonicClock(Instant::now())
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now(&self) -> Duration {
+        self.0.elapsed()
+    }
+}
+
+/// Which bucket a request draws from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenType {
+    /// Bytes.
+    Bytes,
+    /// Operations.
+    Ops,
+}
+
+/// One token bucket. Budget is in tokens; it may go negative after an oversize request.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    size: u64,
+    refill_ns: u64,
+    burst: u64,
+    budget: i128,
+    last: Duration,
+}
+
+impl TokenBucket {
+    /// A full bucket at time `now`.
+    pub fn new(cfg: &TokenBucketConfig, now: Duration) -> Self {
+        TokenBucket {
+            size: cfg.size,
+            refill_ns: cfg.refill_time.max(1) * 1_000_000,
+            burst: cfg.one_time_burst.unwrap_or(0),
+            budget: i128::from(cfg.size),
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Duration) {
+        let elapsed = now.saturating_sub(self.last).as_nanos();
+        // tokens = elapsed * size / refill_ns, keeping the remainder time for next time.
+        let tokens = elapsed * u128::from(self.size) / u128::from(self.refill_ns);
+        if tokens > 0 {
+            let used_ns = tokens * u128::from(self.refill_ns) / u128::from(self.size);
+            self.last += Duration::from_nanos(used_ns as u64);
+            self.budget = (self.budget + tokens as i128).min(i128::from(self.size));
+        }
+        if self.budget >= i128::from(self.size) {
+            // A full bucket does not bank time.
+            self.last = now;
+        }
+    }
+
+    /// Try to take `tokens` at `now`. Returns true if granted.
+    pub fn reduce(&mut self, tokens: u64, now: Duration) -> bool {
+        self.refill(now);
+        let mut need = i128::from(tokens);
+        // One-time burst first.
+        let from_burst = need.min(i128::from(self.burst));
+        need -= from_burst;
+        if need == 0 {
+            self.burst -= from_burst as u64;
+            return true;
+        }
+        if need <= self.budget {
+            self.burst -= from_burst as u64;
+            self.budget -= need;
+            return true;
+        }
+        if need > i128::from(self.size) && self.budget >= i128::from(self.size) {
+            // Oversize request on a full bucket: let it through, pay it back later.
+            self.burst -= from_burst as u64;
+            self.budget -= need;
+            return true;
+        }
+        false
+    }
+
+    /// Give back tokens (a request was not carried out after all).
+    pub fn replenish(&mut self, tokens: u64) {
+        self.budget = (self.budget + i128::from(tokens)).min(i128::from(self.size));
+    }
+
+    /// How long until `tokens` (capped at the bucket size) can be taken.
+    pub fn time_until(&self, tokens: u64, now: Duration) -> Duration {
+        let want = i128::from(tokens.min(self.size));
+        let mut b = self.clone();
+        b.refill(now);
+        let missing = want - b.budget;
+        if missing <= 0 {
+            return Duration::ZERO;
+        }
+        let ns = (missing as u128 * u128::from(self.refill_ns)).div_ceil(u128::from(self.size));
+        Duration::from_nanos(ns.min(u128::from(u64::MAX)) as u64)
+    }
+
+    /// Current budget (tests, metrics).
+    pub fn budget(&self) -> i128 {
+        self.budget
+    }
+
+    /// Remaining one-time burst.
+    pub fn burst(&self) -> u64 {
+        self.burst
+    }
+}
+
+/// A rate limiter with its wake-up timer.
+pub struct RateLimiter {
+    bandwidth: Option<TokenBucket>,
+    ops: Option<TokenBucket>,
+    clock: Box<dyn Clock>,
+    timer: Option<TimerFd>,
+    blocked: bool,
+    /// Requests that had to wait.
+    pub throttled_events: u64,
+}
+
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("bandwidth", &self.bandwidth)
+            .field("ops", &self.ops)
+            .field("blocked", &self.blocked)
+            .finish()
+    }
+}
+
+impl RateLimiter {
+    /// A limiter on the monotonic clock with a real timerfd.
+    pub fn new(cfg: &RateLimiterConfig) -> std::io::Result<Self> {
+        let timer = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        Ok(Self::with_clock(
+            cfg,
+            Box::new(MonotonicClock::default()),
+            Some(timer),
+        ))
+    }
+
+    /// A limiter on any clock, with an optional timer (tests pass a fake clock and no timer).
+    pub fn with_clock(
+        cfg: &RateLimiterConfig,
+        clock: Box<dyn Clock>,
+        timer: Option<TimerFd>,
+    ) -> Self {
+        let now = clock.now();
+        RateLimiter {
+            bandwidth: cfg.bandwidth.as_ref().map(|b| TokenBucket::new(b, now)),
+            ops: cfg.ops.as_ref().map(|b| TokenBucket::new(b, now)),
+            clock,
+            timer,
+            blocked: false,
+            throttled_events: 0,
+        }
+    }
+
+    /// Whether no bucket is configured.
+    pub fn is_unlimited(&self) -> bool {
+        self.bandwidth.is_none() && self.ops.is_none()
+    }
+
+    /// Whether the limiter is waiting for its timer.
+    pub fn is_blocked(&self) -> bool {
+        self.blocked
+    }
+
+    /// Pay for one operation of `bytes` bytes. On refusal the limiter blocks and arms its timer
+    /// for when the request will fit; the caller keeps the request and retries after
+    /// [`RateLimiter::on_timer`].
+    pub fn consume(&mut self, bytes: u64) -> bool {
+        if self.blocked {
+            return false;
+        }
+        let now = self.clock.now();
+        let ops_ok = self.ops.as_mut().is_none_or(|b| b.reduce(1, now));
+        if !ops_ok {
+            let wait = self
+                .ops
+                .as_ref()
+                .map_or(Duration::ZERO, |b| b.time_until(1, now));
+            self.block(wait);
+            return false;
+        }
+        let bw_ok = self.bandwidth.as_mut().is_none_or(|b| b.reduce(bytes, now));
+        if !bw_ok {
+            if let Some(o) = self.ops.as_mut() {
+                o.replenish(1);
+            }
+            let wait = self
+                .bandwidth
+                .as_ref()
+                .map_or(Duration::ZERO, |b| b.time_until(bytes, now));
+            self.block(wait);
+            return false;
+        }
+        true
+    }
+
+    /// Give back tokens of a request that was paid for but not carried out.
+    pub fn manual_replenish(&mut self, tokens: u64, kind: TokenType) {
+        let b = match kind {
+            TokenType::Bytes => self.bandwidth.as_mut(),
+            TokenType::Ops => self.ops.as_mut(),
+        };
+        if let Some(b) = b {
+            b.replenish(tokens);
+        }
+    }
+
+    fn block(&mut self, wait: Duration) {
+        self.blocked = true;
+        self.throttled_events += 1;
+        // At least 1 ms: a zero timer would disarm the timerfd.
+        let wait = wait.max(Duration::from_millis(1));
+        if let Some(t) = self.timer.as_mut() {
+            if let Err(e) = t.reset(wait, None) {
+                tracing::error!("rate limiter timer: {e}; unblocking immediately");
+                self.blocked = false;
+            }
+        }
+    }
+
+    /// The timer fired: drain it and unblock. Returns true if the limiter was blocked (the
+    /// device should resume its queue).
+    pub fn on_timer(&mut self) -> bool {
+        if let Some(t) = self.timer.as_mut() {
+            let _ = t.wait();
+        }
+        std::mem::replace(&mut self.blocked, false)
+    }
+
+    /// Unblock without a timer (tests with a fake clock).
+    pub fn unblock(&mut self) {
+        self.blocked = false;
+    }
+
+    /// Replace the buckets at runtime (API update). Buckets restart full; an unchanged config
+    /// keeps its state.
+    pub fn update(&mut self, cfg: &RateLimiterConfig) {
+        let now = self.clock.now();
+        let same = |old: &Option<TokenBucket>, new: &Option<TokenBucketConfig>| match (old, new) {
+            (Some(o), Some(n)) => {
+                o.size == n.size && o.refill_ns == n.refill_time.max(1) * 1_000_000
+            }
+            (None, None) => true,
+            _ => false,
+        };
+        if !same(&self.bandwidth, &cfg.bandwidth) {
+            self.bandwidth = cfg.bandwidth.as_ref().map(|b| TokenBucket::new(b, now));
+        }
+        if !same(&self.ops, &cfg.ops) {
+            self.ops = cfg.ops.as_ref().map(|b| TokenBucket::new(b, now));
+        }
+        // A new config may allow what was refused: let the device retry now.
+        if self.blocked {
+            self.block(Duration::from_millis(1));
+        }
+    }
+
+    /// The bandwidth bucket, for metrics and tests.
+    pub fn bandwidth(&self) -> Option<&TokenBucket> {
+        self.bandwidth.as_ref()
+    }
+}
+
+impl AsRawFd for RateLimiter {
+    /// The timerfd to watch (-1 when the limiter has no timer).
+    fn as_raw_fd(&self) -> RawFd {
+        self.timer.as_ref().map_or(-1, |t| t.as_raw_fd())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    struct FakeClock(Arc<AtomicU64>);
+    impl FakeClock {
+        fn advance_ms(&self, ms: u64) {
+            self.0.fetch_add(ms * 1_000_000, Ordering::SeqCst);
+        }
+    }
+    impl Clock for FakeClock {
+        fn now(&self) -> Duration {
+            Duration::from_nanos(self.0.load(Ordering::SeqCst))
+        }
+    }
+
+    fn bucket(size: u64, burst: Option<u64>, refill_ms: u64) -> TokenBucketConfig {
+        TokenBucketConfig {
+            size,
+            one_time_burst: burst,
+            refill_time: refill_ms,
+        }
+    }
+
+    fn limiter(
+        bw: Option<TokenBucketConfig>,
+        ops: Option<TokenBucketConfig>,
+    ) -> (RateLimiter, FakeClock) {
+        let c = FakeClock::default();
+        let cfg = RateLimiterConfig { bandwidth: bw, ops };
+        (RateLimiter::with_clock(&cfg, Box::new(c.clone()), None), c)
+    }
+
+    #[test]
+    fn bucket_refills_linearly_and_caps_at_size() {
+        let mut b = TokenBucket::new(&bucket(1000, None, 1000), Duration::ZERO);
+        assert!(b.reduce(1000, Duration::ZERO));
+        assert!(!b.reduce(1, Duration::ZERO));
+        assert!(!b.reduce(300, Duration::from_millis(299)));
+        assert!(b.reduce(300, Duration::from_millis(300)));
+        assert_eq!(b.budget(), 0);
+        // Long idle time refills only up to the size.
+        assert!(!b.reduce(1001, Duration::from_secs(100)) || b.budget() < 0);
+        let mut b = TokenBucket::new(&bucket(1000, None, 1000), Duration::ZERO);
+        b.reduce(1000, Duration::ZERO);
+        b.refill(Duration::from_secs(100));
+        assert_eq!(b.budget(), 1000);
+    }
+
+    #[test]
+    fn one_time_burst_is_spent_first_and_never_refilled() {
+        let mut b = TokenBucket::new(&bucket(100, Some(500), 1000), Duration::ZERO);
+        assert!(b.reduce(550, Duration::ZERO));
+        assert_eq!(b.burst(), 0);
+        assert_eq!(b.budget(), 50);
+        b.refill(Duration::from_secs(10));
+        assert_eq!(b.burst(), 0);
+        assert_eq!(b.budget(), 100);
+    }
+
+    #[test]
+    fn time_until_is_exact() {
+        let mut b = TokenBucket::new(&bucket(1000, None, 1000), Duration::ZERO);
+        b.reduce(1000, Duration::ZERO);
+        assert_eq!(
+            b.time_until(250, Duration::ZERO),
+            Duration::from_millis(250)
+        );
+        assert_eq!(b.time_until(5000, Duration::ZERO), Duration::from_secs(1));
+        assert_eq!(
+            b.time_until(100, Duration::from_millis(100)),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn oversize_request_passes_on_full_bucket_then_waits() {
+        let mut b = TokenBucket::new(&bucket(1000, None, 1000), Duration::ZERO);
+        assert!(b.reduce(3000, Duration::ZERO));
+        assert_eq!(b.budget(), -2000);
+        assert!(!b.reduce(1, Duration::from_millis(2000)));
+        assert!(b.reduce(1, Duration::from_millis(2001)));
+    }
+
+    #[test]
+    fn limiter_blocks_and_unblocks() {
+        let (mut rl, clock) = limiter(
+            Some(bucket(1 << 20, None, 1000)),
+            Some(bucket(10, None, 1000)),
+        );
+        for _ in 0..10 {
+            assert!(rl.consume(1000));
+        }
+        assert!(!rl.consume(1000), "ops bucket empty");
+        assert!(rl.is_blocked());
+        assert!(!rl.consume(1), "blocked until the timer fires");
+        clock.advance_ms(100);
+        rl.unblock();
+        assert!(rl.consume(1000));
+        // Bandwidth: drain it, then a refused request gives its op token back.
+        let (mut rl, clock) = limiter(Some(bucket(4096, None, 1000)), Some(bucket(10, None, 1000)));
+        assert!(rl.consume(4096));
+        assert!(!rl.consume(4096));
+        assert_eq!(rl.throttled_events, 1);
+        rl.unblock();
+        clock.advance_ms(1000);
+        assert!(rl.consume(4096));
+    }
+
+    #[test]
+    fn rate_holds_over_time() {
+        // 1 MiB/s with 64 KiB requests over 5 simulated seconds.
+        let (mut rl, clock) = limiter(Some(bucket(1 << 20, None, 1000)), None);
+        let mut sent = 0u64;
+        for _ in 0..5000 {
+            if rl.consume(64 << 10) {
+                sent += 64 << 10;
+            } else {
+                rl.unblock();
+            }
+            clock.advance_ms(1);
+        }
+        // 1 MiB initial bucket + 5 MiB of refill.
+        assert!(((6 << 20) - (64 << 10)..=6 << 20).contains(&sent), "{sent}");
+    }
+
+    #[test]
+    fn real_timer_fires() {
+        let cfg = RateLimiterConfig {
+            bandwidth: Some(bucket(1000, None, 100)),
+            ops: None,
+        };
+        let mut rl = RateLimiter::new(&cfg).unwrap();
+        assert!(rl.as_raw_fd() >= 0);
+        assert!(rl.consume(1000));
+        assert!(!rl.consume(500));
+        let t0 = Instant::now();
+        // Block on the timerfd like the event loop would.
+        assert!(rl.on_timer());
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_millis(40), "{waited:?}");
+        assert!(rl.consume(500));
+    }
+
+    #[test]
+    fn update_at_runtime() {
+        let (mut rl, _clock) = limiter(Some(bucket(100, None, 1000)), None);
+        assert!(rl.consume(100));
+        assert!(!rl.consume(100));
+        rl.update(&RateLimiterConfig {
+            bandwidth: Some(bucket(10_000, None, 1000)),
+            ops: None,
+        });
+        rl.unblock();
+        assert!(rl.consume(5000));
+        rl.update(&RateLimiterConfig::default());
+        assert!(rl.is_unlimited());
+        assert!(rl.consume(u64::MAX));
+    }
+}
