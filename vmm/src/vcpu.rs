@@ -409,6 +409,7 @@ fn handle_exit(s: &VcpuShared, id: u32, exit: VcpuExit<'_>) -> Step {
             VmCounters::bump(&s.counters.pio_exits);
             if !s.pio.read(u64::from(port), data) {
                 VmCounters::bump(&s.counters.unhandled_accesses);
+                tracing::trace!("unhandled port read {port:#x}");
                 data.fill(0xff);
             }
             Step::Continue
@@ -417,6 +418,7 @@ fn handle_exit(s: &VcpuShared, id: u32, exit: VcpuExit<'_>) -> Step {
             VmCounters::bump(&s.counters.pio_exits);
             if !s.pio.write(u64::from(port), data) {
                 VmCounters::bump(&s.counters.unhandled_accesses);
+                tracing::trace!("unhandled port write {port:#x}");
             }
             Step::Continue
         }
@@ -424,6 +426,7 @@ fn handle_exit(s: &VcpuShared, id: u32, exit: VcpuExit<'_>) -> Step {
             VmCounters::bump(&s.counters.mmio_exits);
             if !s.mmio.read(addr, data) {
                 VmCounters::bump(&s.counters.unhandled_accesses);
+                tracing::trace!("unhandled MMIO read {addr:#x}");
                 data.fill(0xff);
             }
             Step::Continue
@@ -432,6 +435,7 @@ fn handle_exit(s: &VcpuShared, id: u32, exit: VcpuExit<'_>) -> Step {
             VmCounters::bump(&s.counters.mmio_exits);
             if !s.mmio.write(addr, data) {
                 VmCounters::bump(&s.counters.unhandled_accesses);
+                tracing::trace!("unhandled MMIO write {addr:#x}");
             }
             Step::Continue
         }
