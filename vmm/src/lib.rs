@@ -19,6 +19,7 @@
 //! (`kestrel-<vm>-evloop`). Dropping a [`Vm`] stops it and joins every thread; its fds and
 //! guest memory are released with it.
 
+pub mod agent;
 mod boot;
 mod error;
 mod evloop;

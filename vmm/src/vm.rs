@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, SubscriberOps};
 use kestrel_api::{GuestCompat, SerialOutput, VmConfig, MAX_SUPPORTED_VCPUS};
 use kestrel_devices::legacy::{
-    SerialDevice, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
+    Cmos, SerialDevice, CMOS_PORT_BASE, CMOS_PORT_LEN, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
 };
 use kestrel_devices::Bus;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
@@ -225,6 +225,15 @@ impl Vm {
                 device: "serial",
                 source,
             })?;
+        pio.insert(
+            Arc::new(Mutex::new(Cmos::default())),
+            CMOS_PORT_BASE,
+            CMOS_PORT_LEN,
+        )
+        .map_err(|source| VmmError::Bus {
+            device: "cmos",
+            source,
+        })?;
         let i8042 = Arc::new(Mutex::new(I8042::new(ResetTrigger(exit.clone()))));
         pio.insert(i8042, I8042_PORT_BASE, I8042_PORT_LEN)
             .map_err(|source| VmmError::Bus {
