@@ -153,14 +153,28 @@ mod tests {
         bus.insert(r.clone(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(r.clone(), 0x108, 0x10),
-            Err(BusError::Overlap { base: 0x108, len: 0x10, other: 0x100 })
+            Err(BusError::Overlap {
+                base: 0x108,
+                len: 0x10,
+                other: 0x100
+            })
         );
         assert_eq!(
             bus.insert(r.clone(), 0xf8, 0x10),
-            Err(BusError::Overlap { base: 0xf8, len: 0x10, other: 0x100 })
+            Err(BusError::Overlap {
+                base: 0xf8,
+                len: 0x10,
+                other: 0x100
+            })
         );
         bus.insert(r.clone(), 0x110, 0x10).unwrap();
-        assert!(matches!(bus.insert(r.clone(), 0x200, 0), Err(BusError::BadRange { .. })));
-        assert!(matches!(bus.insert(r, u64::MAX, 2), Err(BusError::BadRange { .. })));
+        assert!(matches!(
+            bus.insert(r.clone(), 0x200, 0),
+            Err(BusError::BadRange { .. })
+        ));
+        assert!(matches!(
+            bus.insert(r, u64::MAX, 2),
+            Err(BusError::BadRange { .. })
+        ));
     }
 }

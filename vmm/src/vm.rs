@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, SubscriberOps};
 use kestrel_api::{GuestCompat, SerialOutput, VmConfig, MAX_SUPPORTED_VCPUS};
 use kestrel_devices::legacy::{
-    Cmos, SerialDevice, CMOS_PORT_BASE, CMOS_PORT_LEN, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
+    Cmos, SerialDevice, CMOS_PORT_BASE, CMOS_PORT_LEN, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
+    I8042, I8042_PORT_BASE, I8042_PORT_LEN,
 };
 use kestrel_devices::Bus;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
