@@ -26,6 +26,13 @@ pub struct VmConfig {
     /// vCPUs and memory.
     #[serde(rename = "machine-config")]
     pub machine_config: MachineConfig,
+    /// Firecracker's `drives`: virtio-blk devices, in order. A drive without a file is an empty
+    /// slot a file can be attached to at run time.
+    #[serde(default)]
+    pub drives: Vec<DriveConfig>,
+    /// Firecracker's `vsock`: a virtio-vsock device with hybrid vsock over Unix sockets.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// Where the guest's serial console goes (Kestrel section).
     #[serde(default)]
     pub serial: SerialConfig,
@@ -154,6 +161,8 @@ impl VmConfig {
             },
             serial: SerialConfig::default(),
             kestrel: KestrelOptions::default(),
+            drives: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -169,6 +178,10 @@ impl VmConfig {
         self.machine_config.validate()?;
         self.serial.validate()?;
         self.kestrel.validate()?;
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+        }
+        self.validate_drives()?;
         Ok(())
     }
 }
@@ -230,7 +243,10 @@ impl MachineConfig {
         if self.vcpu_count > MAX_SUPPORTED_VCPUS {
             return Err(ConfigError::invalid(
                 "machine-config.vcpu_count",
-                format!("{} is above the supported maximum of {MAX_SUPPORTED_VCPUS}", self.vcpu_count),
+                format!(
+                    "{} is above the supported maximum of {MAX_SUPPORTED_VCPUS}",
+                    self.vcpu_count
+                ),
             ));
         }
         if self.smt {
@@ -344,6 +360,72 @@ impl KestrelOptions {
     }
 }
 
+/// Longest Unix socket path the kernel takes (`sun_path` holds 108 bytes with the NUL).
+pub const MAX_UDS_PATH_LEN: usize = 107;
+
+/// Firecracker's `vsock` section: a virtio-vsock device whose host side is a Unix socket
+/// ("hybrid vsock"). Host programs connect to `uds_path` and write `CONNECT <port>\n`; guest
+/// connections to the host (CID 2) port `P` are forwarded to `<uds_path>_P`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or above).
+    pub guest_cid: u32,
+    /// Where the device's Unix listener is created. Must not exist yet; its directory must.
+    pub uds_path: PathBuf,
+    /// Firecracker's device id; accepted for compatibility and otherwise unused.
+    #[serde(default)]
+    pub vsock_id: Option<String>,
+}
+
+impl VsockConfig {
+    /// See [`VmConfig::validate`]. The socket path is checked, not created.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest_cid < 3 || self.guest_cid == u32::MAX {
+            return Err(ConfigError::invalid(
+                "vsock.guest_cid",
+                format!(
+                    "{} is reserved: guest CIDs are 3 to {}",
+                    self.guest_cid,
+                    u32::MAX - 1
+                ),
+            ));
+        }
+        let path = &self.uds_path;
+        let len = path.as_os_str().len();
+        if len == 0 {
+            return Err(ConfigError::invalid("vsock.uds_path", "must not be empty"));
+        }
+        if len > MAX_UDS_PATH_LEN {
+            return Err(ConfigError::invalid(
+                "vsock.uds_path",
+                format!(
+                    "{len} bytes is longer than the {MAX_UDS_PATH_LEN} a Unix socket path can hold"
+                ),
+            ));
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.is_dir() {
+                return Err(ConfigError::invalid(
+                    "vsock.uds_path",
+                    format!("directory {} does not exist", dir.display()),
+                ));
+            }
+        }
+        // symlink_metadata: a dangling symlink also occupies the name.
+        if std::fs::symlink_metadata(path).is_ok() {
+            return Err(ConfigError::invalid(
+                "vsock.uds_path",
+                format!(
+                    "{} already exists (a stale socket of an earlier VM?)",
+                    path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -414,7 +496,10 @@ mod tests {
         cfg.machine_config.mem_size_mib = 8;
         assert_eq!(field_of(&cfg), "machine-config.mem_size_mib");
         let msg = cfg.validate().unwrap_err().to_string();
-        assert!(msg.contains("8 MiB is below the minimum of 32 MiB"), "{msg}");
+        assert!(
+            msg.contains("8 MiB is below the minimum of 32 MiB"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -425,7 +510,8 @@ mod tests {
         let msg = cfg.validate().unwrap_err().to_string();
         assert!(msg.contains("/nonexistent/vmlinux"), "{msg}");
         // Missing in the JSON altogether: serde names it.
-        let json = r#"{"boot-source": {}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}"#;
+        let json =
+            r#"{"boot-source": {}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 128}}"#;
         let err = VmConfig::from_json(json).unwrap_err().to_string();
         assert!(err.contains("missing field `kernel_image_path`"), "{err}");
         cfg.boot_source.kernel_image_path = PathBuf::new();
@@ -512,5 +598,483 @@ mod tests {
         let json = serde_json::to_string(&cfg).unwrap();
         assert!(json.contains("\"machine-config\""));
         assert_eq!(VmConfig::from_json(&json).unwrap(), cfg);
+    }
+}
+
+#[cfg(test)]
+mod vsock_tests {
+    use super::*;
+
+    fn kernel_file() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")
+    }
+
+    fn tmp_dir(tag: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("kestrel-api-vsock-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn vsock(path: PathBuf) -> VsockConfig {
+        VsockConfig {
+            guest_cid: 3,
+            uds_path: path,
+            vsock_id: None,
+        }
+    }
+
+    fn field(v: &VsockConfig) -> String {
+        v.validate().unwrap_err().field().unwrap().to_string()
+    }
+
+    #[test]
+    fn firecracker_vsock_section_parses_and_validates() {
+        let dir = tmp_dir("parse");
+        let sock = dir.join("v.sock");
+        let json = format!(
+            r#"{{
+            "boot-source": {{"kernel_image_path": "{}"}},
+            "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}},
+            "vsock": {{"vsock_id": "vsock0", "guest_cid": 3, "uds_path": "{}"}}
+        }}"#,
+            kernel_file().display(),
+            sock.display()
+        );
+        let cfg = VmConfig::from_json(&json).unwrap();
+        let v = cfg.vsock.as_ref().unwrap();
+        assert_eq!(v.guest_cid, 3);
+        assert_eq!(v.uds_path, sock);
+        assert_eq!(v.vsock_id.as_deref(), Some("vsock0"));
+        cfg.validate().unwrap();
+        // vsock_id is optional; unknown fields are not.
+        let v: VsockConfig =
+            serde_json::from_str(r#"{"guest_cid": 5, "uds_path": "v.sock"}"#).unwrap();
+        assert_eq!(v.vsock_id, None);
+        let err = serde_json::from_str::<VsockConfig>(
+            r#"{"guest_cid": 5, "uds_path": "v.sock", "cid": 1}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown field `cid`"), "{err}");
+        // Absent section: no device.
+        assert_eq!(VmConfig::new(kernel_file(), 1, 128).vsock, None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn guest_cid_range() {
+        let dir = tmp_dir("cid");
+        let mut v = vsock(dir.join("v.sock"));
+        for bad in [0, 1, 2, u32::MAX] {
+            v.guest_cid = bad;
+            assert_eq!(field(&v), "vsock.guest_cid", "cid {bad}");
+        }
+        for good in [3, 42, u32::MAX - 1] {
+            v.guest_cid = good;
+            v.validate().unwrap();
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn uds_path_checked() {
+        let dir = tmp_dir("path");
+        assert_eq!(field(&vsock(PathBuf::new())), "vsock.uds_path");
+        let msg = vsock(PathBuf::from("/nonexistent-dir/v.sock"))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with("vsock.uds_path: directory /nonexistent-dir"),
+            "{msg}"
+        );
+        // Too long for sun_path.
+        let long = dir.join("x".repeat(MAX_UDS_PATH_LEN));
+        let msg = vsock(long).validate().unwrap_err().to_string();
+        assert!(msg.contains("longer than the 107"), "{msg}");
+        // Already exists (a leftover socket or any file).
+        let taken = dir.join("taken.sock");
+        std::fs::write(&taken, b"").unwrap();
+        let msg = vsock(taken).validate().unwrap_err().to_string();
+        assert!(
+            msg.starts_with("vsock.uds_path:") && msg.contains("already exists"),
+            "{msg}"
+        );
+        // A relative path in the current directory is fine (its parent is "").
+        vsock(PathBuf::from("kestrel-never-created.sock"))
+            .validate()
+            .unwrap();
+        // Validation creates nothing.
+        let fresh = dir.join("fresh.sock");
+        vsock(fresh.clone()).validate().unwrap();
+        assert!(!fresh.exists());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn vm_config_validate_checks_vsock() {
+        let mut cfg = VmConfig::new(kernel_file(), 1, 128);
+        cfg.vsock = Some(vsock(PathBuf::from("/nonexistent-dir/v.sock")));
+        assert_eq!(cfg.validate().unwrap_err().field(), Some("vsock.uds_path"));
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(json.contains("\"vsock\""), "{json}");
+        assert_eq!(VmConfig::from_json(&json).unwrap(), cfg);
+    }
+}
+
+/// Most drives a VM can have: each virtio-mmio device takes one of the IOAPIC pins 5 to 23.
+pub const MAX_DRIVES: usize = 19;
+/// Longest `drive_id`.
+pub const MAX_DRIVE_ID_LEN: usize = 64;
+/// Longest virtio-blk serial (the GET_ID answer holds 20 bytes).
+pub const MAX_DRIVE_SERIAL_LEN: usize = 20;
+/// Longest `partuuid` (a GPT UUID has 36 characters; an MBR one `xxxxxxxx-pp` 11).
+pub const MAX_PARTUUID_LEN: usize = 36;
+
+/// One entry of Firecracker's `drives`: a virtio-blk device over a raw image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    /// Unique name: 1 to 64 ASCII letters, digits, `-` and `_`.
+    pub drive_id: String,
+    /// The image: a regular file or a block device. Absent or `""`: an empty slot (capacity
+    /// 0) that gets a file later (hot-swap).
+    #[serde(default)]
+    pub path_on_host: Option<PathBuf>,
+    /// The guest's root file system (`root=/dev/vdX` or `root=PARTUUID=...`). At most one.
+    #[serde(default)]
+    pub is_root_device: bool,
+    /// Offer the drive read-only.
+    #[serde(default)]
+    pub is_read_only: bool,
+    /// The virtio-blk serial (GET_ID): up to 20 bytes of printable ASCII. Default: `drive_id`.
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// The root partition's PARTUUID, for `root=PARTUUID=`; only with `is_root_device`.
+    #[serde(default)]
+    pub partuuid: Option<String>,
+}
+
+impl DriveConfig {
+    /// Whether the drive starts without a file.
+    pub fn is_empty_slot(&self) -> bool {
+        self.path_on_host
+            .as_ref()
+            .is_none_or(|p| p.as_os_str().is_empty())
+    }
+}
+
+impl VmConfig {
+    /// Check `drives` (part of [`VmConfig::validate`]); errors name `drives[<index>].<field>`.
+    pub fn validate_drives(&self) -> Result<(), ConfigError> {
+        if self.drives.len() > MAX_DRIVES {
+            return Err(ConfigError::invalid(
+                "drives",
+                format!(
+                    "{} drives; at most {MAX_DRIVES} fit (one IOAPIC pin each)",
+                    self.drives.len()
+                ),
+            ));
+        }
+        let mut root: Option<usize> = None;
+        for (i, d) in self.drives.iter().enumerate() {
+            let field = |name: &str| format!("drives[{i}].{name}");
+            let id = &d.drive_id;
+            if id.is_empty() || id.len() > MAX_DRIVE_ID_LEN {
+                return Err(ConfigError::invalid(
+                    field("drive_id"),
+                    format!("must be 1 to {MAX_DRIVE_ID_LEN} characters"),
+                ));
+            }
+            if !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ConfigError::invalid(
+                    field("drive_id"),
+                    "may hold only ASCII letters, digits, '-' and '_'",
+                ));
+            }
+            if let Some(j) = self.drives[..i].iter().position(|o| o.drive_id == *id) {
+                return Err(ConfigError::invalid(
+                    field("drive_id"),
+                    format!("duplicate of drives[{j}]"),
+                ));
+            }
+            if d.is_root_device {
+                if let Some(j) = root {
+                    return Err(ConfigError::invalid(
+                        field("is_root_device"),
+                        format!("drives[{j}] is already the root device"),
+                    ));
+                }
+                root = Some(i);
+                if d.is_empty_slot() {
+                    return Err(ConfigError::invalid(
+                        field("path_on_host"),
+                        "the root device needs a file",
+                    ));
+                }
+            }
+            if let Some(path) = d
+                .path_on_host
+                .as_ref()
+                .filter(|p| !p.as_os_str().is_empty())
+            {
+                check_disk_image(&field("path_on_host"), path)?;
+            }
+            if let Some(serial) = &d.serial {
+                if serial.len() > MAX_DRIVE_SERIAL_LEN {
+                    return Err(ConfigError::invalid(
+                        field("serial"),
+                        format!(
+                            "{} bytes is longer than the {MAX_DRIVE_SERIAL_LEN} virtio-blk allows",
+                            serial.len()
+                        ),
+                    ));
+                }
+                if !serial.bytes().all(|b| b == b' ' || b.is_ascii_graphic()) {
+                    return Err(ConfigError::invalid(
+                        field("serial"),
+                        "must be printable ASCII",
+                    ));
+                }
+            }
+            if let Some(partuuid) = &d.partuuid {
+                if !d.is_root_device {
+                    return Err(ConfigError::invalid(
+                        field("partuuid"),
+                        "is only used with is_root_device",
+                    ));
+                }
+                // It ends up on the kernel command line: keep it to what a PARTUUID can be.
+                if partuuid.is_empty()
+                    || partuuid.len() > MAX_PARTUUID_LEN
+                    || !partuuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+                {
+                    return Err(ConfigError::invalid(
+                        field("partuuid"),
+                        format!("must be 1 to {MAX_PARTUUID_LEN} hex digits and '-'"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A drive's image must exist and be a regular file or a block device.
+fn check_disk_image(field: &str, path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() || m.file_type().is_block_device() => Ok(()),
+        Ok(_) => Err(ConfigError::invalid(
+            field,
+            format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            ),
+        )),
+        Err(e) => Err(ConfigError::invalid(
+            field,
+            format!("cannot access {}: {e}", path.display()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod drive_tests {
+    use super::*;
+
+    fn some_file() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")
+    }
+
+    fn drive(id: &str) -> DriveConfig {
+        DriveConfig {
+            drive_id: id.into(),
+            path_on_host: Some(some_file()),
+            ..DriveConfig::default()
+        }
+    }
+
+    fn with(drives: Vec<DriveConfig>) -> VmConfig {
+        let mut cfg = VmConfig::new(some_file(), 1, 128);
+        cfg.drives = drives;
+        cfg
+    }
+
+    /// The error's field and message.
+    fn err(cfg: &VmConfig) -> (String, String) {
+        let e = cfg.validate().expect_err("drives should be rejected");
+        (e.field().expect("names a field").to_string(), e.to_string())
+    }
+
+    #[test]
+    fn firecracker_drives_parse() {
+        let json = format!(
+            r#"{{
+            "boot-source": {{"kernel_image_path": "{k}"}},
+            "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}},
+            "drives": [
+                {{"drive_id": "rootfs", "path_on_host": "{k}", "is_root_device": true,
+                  "is_read_only": true, "partuuid": "0eaa91a0-01"}},
+                {{"drive_id": "slot0", "path_on_host": "", "is_root_device": false,
+                  "is_read_only": false, "serial": "KESTREL-SLOT-0"}},
+                {{"drive_id": "slot1"}}
+            ]
+        }}"#,
+            k = some_file().display()
+        );
+        let cfg = VmConfig::from_json(&json).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.drives.len(), 3);
+        assert!(cfg.drives[0].is_root_device && cfg.drives[0].is_read_only);
+        assert!(!cfg.drives[0].is_empty_slot());
+        assert!(cfg.drives[1].is_empty_slot());
+        assert!(cfg.drives[2].is_empty_slot());
+        assert_eq!(cfg.drives[1].serial.as_deref(), Some("KESTREL-SLOT-0"));
+        // Round trip, and no drives at all is the default.
+        let back = VmConfig::from_json(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+        assert!(VmConfig::new(some_file(), 1, 128).drives.is_empty());
+    }
+
+    #[test]
+    fn unknown_drive_field_rejected() {
+        let e = serde_json::from_str::<DriveConfig>(r#"{"drive_id": "a", "cache_typo": 1}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `cache_typo`"), "{e}");
+        let e = serde_json::from_str::<DriveConfig>(r#"{"path_on_host": "/x"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `drive_id`"), "{e}");
+    }
+
+    #[test]
+    fn drive_ids_checked() {
+        let (f, m) = err(&with(vec![drive("a"), drive("b"), drive("a")]));
+        assert_eq!(f, "drives[2].drive_id");
+        assert_eq!(m, "drives[2].drive_id: duplicate of drives[0]");
+        assert_eq!(err(&with(vec![drive("")])).0, "drives[0].drive_id");
+        assert_eq!(
+            err(&with(vec![drive("a"), drive("bad id")])).0,
+            "drives[1].drive_id"
+        );
+        assert_eq!(err(&with(vec![drive("dísk")])).0, "drives[0].drive_id");
+        assert_eq!(
+            err(&with(vec![drive(&"x".repeat(65))])).0,
+            "drives[0].drive_id"
+        );
+        with(vec![drive(&"x".repeat(64)), drive("A-b_9")])
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn one_root_device_with_a_file() {
+        let mut a = drive("a");
+        a.is_root_device = true;
+        let mut b = drive("b");
+        b.is_root_device = true;
+        let (f, m) = err(&with(vec![a.clone(), b]));
+        assert_eq!(f, "drives[1].is_root_device");
+        assert!(m.contains("drives[0] is already the root device"), "{m}");
+        for empty in [None, Some(PathBuf::new())] {
+            let mut r = drive("r");
+            r.is_root_device = true;
+            r.path_on_host = empty;
+            assert_eq!(err(&with(vec![r])).0, "drives[0].path_on_host");
+        }
+        with(vec![a, drive("b")]).validate().unwrap();
+    }
+
+    #[test]
+    fn paths_checked() {
+        let mut d = drive("a");
+        d.path_on_host = Some("/nonexistent/disk.img".into());
+        let (f, m) = err(&with(vec![d]));
+        assert_eq!(f, "drives[0].path_on_host");
+        assert!(m.contains("/nonexistent/disk.img"), "{m}");
+        let mut d = drive("a");
+        d.path_on_host = Some(std::env::temp_dir());
+        let (f, m) = err(&with(vec![drive("ok"), d]));
+        assert_eq!(f, "drives[1].path_on_host");
+        assert!(
+            m.contains("neither a regular file nor a block device"),
+            "{m}"
+        );
+        // Empty slots need no file.
+        let mut d = drive("slot");
+        d.path_on_host = None;
+        with(vec![d]).validate().unwrap();
+        // A block device is accepted when the host has one we can see.
+        if let Some(dev) = ["/dev/loop0", "/dev/vda", "/dev/sda", "/dev/nvme0n1"]
+            .iter()
+            .find(|p| {
+                use std::os::unix::fs::FileTypeExt;
+                std::fs::metadata(p).is_ok_and(|m| m.file_type().is_block_device())
+            })
+        {
+            let mut d = drive("blk");
+            d.path_on_host = Some(dev.into());
+            with(vec![d]).validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn serial_checked() {
+        let mut d = drive("a");
+        d.serial = Some("x".repeat(21));
+        let (f, m) = err(&with(vec![d.clone()]));
+        assert_eq!(f, "drives[0].serial");
+        assert!(m.contains("21 bytes"), "{m}");
+        d.serial = Some("bad\nserial".into());
+        assert_eq!(err(&with(vec![d.clone()])).0, "drives[0].serial");
+        d.serial = Some("é".into());
+        assert_eq!(err(&with(vec![d.clone()])).0, "drives[0].serial");
+        d.serial = Some("SERIAL 0123456789ABC".into());
+        with(vec![d]).validate().unwrap();
+    }
+
+    #[test]
+    fn partuuid_only_on_root() {
+        let mut d = drive("a");
+        d.partuuid = Some("0eaa91a0-01".into());
+        assert_eq!(err(&with(vec![d.clone()])).0, "drives[0].partuuid");
+        d.is_root_device = true;
+        with(vec![d.clone()]).validate().unwrap();
+        for bad in ["", "0eaa91a0-01 init=/bin/sh", "zz"] {
+            d.partuuid = Some(bad.into());
+            assert_eq!(
+                err(&with(vec![d.clone()])).0,
+                "drives[0].partuuid",
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn at_most_19_drives() {
+        let mut drives: Vec<DriveConfig> =
+            (0..MAX_DRIVES).map(|i| drive(&format!("d{i}"))).collect();
+        with(drives.clone()).validate().unwrap();
+        drives.push(drive("one-too-many"));
+        let (f, m) = err(&with(drives));
+        assert_eq!(f, "drives");
+        assert!(m.contains("20 drives"), "{m}");
+    }
+
+    #[test]
+    fn drives_checked_after_the_rest() {
+        // validate() reaches the drives only when everything else is valid, and does reach them.
+        let mut cfg = with(vec![drive("")]);
+        cfg.machine_config.vcpu_count = 0;
+        assert_eq!(err(&cfg).0, "machine-config.vcpu_count");
+        cfg.machine_config.vcpu_count = 1;
+        assert_eq!(err(&cfg).0, "drives[0].drive_id");
     }
 }

@@ -7,5 +7,6 @@
 pub mod bus;
 pub mod legacy;
 pub mod rate_limiter;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

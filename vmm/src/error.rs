@@ -134,6 +134,24 @@ pub enum VmmError {
         /// The VM's maximum.
         max: u32,
     },
+    /// A virtio device could not be wired into the VM.
+    #[error(transparent)]
+    Device(#[from] crate::device_manager::DeviceError),
+    /// A block device could not be created or changed.
+    #[error("drives[{drive_id}]: {source}")]
+    Block {
+        /// The drive.
+        drive_id: String,
+        /// Why.
+        #[source]
+        source: kestrel_devices::virtio::block::BlockError,
+    },
+    /// The vsock device could not be created.
+    #[error("vsock: {0}")]
+    Vsock(#[source] kestrel_devices::virtio::vsock::VsockError),
+    /// No device with that id.
+    #[error("no device with id {0:?}")]
+    NoSuchDevice(String),
     /// `start` was called twice.
     #[error("the VM was already started")]
     AlreadyStarted,

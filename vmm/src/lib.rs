@@ -21,18 +21,22 @@
 
 pub mod agent;
 mod boot;
+mod device_manager;
 mod error;
 mod evloop;
 mod exit;
 mod memory;
 mod metrics;
+pub mod sandbox;
 mod vcpu;
 mod vm;
 
 pub use boot::{host_kvm_is_software, DEFAULT_BOOT_ARGS, SOFTWARE_KVM_ARGS};
+pub use device_manager::DeviceError;
 pub use error::VmmError;
 pub use exit::{VcpuFault, VmExit};
 pub use memory::{GuestMem, MemoryError, PluggedRange};
 pub use metrics::VmMetrics;
+pub use sandbox::{Sandbox, SandboxError};
 pub use vcpu::{kick_signal, VcpuRunState, KICK_SIGNAL_OFFSET};
 pub use vm::{effective_max_vcpus, ConsoleSink, ThreadInfo, ThreadKind, Vm};

@@ -14,6 +14,8 @@ use kestrel_devices::legacy::{
     Cmos, SerialDevice, CMOS_PORT_BASE, CMOS_PORT_LEN, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
     I8042, I8042_PORT_BASE, I8042_PORT_LEN,
 };
+use kestrel_devices::virtio::block::Block;
+use kestrel_devices::virtio::vsock::Vsock;
 use kestrel_devices::Bus;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -21,6 +23,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot;
+use crate::device_manager::DeviceManager;
 use crate::error::{io_err, kvm_err, VmmError};
 use crate::evloop::{self, ConsoleInput, Control, Subscriber};
 use crate::exit::{ExitState, ResetTrigger, VmExit};
@@ -72,6 +75,10 @@ pub struct Vm {
     cmdline: String,
     // Field order matters for drop: vCPU fds and the VM fd go before guest memory is unmapped.
     pending_vcpus: Mutex<Vec<Vcpu>>,
+    /// Device subscribers handed to the event loop at start.
+    subscribers: Mutex<Vec<Subscriber>>,
+    drives: Vec<(String, Arc<Mutex<Block>>)>,
+    vsock: Option<Arc<Mutex<Vsock>>>,
     vcpu_slots: Mutex<Vec<VcpuSlot>>,
     /// Serialises hotplug operations.
     resize: Mutex<()>,
@@ -199,7 +206,40 @@ impl Vm {
             GuestCompat::Always => true,
             GuestCompat::Never => false,
         };
-        let cmdline = boot::build_cmdline(config, max_vcpus, software_kvm, &[])?;
+        // Virtio devices: root drive first so it is /dev/vda.
+        let mut dm = DeviceManager::new(guest_mem.clone()).map_err(VmmError::Device)?;
+        let mut extra_args = Vec::new();
+        let mut drives = Vec::new();
+        let mut order: Vec<&kestrel_api::DriveConfig> = config.drives.iter().collect();
+        order.sort_by_key(|d| !d.is_root_device);
+        for (i, d) in order.iter().enumerate() {
+            let blk = Block::new(d).map_err(|source| VmmError::Block {
+                drive_id: d.drive_id.clone(),
+                source,
+            })?;
+            let blk = Arc::new(Mutex::new(blk));
+            dm.add_virtio(&vm_fd, &d.drive_id, blk.clone())
+                .map_err(VmmError::Device)?;
+            if d.is_root_device {
+                let root = match &d.partuuid {
+                    Some(u) => format!("root=PARTUUID={u}"),
+                    None => format!("root=/dev/vd{}", (b'a' + i as u8) as char),
+                };
+                extra_args.push(root);
+                extra_args.push(if d.is_read_only { "ro" } else { "rw" }.to_string());
+            }
+            drives.push((d.drive_id.clone(), blk));
+        }
+        let mut vsock = None;
+        if let Some(vc) = &config.vsock {
+            let v = Vsock::from_config(vc).map_err(VmmError::Vsock)?;
+            let v = Arc::new(Mutex::new(v));
+            dm.add_virtio(&vm_fd, "vsock", v.clone())
+                .map_err(VmmError::Device)?;
+            vsock = Some(v);
+        }
+        extra_args.extend(dm.cmdline.iter().cloned());
+        let cmdline = boot::build_cmdline(config, max_vcpus, software_kvm, &extra_args)?;
         boot::write_boot_data(&mem, mem_size, &cmdline, initrd, &kernel, max_vcpus)?;
         let cmdline_str = cmdline
             .as_cstring()
@@ -246,7 +286,7 @@ impl Vm {
         let shared = Arc::new(VcpuShared {
             mem: guest_mem.clone(),
             pio,
-            mmio: Bus::new(),
+            mmio: std::mem::take(&mut dm.mmio_bus),
             exit: exit.clone(),
             counters: Arc::new(VmCounters::default()),
             running: AtomicUsize::new(0),
@@ -287,6 +327,9 @@ impl Vm {
             max_vcpus,
             cmdline: cmdline_str,
             pending_vcpus: Mutex::new(vcpus),
+            subscribers: Mutex::new(std::mem::take(&mut dm.subscribers)),
+            drives,
+            vsock,
             vcpu_slots: Mutex::new(slots),
             resize: Mutex::new(()),
             vm_fd,
@@ -324,6 +367,10 @@ impl Vm {
         em.add_subscriber(Arc::new(Mutex::new(Control {
             exit: self.exit.clone(),
         })));
+        for sub in std::mem::take(&mut *self.subscribers.lock().unwrap_or_else(|p| p.into_inner()))
+        {
+            em.add_subscriber(sub);
+        }
         if self.forward_stdin {
             let input = ConsoleInput::new(self.serial.clone(), libc::STDIN_FILENO)
                 .map_err(io_err("creating the console input timer"))?;
@@ -426,6 +473,46 @@ impl Vm {
                 Err(VmmError::Spawn { name, source })
             }
         }
+    }
+
+    /// Attach a file to block slot `drive_id`, swap it for another (the guest sees the new
+    /// capacity through a config-change interrupt), or empty the slot (`path` = `None`).
+    pub fn swap_drive(
+        &self,
+        drive_id: &str,
+        path: Option<&std::path::Path>,
+        read_only: bool,
+    ) -> Result<(), VmmError> {
+        let (_, blk) = self
+            .drives
+            .iter()
+            .find(|(id, _)| id == drive_id)
+            .ok_or_else(|| VmmError::NoSuchDevice(drive_id.to_string()))?;
+        blk.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .swap_backing(path, read_only)
+            .map_err(|source| VmmError::Block {
+                drive_id: drive_id.to_string(),
+                source,
+            })
+    }
+
+    /// Counters of block device `drive_id`.
+    pub fn drive_metrics(
+        &self,
+        drive_id: &str,
+    ) -> Option<kestrel_devices::virtio::block::BlockMetrics> {
+        self.drives
+            .iter()
+            .find(|(id, _)| id == drive_id)
+            .map(|(_, b)| b.lock().unwrap_or_else(|p| p.into_inner()).metrics())
+    }
+
+    /// Counters of the vsock device, if configured.
+    pub fn vsock_metrics(&self) -> Option<kestrel_devices::virtio::vsock::VsockMetrics> {
+        self.vsock
+            .as_ref()
+            .map(|v| v.lock().unwrap_or_else(|p| p.into_inner()).metrics())
     }
 
     /// vCPUs that exist and their state (running, parked, exited), by index.

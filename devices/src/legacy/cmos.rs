@@ -101,10 +101,9 @@ impl BusDevice for Cmos {
         match offset {
             // Bit 7 of the index port is the NMI mask: ignore it.
             0 => self.index = data[0] & 0x7f,
-            1 => {
-                if !matches!(self.index, 0x00..=0x0d | 0x32) {
-                    self.nvram[usize::from(self.index)] = data[0];
-                }
+            // Time and status registers are read-only here; the rest is NVRAM.
+            1 if !matches!(self.index, 0x00..=0x0d | 0x32) => {
+                self.nvram[usize::from(self.index)] = data[0];
             }
             _ => {}
         }

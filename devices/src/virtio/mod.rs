@@ -16,7 +16,9 @@
 //!   ([`VirtioDevice::needs_reset`], reported as `DEVICE_NEEDS_RESET` in the status register);
 //!   the VMM keeps running and a driver reset recovers the device.
 
+pub mod block;
 pub mod mmio;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -164,4 +166,10 @@ pub trait VirtioDevice: Send {
     }
     /// Whether the device is activated.
     fn is_activated(&self) -> bool;
+    /// A counter the device bumps whenever it changes its own config space (for example a
+    /// block device whose backing file was swapped). The transport's ConfigGeneration register
+    /// reads this plus its own counter, so drivers re-read a config that changed under them.
+    fn config_generation(&self) -> u32 {
+        0
+    }
 }

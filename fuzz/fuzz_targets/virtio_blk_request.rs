@@ -1,0 +1,112 @@
+//! virtio-blk request handling on guest-controlled rings.
+//!
+//! The input is laid out in guest memory as one split virtqueue plus its buffers:
+//!
+//! | input bytes                  | guest memory                                         |
+//! |------------------------------|------------------------------------------------------|
+//! | `[0]`                        | control: queue size `1 << (b & 7 + 1)` (2..=256),    |
+//! |                              | bit 3 event idx, bit 4 read-only drive, bit 5 empty  |
+//! |                              | slot, bit 6 ack discard/write-zeroes                 |
+//! | next `16 * size`             | descriptor table at `DESC`, verbatim                 |
+//! | next `6 + 2 * size`          | available ring at `AVAIL`, verbatim (flags, idx,     |
+//! |                              | ring, used_event)                                    |
+//! | the rest                     | buffers at `BUF` (headers, data, discard ranges)     |
+//!
+//! The block device (over a small in-memory image) is activated on that queue and runs it:
+//! chain parsing, request execution, used-ring updates and notifications. Nothing is asserted
+//! beyond "no panic"; the sanitizer catches accesses outside guest memory.
+
+#![no_main]
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use kestrel_api::DriveConfig;
+use kestrel_devices::virtio::block::Block;
+use kestrel_devices::virtio::{VirtioDevice, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
+use libfuzzer_sys::fuzz_target;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+const MEM_SIZE: usize = 0x1_0000;
+const DESC: u64 = 0x0;
+const AVAIL: u64 = 0x1000;
+const USED: u64 = 0x2000;
+const BUF: u64 = 0x3000;
+const IMAGE_SIZE: usize = 64 * 512;
+
+/// DISCARD (13) and WRITE_ZEROES (14).
+const DISCARD_WZ: u64 = (1 << 13) | (1 << 14);
+
+/// A 32 KiB image in a memfd (no file left behind), reached by its /proc path.
+fn image() -> &'static PathBuf {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor (or
+        // -1); it touches no other memory.
+        let fd = unsafe { libc::memfd_create(c"kestrel-fuzz-blk".as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create failed");
+        // SAFETY: `fd` is a descriptor we own; ftruncate takes no pointers.
+        let r = unsafe { libc::ftruncate(fd, IMAGE_SIZE as libc::off_t) };
+        assert_eq!(r, 0, "ftruncate failed");
+        // The descriptor stays open for the life of the process.
+        PathBuf::from(format!("/proc/self/fd/{fd}"))
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&control, rest)) = data.split_first() else {
+        return;
+    };
+    let size: u16 = 1 << ((control & 7) + 1);
+    let event_idx = control & 0x08 != 0;
+    let read_only = control & 0x10 != 0;
+    let empty = control & 0x20 != 0;
+    let ack_discard = control & 0x40 != 0;
+
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let desc_len = 16 * usize::from(size);
+    let avail_len = 6 + 2 * usize::from(size);
+    let (desc, rest) = rest.split_at(desc_len.min(rest.len()));
+    let (avail, bufs) = rest.split_at(avail_len.min(rest.len()));
+    let bufs = &bufs[..bufs.len().min(MEM_SIZE - BUF as usize)];
+    mem.write_slice(desc, GuestAddress(DESC)).unwrap();
+    mem.write_slice(avail, GuestAddress(AVAIL)).unwrap();
+    mem.write_slice(bufs, GuestAddress(BUF)).unwrap();
+
+    let config = DriveConfig {
+        drive_id: "fuzz".into(),
+        path_on_host: (!empty).then(|| image().clone()),
+        is_read_only: read_only,
+        ..DriveConfig::default()
+    };
+    let mut block = Block::new(&config).unwrap();
+    let mut features = block.avail_features();
+    if !event_idx {
+        features &= !VIRTIO_RING_F_EVENT_IDX;
+    }
+    if !ack_discard {
+        features &= !DISCARD_WZ;
+    }
+    block.set_acked_features(features);
+
+    let mut q = Queue::new(256).unwrap();
+    q.try_set_size(size).unwrap();
+    q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
+    q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
+    q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+
+    let irq = Arc::new(VirtioInterrupt::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    ));
+    block
+        .activate(GuestMemoryAtomic::new(mem), irq, vec![q])
+        .unwrap();
+    block.process_queue();
+    // Again: a second notification on the same ring must be just as safe.
+    block.process_queue();
+    let _ = block.metrics();
+});
