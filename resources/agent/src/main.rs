@@ -13,6 +13,7 @@ mod b64;
 mod exec;
 mod ops;
 mod proto;
+mod stream;
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
@@ -97,7 +98,7 @@ fn vsock_local_cid() -> Option<u32> {
     (r == 0).then_some(cid)
 }
 
-fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
+pub(crate) fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
     // SAFETY: plain socket calls on a fd we own; addr is a valid sockaddr_vm.
     unsafe {
         let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
