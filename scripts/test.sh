@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Run every test: formatting, lints, unit tests, KVM tests with tiny guests and real-guest tests.
+# Run every test: formatting, lints, unit tests, KVM tests with tiny guests, real-guest tests
+# (block, vsock, network in a namespace, virtio-fs incl. virtiofsd, hotplug) and 60 s fuzz runs.
+#   FUZZ_SECONDS=0 scripts/test.sh   # skip fuzzing
 source "$(dirname "$0")/common.sh"
 need_root
 check_toolchain
 check_kvm
 install_host_packages
 build_guest
+VIRTIOFSD="$(bash "$ROOT/scripts/install-virtiofsd.sh")"
+export VIRTIOFSD
+log "virtiofsd: $VIRTIOFSD"
 cd "$ROOT"
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -13,4 +18,16 @@ log "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "cargo test"
 cargo test --workspace -- --test-threads=2
+FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+if [ "$FUZZ_SECONDS" -gt 0 ]; then
+    for t in $(ls "$ROOT/fuzz/fuzz_targets" | sed 's/\.rs$//'); do
+        log "fuzz $t for $FUZZ_SECONDS s"
+        bash "$ROOT/fuzz/run.sh" "$t" "$FUZZ_SECONDS" > "/tmp/kestrel-fuzz-$t.log" 2>&1 || {
+            tail -40 "/tmp/kestrel-fuzz-$t.log" >&2
+            echo "fuzz target $t failed" >&2
+            exit 1
+        }
+        grep -E "^stat::number_of_executed_units|Done [0-9]+ runs" "/tmp/kestrel-fuzz-$t.log" >&2 || true
+    done
+fi
 log "all tests passed"

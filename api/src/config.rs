@@ -30,9 +30,18 @@ pub struct VmConfig {
     /// slot a file can be attached to at run time.
     #[serde(default)]
     pub drives: Vec<DriveConfig>,
+    /// Firecracker's `network-interfaces`: virtio-net devices over TAP devices, in order. An
+    /// interface without `host_dev_name` is a hot-attach slot (link down until a TAP is
+    /// attached at run time).
+    #[serde(default, rename = "network-interfaces")]
+    pub network_interfaces: Vec<NetConfig>,
     /// Firecracker's `vsock`: a virtio-vsock device with hybrid vsock over Unix sockets.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// virtio-fs shares (Kestrel section), in order: each one is served in-process from a host
+    /// directory (`shared_dir`) or by an external vhost-user daemon such as virtiofsd (`socket`).
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
     /// Where the guest's serial console goes (Kestrel section).
     #[serde(default)]
     pub serial: SerialConfig,
@@ -162,7 +171,9 @@ impl VmConfig {
             serial: SerialConfig::default(),
             kestrel: KestrelOptions::default(),
             drives: Vec::new(),
+            network_interfaces: Vec::new(),
             vsock: None,
+            fs: Vec::new(),
         }
     }
 
@@ -182,6 +193,8 @@ impl VmConfig {
             v.validate()?;
         }
         self.validate_drives()?;
+        self.validate_network_interfaces()?;
+        self.validate_fs()?;
         Ok(())
     }
 }
@@ -1076,5 +1089,1086 @@ mod drive_tests {
         assert_eq!(err(&cfg).0, "machine-config.vcpu_count");
         cfg.machine_config.vcpu_count = 1;
         assert_eq!(err(&cfg).0, "drives[0].drive_id");
+    }
+}
+
+/// Longest virtio-fs tag: the config space holds 36 bytes (NUL-padded, not NUL-terminated).
+pub const MAX_FS_TAG_LEN: usize = 36;
+/// Most request queues a virtio-fs device may have (besides its high-priority queue).
+pub const MAX_FS_REQUEST_QUEUES: u16 = 16;
+/// Largest virtio-fs queue size.
+pub const MAX_FS_QUEUE_SIZE: u16 = 1024;
+/// Default number of virtio-fs request queues.
+pub const DEFAULT_FS_NUM_QUEUES: u16 = 1;
+/// Default virtio-fs queue size.
+pub const DEFAULT_FS_QUEUE_SIZE: u16 = 256;
+
+/// How much the guest may cache of an in-process virtio-fs share (virtiofsd's `--cache`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsCache {
+    /// No caching: file data goes to the host on every access (`DIRECT_IO`), attributes and
+    /// directory entries time out at once. For directories the host also changes.
+    None,
+    /// Close-to-open consistency: cached data is dropped on open when the file changed;
+    /// attributes and entries are trusted for 1 second.
+    #[default]
+    Auto,
+    /// The guest keeps its caches (`KEEP_CACHE`) and trusts attributes and entries for a day.
+    /// Only for directories that nothing but this guest changes.
+    Always,
+}
+
+fn default_fs_num_queues() -> u16 {
+    DEFAULT_FS_NUM_QUEUES
+}
+
+fn default_fs_queue_size() -> u16 {
+    DEFAULT_FS_QUEUE_SIZE
+}
+
+/// One entry of Kestrel's `fs` section: a virtio-fs device the guest mounts with
+/// `mount -t virtiofs <tag> <dir>`.
+///
+/// Exactly one backend: `shared_dir` (served in-process by Kestrel's FUSE server) or `socket`
+/// (an external vhost-user-fs daemon, e.g. `virtiofsd --socket-path=<socket> --shared-dir=...`,
+/// started before the VM). With `socket`, guest RAM is memfd-backed so the daemon can map it,
+/// and `read_only`, `cache` and `xattr` must stay at their defaults: they are the daemon's own
+/// options (`--readonly`, `--cache`, `--xattr`), and Kestrel rejects them rather than
+/// silently ignoring them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The mount tag the guest uses: 1 to 36 bytes of UTF-8 without NUL, unique among `fs`.
+    pub tag: String,
+    /// Host directory served in-process (must exist, be a directory, and have a UTF-8 path).
+    #[serde(default)]
+    pub shared_dir: Option<PathBuf>,
+    /// Unix socket of a running vhost-user-fs daemon.
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// Refuse every change to the share (`EROFS`). `shared_dir` only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Guest caching policy. `shared_dir` only.
+    #[serde(default)]
+    pub cache: FsCache,
+    /// Pass extended attributes through. `shared_dir` only.
+    #[serde(default)]
+    pub xattr: bool,
+    /// Request queues (besides the high-priority queue): 1 to 16.
+    #[serde(default = "default_fs_num_queues")]
+    pub num_queues: u16,
+    /// Size of every queue: a power of two up to 1024.
+    #[serde(default = "default_fs_queue_size")]
+    pub queue_size: u16,
+    /// Serve each request queue on its own worker thread instead of the VM's event loop, so
+    /// slow file-system calls (cold reads, fsync: about a millisecond each on a local disk,
+    /// far more on network storage) do not delay the VM's other devices. `shared_dir` only.
+    #[serde(default)]
+    pub worker_threads: bool,
+}
+
+impl FsConfig {
+    /// A share of `shared_dir` under `tag`, everything else at its default.
+    pub fn shared_dir(tag: impl Into<String>, shared_dir: impl Into<PathBuf>) -> Self {
+        FsConfig {
+            tag: tag.into(),
+            shared_dir: Some(shared_dir.into()),
+            socket: None,
+            read_only: false,
+            cache: FsCache::default(),
+            xattr: false,
+            num_queues: DEFAULT_FS_NUM_QUEUES,
+            queue_size: DEFAULT_FS_QUEUE_SIZE,
+            worker_threads: false,
+        }
+    }
+
+    /// A share served by the vhost-user daemon listening on `socket`.
+    pub fn vhost_user(tag: impl Into<String>, socket: impl Into<PathBuf>) -> Self {
+        FsConfig {
+            shared_dir: None,
+            socket: Some(socket.into()),
+            ..FsConfig::shared_dir(tag, PathBuf::new())
+        }
+    }
+
+    /// Whether the share is served by an external vhost-user daemon.
+    pub fn is_vhost_user(&self) -> bool {
+        self.socket.is_some()
+    }
+
+    /// Check this entry alone; `index` names it in errors (`fs[<index>].<field>`). Uniqueness of
+    /// tags is checked by [`VmConfig::validate`].
+    pub fn validate(&self, index: usize) -> Result<(), ConfigError> {
+        let field = |name: &str| format!("fs[{index}].{name}");
+        if self.tag.is_empty() || self.tag.len() > MAX_FS_TAG_LEN {
+            return Err(ConfigError::invalid(
+                field("tag"),
+                format!("must be 1 to {MAX_FS_TAG_LEN} bytes, is {}", self.tag.len()),
+            ));
+        }
+        if self.tag.contains('\0') {
+            return Err(ConfigError::invalid(
+                field("tag"),
+                "must not contain NUL bytes",
+            ));
+        }
+        match (&self.shared_dir, &self.socket) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::invalid(
+                    field("socket"),
+                    "give either shared_dir (in-process) or socket (vhost-user), not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::invalid(
+                    field("shared_dir"),
+                    "one of shared_dir (in-process) or socket (vhost-user) is required",
+                ))
+            }
+            (Some(dir), None) => check_shared_dir(&field("shared_dir"), dir)?,
+            (None, Some(sock)) => {
+                check_socket(&field("socket"), sock)?;
+                let daemon_option = |name: &str, flag: &str| {
+                    ConfigError::invalid(
+                        field(name),
+                        format!(
+                            "is an option of the vhost-user daemon (virtiofsd {flag}), not of \
+                             Kestrel: leave it at its default with socket"
+                        ),
+                    )
+                };
+                if self.read_only {
+                    return Err(daemon_option("read_only", "--readonly"));
+                }
+                if self.cache != FsCache::default() {
+                    return Err(daemon_option("cache", "--cache"));
+                }
+                if self.xattr {
+                    return Err(daemon_option("xattr", "--xattr"));
+                }
+                if self.worker_threads {
+                    return Err(daemon_option("worker_threads", "--thread-pool-size"));
+                }
+            }
+        }
+        if self.num_queues == 0 || self.num_queues > MAX_FS_REQUEST_QUEUES {
+            return Err(ConfigError::invalid(
+                field("num_queues"),
+                format!(
+                    "{} is outside 1 to {MAX_FS_REQUEST_QUEUES}",
+                    self.num_queues
+                ),
+            ));
+        }
+        if !self.queue_size.is_power_of_two() || self.queue_size > MAX_FS_QUEUE_SIZE {
+            return Err(ConfigError::invalid(
+                field("queue_size"),
+                format!(
+                    "{} is not a power of two up to {MAX_FS_QUEUE_SIZE}",
+                    self.queue_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_shared_dir(field: &str, dir: &Path) -> Result<(), ConfigError> {
+    if dir.as_os_str().is_empty() {
+        return Err(ConfigError::invalid(field, "must not be empty"));
+    }
+    // The FUSE server takes its root as a UTF-8 string.
+    if dir.to_str().is_none() {
+        return Err(ConfigError::invalid(
+            field,
+            format!("{} is not valid UTF-8", dir.display()),
+        ));
+    }
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(ConfigError::invalid(
+            field,
+            format!("{} is not a directory", dir.display()),
+        )),
+        Err(e) => Err(ConfigError::invalid(
+            field,
+            format!("cannot access {}: {e}", dir.display()),
+        )),
+    }
+}
+
+fn check_socket(field: &str, sock: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::FileTypeExt;
+    let len = sock.as_os_str().len();
+    if len == 0 {
+        return Err(ConfigError::invalid(field, "must not be empty"));
+    }
+    if len > MAX_UDS_PATH_LEN {
+        return Err(ConfigError::invalid(
+            field,
+            format!(
+                "{len} bytes is longer than the {MAX_UDS_PATH_LEN} a Unix socket path can hold"
+            ),
+        ));
+    }
+    match std::fs::metadata(sock) {
+        Ok(m) if m.file_type().is_socket() => Ok(()),
+        Ok(_) => Err(ConfigError::invalid(
+            field,
+            format!("{} is not a Unix socket", sock.display()),
+        )),
+        Err(e) => Err(ConfigError::invalid(
+            field,
+            format!(
+                "cannot access {} (is the vhost-user daemon running?): {e}",
+                sock.display()
+            ),
+        )),
+    }
+}
+
+impl VmConfig {
+    /// Check `fs` (part of [`VmConfig::validate`]); errors name `fs[<index>].<field>`.
+    pub fn validate_fs(&self) -> Result<(), ConfigError> {
+        for (i, f) in self.fs.iter().enumerate() {
+            f.validate(i)?;
+            if let Some(j) = self.fs[..i].iter().position(|o| o.tag == f.tag) {
+                return Err(ConfigError::invalid(
+                    format!("fs[{i}].tag"),
+                    format!("{:?} is already the tag of fs[{j}]", f.tag),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any `fs` entry uses a vhost-user daemon, which needs guest RAM the daemon can map
+    /// (memfd-backed, `MAP_SHARED`).
+    pub fn needs_shared_memory(&self) -> bool {
+        self.fs.iter().any(FsConfig::is_vhost_user)
+    }
+}
+
+#[cfg(test)]
+mod fs_tests {
+    use std::os::unix::net::UnixListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    fn some_file() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")
+    }
+
+    fn some_dir() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    }
+
+    fn with(fs: Vec<FsConfig>) -> VmConfig {
+        let mut cfg = VmConfig::new(some_file(), 1, 128);
+        cfg.fs = fs;
+        cfg
+    }
+
+    /// The error's field and message.
+    fn err(cfg: &VmConfig) -> (String, String) {
+        let e = cfg.validate().expect_err("fs should be rejected");
+        (e.field().expect("names a field").to_string(), e.to_string())
+    }
+
+    /// A listening Unix socket in a fresh temporary directory (removed on drop).
+    struct Sock {
+        dir: PathBuf,
+        path: PathBuf,
+        _listener: UnixListener,
+    }
+
+    impl Sock {
+        fn new() -> Sock {
+            static SEQ: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "kfs-cfg-{}-{}",
+                std::process::id(),
+                SEQ.fetch_add(1, Ordering::SeqCst)
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("vfsd.sock");
+            let listener = UnixListener::bind(&path).unwrap();
+            Sock {
+                dir,
+                path,
+                _listener: listener,
+            }
+        }
+    }
+
+    impl Drop for Sock {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    #[test]
+    fn fs_section_parses_with_defaults() {
+        let sock = Sock::new();
+        let json = format!(
+            r#"{{
+            "boot-source": {{"kernel_image_path": "{k}"}},
+            "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}},
+            "fs": [
+                {{"tag": "share", "shared_dir": "{d}"}},
+                {{"tag": "ro", "shared_dir": "{d}", "read_only": true, "cache": "none",
+                  "xattr": true, "num_queues": 4, "queue_size": 1024, "worker_threads": true}},
+                {{"tag": "ext", "socket": "{s}"}}
+            ]
+        }}"#,
+            k = some_file().display(),
+            d = some_dir().display(),
+            s = sock.path.display()
+        );
+        let cfg = VmConfig::from_json(&json).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.fs.len(), 3);
+        assert_eq!(cfg.fs[0], FsConfig::shared_dir("share", some_dir()));
+        assert_eq!(cfg.fs[0].cache, FsCache::Auto);
+        assert_eq!(cfg.fs[0].num_queues, 1);
+        assert_eq!(cfg.fs[0].queue_size, 256);
+        assert!(!cfg.fs[0].read_only && !cfg.fs[0].xattr);
+        assert!(cfg.fs[1].read_only && cfg.fs[1].xattr);
+        assert_eq!(cfg.fs[1].cache, FsCache::None);
+        assert_eq!((cfg.fs[1].num_queues, cfg.fs[1].queue_size), (4, 1024));
+        assert!(cfg.fs[1].worker_threads && !cfg.fs[0].worker_threads);
+        assert_eq!(cfg.fs[2], FsConfig::vhost_user("ext", &sock.path));
+        assert!(cfg.needs_shared_memory());
+        // Round trip; no fs at all is the default.
+        let back = VmConfig::from_json(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+        let plain = with(Vec::new());
+        assert!(plain.fs.is_empty() && !plain.needs_shared_memory());
+        let json = serde_json::to_string(&plain).unwrap();
+        assert!(VmConfig::from_json(&json).unwrap().fs.is_empty());
+    }
+
+    #[test]
+    fn fs_unknown_fields_and_cache_values_rejected() {
+        let base = |entry: &str| {
+            format!(
+                r#"{{"boot-source": {{"kernel_image_path": "/k"}},
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}},
+                "fs": [{entry}]}}"#
+            )
+        };
+        let e = VmConfig::from_json(&base(r#"{"tag": "a", "shared_dir": "/", "dax": true}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `dax`"), "{e}");
+        let e = VmConfig::from_json(&base(
+            r#"{"tag": "a", "shared_dir": "/", "cache": "never"}"#,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown variant `never`"), "{e}");
+        for c in ["none", "auto", "always"] {
+            let json = base(&format!(
+                r#"{{"tag": "a", "shared_dir": "/", "cache": "{c}"}}"#
+            ));
+            VmConfig::from_json(&json).unwrap();
+        }
+        let e = VmConfig::from_json(&base(r#"{"shared_dir": "/"}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `tag`"), "{e}");
+    }
+
+    #[test]
+    fn fs_tag_rules() {
+        let ok = |tag: &str| FsConfig::shared_dir(tag, some_dir());
+        with(vec![ok("a")]).validate().unwrap();
+        with(vec![ok(&"t".repeat(MAX_FS_TAG_LEN))])
+            .validate()
+            .unwrap();
+        // 36 bytes of multi-byte UTF-8 (12 × 3 bytes) fit; 37 bytes do not.
+        with(vec![ok(&"€".repeat(12))]).validate().unwrap();
+        let (f, m) = err(&with(vec![ok("")]));
+        assert_eq!(f, "fs[0].tag");
+        assert!(m.contains("1 to 36 bytes"), "{m}");
+        let (f, m) = err(&with(vec![ok(&"t".repeat(MAX_FS_TAG_LEN + 1))]));
+        assert_eq!(f, "fs[0].tag");
+        assert!(m.contains("is 37"), "{m}");
+        assert_eq!(
+            err(&with(vec![ok(&format!("{}a", "€".repeat(12)))])).0,
+            "fs[0].tag"
+        );
+        assert_eq!(err(&with(vec![ok("a\0b")])).0, "fs[0].tag");
+        let (f, m) = err(&with(vec![ok("a"), ok("b"), ok("a")]));
+        assert_eq!(f, "fs[2].tag");
+        assert!(m.contains("fs[0]"), "{m}");
+    }
+
+    #[test]
+    fn fs_exactly_one_backend() {
+        let sock = Sock::new();
+        let mut both = FsConfig::shared_dir("a", some_dir());
+        both.socket = Some(sock.path.clone());
+        let (f, m) = err(&with(vec![both]));
+        assert_eq!(f, "fs[0].socket");
+        assert!(m.contains("not both"), "{m}");
+        let mut neither = FsConfig::shared_dir("a", some_dir());
+        neither.shared_dir = None;
+        let (f, m) = err(&with(vec![neither]));
+        assert_eq!(f, "fs[0].shared_dir");
+        assert!(m.contains("required"), "{m}");
+    }
+
+    #[test]
+    fn fs_shared_dir_must_be_an_existing_directory() {
+        let (f, m) = err(&with(vec![FsConfig::shared_dir("a", "/nonexistent/share")]));
+        assert_eq!(f, "fs[0].shared_dir");
+        assert!(m.contains("/nonexistent/share"), "{m}");
+        let (f, m) = err(&with(vec![FsConfig::shared_dir("a", some_file())]));
+        assert_eq!(f, "fs[0].shared_dir");
+        assert!(m.contains("not a directory"), "{m}");
+        assert_eq!(
+            err(&with(vec![FsConfig::shared_dir("a", "")])).0,
+            "fs[0].shared_dir"
+        );
+        use std::os::unix::ffi::OsStrExt;
+        let not_utf8 = PathBuf::from(std::ffi::OsStr::from_bytes(b"/tmp/\xff"));
+        let (f, m) = err(&with(vec![FsConfig::shared_dir("a", not_utf8)]));
+        assert_eq!(f, "fs[0].shared_dir");
+        assert!(m.contains("UTF-8"), "{m}");
+    }
+
+    #[test]
+    fn fs_socket_must_be_a_live_socket() {
+        let sock = Sock::new();
+        with(vec![FsConfig::vhost_user("a", &sock.path)])
+            .validate()
+            .unwrap();
+        let (f, m) = err(&with(vec![FsConfig::vhost_user(
+            "a",
+            sock.dir.join("none.sock"),
+        )]));
+        assert_eq!(f, "fs[0].socket");
+        assert!(m.contains("daemon running"), "{m}");
+        let (f, m) = err(&with(vec![FsConfig::vhost_user("a", some_file())]));
+        assert_eq!(f, "fs[0].socket");
+        assert!(m.contains("not a Unix socket"), "{m}");
+        let long = PathBuf::from(format!("/tmp/{}", "s".repeat(MAX_UDS_PATH_LEN)));
+        let (f, m) = err(&with(vec![FsConfig::vhost_user("a", long)]));
+        assert_eq!(f, "fs[0].socket");
+        assert!(m.contains("longer than"), "{m}");
+        assert_eq!(
+            err(&with(vec![FsConfig::vhost_user("a", "")])).0,
+            "fs[0].socket"
+        );
+    }
+
+    #[test]
+    fn fs_daemon_options_rejected_with_socket() {
+        let sock = Sock::new();
+        let base = FsConfig::vhost_user("a", &sock.path);
+        let mut c = base.clone();
+        c.read_only = true;
+        let (f, m) = err(&with(vec![c]));
+        assert_eq!(f, "fs[0].read_only");
+        assert!(m.contains("--readonly"), "{m}");
+        let mut c = base.clone();
+        c.cache = FsCache::Always;
+        assert_eq!(err(&with(vec![c])).0, "fs[0].cache");
+        let mut c = base.clone();
+        c.xattr = true;
+        assert_eq!(err(&with(vec![c])).0, "fs[0].xattr");
+        let mut c = base.clone();
+        c.worker_threads = true;
+        let (f, m) = err(&with(vec![c]));
+        assert_eq!(f, "fs[0].worker_threads");
+        assert!(m.contains("--thread-pool-size"), "{m}");
+        // Queue geometry is Kestrel's (the guest sees it), so it stays allowed.
+        let mut c = base;
+        c.num_queues = 2;
+        c.queue_size = 512;
+        with(vec![c]).validate().unwrap();
+    }
+
+    #[test]
+    fn fs_queue_limits() {
+        let mut c = FsConfig::shared_dir("a", some_dir());
+        for n in [1, MAX_FS_REQUEST_QUEUES] {
+            c.num_queues = n;
+            with(vec![c.clone()]).validate().unwrap();
+        }
+        for n in [0, MAX_FS_REQUEST_QUEUES + 1] {
+            c.num_queues = n;
+            let (f, m) = err(&with(vec![c.clone()]));
+            assert_eq!(f, "fs[0].num_queues");
+            assert!(m.contains(&n.to_string()), "{m}");
+        }
+        c.num_queues = 1;
+        for s in [1, 2, 256, MAX_FS_QUEUE_SIZE] {
+            c.queue_size = s;
+            with(vec![c.clone()]).validate().unwrap();
+        }
+        for s in [0, 3, 100, 2048] {
+            c.queue_size = s;
+            let (f, m) = err(&with(vec![c.clone()]));
+            assert_eq!(f, "fs[0].queue_size", "{s}");
+            assert!(m.contains("power of two"), "{m}");
+        }
+    }
+
+    #[test]
+    fn fs_checked_after_drives_and_index_named() {
+        let mut cfg = with(vec![
+            FsConfig::shared_dir("ok", some_dir()),
+            FsConfig::shared_dir("bad", "/nonexistent"),
+        ]);
+        assert_eq!(err(&cfg).0, "fs[1].shared_dir");
+        cfg.drives.push(DriveConfig::default());
+        assert_eq!(err(&cfg).0, "drives[0].drive_id");
+    }
+}
+
+/// Most virtio-mmio devices a VM can have: each takes one of the IOAPIC pins 5 to 23.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Longest `iface_id`.
+pub const MAX_IFACE_ID_LEN: usize = 64;
+/// Longest `host_dev_name`: a Linux interface name holds `IFNAMSIZ - 1` = 15 bytes.
+pub const MAX_HOST_DEV_NAME_LEN: usize = 15;
+
+/// One entry of Firecracker's `network-interfaces`: a virtio-net device whose host side is a
+/// TAP device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Unique name: 1 to 64 ASCII letters, digits, `-` and `_`.
+    pub iface_id: String,
+    /// The TAP device on the host. Absent or `""`: a hot-attach slot whose link stays down
+    /// until a TAP is attached at run time.
+    #[serde(default)]
+    pub host_dev_name: Option<String>,
+    /// The guest's MAC address, `aa:bb:cc:dd:ee:ff` (unicast, not all zeros). Default: a
+    /// locally administered address derived from `iface_id` ([`derived_mac`]), stable across
+    /// boots.
+    #[serde(default)]
+    pub guest_mac: Option<String>,
+    /// Limits on traffic to the guest.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<crate::RateLimiterConfig>,
+    /// Limits on traffic from the guest.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<crate::RateLimiterConfig>,
+    /// Kestrel: create the TAP device when it does not exist (it goes away with the VM).
+    /// Without it the TAP must already exist.
+    #[serde(default)]
+    pub create_tap: bool,
+}
+
+impl NetConfig {
+    /// The TAP device's name, or `None` for a hot-attach slot.
+    pub fn tap_name(&self) -> Option<&str> {
+        self.host_dev_name.as_deref().filter(|n| !n.is_empty())
+    }
+
+    /// Whether the interface starts without a TAP (link down).
+    pub fn is_hot_attach_slot(&self) -> bool {
+        self.tap_name().is_none()
+    }
+
+    /// The MAC address the guest gets: `guest_mac` parsed, or the one derived from `iface_id`.
+    /// `None` when `guest_mac` is not a valid `aa:bb:cc:dd:ee:ff` address.
+    pub fn mac(&self) -> Option<[u8; 6]> {
+        match &self.guest_mac {
+            Some(s) => parse_mac(s),
+            None => Some(derived_mac(&self.iface_id)),
+        }
+    }
+}
+
+/// Parse `aa:bb:cc:dd:ee:ff` (six pairs of hex digits, either case, separated by `:`).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 || !p.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Format a MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    let [a, b, c, d, e, f] = mac;
+    format!("{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}")
+}
+
+/// The default MAC of interface `iface_id`: a 64-bit FNV-1a hash of the id, with the first
+/// octet marked locally administered (bit 1 set) and unicast (bit 0 clear).
+pub fn derived_mac(iface_id: &str) -> [u8; 6] {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in iface_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = h.to_le_bytes();
+    [(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]]
+}
+
+/// Why `name` cannot be a Linux interface name, if it cannot (the kernel's rules: 1 to 15
+/// bytes, not `.` or `..`, no `/`, `:` or whitespace; Kestrel also refuses `%`, which the
+/// kernel would treat as a name template, and NUL).
+pub fn check_interface_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_HOST_DEV_NAME_LEN {
+        return Err(format!(
+            "must be 1 to {MAX_HOST_DEV_NAME_LEN} bytes (a Linux interface name)"
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err("must not be \".\" or \"..\"".into());
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c == '%' || c == '\0' || c.is_whitespace())
+    {
+        return Err("must not contain '/', ':', '%', NUL or whitespace".into());
+    }
+    Ok(())
+}
+
+impl VmConfig {
+    /// Check `network-interfaces` (part of [`VmConfig::validate`]) and the total number of
+    /// virtio devices; errors name `network-interfaces[<index>].<field>`.
+    pub fn validate_network_interfaces(&self) -> Result<(), ConfigError> {
+        let nets = &self.network_interfaces;
+        let vsock = usize::from(self.vsock.is_some());
+        let total = self.drives.len() + nets.len() + vsock + self.fs.len();
+        if total > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::invalid(
+                "network-interfaces",
+                format!(
+                    "{} drives, {} network interfaces, {} fs shares and {vsock} vsock make \
+                     {total} virtio devices; at most {MAX_VIRTIO_DEVICES} fit (one IOAPIC pin each)",
+                    self.drives.len(),
+                    nets.len(),
+                    self.fs.len()
+                ),
+            ));
+        }
+        let mut macs: Vec<[u8; 6]> = Vec::with_capacity(nets.len());
+        for (i, n) in nets.iter().enumerate() {
+            let field = |name: &str| format!("network-interfaces[{i}].{name}");
+            let id = &n.iface_id;
+            if id.is_empty() || id.len() > MAX_IFACE_ID_LEN {
+                return Err(ConfigError::invalid(
+                    field("iface_id"),
+                    format!("must be 1 to {MAX_IFACE_ID_LEN} characters"),
+                ));
+            }
+            if !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(ConfigError::invalid(
+                    field("iface_id"),
+                    "may hold only ASCII letters, digits, '-' and '_'",
+                ));
+            }
+            if let Some(j) = nets[..i].iter().position(|o| o.iface_id == *id) {
+                return Err(ConfigError::invalid(
+                    field("iface_id"),
+                    format!("duplicate of network-interfaces[{j}]"),
+                ));
+            }
+            match n.tap_name() {
+                Some(name) => {
+                    check_interface_name(name)
+                        .map_err(|why| ConfigError::invalid(field("host_dev_name"), why))?;
+                    if let Some(j) = nets[..i].iter().position(|o| o.tap_name() == Some(name)) {
+                        return Err(ConfigError::invalid(
+                            field("host_dev_name"),
+                            format!("{name} is already used by network-interfaces[{j}]"),
+                        ));
+                    }
+                }
+                None if n.create_tap => {
+                    return Err(ConfigError::invalid(
+                        field("create_tap"),
+                        "is only used with host_dev_name",
+                    ));
+                }
+                None => {}
+            }
+            let mac = match &n.guest_mac {
+                Some(s) => {
+                    let mac = parse_mac(s).ok_or_else(|| {
+                        ConfigError::invalid(
+                            field("guest_mac"),
+                            format!("{s:?} is not a MAC address like aa:bb:cc:dd:ee:ff"),
+                        )
+                    })?;
+                    if mac[0] & 1 != 0 {
+                        return Err(ConfigError::invalid(
+                            field("guest_mac"),
+                            format!("{s} is a multicast address (lowest bit of the first octet)"),
+                        ));
+                    }
+                    if mac == [0; 6] {
+                        return Err(ConfigError::invalid(
+                            field("guest_mac"),
+                            "must not be all zeros",
+                        ));
+                    }
+                    mac
+                }
+                None => derived_mac(id),
+            };
+            if let Some(j) = macs.iter().position(|m| *m == mac) {
+                return Err(ConfigError::invalid(
+                    field("guest_mac"),
+                    format!(
+                        "{} is also the MAC of network-interfaces[{j}]",
+                        format_mac(&mac)
+                    ),
+                ));
+            }
+            macs.push(mac);
+            if let Some(rl) = &n.rx_rate_limiter {
+                rl.validate(&field("rx_rate_limiter"))?;
+            }
+            if let Some(rl) = &n.tx_rate_limiter {
+                rl.validate(&field("tx_rate_limiter"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod net_tests {
+    use super::*;
+    use crate::{RateLimiterConfig, TokenBucketConfig};
+
+    fn some_file() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")
+    }
+
+    fn net(id: &str) -> NetConfig {
+        NetConfig {
+            iface_id: id.into(),
+            host_dev_name: Some(format!("tap-{id}")),
+            ..NetConfig::default()
+        }
+    }
+
+    fn with(nets: Vec<NetConfig>) -> VmConfig {
+        let mut cfg = VmConfig::new(some_file(), 1, 128);
+        cfg.network_interfaces = nets;
+        cfg
+    }
+
+    /// The error's field and message.
+    fn err(cfg: &VmConfig) -> (String, String) {
+        let e = cfg
+            .validate()
+            .expect_err("network interfaces should be rejected");
+        (e.field().expect("names a field").to_string(), e.to_string())
+    }
+
+    #[test]
+    fn firecracker_network_interfaces_parse() {
+        let json = format!(
+            r#"{{
+            "boot-source": {{"kernel_image_path": "{k}"}},
+            "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}},
+            "network-interfaces": [
+                {{"iface_id": "eth0", "guest_mac": "AA:FC:00:00:00:01", "host_dev_name": "tap0",
+                  "rx_rate_limiter": {{"bandwidth": {{"size": 1048576, "refill_time": 1000}}}},
+                  "tx_rate_limiter": {{"ops": {{"size": 100, "refill_time": 1000}}}}}},
+                {{"iface_id": "eth1", "host_dev_name": "kt-new", "create_tap": true}},
+                {{"iface_id": "slot0"}},
+                {{"iface_id": "slot1", "host_dev_name": ""}}
+            ]
+        }}"#,
+            k = some_file().display()
+        );
+        let cfg = VmConfig::from_json(&json).unwrap();
+        cfg.validate().unwrap();
+        let n = &cfg.network_interfaces;
+        assert_eq!(n.len(), 4);
+        assert_eq!(n[0].tap_name(), Some("tap0"));
+        assert_eq!(n[0].mac(), Some([0xaa, 0xfc, 0, 0, 0, 1]));
+        assert_eq!(
+            n[0].rx_rate_limiter.unwrap().bandwidth.unwrap().size,
+            1 << 20
+        );
+        assert_eq!(n[0].tx_rate_limiter.unwrap().ops.unwrap().size, 100);
+        assert!(!n[0].create_tap && n[1].create_tap);
+        assert!(!n[1].is_hot_attach_slot());
+        assert!(n[2].is_hot_attach_slot() && n[3].is_hot_attach_slot());
+        assert_eq!(n[2].mac(), Some(derived_mac("slot0")));
+        // Round trip; none at all is the default.
+        let back = VmConfig::from_json(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+        assert!(VmConfig::new(some_file(), 1, 128)
+            .network_interfaces
+            .is_empty());
+        let json = serde_json::to_string(&with(vec![net("a")])).unwrap();
+        assert!(json.contains("\"network-interfaces\""), "{json}");
+    }
+
+    #[test]
+    fn unknown_and_missing_fields_rejected() {
+        let e = serde_json::from_str::<NetConfig>(r#"{"iface_id": "a", "allow_mmds": true}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `allow_mmds`"), "{e}");
+        let e = serde_json::from_str::<NetConfig>(r#"{"host_dev_name": "tap0"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `iface_id`"), "{e}");
+    }
+
+    #[test]
+    fn iface_ids_checked() {
+        let (f, m) = err(&with(vec![net("a"), net("b"), {
+            let mut n = net("a");
+            n.host_dev_name = Some("other".into());
+            n
+        }]));
+        assert_eq!(f, "network-interfaces[2].iface_id");
+        assert_eq!(
+            m,
+            "network-interfaces[2].iface_id: duplicate of network-interfaces[0]"
+        );
+        assert_eq!(
+            err(&with(vec![net("")])).0,
+            "network-interfaces[0].iface_id"
+        );
+        assert_eq!(
+            err(&with(vec![net("ok"), net("eth 0")])).0,
+            "network-interfaces[1].iface_id"
+        );
+        assert_eq!(
+            err(&with(vec![net("éth0")])).0,
+            "network-interfaces[0].iface_id"
+        );
+        let mut long = net("x");
+        long.iface_id = "x".repeat(MAX_IFACE_ID_LEN + 1);
+        assert_eq!(
+            err(&with(vec![long.clone()])).0,
+            "network-interfaces[0].iface_id"
+        );
+        long.iface_id.pop();
+        with(vec![long, net("A-b_9")]).validate().unwrap();
+    }
+
+    #[test]
+    fn host_dev_names_checked() {
+        for bad in [
+            "x".repeat(16),
+            "tap/0".into(),
+            "tap 0".into(),
+            "tap\t0".into(),
+            "tap:0".into(),
+            "tap%d".into(),
+            ".".into(),
+            "..".into(),
+            "a\0b".into(),
+        ] {
+            let mut n = net("a");
+            n.host_dev_name = Some(bad.clone());
+            let (f, _) = err(&with(vec![n]));
+            assert_eq!(f, "network-interfaces[0].host_dev_name", "{bad:?}");
+        }
+        let mut n = net("a");
+        n.host_dev_name = Some("x".repeat(15));
+        with(vec![n]).validate().unwrap();
+        // Unique, but any number of slots.
+        let mut b = net("b");
+        b.host_dev_name = Some("tap-a".into());
+        let (f, m) = err(&with(vec![net("a"), b]));
+        assert_eq!(f, "network-interfaces[1].host_dev_name");
+        assert!(
+            m.contains("tap-a is already used by network-interfaces[0]"),
+            "{m}"
+        );
+        let slot = |id: &str, name: Option<&str>| NetConfig {
+            iface_id: id.into(),
+            host_dev_name: name.map(str::to_string),
+            ..NetConfig::default()
+        };
+        with(vec![
+            slot("s0", None),
+            slot("s1", Some("")),
+            slot("s2", None),
+        ])
+        .validate()
+        .unwrap();
+        // create_tap needs a name.
+        let mut s = slot("s0", Some(""));
+        s.create_tap = true;
+        assert_eq!(err(&with(vec![s])).0, "network-interfaces[0].create_tap");
+    }
+
+    #[test]
+    fn macs_checked() {
+        assert_eq!(
+            parse_mac("aa:BB:0c:dd:ee:ff"),
+            Some([0xaa, 0xbb, 0x0c, 0xdd, 0xee, 0xff])
+        );
+        for bad in [
+            "",
+            "aa:bb:cc:dd:ee",
+            "aa:bb:cc:dd:ee:ff:00",
+            "aa-bb-cc-dd-ee-ff",
+            "a:bb:cc:dd:ee:fff",
+            "aa:bb:cc:dd:ee:gg",
+            "+a:bb:cc:dd:ee:ff",
+            " aa:bb:cc:dd:ee:ff",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad:?}");
+            let mut n = net("a");
+            n.guest_mac = Some(bad.into());
+            let (f, m) = err(&with(vec![n.clone()]));
+            assert_eq!(f, "network-interfaces[0].guest_mac", "{bad:?}");
+            assert!(m.contains("is not a MAC address"), "{m}");
+            assert_eq!(n.mac(), None);
+        }
+        let mut n = net("a");
+        n.guest_mac = Some("01:00:5e:00:00:01".into());
+        let (f, m) = err(&with(vec![n.clone()]));
+        assert_eq!(f, "network-interfaces[0].guest_mac");
+        assert!(m.contains("multicast"), "{m}");
+        n.guest_mac = Some("ff:ff:ff:ff:ff:ff".into());
+        assert_eq!(
+            err(&with(vec![n.clone()])).0,
+            "network-interfaces[0].guest_mac"
+        );
+        n.guest_mac = Some("00:00:00:00:00:00".into());
+        assert_eq!(
+            err(&with(vec![n.clone()])).0,
+            "network-interfaces[0].guest_mac"
+        );
+        n.guest_mac = Some("02:00:00:00:00:01".into());
+        with(vec![n.clone()]).validate().unwrap();
+        // Two interfaces with one MAC (given or derived).
+        let mut b = net("b");
+        b.guest_mac = Some("02:00:00:00:00:01".into());
+        let (f, m) = err(&with(vec![n, b]));
+        assert_eq!(f, "network-interfaces[1].guest_mac");
+        assert!(
+            m.contains("02:00:00:00:00:01 is also the MAC of network-interfaces[0]"),
+            "{m}"
+        );
+        let mut c = net("c");
+        c.guest_mac = Some(format_mac(&derived_mac("a")));
+        assert_eq!(
+            err(&with(vec![net("a"), c])).0,
+            "network-interfaces[1].guest_mac"
+        );
+    }
+
+    #[test]
+    fn derived_macs_are_stable_unicast_and_local() {
+        let a = derived_mac("eth0");
+        assert_eq!(a, derived_mac("eth0"));
+        assert_ne!(a, derived_mac("eth1"));
+        for id in [
+            "eth0",
+            "eth1",
+            "x",
+            "",
+            "a-very-long-interface-id_0123456789",
+        ] {
+            let m = derived_mac(id);
+            assert_eq!(m[0] & 1, 0, "{id}: unicast");
+            assert_eq!(m[0] & 2, 2, "{id}: locally administered");
+            assert_eq!(parse_mac(&format_mac(&m)), Some(m));
+        }
+        assert_eq!(net("eth0").mac(), Some(a));
+    }
+
+    #[test]
+    fn rate_limiters_checked() {
+        let bad = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 0,
+                one_time_burst: None,
+                refill_time: 100,
+            }),
+            ops: None,
+        };
+        let mut n = net("a");
+        n.rx_rate_limiter = Some(bad);
+        assert_eq!(
+            err(&with(vec![net("z"), n.clone()])).0,
+            "network-interfaces[1].rx_rate_limiter.bandwidth.size"
+        );
+        n.rx_rate_limiter = None;
+        n.tx_rate_limiter = Some(RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig {
+                size: 10,
+                one_time_burst: Some(5),
+                refill_time: 0,
+            }),
+        });
+        assert_eq!(
+            err(&with(vec![n.clone()])).0,
+            "network-interfaces[0].tx_rate_limiter.ops.refill_time"
+        );
+        n.tx_rate_limiter = Some(RateLimiterConfig::default());
+        n.rx_rate_limiter = Some(RateLimiterConfig::default());
+        with(vec![n]).validate().unwrap();
+    }
+
+    #[test]
+    fn at_most_19_virtio_devices_in_total() {
+        let drive = |i: usize| DriveConfig {
+            drive_id: format!("d{i}"),
+            path_on_host: Some(some_file()),
+            ..DriveConfig::default()
+        };
+        let nets = |n: usize| (0..n).map(|i| net(&format!("n{i}"))).collect::<Vec<_>>();
+        let mut cfg = with(nets(MAX_VIRTIO_DEVICES));
+        cfg.validate().unwrap();
+        cfg.network_interfaces = nets(10);
+        cfg.drives = (0..9).map(drive).collect();
+        cfg.validate().unwrap();
+        cfg.drives.push(drive(9));
+        let (f, m) = err(&cfg);
+        assert_eq!(f, "network-interfaces");
+        assert!(m.contains("make 20 virtio devices"), "{m}");
+        cfg.drives.pop();
+        cfg.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: PathBuf::from("kestrel-never-created-net.sock"),
+            vsock_id: None,
+        });
+        let (f, m) = err(&cfg);
+        assert_eq!(f, "network-interfaces");
+        assert!(
+            m.contains("9 drives, 10 network interfaces, 0 fs shares and 1 vsock"),
+            "{m}"
+        );
+        cfg.network_interfaces.pop();
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn network_interfaces_checked_by_validate() {
+        // validate() reaches them only when everything before is valid, and does reach them.
+        let mut cfg = with(vec![net("")]);
+        cfg.machine_config.vcpu_count = 0;
+        assert_eq!(err(&cfg).0, "machine-config.vcpu_count");
+        cfg.machine_config.vcpu_count = 1;
+        assert_eq!(err(&cfg).0, "network-interfaces[0].iface_id");
     }
 }

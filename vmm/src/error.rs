@@ -149,6 +149,33 @@ pub enum VmmError {
     /// The vsock device could not be created.
     #[error("vsock: {0}")]
     Vsock(#[source] kestrel_devices::virtio::vsock::VsockError),
+    /// An in-process virtio-fs share could not be created.
+    #[error("fs[{tag}]: {source}")]
+    Fs {
+        /// The share's tag.
+        tag: String,
+        /// Why.
+        #[source]
+        source: kestrel_devices::virtio::fs::FsError,
+    },
+    /// A vhost-user-fs backend could not be connected.
+    #[error("fs[{tag}]: vhost-user: {source}")]
+    VhostUserFs {
+        /// The share's tag.
+        tag: String,
+        /// Why.
+        #[source]
+        source: kestrel_devices::virtio::fs::vhost_user::VhostUserFsError,
+    },
+    /// A network interface could not be created or changed.
+    #[error("network-interfaces[{iface_id}]: {source}")]
+    Net {
+        /// The interface.
+        iface_id: String,
+        /// Why.
+        #[source]
+        source: kestrel_devices::virtio::net::NetError,
+    },
     /// No device with that id.
     #[error("no device with id {0:?}")]
     NoSuchDevice(String),

@@ -15,6 +15,9 @@ use kestrel_devices::legacy::{
     I8042, I8042_PORT_BASE, I8042_PORT_LEN,
 };
 use kestrel_devices::virtio::block::Block;
+use kestrel_devices::virtio::fs::vhost_user::VhostUserFs;
+use kestrel_devices::virtio::fs::Fs;
+use kestrel_devices::virtio::net::Net;
 use kestrel_devices::virtio::vsock::Vsock;
 use kestrel_devices::Bus;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
@@ -57,6 +60,11 @@ pub struct ThreadInfo {
 /// Where the serial console writes.
 pub type ConsoleSink = Box<dyn Write + Send>;
 
+enum FsShare {
+    InProcess(String, Arc<Mutex<Fs>>),
+    VhostUser(String, Arc<Mutex<VhostUserFs>>),
+}
+
 struct VcpuSlot {
     id: u32,
     ctl: Arc<VcpuControl>,
@@ -78,7 +86,9 @@ pub struct Vm {
     /// Device subscribers handed to the event loop at start.
     subscribers: Mutex<Vec<Subscriber>>,
     drives: Vec<(String, Arc<Mutex<Block>>)>,
+    nets: Vec<(String, Arc<Mutex<Net>>)>,
     vsock: Option<Arc<Mutex<Vsock>>>,
+    shares: Vec<FsShare>,
     vcpu_slots: Mutex<Vec<VcpuSlot>>,
     /// Serialises hotplug operations.
     resize: Mutex<()>,
@@ -230,6 +240,17 @@ impl Vm {
             }
             drives.push((d.drive_id.clone(), blk));
         }
+        let mut nets = Vec::new();
+        for n in &config.network_interfaces {
+            let dev = Net::new(n).map_err(|source| VmmError::Net {
+                iface_id: n.iface_id.clone(),
+                source,
+            })?;
+            let dev = Arc::new(Mutex::new(dev));
+            dm.add_virtio(&vm_fd, &n.iface_id, dev.clone())
+                .map_err(VmmError::Device)?;
+            nets.push((n.iface_id.clone(), dev));
+        }
         let mut vsock = None;
         if let Some(vc) = &config.vsock {
             let v = Vsock::from_config(vc).map_err(VmmError::Vsock)?;
@@ -237,6 +258,30 @@ impl Vm {
             dm.add_virtio(&vm_fd, "vsock", v.clone())
                 .map_err(VmmError::Device)?;
             vsock = Some(v);
+        }
+        let mut shares = Vec::new();
+        for (i, fc) in config.fs.iter().enumerate() {
+            let id = format!("fs{i}");
+            if fc.socket.is_some() {
+                let d = VhostUserFs::from_config(fc).map_err(|source| VmmError::VhostUserFs {
+                    tag: fc.tag.clone(),
+                    source,
+                })?;
+                let d = Arc::new(Mutex::new(d));
+                dm.add_virtio(&vm_fd, &id, d.clone())
+                    .map_err(VmmError::Device)?;
+                shares.push(FsShare::VhostUser(fc.tag.clone(), d));
+            } else {
+                let mut d = Fs::new(fc).map_err(|source| VmmError::Fs {
+                    tag: fc.tag.clone(),
+                    source,
+                })?;
+                d.set_worker_name_prefix(&format!("kestrel-{}-{id}", config.name()));
+                let d = Arc::new(Mutex::new(d));
+                dm.add_virtio(&vm_fd, &id, d.clone())
+                    .map_err(VmmError::Device)?;
+                shares.push(FsShare::InProcess(fc.tag.clone(), d));
+            }
         }
         extra_args.extend(dm.cmdline.iter().cloned());
         let cmdline = boot::build_cmdline(config, max_vcpus, software_kvm, &extra_args)?;
@@ -329,7 +374,9 @@ impl Vm {
             pending_vcpus: Mutex::new(vcpus),
             subscribers: Mutex::new(std::mem::take(&mut dm.subscribers)),
             drives,
+            nets,
             vsock,
+            shares,
             vcpu_slots: Mutex::new(slots),
             resize: Mutex::new(()),
             vm_fd,
@@ -508,11 +555,96 @@ impl Vm {
             .map(|(_, b)| b.lock().unwrap_or_else(|p| p.into_inner()).metrics())
     }
 
+    fn net(&self, iface_id: &str) -> Result<&Arc<Mutex<Net>>, VmmError> {
+        self.nets
+            .iter()
+            .find(|(id, _)| id == iface_id)
+            .map(|(_, n)| n)
+            .ok_or_else(|| VmmError::NoSuchDevice(iface_id.to_string()))
+    }
+
+    /// Attach TAP `tap` (created if `create` and missing) to network slot `iface_id`; the
+    /// guest sees the link come up (config-change interrupt).
+    pub fn attach_tap(&self, iface_id: &str, tap: &str, create: bool) -> Result<(), VmmError> {
+        self.net(iface_id)?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .attach_tap(tap, create)
+            .map_err(|source| VmmError::Net {
+                iface_id: iface_id.to_string(),
+                source,
+            })
+    }
+
+    /// Detach the TAP of `iface_id`; the guest sees the link go down.
+    pub fn detach_tap(&self, iface_id: &str) -> Result<(), VmmError> {
+        self.net(iface_id)?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .detach_tap();
+        Ok(())
+    }
+
+    /// Drive the link state the guest sees (`VIRTIO_NET_S_LINK_UP`).
+    pub fn set_link(&self, iface_id: &str, up: bool) -> Result<(), VmmError> {
+        self.net(iface_id)?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_link(up);
+        Ok(())
+    }
+
+    /// Replace the RX and/or TX rate limiter of `iface_id` at runtime (`None`: unchanged).
+    pub fn update_net_rate_limiters(
+        &self,
+        iface_id: &str,
+        rx: Option<&kestrel_api::RateLimiterConfig>,
+        tx: Option<&kestrel_api::RateLimiterConfig>,
+    ) -> Result<(), VmmError> {
+        if let Some(r) = rx {
+            r.validate("rx_rate_limiter")?;
+        }
+        if let Some(t) = tx {
+            t.validate("tx_rate_limiter")?;
+        }
+        self.net(iface_id)?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .update_rate_limiters(rx, tx);
+        Ok(())
+    }
+
+    /// Counters of network interface `iface_id`.
+    pub fn net_metrics(&self, iface_id: &str) -> Option<kestrel_devices::virtio::net::NetMetrics> {
+        self.net(iface_id)
+            .ok()
+            .map(|n| n.lock().unwrap_or_else(|p| p.into_inner()).metrics())
+    }
+
     /// Counters of the vsock device, if configured.
     pub fn vsock_metrics(&self) -> Option<kestrel_devices::virtio::vsock::VsockMetrics> {
         self.vsock
             .as_ref()
             .map(|v| v.lock().unwrap_or_else(|p| p.into_inner()).metrics())
+    }
+
+    /// Counters of the in-process virtio-fs share `tag`.
+    pub fn fs_metrics(&self, tag: &str) -> Option<kestrel_devices::virtio::fs::FsMetrics> {
+        self.shares.iter().find_map(|s| match s {
+            FsShare::InProcess(t, d) if t == tag => {
+                Some(d.lock().unwrap_or_else(|p| p.into_inner()).metrics())
+            }
+            _ => None,
+        })
+    }
+
+    /// Whether share `tag` is served by an external vhost-user backend.
+    pub fn fs_is_vhost_user(&self, tag: &str) -> Option<bool> {
+        self.shares.iter().find_map(|s| match s {
+            FsShare::InProcess(t, _) if t == tag => Some(false),
+            FsShare::VhostUser(t, _) if t == tag => Some(true),
+            _ => None,
+        })
     }
 
     /// vCPUs that exist and their state (running, parked, exited), by index.
@@ -633,11 +765,27 @@ impl Vm {
     pub fn add_memory(&self, size: u64, block: u64) -> Result<PluggedRange, VmmError> {
         let _serial = self.resize.lock().unwrap_or_else(|p| p.into_inner());
         self.ensure_running()?;
-        self.memory
+        let r = self
+            .memory
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .add(&self.vm_fd, size, block)
-            .map_err(VmmError::Memory)
+            .map_err(VmmError::Memory)?;
+        self.refresh_vhost_user_memory();
+        Ok(r)
+    }
+
+    /// Resend the memory table to vhost-user backends after a layout change.
+    fn refresh_vhost_user_memory(&self) {
+        for s in &self.shares {
+            if let FsShare::VhostUser(tag, d) = s {
+                if let Err(e) = d.lock().unwrap_or_else(|p| p.into_inner()).update_memory() {
+                    tracing::warn!(
+                        "virtio-fs {tag}: cannot update the backend's memory table: {e}"
+                    );
+                }
+            }
+        }
     }
 
     /// Unplug a range returned by [`Vm::add_memory`] (after the guest offlined it); its host
@@ -648,7 +796,9 @@ impl Vm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.vm_fd, addr, size)
-            .map_err(VmmError::Memory)
+            .map_err(VmmError::Memory)?;
+        self.refresh_vhost_user_memory();
+        Ok(())
     }
 
     /// Hot-plugged memory ranges.

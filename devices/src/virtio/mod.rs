@@ -17,7 +17,9 @@
 //!   the VMM keeps running and a driver reset recovers the device.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};

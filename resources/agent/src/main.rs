@@ -11,12 +11,13 @@
 
 mod b64;
 mod exec;
+mod iobench;
 mod ops;
 mod proto;
 mod stream;
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::time::Duration;
@@ -164,146 +165,193 @@ fn main() {
         }
     };
 
+    serve_all(&listener, debug)
+}
+
+impl Listener {
+    fn raw_fd(&self) -> i32 {
+        match self {
+            Listener::Vsock(fd) => fd.as_raw_fd(),
+            Listener::Unix(l) => l.as_raw_fd(),
+        }
+    }
+}
+
+/// One client connection of the single-threaded server.
+struct Conn {
+    file: File,
+    buf: Vec<u8>,
+    /// Dropping bytes of an over-long line until its newline.
+    discarding: bool,
+    first: bool,
+}
+
+/// Write all of `data` to a non-blocking socket, waiting for room with poll.
+fn write_all_nb(f: &mut File, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        match f.write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut p = libc::pollfd {
+                    fd: f.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut p, 1, 1000) };
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Serve every connection from one thread with poll(2), one request at a time.
+///
+/// One thread on purpose: on the software (nested) KVM of the project's CI machines, user
+/// threads switching on a vCPU can lose their FS base (TLS), which corrupts a multi-threaded
+/// heap (docs/nested-kvm.md). A long request (exec, stream ops) delays the others; idle
+/// connections cost nothing.
+fn serve_all(listener: &Listener, debug: bool) -> ! {
+    let mut conns: Vec<Conn> = Vec::new();
+    let mut chunk = vec![0u8; 256 << 10];
     loop {
-        match listener.accept() {
-            Ok(conn) => {
-                let spawned = std::thread::Builder::new()
-                    .name("conn".into())
-                    .spawn(move || serve(conn, debug));
-                if let Err(e) = spawned {
-                    say(&format!("cannot start a connection thread: {e}"));
+        let mut fds = Vec::with_capacity(conns.len() + 1);
+        fds.push(libc::pollfd {
+            fd: listener.raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        for c in &conns {
+            fds.push(libc::pollfd {
+                fd: c.file.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
+        // SAFETY: `fds` is a valid array of pollfd of the given length.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if r < 0 {
+            continue;
+        }
+        if fds[0].revents != 0 {
+            match listener.accept() {
+                Ok(f) => {
+                    // SAFETY: fcntl on our own fd.
+                    unsafe {
+                        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+                        libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+                    }
+                    conns.push(Conn {
+                        file: f,
+                        buf: Vec::new(),
+                        discarding: false,
+                        first: true,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => say(&format!("accept: {e}")),
+            }
+        }
+        let mut closed = Vec::new();
+        for (k, pfd) in fds.iter().enumerate().skip(1) {
+            if pfd.revents == 0 {
+                continue;
+            }
+            let idx = k - 1;
+            if !serve_readable(&mut conns[idx], &mut chunk, debug) {
+                closed.push(idx);
+            }
+        }
+        for idx in closed.into_iter().rev() {
+            conns.swap_remove(idx);
+        }
+    }
+}
+
+/// Read what the connection has and answer every complete line. False: close it.
+fn serve_readable(c: &mut Conn, chunk: &mut [u8], debug: bool) -> bool {
+    loop {
+        match c.file.read(chunk) {
+            Ok(0) => return false,
+            Ok(n) => {
+                let mut data = &chunk[..n];
+                while let Some(nl) = data.iter().position(|&b| b == b'\n') {
+                    let part = &data[..nl];
+                    data = &data[nl + 1..];
+                    if c.discarding {
+                        c.discarding = false;
+                        c.buf.clear();
+                        if !respond(c, (proto::too_long_response(MAX_LINE), None), debug) {
+                            return false;
+                        }
+                        continue;
+                    }
+                    c.buf.extend_from_slice(part);
+                    let line = std::mem::take(&mut c.buf);
+                    if !handle(c, &line, debug) {
+                        return false;
+                    }
+                }
+                if !c.discarding {
+                    c.buf.extend_from_slice(data);
+                    if c.buf.len() > MAX_LINE {
+                        c.discarding = true;
+                        c.buf = Vec::new();
+                    }
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                say(&format!("accept: {e}"));
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(_) => return false,
         }
     }
 }
 
-enum Line {
-    Complete,
-    TooLong,
-    Eof,
-}
-
-/// Read one line (without its `\n`) into `buf`, keeping at most `max` bytes; a longer line
-/// is consumed and reported as TooLong.
-fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>, max: usize) -> io::Result<Line> {
-    buf.clear();
-    let mut too_long = false;
-    loop {
-        let (used, done) = {
-            let avail = match r.fill_buf() {
-                Ok(b) => b,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            if avail.is_empty() {
-                // EOF; an unterminated last line still counts.
-                return Ok(match (too_long, buf.is_empty()) {
-                    (true, _) => Line::TooLong,
-                    (false, true) => Line::Eof,
-                    (false, false) => Line::Complete,
-                });
-            }
-            let nl = avail.iter().position(|&b| b == b'\n');
-            let chunk = &avail[..nl.unwrap_or(avail.len())];
-            if !too_long {
-                if buf.len() + chunk.len() > max {
-                    too_long = true;
-                    buf.clear();
-                } else {
-                    buf.extend_from_slice(chunk);
-                }
-            }
-            (chunk.len() + usize::from(nl.is_some()), nl.is_some())
-        };
-        r.consume(used);
-        if done {
-            return Ok(if too_long {
-                Line::TooLong
-            } else {
-                Line::Complete
-            });
+fn handle(c: &mut Conn, line: &[u8], debug: bool) -> bool {
+    if debug && c.first {
+        if let Some(port) = line.strip_prefix(b"CONNECT ") {
+            // Debug stand-in for the VMM's hybrid-vsock handshake.
+            let mut ok = b"OK ".to_vec();
+            ok.extend_from_slice(port.trim_ascii());
+            ok.push(b'\n');
+            c.first = false;
+            return write_all_nb(&mut c.file, &ok).is_ok();
         }
     }
+    c.first = false;
+    if line.trim_ascii().is_empty() {
+        return true;
+    }
+    respond(c, proto::handle_line(line), debug)
 }
 
-fn serve(conn: File, debug: bool) {
-    let Ok(mut out) = conn.try_clone() else {
-        return;
-    };
-    let mut input = BufReader::with_capacity(256 << 10, conn);
-    let mut line = Vec::new();
-    let mut first = true;
-    loop {
-        let resp = match read_line(&mut input, &mut line, MAX_LINE) {
-            Err(_) | Ok(Line::Eof) => return,
-            Ok(Line::TooLong) => (proto::too_long_response(MAX_LINE), None),
-            Ok(Line::Complete) => {
-                if debug && first {
-                    if let Some(port) = line.strip_prefix(b"CONNECT ") {
-                        // Debug stand-in for the VMM's hybrid-vsock handshake.
-                        let mut ok = b"OK ".to_vec();
-                        ok.extend_from_slice(port.trim_ascii());
-                        ok.push(b'\n');
-                        if out.write_all(&ok).is_err() {
-                            return;
-                        }
-                        first = false;
-                        continue;
-                    }
-                }
-                first = false;
-                if line.trim_ascii().is_empty() {
-                    continue;
-                }
-                proto::handle_line(&line)
-            }
-        };
-        let (mut bytes, after) = resp;
-        bytes.push(b'\n');
-        if out.write_all(&bytes).is_err() {
-            return;
-        }
-        drop(bytes);
-        if let Some(After::Shutdown { reboot }) = after {
-            say(if reboot {
-                "reboot requested"
-            } else {
-                "shutdown requested"
-            });
-            // Reset either way (see stop()); in debug mode just exit.
-            if debug {
-                std::process::exit(0);
-            }
-            stop(0);
-        }
+fn respond(c: &mut Conn, resp: (Vec<u8>, Option<After>), debug: bool) -> bool {
+    let (mut bytes, after) = resp;
+    bytes.push(b'\n');
+    if write_all_nb(&mut c.file, &bytes).is_err() {
+        return false;
     }
+    if let Some(After::Shutdown { reboot }) = after {
+        say(if reboot {
+            "reboot requested"
+        } else {
+            "shutdown requested"
+        });
+        // Reset either way (see stop()); in debug mode just exit.
+        if debug {
+            std::process::exit(0);
+        }
+        stop(0);
+    }
+    true
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lines_are_split_and_capped() {
-        let input = b"short\n0123456789abc\n\nlast".to_vec();
-        let mut r = BufReader::with_capacity(4, &input[..]);
-        let mut buf = Vec::new();
-        let mut got = Vec::new();
-        loop {
-            match read_line(&mut r, &mut buf, 8).unwrap() {
-                Line::Eof => break,
-                Line::TooLong => got.push("<too long>".to_string()),
-                Line::Complete => got.push(String::from_utf8_lossy(&buf).into_owned()),
-            }
-        }
-        assert_eq!(got, ["short", "<too long>", "", "last"]);
-    }
 
     #[test]
     fn requests_get_responses() {

@@ -43,6 +43,9 @@ pub struct Sink {
     port: u32,
     #[serde(default)]
     timeout_ms: Option<u64>,
+    /// Listen on TCP (all addresses) instead of vsock.
+    #[serde(default)]
+    tcp: bool,
 }
 
 #[derive(Deserialize)]
@@ -52,6 +55,9 @@ pub struct Source {
     bytes: u64,
     #[serde(default)]
     seed: u64,
+    /// Connect over TCP to this host address instead of vsock CID 2.
+    #[serde(default)]
+    tcp_host: Option<String>,
 }
 
 fn hex(d: &[u8]) -> String {
@@ -59,7 +65,14 @@ fn hex(d: &[u8]) -> String {
 }
 
 pub fn sink(a: Sink) -> OpResult<Value> {
-    let l = crate::vsock_listen(a.port).map_err(|e| OpError::os("listen", e))?;
+    let tcp;
+    let l: OwnedFd = if a.tcp {
+        tcp = std::net::TcpListener::bind(("0.0.0.0", a.port as u16))
+            .map_err(|e| OpError::os("listen", e))?;
+        OwnedFd::from(tcp.try_clone().map_err(|e| OpError::os("listen", e))?)
+    } else {
+        crate::vsock_listen(a.port).map_err(|e| OpError::os("listen", e))?
+    };
     let timeout = Duration::from_millis(a.timeout_ms.unwrap_or(120_000));
     let mut pfd = libc::pollfd {
         fd: l.as_raw_fd(),
@@ -112,6 +125,11 @@ pub fn sink(a: Sink) -> OpResult<Value> {
 }
 
 pub fn source(a: Source) -> OpResult<Value> {
+    if let Some(host) = &a.tcp_host {
+        let s = std::net::TcpStream::connect((host.as_str(), a.port as u16))
+            .map_err(|e| OpError::os("connect", e))?;
+        return send(File::from(OwnedFd::from(s)), &a);
+    }
     // SAFETY: plain socket calls; addr is a valid sockaddr_vm.
     let f = unsafe {
         let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
@@ -134,7 +152,10 @@ pub fn source(a: Source) -> OpResult<Value> {
         }
         fd
     };
-    let mut f = File::from(f);
+    send(File::from(f), &a)
+}
+
+fn send(mut f: File, a: &Source) -> OpResult<Value> {
     let t0 = Instant::now();
     let mut rng = XorShift::new(a.seed);
     let mut h = Sha256::new();

@@ -110,21 +110,6 @@ impl Header {
             fwd_cnt: u32_at(40),
         }
     }
-
-    fn from_packet(p: &VsockPacket<'_, ()>) -> Self {
-        Header {
-            src_cid: p.src_cid(),
-            dst_cid: p.dst_cid(),
-            src_port: p.src_port(),
-            dst_port: p.dst_port(),
-            len: p.len(),
-            type_: p.type_(),
-            op: p.op(),
-            flags: p.flags(),
-            buf_alloc: p.buf_alloc(),
-            fwd_cnt: p.fwd_cnt(),
-        }
-    }
 }
 
 /// Why a packet from the guest, or a receive buffer, was not usable. The packet is dropped
@@ -155,6 +140,22 @@ pub enum PacketError {
         /// Its `len` field.
         len: u32,
     },
+    /// The chain holds fewer readable bytes than a packet header.
+    #[error("descriptor chain holds {0} readable bytes, less than a packet header")]
+    ShortHeader(usize),
+    /// The header's `len` exceeds the chain's readable bytes or the payload limit.
+    #[error("payload of {len} bytes does not fit the chain ({avail} bytes left) or the {max}-byte limit")]
+    Payload {
+        /// The header's `len`.
+        len: u32,
+        /// Readable bytes after the header.
+        avail: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The chain points outside guest memory or overflows.
+    #[error("descriptor chain: {0}")]
+    Queue(#[source] virtio_queue::Error),
     /// A receive buffer has no room for payload.
     #[error("receive buffer has no room for payload")]
     RxBufferTooSmall,
@@ -191,24 +192,30 @@ pub fn read_tx(
     guest_cid: u64,
     payload: &mut [u8],
 ) -> Result<Header, PacketError> {
-    let limit = payload.len().min(MAX_PKT_DATA) as u32;
-    let pkt = VsockPacket::from_tx_virtq_chain(mem, chain, limit).map_err(PacketError::Chain)?;
-    let hdr = Header::from_packet(&pkt);
-    validate(&hdr, guest_cid)?;
-    if hdr.len > 0 {
-        // from_tx_virtq_chain checked that the data slice exists and is exactly `len` bytes,
-        // and `len` <= `limit` <= payload.len().
-        let data = pkt.data_slice().ok_or(PacketError::UnexpectedPayload {
-            op: hdr.op,
-            len: hdr.len,
-        })?;
-        let n = data.copy_to(&mut payload[..hdr.len as usize]);
-        if n != hdr.len as usize {
-            return Err(PacketError::Chain(
-                virtio_vsock::packet::Error::DescriptorLengthTooSmall,
-            ));
-        }
+    // Header and payload may be spread over any number of driver-readable descriptors
+    // (Linux sends non-linear skbs as one descriptor per page fragment).
+    let mut r = virtio_queue::Reader::<()>::new(mem, chain.clone()).map_err(PacketError::Queue)?;
+    let mut raw = [0u8; HDR_SIZE];
+    if r.available_bytes() < HDR_SIZE {
+        return Err(PacketError::ShortHeader(r.available_bytes()));
     }
+    std::io::Read::read_exact(&mut r, &mut raw).map_err(|_| PacketError::ShortHeader(0))?;
+    let hdr = Header::from_bytes(&raw);
+    validate(&hdr, guest_cid)?;
+    let len = hdr.len as usize;
+    let max = payload.len().min(MAX_PKT_DATA);
+    if len > max || len > r.available_bytes() {
+        return Err(PacketError::Payload {
+            len: hdr.len,
+            avail: r.available_bytes(),
+            max,
+        });
+    }
+    std::io::Read::read_exact(&mut r, &mut payload[..len]).map_err(|_| PacketError::Payload {
+        len: hdr.len,
+        avail: 0,
+        max,
+    })?;
     Ok(hdr)
 }
 

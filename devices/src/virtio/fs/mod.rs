@@ -1,0 +1,734 @@
+//! virtio-fs (device id 26): a host directory the guest mounts with
+//! `mount -t virtiofs <tag> <dir>`.
+//!
+//! Two backends, one guest interface (config space: `tag[36]`, NUL-padded UTF-8, then
+//! `num_request_queues` as le32; queues: one high-priority queue, then `num_request_queues`
+//! request queues):
+//! - [`Fs`]: in-process. FUSE requests are served by fuse-backend-rs (`Server` over a `Vfs`
+//!   with a `PassthroughFs` at `/`, behind [`server::SharePolicy`]), on the VM's event loop. See
+//!   [`server`] for what keeps a hostile guest inside the shared directory.
+//! - [`vhost_user::VhostUserFs`]: the queues are handed to an external vhost-user-fs daemon
+//!   (virtiofsd) that maps guest memory (which must then be memfd-backed).
+//!
+//! Split of work in [`Fs`], as in the other devices: [`VirtioDevice`] on the vCPU threads
+//! (features, config space, activation, which only stores the queues and wakes the loop) and
+//! [`MutEventSubscriber`] on the event loop (queue processing).
+//!
+//! Guest errors: a chain the FUSE transport cannot use (a buffer outside guest memory or across
+//! regions, lengths that overflow) completes with used length 0 and is counted in
+//! [`FsMetrics::malformed_chains`]; a FUSE message the server cannot decode completes with used
+//! length 0 ([`FsMetrics::failed_requests`]); a well-formed request that fails gets a FUSE error
+//! reply ([`FsMetrics::error_replies`]). Errors of the ring itself put the device into
+//! `needs_reset`, as does a panic inside the FUSE server (caught, [`FsMetrics::panics`]).
+//!
+//! Blocking: file-system calls run on the event loop and block it while they run (like the
+//! block device's file I/O). A slow host file system (an fsync, a cold read from a network
+//! file system) delays the other devices of the VM for that long.
+
+pub mod server;
+pub mod vhost_user;
+mod worker;
+
+use std::panic::{self, AssertUnwindSafe};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use fuse_backend_rs::abi::fuse_abi::OutHeader;
+use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
+use kestrel_api::FsConfig;
+use thiserror::Error;
+use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use self::server::{FuseServer, ShareOptions};
+use super::{
+    ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// Length of the tag field of the config space.
+pub const FS_TAG_LEN: usize = 36;
+/// Length of the config space: the tag and `num_request_queues`.
+pub const CONFIG_SPACE_LEN: usize = FS_TAG_LEN + 4;
+/// Index of the high-priority queue (FORGET, INTERRUPT); request queues follow it.
+pub const HIPRIO_QUEUE: usize = 0;
+/// Most request queues a device may have.
+pub const MAX_REQUEST_QUEUES: u16 = kestrel_api::MAX_FS_REQUEST_QUEUES;
+/// Largest queue size.
+pub const MAX_QUEUE_SIZE: u16 = kestrel_api::MAX_FS_QUEUE_SIZE;
+/// `VIRTIO_RING_F_INDIRECT_DESC`: the guest may put a request's buffers in an indirect table.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// Most chains handled per queue notification before yielding the event loop.
+const BATCH_LIMIT: usize = 256;
+
+const ACTIVATE_EVENT: u32 = 0;
+/// Queue `i` is watched with event data `QUEUE_EVENT_BASE + i`.
+const QUEUE_EVENT_BASE: u32 = 1;
+
+/// Errors creating a virtio-fs device.
+#[derive(Debug, Error)]
+pub enum FsError {
+    /// The tag is empty, longer than 36 bytes or holds a NUL byte.
+    #[error("tag {0:?} must be 1 to {FS_TAG_LEN} bytes of UTF-8 without NUL")]
+    InvalidTag(String),
+    /// The queue count or size is out of range.
+    #[error(
+        "{num_queues} request queues of {queue_size} entries: need 1 to {MAX_REQUEST_QUEUES} \
+         queues of a power-of-two size up to {MAX_QUEUE_SIZE}"
+    )]
+    InvalidQueues {
+        /// Request queues asked for.
+        num_queues: u16,
+        /// Queue size asked for.
+        queue_size: u16,
+    },
+    /// The configuration has no `shared_dir` (a `socket` share is a
+    /// [`vhost_user::VhostUserFs`]).
+    #[error("fs {0:?} has no shared_dir to serve in-process")]
+    NoSharedDir(String),
+    /// The configuration has no `socket` (a `shared_dir` share is an [`Fs`]).
+    #[error("fs {0:?} has no vhost-user socket")]
+    NoSocket(String),
+    /// The shared directory's path is not UTF-8 or holds a NUL byte.
+    #[error("shared directory {} must be a UTF-8 path without NUL bytes", .0.display())]
+    InvalidSharedDir(PathBuf),
+    /// The shared directory could not be opened.
+    #[error("cannot open shared directory {}: {source}", path.display())]
+    SharedDir {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The FUSE server could not be set up.
+    #[error("FUSE server: {0}")]
+    Server(String),
+    /// An `EventFd` could not be created.
+    #[error("cannot create an EventFd: {0}")]
+    EventFd(#[source] std::io::Error),
+}
+
+/// Counters of one virtio-fs device.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FsMetrics {
+    /// Chains taken from the request queues.
+    pub requests: u64,
+    /// Chains taken from the high-priority queue.
+    pub hiprio_requests: u64,
+    /// Requests answered with a FUSE error (`OutHeader.error != 0`: ENOENT, EROFS, ...).
+    pub error_replies: u64,
+    /// FUSE messages the server could not decode or answer (completed with used length 0).
+    pub failed_requests: u64,
+    /// Chains the FUSE transport could not use (completed with used length 0).
+    pub malformed_chains: u64,
+    /// Ring-level errors that put the device into `needs_reset`.
+    pub queue_errors: u64,
+    /// Panics caught inside the FUSE server (the device then needs a reset).
+    pub panics: u64,
+    /// Used-ring interrupts raised.
+    pub interrupts: u64,
+}
+
+/// The config space for `tag` and `num_request_queues`.
+pub fn config_space(tag: &str, num_request_queues: u16) -> [u8; CONFIG_SPACE_LEN] {
+    let mut c = [0u8; CONFIG_SPACE_LEN];
+    let n = tag.len().min(FS_TAG_LEN);
+    c[..n].copy_from_slice(&tag.as_bytes()[..n]);
+    c[FS_TAG_LEN..].copy_from_slice(&u32::from(num_request_queues).to_le_bytes());
+    c
+}
+
+/// Copy `config[offset..]` into `data`; bytes beyond the config space read as zero.
+fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
+fn lock_metrics(m: &Mutex<FsMetrics>) -> MutexGuard<'_, FsMetrics> {
+    // Counters stay usable even if a holder panicked.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Check the tag and queue geometry shared by both backends.
+fn check_geometry(tag: &str, num_queues: u16, queue_size: u16) -> Result<(), FsError> {
+    if tag.is_empty() || tag.len() > FS_TAG_LEN || tag.contains('\0') {
+        return Err(FsError::InvalidTag(tag.to_string()));
+    }
+    if num_queues == 0
+        || num_queues > MAX_REQUEST_QUEUES
+        || !queue_size.is_power_of_two()
+        || queue_size > MAX_QUEUE_SIZE
+    {
+        return Err(FsError::InvalidQueues {
+            num_queues,
+            queue_size,
+        });
+    }
+    Ok(())
+}
+
+fn new_eventfd() -> Result<EventFd, FsError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(FsError::EventFd)
+}
+
+/// How one chain ended.
+enum Outcome {
+    /// Used length to report.
+    Done(u32),
+    /// The FUSE server panicked; the chain is completed with length 0 and the device fails.
+    Panicked,
+}
+
+/// Serve one chain with `server`. Returns the used length (the reply's length).
+fn serve_chain(
+    server: &FuseServer,
+    metrics: &mut FsMetrics,
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Outcome {
+    // Where the reply's header goes, to count error replies.
+    let reply_at = chain
+        .clone()
+        .writable()
+        .next()
+        .filter(|d| d.len() as usize >= std::mem::size_of::<OutHeader>())
+        .map(|d| d.addr());
+    let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!("virtio-fs: unusable readable buffers: {e}");
+            metrics.malformed_chains += 1;
+            return Outcome::Done(0);
+        }
+    };
+    let writer = match VirtioFsWriter::new(mem, chain) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::debug!("virtio-fs: unusable writable buffers: {e}");
+            metrics.malformed_chains += 1;
+            return Outcome::Done(0);
+        }
+    };
+    // A bug in the FUSE server must not take down the event loop (and every other device of
+    // the VM with it): the device fails instead, and a driver reset rebuilds the server.
+    let res = panic::catch_unwind(AssertUnwindSafe(|| {
+        server.handle_message(reader, Writer::from(writer), None, None)
+    }));
+    match res {
+        Ok(Ok(len)) => {
+            if len >= std::mem::size_of::<OutHeader>() {
+                if let Some(addr) = reply_at {
+                    if let Ok(h) = mem.read_obj::<OutHeader>(addr) {
+                        if h.error != 0 {
+                            metrics.error_replies += 1;
+                        }
+                    }
+                }
+            }
+            // A reply is at most the chain's writable length, below 4 GiB.
+            Outcome::Done(u32::try_from(len).unwrap_or(u32::MAX))
+        }
+        Ok(Err(e)) => {
+            tracing::debug!("virtio-fs: request not served: {e}");
+            metrics.failed_requests += 1;
+            Outcome::Done(0)
+        }
+        Err(_) => {
+            metrics.panics += 1;
+            Outcome::Panicked
+        }
+    }
+}
+
+impl FsMetrics {
+    fn add(&mut self, o: &FsMetrics) {
+        self.requests += o.requests;
+        self.hiprio_requests += o.hiprio_requests;
+        self.error_replies += o.error_replies;
+        self.failed_requests += o.failed_requests;
+        self.malformed_chains += o.malformed_chains;
+        self.queue_errors += o.queue_errors;
+        self.panics += o.panics;
+        self.interrupts += o.interrupts;
+    }
+}
+
+/// Serve the available chains of `queue` (at most `limit`), then notify the guest if it wants
+/// to be. Returns `Err` with the reason when the ring is broken or the server panicked (the
+/// device must then fail), `Ok(true)` when chains are left (the limit was reached).
+fn drain_queue(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    server: &FuseServer,
+    interrupt: &VirtioInterrupt,
+    metrics: &mut FsMetrics,
+    hiprio: bool,
+    limit: usize,
+) -> Result<bool, String> {
+    let mut handled = 0usize;
+    let mut result = Ok(false);
+    'outer: loop {
+        if let Err(e) = queue.disable_notification(mem) {
+            result = Err(format!("cannot disable notifications: {e}"));
+            break;
+        }
+        loop {
+            if handled == limit {
+                result = Ok(true);
+                break 'outer;
+            }
+            let chain = match queue.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    result = Err(format!("available ring: {e}"));
+                    break 'outer;
+                }
+            };
+            let Some(chain) = chain else {
+                break;
+            };
+            let head = chain.head_index();
+            if hiprio {
+                metrics.hiprio_requests += 1;
+            } else {
+                metrics.requests += 1;
+            }
+            let (len, panicked) = match serve_chain(server, metrics, mem, chain) {
+                Outcome::Done(len) => (len, false),
+                Outcome::Panicked => (0, true),
+            };
+            if let Err(e) = queue.add_used(mem, head, len) {
+                result = Err(format!("used ring (head {head}): {e}"));
+                break 'outer;
+            }
+            handled += 1;
+            if panicked {
+                result = Err("the FUSE server panicked".to_string());
+                break 'outer;
+            }
+        }
+        match queue.enable_notification(mem) {
+            Ok(true) => continue,
+            Ok(false) => break,
+            Err(e) => {
+                result = Err(format!("cannot enable notifications: {e}"));
+                break;
+            }
+        }
+    }
+    if handled > 0 {
+        match queue.needs_notification(mem) {
+            Ok(true) => {
+                interrupt.signal_used_queue();
+                metrics.interrupts += 1;
+            }
+            Ok(false) => {}
+            // Still tell the guest about what completed.
+            Err(_) => interrupt.signal_used_queue(),
+        }
+    }
+    if result.is_err() && metrics.panics == 0 {
+        metrics.queue_errors += 1;
+    }
+    result
+}
+
+struct Active {
+    mem: GuestMem,
+    interrupt: Arc<VirtioInterrupt>,
+    /// `None` for a request queue handed to a worker thread.
+    queues: Vec<Option<Queue>>,
+}
+
+/// An in-process virtio-fs device serving a host directory.
+pub struct Fs {
+    tag: String,
+    opts: ShareOptions,
+    /// `None` after a reset whose rebuild failed (activation tries again).
+    server: Option<Arc<FuseServer>>,
+    /// The server has seen requests since it was built (a reset must rebuild it: the Vfs
+    /// accepts one INIT per life and holds the guest's open files).
+    server_used: bool,
+    config: [u8; CONFIG_SPACE_LEN],
+    avail_features: u64,
+    acked_features: u64,
+    queue_sizes: Vec<u16>,
+    queue_events: Vec<EventFd>,
+    activate_evt: EventFd,
+    active: Option<Active>,
+    /// Set by the event loop or a worker when a queue breaks; cleared by reset.
+    failed: Arc<AtomicBool>,
+    metrics: Arc<Mutex<FsMetrics>>,
+    /// Serve request queues on worker threads.
+    worker_threads: bool,
+    worker_name_prefix: String,
+    /// One slot per queue (the high-priority queue always stays on the event loop).
+    workers: Vec<Option<worker::Worker>>,
+}
+
+impl Fs {
+    /// An in-process device for `config` (which must have a `shared_dir`). The directory is
+    /// opened now.
+    pub fn new(config: &FsConfig) -> Result<Fs, FsError> {
+        let Some(dir) = config
+            .shared_dir
+            .as_ref()
+            .filter(|_| config.socket.is_none())
+        else {
+            return Err(FsError::NoSharedDir(config.tag.clone()));
+        };
+        check_geometry(&config.tag, config.num_queues, config.queue_size)?;
+        let opts = ShareOptions {
+            root: dir.clone(),
+            read_only: config.read_only,
+            cache: config.cache,
+            xattr: config.xattr,
+        };
+        let server = server::build(&opts)?;
+        let nq = 1 + usize::from(config.num_queues);
+        Ok(Fs {
+            tag: config.tag.clone(),
+            opts,
+            server: Some(Arc::new(server)),
+            server_used: false,
+            config: config_space(&config.tag, config.num_queues),
+            avail_features: VIRTIO_F_VERSION_1
+                | VIRTIO_RING_F_EVENT_IDX
+                | VIRTIO_RING_F_INDIRECT_DESC,
+            acked_features: 0,
+            queue_sizes: vec![config.queue_size; nq],
+            queue_events: (0..nq).map(|_| new_eventfd()).collect::<Result<_, _>>()?,
+            activate_evt: new_eventfd()?,
+            active: None,
+            failed: Arc::new(AtomicBool::new(false)),
+            metrics: Arc::new(Mutex::new(FsMetrics::default())),
+            worker_threads: config.worker_threads,
+            worker_name_prefix: "kestrel-fs".to_string(),
+            workers: (0..nq).map(|_| None).collect(),
+        })
+    }
+
+    /// The mount tag.
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    /// The shared directory.
+    pub fn shared_dir(&self) -> &std::path::Path {
+        &self.opts.root
+    }
+
+    /// Whether the share refuses changes.
+    pub fn is_read_only(&self) -> bool {
+        self.opts.read_only
+    }
+
+    /// A snapshot of the device's counters.
+    pub fn metrics(&self) -> FsMetrics {
+        *lock_metrics(&self.metrics)
+    }
+
+    /// Whether request queues are served on worker threads.
+    pub fn uses_worker_threads(&self) -> bool {
+        self.worker_threads
+    }
+
+    /// The `EventFd` the event loop watches for activation (registered in `init`).
+    pub fn activate_event(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    /// Handle everything on queue `index` now (0 is the high-priority queue). The event loop
+    /// calls this on a queue notification; it is public for tests and the fuzz target. A queue
+    /// served by a worker thread is handed to it instead.
+    pub fn process_queue(&mut self, index: usize) {
+        if self.failed.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(w) = self.workers.get(index).and_then(Option::as_ref) {
+            w.wake();
+            return;
+        }
+        let (Some(active), Some(server)) = (self.active.as_mut(), self.server.as_ref()) else {
+            return;
+        };
+        let Some(Some(queue)) = active.queues.get_mut(index) else {
+            return;
+        };
+        let mem = active.mem.memory();
+        let mut m = FsMetrics::default();
+        let r = drain_queue(
+            queue,
+            &mem,
+            server,
+            &active.interrupt,
+            &mut m,
+            index == HIPRIO_QUEUE,
+            BATCH_LIMIT,
+        );
+        self.server_used |= m.requests + m.hiprio_requests > 0;
+        lock_metrics(&self.metrics).add(&m);
+        match r {
+            Ok(false) => {}
+            Ok(true) => {
+                // Come back through the event loop, after other devices had their turn.
+                if let Err(e) = self.queue_events[index].write(1) {
+                    tracing::warn!("virtio-fs {}: cannot re-arm queue {index}: {e}", self.tag);
+                }
+            }
+            Err(why) => {
+                tracing::warn!(
+                    "virtio-fs {}: queue {index} failed, device needs a reset: {why}",
+                    self.tag
+                );
+                self.failed.store(true, Ordering::SeqCst);
+                active.interrupt.signal_config_change();
+            }
+        }
+    }
+
+    /// Start the worker threads (on the event loop, after activation).
+    fn start_workers(&mut self) {
+        if !self.worker_threads || self.failed.load(Ordering::SeqCst) {
+            return;
+        }
+        let (Some(active), Some(server)) = (self.active.as_mut(), self.server.as_ref()) else {
+            return;
+        };
+        for (i, slot) in active.queues.iter_mut().enumerate().skip(1) {
+            if self.workers[i].is_some() {
+                continue;
+            }
+            let Some(queue) = slot.take() else {
+                continue;
+            };
+            let name = format!("{}-q{i}", self.worker_name_prefix);
+            let ctx = worker::WorkerContext {
+                tag: self.tag.clone(),
+                index: i,
+                queue,
+                mem: active.mem.clone(),
+                interrupt: active.interrupt.clone(),
+                server: server.clone(),
+                metrics: self.metrics.clone(),
+                failed: self.failed.clone(),
+            };
+            match worker::Worker::spawn(name, ctx) {
+                Ok(w) => {
+                    self.server_used = true;
+                    // Chains that arrived before the thread existed.
+                    w.wake();
+                    self.workers[i] = Some(w);
+                }
+                Err((e, queue)) => {
+                    tracing::warn!(
+                        "virtio-fs {}: no worker thread for queue {i} ({e}); serving it on \
+                         the event loop",
+                        self.tag
+                    );
+                    *slot = queue;
+                }
+            }
+        }
+    }
+
+    /// Stop and join the worker threads: after this, none of them touches guest memory.
+    fn stop_workers(&mut self) {
+        for w in self.workers.iter_mut() {
+            if let Some(w) = w.take() {
+                w.stop();
+            }
+        }
+    }
+
+    /// Thread ids of the running worker threads (for cgroup placement).
+    pub fn worker_tids(&self) -> Vec<i32> {
+        self.workers.iter().flatten().map(|w| w.tid()).collect()
+    }
+
+    /// Name prefix of the worker threads (default `kestrel-fs`; threads are named
+    /// `<prefix>-q<N>`, and Linux keeps 15 bytes of a thread name).
+    pub fn set_worker_name_prefix(&mut self, prefix: &str) {
+        self.worker_name_prefix = prefix.to_string();
+    }
+
+    /// Handle every queue (after activation: notifications may have arrived before it).
+    pub fn process_all(&mut self) {
+        for i in 0..self.queue_sizes.len() {
+            self.process_queue(i);
+        }
+    }
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}
+
+impl VirtioDevice for Fs {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_FS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn set_acked_features(&mut self, features: u64) {
+        self.acked_features = features & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        tracing::debug!(
+            "virtio-fs {}: config write of {} bytes at {offset:#x} ignored (read-only)",
+            self.tag,
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMem,
+        interrupt: Arc<VirtioInterrupt>,
+        queues: Vec<Queue>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != self.queue_sizes.len() {
+            return Err(ActivateError::QueueCount {
+                expected: self.queue_sizes.len(),
+                got: queues.len(),
+            });
+        }
+        if self.server.is_none() {
+            // The rebuild at the last reset failed (the directory went away?): try again.
+            let s = server::build(&self.opts).map_err(|e| ActivateError::Backend(e.to_string()))?;
+            self.server = Some(Arc::new(s));
+            self.server_used = false;
+        }
+        self.activate_evt
+            .write(1)
+            .map_err(|e| ActivateError::Backend(format!("cannot wake the event loop: {e}")))?;
+        self.active = Some(Active {
+            mem,
+            interrupt,
+            queues: queues.into_iter().map(Some).collect(),
+        });
+        self.failed.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        // Workers first: once they are joined nothing touches the driver's memory.
+        self.stop_workers();
+        self.active = None;
+        self.failed.store(false, Ordering::SeqCst);
+        self.acked_features = 0;
+        if self.server_used {
+            // A fresh server: the next INIT starts a new FUSE session; the guest's open files
+            // and inode references of the old session are closed.
+            self.server = match server::build(&self.opts) {
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    tracing::warn!(
+                        "virtio-fs {}: cannot rebuild the FUSE server: {e}",
+                        self.tag
+                    );
+                    None
+                }
+            };
+            self.server_used = false;
+        }
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_events
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+}
+
+impl MutEventSubscriber for Fs {
+    fn init(&mut self, ops: &mut EventOps) {
+        let mut events = vec![Events::with_data(
+            &self.activate_evt,
+            ACTIVATE_EVENT,
+            EventSet::IN,
+        )];
+        for (i, e) in self.queue_events.iter().enumerate() {
+            // At most 17 queues.
+            events.push(Events::with_data(
+                e,
+                QUEUE_EVENT_BASE + i as u32,
+                EventSet::IN,
+            ));
+        }
+        for e in events {
+            if let Err(err) = ops.add(e) {
+                tracing::error!("virtio-fs {}: cannot watch an event: {err:?}", self.tag);
+            }
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let data = events.data();
+        let (evt, queue) = match data {
+            ACTIVATE_EVENT => (&self.activate_evt, None),
+            d => match self.queue_events.get((d - QUEUE_EVENT_BASE) as usize) {
+                Some(e) => (e, Some((d - QUEUE_EVENT_BASE) as usize)),
+                None => {
+                    tracing::warn!("virtio-fs {}: unexpected event {d}", self.tag);
+                    return;
+                }
+            },
+        };
+        if events.event_set() != EventSet::IN {
+            tracing::warn!(
+                "virtio-fs {}: unexpected event set {:?}",
+                self.tag,
+                events.event_set()
+            );
+        }
+        // Drain the counter; WouldBlock just means another wake-up already drained it.
+        if let Err(e) = evt.read() {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                tracing::warn!("virtio-fs {}: cannot read an event: {e}", self.tag);
+            }
+        }
+        // Notifications before activation (or after a failure) are ignored.
+        match queue {
+            Some(i) => self.process_queue(i),
+            None => {
+                self.start_workers();
+                self.process_all();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,533 @@
+//! The in-process FUSE server of a virtio-fs share: fuse-backend-rs's `Server` over a `Vfs`
+//! with one `PassthroughFs` mounted at `/`, rooted at the shared directory, behind
+//! [`SharePolicy`].
+//!
+//! What keeps the guest inside the shared directory (the guest is hostile):
+//! - `PassthroughFs` holds every inode as an `O_PATH | O_NOFOLLOW` descriptor and resolves
+//!   names with `openat` relative to the parent's descriptor, one component at a time: a
+//!   symlink is never followed on the host (a LOOKUP of a symlink yields the link itself, which
+//!   cannot be opened), and a symlink swapped in after a LOOKUP does not change what the earlier
+//!   descriptor refers to. Data is opened by re-opening that descriptor through
+//!   `/proc/self/fd`, never by path.
+//! - `Vfs` rejects names containing `/` on LOOKUP and `.`/`..`/`/` on every call that creates or
+//!   removes a name; `PassthroughFs` turns `..` at the root into `.`.
+//! - `PassthroughFs` opens only regular files and directories (anything else is `EBADF`), so a
+//!   device node, FIFO or socket in the share never gives the guest host device access; on top
+//!   of that [`SharePolicy`] refuses MKNOD of character and block devices (`EPERM`), so a guest
+//!   running as root cannot plant device nodes that host users could later open.
+//! - [`SharePolicy`] makes a read-only share refuse every mutating request with `EROFS`, and
+//!   caps the buffer sizes the guest asks for in GETXATTR/LISTXATTR.
+
+use std::ffi::CStr;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
+use fuse_backend_rs::abi::virtio_fs::RemovemappingOne;
+use fuse_backend_rs::api::filesystem::{
+    Context, DirEntry, Entry, FileSystem, FsOptions, GetxattrReply, ListxattrReply, OpenOptions,
+    SetattrValid, ZeroCopyReader, ZeroCopyWriter,
+};
+use fuse_backend_rs::api::server::Server;
+use fuse_backend_rs::api::{BackendFileSystem, Vfs, VfsOptions};
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use fuse_backend_rs::transport::FsCacheReqHandler;
+use kestrel_api::FsCache;
+
+use super::FsError;
+
+/// The FUSE server a device hands its requests to.
+pub type FuseServer = Server<Vfs>;
+
+/// Largest extended-attribute value or name list the kernel handles (`XATTR_SIZE_MAX`,
+/// `XATTR_LIST_MAX`); larger GETXATTR/LISTXATTR sizes are capped to it.
+pub const XATTR_MAX: u32 = 65536;
+
+/// How long the guest trusts attributes and entries under `cache: always`.
+pub const CACHE_ALWAYS_TIMEOUT: Duration = Duration::from_secs(86_400);
+/// How long the guest trusts attributes and entries under `cache: auto`.
+pub const CACHE_AUTO_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the FUSE server of one share is built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareOptions {
+    /// The shared directory (root of what the guest sees).
+    pub root: PathBuf,
+    /// Refuse every change with `EROFS`.
+    pub read_only: bool,
+    /// Guest caching policy.
+    pub cache: FsCache,
+    /// Pass extended attributes through.
+    pub xattr: bool,
+}
+
+impl ShareOptions {
+    /// The entry and attribute timeout for the cache policy.
+    pub fn timeout(&self) -> Duration {
+        match self.cache {
+            FsCache::None => Duration::ZERO,
+            FsCache::Auto => CACHE_AUTO_TIMEOUT,
+            FsCache::Always => CACHE_ALWAYS_TIMEOUT,
+        }
+    }
+
+    fn passthrough_config(&self, root: &str) -> Config {
+        let timeout = self.timeout();
+        Config {
+            root_dir: root.to_string(),
+            // Under a Vfs the Vfs negotiates the options and we import the root ourselves.
+            do_import: false,
+            cache_policy: match self.cache {
+                FsCache::None => CachePolicy::Never,
+                FsCache::Auto => CachePolicy::Auto,
+                FsCache::Always => CachePolicy::Always,
+            },
+            entry_timeout: timeout,
+            attr_timeout: timeout,
+            xattr: self.xattr,
+            writeback: false,
+            // O_PATH descriptors, not file handles (those need CAP_DAC_READ_SEARCH and
+            // open_by_handle_at, which would reach any inode of the host file system).
+            inode_file_handles: false,
+            ..Config::default()
+        }
+    }
+}
+
+/// Build the FUSE server for `opts`: the shared directory is opened (`O_PATH`) here, so a
+/// missing or inaccessible directory fails now rather than at the guest's INIT.
+pub fn build(opts: &ShareOptions) -> Result<FuseServer, FsError> {
+    let root = share_root(&opts.root)?;
+    let fs_err = |source| FsError::SharedDir {
+        path: opts.root.clone(),
+        source,
+    };
+    let fs: PassthroughFs = PassthroughFs::new(opts.passthrough_config(root)).map_err(fs_err)?;
+    // `import` opens the root and sets the process umask to 0 (so that the modes the guest asks
+    // for are applied as they are). The umask is process-wide: put it back at once, so the rest
+    // of the VMM keeps creating files (sockets, logs) with its own umask. Guest-created files
+    // therefore get the host umask applied too.
+    // SAFETY: umask only swaps the process file-mode creation mask; it cannot fail.
+    let old_umask = unsafe { libc::umask(0) };
+    let imported = fs.import();
+    // SAFETY: as above.
+    unsafe { libc::umask(old_umask) };
+    imported.map_err(fs_err)?;
+
+    let mut vfs_opts = VfsOptions {
+        // Plain FUSE open semantics (an OPEN per open file, handles), as virtiofsd has by
+        // default.
+        no_open: false,
+        no_opendir: false,
+        // No writeback cache: a write reaches the host before it completes in the guest.
+        no_writeback: true,
+        killpriv_v2: false,
+        ..VfsOptions::default()
+    };
+    // No DAX window: per-file DAX is never offered.
+    vfs_opts.out_opts.remove(FsOptions::PERFILE_DAX);
+    let vfs = Vfs::new(vfs_opts);
+    let policy = SharePolicy {
+        inner: fs,
+        read_only: opts.read_only,
+    };
+    vfs.mount(Box::new(policy), "/")
+        .map_err(|e| FsError::Server(format!("cannot mount the share: {e}")))?;
+    Ok(Server::new(vfs))
+}
+
+/// The shared directory as the UTF-8 string PassthroughFs takes, without NUL bytes.
+fn share_root(root: &Path) -> Result<&str, FsError> {
+    root.to_str()
+        .filter(|s| !s.is_empty() && !s.contains('\0'))
+        .ok_or_else(|| FsError::InvalidSharedDir(root.to_path_buf()))
+}
+
+fn erofs() -> io::Error {
+    io::Error::from_raw_os_error(libc::EROFS)
+}
+
+/// Whether OPEN/CREATE flags ask for write access or truncation.
+fn wants_write(flags: u32) -> bool {
+    // The flags are the guest's open(2) flags; reinterpret them as the host's c_int.
+    let flags = flags as libc::c_int;
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
+/// The request filter between the Vfs and PassthroughFs: read-only shares and the device-node
+/// rule (see the module documentation). Everything else is passed through unchanged.
+pub struct SharePolicy<F> {
+    inner: F,
+    read_only: bool,
+}
+
+impl<F> SharePolicy<F> {
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            Err(erofs())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<F: BackendFileSystem<Inode = u64, Handle = u64> + Sync + Send + 'static> BackendFileSystem
+    for SharePolicy<F>
+{
+    fn mount(&self) -> io::Result<(Entry, u64)> {
+        self.inner.mount()
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for SharePolicy<F> {
+    type Inode = u64;
+    type Handle = u64;
+
+    fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
+        self.inner.init(capable)
+    }
+
+    fn destroy(&self) {
+        self.inner.destroy()
+    }
+
+    fn lookup(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<Entry> {
+        self.inner.lookup(ctx, parent, name)
+    }
+
+    fn forget(&self, ctx: &Context, inode: u64, count: u64) {
+        self.inner.forget(ctx, inode, count)
+    }
+
+    fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
+        self.inner.batch_forget(ctx, requests)
+    }
+
+    fn getattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+    ) -> io::Result<(stat64, Duration)> {
+        self.inner.getattr(ctx, inode, handle)
+    }
+
+    fn setattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        attr: stat64,
+        handle: Option<u64>,
+        valid: SetattrValid,
+    ) -> io::Result<(stat64, Duration)> {
+        self.check_writable()?;
+        self.inner.setattr(ctx, inode, attr, handle, valid)
+    }
+
+    fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
+        self.inner.readlink(ctx, inode)
+    }
+
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
+        name: &CStr,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        self.inner.symlink(ctx, linkname, parent, name)
+    }
+
+    fn mknod(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        mode: u32,
+        rdev: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        let kind = mode & libc::S_IFMT;
+        if kind == libc::S_IFCHR || kind == libc::S_IFBLK {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        self.inner.mknod(ctx, inode, name, mode, rdev, umask)
+    }
+
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
+        self.check_writable()?;
+        self.inner.mkdir(ctx, parent, name, mode, umask)
+    }
+
+    fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner.unlink(ctx, parent, name)
+    }
+
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner.rmdir(ctx, parent, name)
+    }
+
+    fn rename(
+        &self,
+        ctx: &Context,
+        olddir: u64,
+        oldname: &CStr,
+        newdir: u64,
+        newname: &CStr,
+        flags: u32,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner
+            .rename(ctx, olddir, oldname, newdir, newname, flags)
+    }
+
+    fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
+        self.check_writable()?;
+        self.inner.link(ctx, inode, newparent, newname)
+    }
+
+    fn open(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
+        if wants_write(flags) {
+            self.check_writable()?;
+        }
+        self.inner.open(ctx, inode, flags, fuse_flags)
+    }
+
+    fn create(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        args: CreateIn,
+    ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
+        self.check_writable()?;
+        self.inner.create(ctx, parent, name, args)
+    }
+
+    fn read(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        w: &mut dyn ZeroCopyWriter,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        flags: u32,
+    ) -> io::Result<usize> {
+        self.inner
+            .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
+    }
+
+    fn write(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        r: &mut dyn ZeroCopyReader,
+        size: u32,
+        offset: u64,
+        lock_owner: Option<u64>,
+        delayed_write: bool,
+        flags: u32,
+        fuse_flags: u32,
+    ) -> io::Result<usize> {
+        self.check_writable()?;
+        self.inner.write(
+            ctx,
+            inode,
+            handle,
+            r,
+            size,
+            offset,
+            lock_owner,
+            delayed_write,
+            flags,
+            fuse_flags,
+        )
+    }
+
+    fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
+        self.inner.flush(ctx, inode, handle, lock_owner)
+    }
+
+    fn fsync(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner.fsync(ctx, inode, datasync, handle)
+    }
+
+    fn fallocate(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        mode: u32,
+        offset: u64,
+        length: u64,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner
+            .fallocate(ctx, inode, handle, mode, offset, length)
+    }
+
+    fn release(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+        handle: u64,
+        flush: bool,
+        flock_release: bool,
+        lock_owner: Option<u64>,
+    ) -> io::Result<()> {
+        self.inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+    }
+
+    fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
+        let mut st = self.inner.statfs(ctx, inode)?;
+        if self.read_only {
+            st.f_flag |= libc::ST_RDONLY;
+        }
+        Ok(st)
+    }
+
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: u32,
+    ) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner.setxattr(ctx, inode, name, value, flags)
+    }
+
+    fn getxattr(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        name: &CStr,
+        size: u32,
+    ) -> io::Result<GetxattrReply> {
+        // PassthroughFs allocates `size` bytes up front; no value is larger than XATTR_MAX.
+        self.inner.getxattr(ctx, inode, name, size.min(XATTR_MAX))
+    }
+
+    fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
+        self.inner.listxattr(ctx, inode, size.min(XATTR_MAX))
+    }
+
+    fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
+        self.check_writable()?;
+        self.inner.removexattr(ctx, inode, name)
+    }
+
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
+        self.inner.opendir(ctx, inode, flags)
+    }
+
+    fn readdir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdir(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn readdirplus(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        size: u32,
+        offset: u64,
+        add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
+    ) -> io::Result<()> {
+        self.inner
+            .readdirplus(ctx, inode, handle, size, offset, add_entry)
+    }
+
+    fn fsyncdir(&self, ctx: &Context, inode: u64, datasync: bool, handle: u64) -> io::Result<()> {
+        self.inner.fsyncdir(ctx, inode, datasync, handle)
+    }
+
+    fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        self.inner.releasedir(ctx, inode, flags, handle)
+    }
+
+    fn setupmapping(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _handle: u64,
+        _foffset: u64,
+        _len: u64,
+        _flags: u64,
+        _moffset: u64,
+        _vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        // No DAX window.
+        Err(io::Error::from_raw_os_error(libc::ENOSYS))
+    }
+
+    fn removemapping(
+        &self,
+        _ctx: &Context,
+        _inode: u64,
+        _requests: Vec<RemovemappingOne>,
+        _vu_req: &mut dyn FsCacheReqHandler,
+    ) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::ENOSYS))
+    }
+
+    fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
+        if mask & libc::W_OK as u32 != 0 {
+            self.check_writable()?;
+        }
+        self.inner.access(ctx, inode, mask)
+    }
+
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.inner.lseek(ctx, inode, handle, offset, whence)
+    }
+}
