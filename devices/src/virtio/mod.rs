@@ -134,6 +134,19 @@ pub enum ActivateError {
     Backend(String),
 }
 
+/// Copy `data.len()` bytes of a device's config space starting at `offset`; bytes past the end
+/// read as zero (the transport's contract for [`VirtioDevice::read_config`]).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(start) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(start..) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
 /// What the virtio-mmio transport needs from a device.
 pub trait VirtioDevice: Send {
     /// Virtio device id (`VIRTIO_ID_*`).

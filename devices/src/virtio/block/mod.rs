@@ -620,15 +620,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let config = self.config_space();
-        let Ok(start) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = config.get(start..) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        crate::virtio::read_config_bytes(&self.config_space(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

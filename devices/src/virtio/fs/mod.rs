@@ -144,17 +144,6 @@ pub fn config_space(tag: &str, num_request_queues: u16) -> [u8; CONFIG_SPACE_LEN
 }
 
 /// Copy `config[offset..]` into `data`; bytes beyond the config space read as zero.
-fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    data.fill(0);
-    let Ok(start) = usize::try_from(offset) else {
-        return;
-    };
-    if let Some(src) = config.get(start..) {
-        let n = src.len().min(data.len());
-        data[..n].copy_from_slice(&src[..n]);
-    }
-}
-
 fn lock_metrics(m: &Mutex<FsMetrics>) -> MutexGuard<'_, FsMetrics> {
     // Counters stay usable even if a holder panicked.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -595,7 +584,7 @@ impl VirtioDevice for Fs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        crate::virtio::read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

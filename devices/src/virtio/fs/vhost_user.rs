@@ -41,7 +41,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    check_geometry, config_space, new_eventfd, read_config_bytes, FsError, CONFIG_SPACE_LEN,
+    check_geometry, config_space, new_eventfd, FsError, CONFIG_SPACE_LEN,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::virtio::{
@@ -436,7 +436,7 @@ impl VirtioDevice for VhostUserFs {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        crate::virtio::read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
