@@ -191,8 +191,8 @@ impl Vm {
         let max_mem_size = mc.max_mem_size_mib.unwrap_or(mc.mem_size_mib) << 20;
         // vhost-user backends map guest memory themselves: memfd-backed MAP_SHARED then.
         let shared = config.needs_shared_memory();
-        let memory = MemoryManager::new(&vm_fd, mem_size, max_mem_size, shared)
-            .map_err(VmmError::Memory)?;
+        let memory =
+            MemoryManager::new(&vm_fd, mem_size, max_mem_size, shared).map_err(VmmError::Memory)?;
         let guest_mem = memory.guest_memory();
         let mem = guest_mem.memory();
         vm_fd
