@@ -20,7 +20,8 @@ pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1";
 
 /// Command-line switches a Linux guest needs on a software (nested) KVM, where CPUID filtering
 /// does not reach the guest (docs/nested-kvm.md §2).
-pub const SOFTWARE_KVM_ARGS: &str = "noxsave clearcpuid=smap,smep,popcnt,fsgsbase,cx16 nopv";
+pub const SOFTWARE_KVM_ARGS: &str =
+    "noxsave clearcpuid=smap,smep,popcnt,fsgsbase,cx16,erms,fsrm nopv";
 
 /// Whether the host's KVM is a software implementation: `/dev/kvm` works but the host CPU shows
 /// neither VT-x (`vmx`) nor AMD-V (`svm`).

@@ -109,6 +109,15 @@ pub struct MemoryResize {
     pub guest_time: Duration,
 }
 
+/// Take the one-resize-at-a-time lock, or refuse with [`SandboxError::ResizeInProgress`].
+fn try_begin(lock: &Mutex<()>) -> Result<MutexGuard<'_, ()>, SandboxError> {
+    match lock.try_lock() {
+        Ok(g) => Ok(g),
+        Err(TryLockError::WouldBlock) => Err(SandboxError::ResizeInProgress),
+        Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+    }
+}
+
 /// A running VM with a connected guest agent.
 pub struct Sandbox {
     vm: Arc<Vm>,
@@ -174,11 +183,7 @@ impl Sandbox {
     }
 
     fn begin_resize(&self) -> Result<MutexGuard<'_, ()>, SandboxError> {
-        match self.resize.try_lock() {
-            Ok(g) => Ok(g),
-            Err(TryLockError::WouldBlock) => Err(SandboxError::ResizeInProgress),
-            Err(TryLockError::Poisoned(p)) => Ok(p.into_inner()),
-        }
+        try_begin(&self.resize)
     }
 
     /// vCPUs the guest has online (as tracked by the sandbox).
@@ -364,6 +369,22 @@ impl Drop for Sandbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resize_while_another_runs_is_refused() {
+        let lock = Mutex::new(());
+        let first = try_begin(&lock).unwrap();
+        // Another caller (another thread) is refused while the first resize holds the lock.
+        std::thread::scope(|s| {
+            let r = s.spawn(|| try_begin(&lock).map(|_| ())).join().unwrap();
+            assert!(matches!(r, Err(SandboxError::ResizeInProgress)));
+        });
+        drop(first);
+        assert!(
+            try_begin(&lock).is_ok(),
+            "free again after the first resize ends"
+        );
+    }
 
     #[test]
     fn needs_vsock() {

@@ -43,6 +43,7 @@ pub fn dispatch(op: &str, a: Value) -> OpResult<(Value, Option<After>)> {
         "stream_source" => crate::stream::source(args(op, a)?)?,
         "io_bench" => crate::iobench::io_bench(args(op, a)?)?,
         "meta_bench" => crate::iobench::meta_bench(args(op, a)?)?,
+        "alloc_touch" => crate::iobench::alloc_touch(args(op, a)?)?,
         "online_cpu" => online_cpu(args(op, a)?)?,
         "probe_memory" => probe_memory(args(op, a)?)?,
         "offline_memory" => offline_memory(args(op, a)?)?,
