@@ -47,6 +47,7 @@ fn fs_share(tag: &str, dir: &std::path::Path) -> FsConfig {
 }
 
 fn main() {
+    let fs_only = std::env::args().any(|a| a == "--fs-only");
     let g = guest_artifacts();
     let pid = std::process::id();
     let ns = format!("ktb{pid}");
@@ -79,14 +80,16 @@ fn main() {
     c.boot_source.boot_args =
         Some("console=ttyS0 reboot=k panic=1 ip=10.0.9.2::10.0.9.1:255.255.255.0::eth0:off".into());
     c.serial.output = SerialOutput::None;
-    c.network_interfaces = vec![NetConfig {
-        iface_id: "eth0".into(),
-        host_dev_name: Some(tap.clone()),
-        guest_mac: None,
-        rx_rate_limiter: None,
-        tx_rate_limiter: None,
-        create_tap: true,
-    }];
+    if !fs_only {
+        c.network_interfaces = vec![NetConfig {
+            iface_id: "eth0".into(),
+            host_dev_name: Some(tap.clone()),
+            guest_mac: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+            create_tap: true,
+        }];
+    }
     c.fs = vec![
         fs_share("inproc", &inproc),
         FsConfig {
@@ -102,109 +105,112 @@ fn main() {
         vsock_id: None,
     });
     let vm = Vm::create(&c).expect("create");
-    for args in [
-        vec!["addr", "add", "10.0.9.1/24", "dev", &tap],
-        vec!["link", "set", &tap, "up"],
-    ] {
-        assert!(Command::new("ip").args(&args).status().unwrap().success());
+    if !fs_only {
+        for args in [
+            vec!["addr", "add", "10.0.9.1/24", "dev", &tap],
+            vec!["link", "set", &tap, "up"],
+        ] {
+            assert!(Command::new("ip").args(&args).status().unwrap().success());
+        }
     }
     let sb = Sandbox::from_vm(&c, vm, Duration::from_secs(900)).expect("boot");
     let vm = sb.vm().clone();
     let mut a = sb.agent();
     a.set_call_timeout(Some(Duration::from_secs(900)));
 
-    println!("Kestrel network bench (TAP in a namespace; guest kernel emulated here)");
-    println!();
-    println!("| direction | MB/s | host loopback MB/s | guest/host | VMM event-loop CPU per packet | packets |");
-    println!("|---|---|---|---|---|---|");
-    let size = 32 * MIB;
-    // Host baseline: TCP over loopback in the same namespace.
-    let host_mbps = {
-        let _ = Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status();
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
+    if !fs_only {
+        println!("Kestrel network bench (TAP in a namespace; guest kernel emulated here)");
+        println!();
+        println!("| direction | MB/s | host loopback MB/s | guest/host | VMM event-loop CPU per packet | packets |");
+        println!("|---|---|---|---|---|---|");
+        let size = 32 * MIB;
+        // Host baseline: TCP over loopback in the same namespace.
+        let host_mbps = {
+            let _ = Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status();
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = l.local_addr().unwrap();
+            let rd = std::thread::spawn(move || {
+                let (mut s, _) = l.accept().unwrap();
+                let mut b = vec![0u8; 256 << 10];
+                while s.read(&mut b).unwrap() > 0 {}
+            });
+            let mut s = TcpStream::connect(addr).unwrap();
+            let buf = vec![7u8; MIB as usize];
+            let t = Instant::now();
+            for _ in 0..size / MIB {
+                s.write_all(&buf).unwrap();
+            }
+            drop(s);
+            rd.join().unwrap();
+            size as f64 / t.elapsed().as_secs_f64() / 1e6
+        };
+        // Guest -> host.
+        let l = TcpListener::bind("10.0.9.1:7001").unwrap();
         let rd = std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
             let mut b = vec![0u8; 256 << 10];
             while s.read(&mut b).unwrap() > 0 {}
         });
-        let mut s = TcpStream::connect(addr).unwrap();
-        let buf = vec![7u8; MIB as usize];
+        let (e0, p0) = (
+            evloop_cpu_ns(&vm),
+            vm.net_metrics("eth0").unwrap().tx_packets,
+        );
+        let t = Instant::now();
+        a.call(
+            "stream_source",
+            json!({"port": 7001, "bytes": size, "tcp_host": "10.0.9.1"}),
+        )
+        .expect("guest send");
+        rd.join().unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        let (e1, p1) = (
+            evloop_cpu_ns(&vm),
+            vm.net_metrics("eth0").unwrap().tx_packets,
+        );
+        let pk = (p1 - p0).max(1);
+        println!(
+            "| guest→host | {:.1} | {host_mbps:.0} | {:.4} | {:.2} µs | {pk} |",
+            size as f64 / secs / 1e6,
+            size as f64 / secs / 1e6 / host_mbps,
+            (e1 - e0) as f64 / pk as f64 / 1000.0
+        );
+        // Host -> guest.
+        let mut a2 = sb.connect_agent(Duration::from_secs(30)).unwrap();
+        a2.set_call_timeout(Some(Duration::from_secs(900)));
+        let sink =
+            std::thread::spawn(move || a2.call("stream_sink", json!({"port": 7002, "tcp": true})));
+        let mut s = loop {
+            if let Ok(s) = TcpStream::connect("10.0.9.2:7002") {
+                break s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let (e0, p0) = (
+            evloop_cpu_ns(&vm),
+            vm.net_metrics("eth0").unwrap().rx_packets,
+        );
+        let buf = vec![9u8; MIB as usize];
         let t = Instant::now();
         for _ in 0..size / MIB {
             s.write_all(&buf).unwrap();
         }
         drop(s);
-        rd.join().unwrap();
-        size as f64 / t.elapsed().as_secs_f64() / 1e6
-    };
-    // Guest -> host.
-    let l = TcpListener::bind("10.0.9.1:7001").unwrap();
-    let rd = std::thread::spawn(move || {
-        let (mut s, _) = l.accept().unwrap();
-        let mut b = vec![0u8; 256 << 10];
-        while s.read(&mut b).unwrap() > 0 {}
-    });
-    let (e0, p0) = (
-        evloop_cpu_ns(&vm),
-        vm.net_metrics("eth0").unwrap().tx_packets,
-    );
-    let t = Instant::now();
-    a.call(
-        "stream_source",
-        json!({"port": 7001, "bytes": size, "tcp_host": "10.0.9.1"}),
-    )
-    .expect("guest send");
-    rd.join().unwrap();
-    let secs = t.elapsed().as_secs_f64();
-    let (e1, p1) = (
-        evloop_cpu_ns(&vm),
-        vm.net_metrics("eth0").unwrap().tx_packets,
-    );
-    let pk = (p1 - p0).max(1);
-    println!(
-        "| guest→host | {:.1} | {host_mbps:.0} | {:.4} | {:.2} µs | {pk} |",
-        size as f64 / secs / 1e6,
-        size as f64 / secs / 1e6 / host_mbps,
-        (e1 - e0) as f64 / pk as f64 / 1000.0
-    );
-    // Host -> guest.
-    let mut a2 = sb.connect_agent(Duration::from_secs(30)).unwrap();
-    a2.set_call_timeout(Some(Duration::from_secs(900)));
-    let sink =
-        std::thread::spawn(move || a2.call("stream_sink", json!({"port": 7002, "tcp": true})));
-    let mut s = loop {
-        if let Ok(s) = TcpStream::connect("10.0.9.2:7002") {
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let (e0, p0) = (
-        evloop_cpu_ns(&vm),
-        vm.net_metrics("eth0").unwrap().rx_packets,
-    );
-    let buf = vec![9u8; MIB as usize];
-    let t = Instant::now();
-    for _ in 0..size / MIB {
-        s.write_all(&buf).unwrap();
+        sink.join().unwrap().expect("guest receive");
+        let secs = t.elapsed().as_secs_f64();
+        let (e1, p1) = (
+            evloop_cpu_ns(&vm),
+            vm.net_metrics("eth0").unwrap().rx_packets,
+        );
+        let pk = (p1 - p0).max(1);
+        println!(
+            "| host→guest | {:.1} | {host_mbps:.0} | {:.4} | {:.2} µs | {pk} |",
+            size as f64 / secs / 1e6,
+            size as f64 / secs / 1e6 / host_mbps,
+            (e1 - e0) as f64 / pk as f64 / 1000.0
+        );
     }
-    drop(s);
-    sink.join().unwrap().expect("guest receive");
-    let secs = t.elapsed().as_secs_f64();
-    let (e1, p1) = (
-        evloop_cpu_ns(&vm),
-        vm.net_metrics("eth0").unwrap().rx_packets,
-    );
-    let pk = (p1 - p0).max(1);
-    println!(
-        "| host→guest | {:.1} | {host_mbps:.0} | {:.4} | {:.2} µs | {pk} |",
-        size as f64 / secs / 1e6,
-        size as f64 / secs / 1e6 / host_mbps,
-        (e1 - e0) as f64 / pk as f64 / 1000.0
-    );
-
     println!();
     println!("Kestrel virtio-fs bench (16 MiB file, 1 MiB blocks; 200 create+stat+unlink rounds)");
     println!();
