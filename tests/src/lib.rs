@@ -186,6 +186,23 @@ impl XorShift {
     }
 }
 
+/// CPU time (ns, from /proc/self/task/<tid>/schedstat) of the VM's threads of one kind:
+/// `vcpus` false for the event loop, true for the vCPU threads.
+pub fn vm_thread_cpu_ns(vm: &kestrel_vmm::Vm, vcpus: bool) -> u64 {
+    vm.threads()
+        .iter()
+        .filter(|t| matches!(t.kind, kestrel_vmm::ThreadKind::Vcpu(_)) == vcpus)
+        .filter_map(|t| {
+            std::fs::read_to_string(format!("/proc/self/task/{}/schedstat", t.tid))
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// Number of threads of this process.
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")

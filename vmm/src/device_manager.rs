@@ -71,17 +71,6 @@ pub enum DeviceError {
     },
 }
 
-/// One wired virtio device.
-#[allow(dead_code)] // base/irq/transport are kept for diagnostics and hot-attach work.
-pub(crate) struct VirtioSlot {
-    /// The transport (MMIO registers).
-    pub(crate) transport: Arc<Mutex<MmioTransport>>,
-    /// MMIO window base.
-    pub(crate) base: u64,
-    /// IOAPIC pin.
-    pub(crate) irq: u32,
-}
-
 /// Allocates and wires devices while the VM is being created.
 pub(crate) struct DeviceManager {
     mmio_alloc: AddressAllocator,
@@ -112,7 +101,7 @@ impl DeviceManager {
         vm: &VmFd,
         id: &str,
         dev: Arc<Mutex<D>>,
-    ) -> Result<VirtioSlot, DeviceError>
+    ) -> Result<(), DeviceError>
     where
         D: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
@@ -177,10 +166,6 @@ impl DeviceManager {
         self.cmdline
             .push(format!("virtio_mmio.device=4K@{base:#x}:{irq}"));
         tracing::info!("device {id}: virtio-mmio at {base:#x}, irq {irq}");
-        Ok(VirtioSlot {
-            transport,
-            base,
-            irq,
-        })
+        Ok(())
     }
 }

@@ -13,36 +13,10 @@ use std::time::{Duration, Instant};
 
 use kestrel_api::{DriveConfig, SerialOutput, VmConfig, VsockConfig};
 use kestrel_tests::*;
-use kestrel_vmm::{Sandbox, ThreadKind, Vm};
+use kestrel_vmm::Sandbox;
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
-
-fn evloop_cpu_ns(vm: &Vm) -> u64 {
-    vm.threads()
-        .iter()
-        .filter(|t| t.kind == ThreadKind::EventLoop)
-        .map(|t| {
-            std::fs::read_to_string(format!("/proc/self/task/{}/schedstat", t.tid))
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-                .unwrap_or(0)
-        })
-        .sum()
-}
-
-fn vcpu_cpu_ns(vm: &Vm) -> u64 {
-    vm.threads()
-        .iter()
-        .filter(|t| matches!(t.kind, ThreadKind::Vcpu(_)))
-        .map(|t| {
-            std::fs::read_to_string(format!("/proc/self/task/{}/schedstat", t.tid))
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-                .unwrap_or(0)
-        })
-        .sum()
-}
 
 /// The host doing the same O_DIRECT work (aligned buffer via a Vec over-allocation).
 fn host_io(path: &std::path::Path, bs: usize, count: u64, random: bool, write: bool) -> f64 {
@@ -137,7 +111,7 @@ fn main() {
     ];
     for (name, bs, count, random, write) in cases {
         let req0 = vm.drive_metrics("bench").unwrap().requests;
-        let (e0, v0) = (evloop_cpu_ns(&vm), vcpu_cpu_ns(&vm));
+        let (e0, v0) = (vm_thread_cpu_ns(&vm, false), vm_thread_cpu_ns(&vm, true));
         let r: Value = a
             .call(
                 "io_bench",
@@ -145,7 +119,7 @@ fn main() {
                        "random": random, "write": write, "seed": 3}),
             )
             .expect("io_bench");
-        let (e1, v1) = (evloop_cpu_ns(&vm), vcpu_cpu_ns(&vm));
+        let (e1, v1) = (vm_thread_cpu_ns(&vm, false), vm_thread_cpu_ns(&vm, true));
         let reqs = (vm.drive_metrics("bench").unwrap().requests - req0).max(1);
         let guest_s = r["duration_ns"].as_f64().unwrap_or(0.0) / 1e9;
         let host_s = host_io(&img, bs, count, random, write);
@@ -181,7 +155,7 @@ fn main() {
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    let e0 = evloop_cpu_ns(&vm);
+    let e0 = vm_thread_cpu_ns(&vm, false);
     let p0 = vm.vsock_metrics().unwrap().packets_to_guest;
     let t0 = Instant::now();
     let mut buf = vec![0u8; MIB as usize];
@@ -194,7 +168,7 @@ fn main() {
     let res = sink.join().unwrap().expect("stream_sink");
     let secs = t0.elapsed().as_secs_f64();
     let pkts = (vm.vsock_metrics().unwrap().packets_to_guest - p0).max(1);
-    let e1 = evloop_cpu_ns(&vm);
+    let e1 = vm_thread_cpu_ns(&vm, false);
     // The host doing the same: 32 MiB through a Unix socket pair.
     let (mut x, mut y) = UnixStream::pair().unwrap();
     let t = Instant::now();

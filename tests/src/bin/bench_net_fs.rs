@@ -12,25 +12,10 @@ use std::time::{Duration, Instant};
 
 use kestrel_api::{FsCache, FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
 use kestrel_tests::*;
-use kestrel_vmm::{Sandbox, ThreadKind, Vm};
+use kestrel_vmm::{Sandbox, Vm};
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
-
-fn evloop_cpu_ns(vm: &Vm) -> u64 {
-    vm.threads()
-        .iter()
-        .filter(|t| t.kind == ThreadKind::EventLoop)
-        .filter_map(|t| {
-            std::fs::read_to_string(format!("/proc/self/task/{}/schedstat", t.tid))
-                .ok()?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
 
 fn fs_share(tag: &str, dir: &std::path::Path) -> FsConfig {
     FsConfig {
@@ -154,7 +139,7 @@ fn main() {
             while s.read(&mut b).unwrap() > 0 {}
         });
         let (e0, p0) = (
-            evloop_cpu_ns(&vm),
+            vm_thread_cpu_ns(&vm, false),
             vm.net_metrics("eth0").unwrap().tx_packets,
         );
         let t = Instant::now();
@@ -166,7 +151,7 @@ fn main() {
         rd.join().unwrap();
         let secs = t.elapsed().as_secs_f64();
         let (e1, p1) = (
-            evloop_cpu_ns(&vm),
+            vm_thread_cpu_ns(&vm, false),
             vm.net_metrics("eth0").unwrap().tx_packets,
         );
         let pk = (p1 - p0).max(1);
@@ -188,7 +173,7 @@ fn main() {
             std::thread::sleep(Duration::from_millis(100));
         };
         let (e0, p0) = (
-            evloop_cpu_ns(&vm),
+            vm_thread_cpu_ns(&vm, false),
             vm.net_metrics("eth0").unwrap().rx_packets,
         );
         let buf = vec![9u8; MIB as usize];
@@ -200,7 +185,7 @@ fn main() {
         sink.join().unwrap().expect("guest receive");
         let secs = t.elapsed().as_secs_f64();
         let (e1, p1) = (
-            evloop_cpu_ns(&vm),
+            vm_thread_cpu_ns(&vm, false),
             vm.net_metrics("eth0").unwrap().rx_packets,
         );
         let pk = (p1 - p0).max(1);

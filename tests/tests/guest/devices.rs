@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use kestrel_api::{DriveConfig, SerialOutput, VmConfig, VsockConfig};
 use kestrel_tests::*;
+
+use super::{hex, sh, wait_until};
 use kestrel_vmm::agent::AgentClient;
 use kestrel_vmm::{Sandbox, Vm, VmExit};
 use serde_json::json;
@@ -18,10 +20,7 @@ use sha2::{Digest, Sha256};
 const MIB: u64 = 1 << 20;
 
 fn sha_hex(data: &[u8]) -> String {
-    Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex(&Sha256::digest(data))
 }
 
 fn sha_file(path: &Path, len: u64) -> String {
@@ -62,15 +61,6 @@ fn drive(id: &str, path: Option<&Path>, ro: bool) -> DriveConfig {
     }
 }
 
-fn sh(agent: &mut AgentClient, script: &str) -> (i32, String, String) {
-    let r = agent.exec(&["/bin/sh", "-c", script]).expect("exec");
-    (
-        r.exit_code.unwrap_or(-1),
-        r.stdout_str().into_owned(),
-        r.stderr_str().into_owned(),
-    )
-}
-
 /// Connect to a guest port through the hybrid vsock socket; Ok(stream) after "OK <port>".
 fn hybrid_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
     let mut s = UnixStream::connect(uds)?;
@@ -90,17 +80,6 @@ fn hybrid_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
         return Err(std::io::Error::other(format!("unexpected reply {l}")));
     }
     Ok(s)
-}
-
-fn wait_guest<F: FnMut() -> bool>(timeout: Duration, mut f: F) -> bool {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    false
 }
 
 #[test]
@@ -201,7 +180,7 @@ fn block_and_vsock_through_the_agent() {
     let slot = dev["slot"].0.clone();
     sb.vm().swap_drive("slot", Some(&swap1), true).unwrap();
     let size_path = format!("/sys/block/{slot}/size");
-    let seen = wait_guest(Duration::from_secs(60), || {
+    let seen = wait_until(Duration::from_secs(60), || {
         agent
             .read_file(&size_path)
             .map(|b| String::from_utf8_lossy(&b).trim() == "2048")
@@ -214,7 +193,7 @@ fn block_and_vsock_through_the_agent() {
     assert_eq!(d.sha256, sha_file(&swap1, MIB));
     // Swap to a larger file.
     sb.vm().swap_drive("slot", Some(&swap2), true).unwrap();
-    let seen = wait_guest(Duration::from_secs(60), || {
+    let seen = wait_until(Duration::from_secs(60), || {
         agent
             .read_file(&size_path)
             .map(|b| String::from_utf8_lossy(&b).trim() == "6144")
@@ -233,7 +212,7 @@ fn block_and_vsock_through_the_agent() {
     assert!(out.starts_with(&sha_hex(&tail)), "{out}");
     // Detach: back to capacity 0.
     sb.vm().swap_drive("slot", None, false).unwrap();
-    assert!(wait_guest(Duration::from_secs(60), || {
+    assert!(wait_until(Duration::from_secs(60), || {
         agent
             .read_file(&size_path)
             .map(|b| String::from_utf8_lossy(&b).trim() == "0")
@@ -248,7 +227,7 @@ fn block_and_vsock_through_the_agent() {
     a2.set_call_timeout(Some(Duration::from_secs(900)));
     let sink = std::thread::spawn(move || a2.call("stream_sink", json!({"port": 5000})));
     let mut s = None;
-    assert!(wait_guest(Duration::from_secs(60), || {
+    assert!(wait_until(Duration::from_secs(60), || {
         s = hybrid_connect(&uds, 5000).ok();
         s.is_some()
     }));

@@ -8,21 +8,11 @@ use std::time::{Duration, Instant};
 
 use kestrel_api::{FsCache, FsConfig, SerialOutput, VmConfig, VsockConfig};
 use kestrel_tests::*;
+
+use super::{hex, sh_merged};
 use kestrel_vmm::agent::AgentClient;
 use kestrel_vmm::{Sandbox, Vm, VmExit};
 use sha2::{Digest, Sha256};
-
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn sh(agent: &mut AgentClient, script: &str) -> (i32, String) {
-    let r = agent.exec(&["/bin/sh", "-c", script]).expect("exec");
-    (
-        r.exit_code.unwrap_or(-1),
-        format!("{}{}", r.stdout_str(), r.stderr_str()),
-    )
-}
 
 fn virtiofsd() -> PathBuf {
     let out = Command::new("bash")
@@ -61,28 +51,28 @@ fn share(tag: &str, dir: &Path) -> FsConfig {
 
 /// Create, rename, truncate and delete through the guest; the host sees each change.
 fn mutations(a: &mut AgentClient, mnt: &str, host: &Path) {
-    let (code, out) = sh(a, &format!("echo created-in-guest > {mnt}/new.txt"));
+    let (code, out) = sh_merged(a, &format!("echo created-in-guest > {mnt}/new.txt"));
     assert_eq!(code, 0, "{out}");
     assert_eq!(
         std::fs::read_to_string(host.join("new.txt")).unwrap(),
         "created-in-guest\n"
     );
-    let (code, out) = sh(a, &format!("mv {mnt}/new.txt {mnt}/renamed.txt"));
+    let (code, out) = sh_merged(a, &format!("mv {mnt}/new.txt {mnt}/renamed.txt"));
     assert_eq!(code, 0, "{out}");
     assert!(!host.join("new.txt").exists());
     assert!(host.join("renamed.txt").exists());
-    let (code, out) = sh(a, &format!("truncate -s 7 {mnt}/renamed.txt"));
+    let (code, out) = sh_merged(a, &format!("truncate -s 7 {mnt}/renamed.txt"));
     assert_eq!(code, 0, "{out}");
     assert_eq!(std::fs::read(host.join("renamed.txt")).unwrap(), b"created");
-    let (code, out) = sh(a, &format!("rm {mnt}/renamed.txt"));
+    let (code, out) = sh_merged(a, &format!("rm {mnt}/renamed.txt"));
     assert_eq!(code, 0, "{out}");
     assert!(!host.join("renamed.txt").exists());
     // And a host-side change is visible in the guest (no caching).
     std::fs::write(host.join("from-host.txt"), b"written on the host").unwrap();
-    let (code, out) = sh(a, &format!("cat {mnt}/from-host.txt"));
+    let (code, out) = sh_merged(a, &format!("cat {mnt}/from-host.txt"));
     assert_eq!((code, out.as_str()), (0, "written on the host"));
     std::fs::write(host.join("from-host.txt"), b"changed on the host").unwrap();
-    let (code, out) = sh(a, &format!("cat {mnt}/from-host.txt"));
+    let (code, out) = sh_merged(a, &format!("cat {mnt}/from-host.txt"));
     assert_eq!((code, out.as_str()), (0, "changed on the host"));
 }
 
@@ -173,7 +163,7 @@ fn virtio_fs_in_process_read_only_and_vhost_user() {
     // 500 files read and checked in the guest (the agent hashes each file it reads through
     // the share; no process per file).
     let t = Instant::now();
-    let (code, out) = sh(&mut a, "cd /mnt/s && find ./tree -type f | wc -l");
+    let (code, out) = sh_merged(&mut a, "cd /mnt/s && find ./tree -type f | wc -l");
     assert_eq!((code, out.trim()), (0, "500"), "{out}");
     for (path, sum) in &want {
         let d = a
@@ -186,29 +176,29 @@ fn virtio_fs_in_process_read_only_and_vhost_user() {
     mutations(&mut a, "/mnt/s", &rw);
 
     // Read-only share: reads work, writes fail with EROFS.
-    let (code, out) = sh(&mut a, "cat /mnt/ro/readme");
+    let (code, out) = sh_merged(&mut a, "cat /mnt/ro/readme");
     assert_eq!((code, out.as_str()), (0, "read only"));
-    let (code, out) = sh(&mut a, "echo x > /mnt/ro/new");
+    let (code, out) = sh_merged(&mut a, "echo x > /mnt/ro/new");
     assert_ne!(code, 0);
     assert!(out.contains("Read-only file system"), "{out}");
     assert!(!ro.join("new").exists());
 
     // Symlinks pointing outside the share do not expose host files.
     let host_hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-    let (_, out) = sh(&mut a, "cat /mnt/s/evil /mnt/s/evil2");
+    let (_, out) = sh_merged(&mut a, "cat /mnt/s/evil /mnt/s/evil2");
     assert!(!out.contains("host secret"), "{out}");
     assert!(
         host_hostname.is_empty() || !out.contains(host_hostname.trim()) || {
             // The guest resolves the link in its own namespace: equal content can only come
             // from the guest's own /etc/hostname.
-            let (_, g) = sh(&mut a, "cat /etc/hostname");
+            let (_, g) = sh_merged(&mut a, "cat /etc/hostname");
             out.contains(g.trim()) && !g.trim().is_empty()
         }
     );
 
     // The same read/write checks through vhost-user and virtiofsd.
     std::fs::write(vhu.join("hello"), b"served by virtiofsd").unwrap();
-    let (code, out) = sh(&mut a, "cat /mnt/v/hello");
+    let (code, out) = sh_merged(&mut a, "cat /mnt/v/hello");
     assert_eq!((code, out.as_str()), (0, "served by virtiofsd"));
     mutations(&mut a, "/mnt/v", &vhu);
 

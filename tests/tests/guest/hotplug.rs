@@ -5,17 +5,9 @@ use std::time::{Duration, Instant};
 
 use kestrel_api::{SerialOutput, VmConfig, VsockConfig};
 use kestrel_tests::*;
-use kestrel_vmm::agent::AgentClient;
-use kestrel_vmm::{Sandbox, SandboxError, ThreadKind, VcpuRunState, Vm, VmExit};
 
-fn sh(agent: &mut AgentClient, script: &str) -> (i32, String, String) {
-    let r = agent.exec(&["/bin/sh", "-c", script]).expect("exec");
-    (
-        r.exit_code.unwrap_or(-1),
-        r.stdout_str().into_owned(),
-        r.stderr_str().into_owned(),
-    )
-}
+use super::sh;
+use kestrel_vmm::{Sandbox, SandboxError, ThreadKind, VcpuRunState, Vm, VmExit};
 
 /// Resident KiB of the host pages in [start, end) (mincore; 0 when the range is unmapped).
 fn rss_in(start: u64, end: u64) -> u64 {

@@ -10,3 +10,40 @@ mod devices;
 mod fs;
 mod hotplug;
 mod net;
+
+use std::time::{Duration, Instant};
+
+use kestrel_vmm::agent::AgentClient;
+
+/// Run a shell command in the guest: (exit code, stdout, stderr).
+pub(crate) fn sh(agent: &mut AgentClient, script: &str) -> (i32, String, String) {
+    let r = agent.exec(&["/bin/sh", "-c", script]).expect("exec");
+    (
+        r.exit_code.unwrap_or(-1),
+        r.stdout_str().into_owned(),
+        r.stderr_str().into_owned(),
+    )
+}
+
+/// [`sh`] with stdout and stderr in one string.
+pub(crate) fn sh_merged(agent: &mut AgentClient, script: &str) -> (i32, String) {
+    let (code, out, err) = sh(agent, script);
+    (code, out + &err)
+}
+
+/// Lowercase hex.
+pub(crate) fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Poll `f` every 200 ms until it holds or `timeout` passes.
+pub(crate) fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}

@@ -12,6 +12,8 @@ use kestrel_api::{
     NetConfig, RateLimiterConfig, SerialOutput, TokenBucketConfig, VmConfig, VsockConfig,
 };
 use kestrel_tests::*;
+
+use super::{hex, sh_merged, wait_until};
 use kestrel_vmm::agent::AgentClient;
 use kestrel_vmm::{Sandbox, Vm, VmExit};
 use serde_json::json;
@@ -64,34 +66,11 @@ impl Drop for Netns {
     }
 }
 
-fn sh(agent: &mut AgentClient, script: &str) -> (i32, String) {
-    let r = agent.exec(&["/bin/sh", "-c", script]).expect("exec");
-    (
-        r.exit_code.unwrap_or(-1),
-        format!("{}{}", r.stdout_str(), r.stderr_str()),
-    )
-}
-
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn carrier(agent: &mut AgentClient, iface: &str) -> String {
     agent
         .read_file(&format!("/sys/class/net/{iface}/carrier"))
         .map(|b| String::from_utf8_lossy(&b).trim().to_string())
         .unwrap_or_else(|e| format!("error: {e}"))
-}
-
-fn wait_for(mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < end {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    false
 }
 
 /// Receive everything on one TCP connection; returns (bytes, sha256, first byte, last byte).
@@ -199,7 +178,7 @@ fn tap_networking_in_a_namespace() {
     let sink =
         std::thread::spawn(move || a2.call("stream_sink", json!({"port": 5002, "tcp": true})));
     let mut s = None;
-    assert!(wait_for(|| {
+    assert!(wait_until(Duration::from_secs(60), || {
         s = TcpStream::connect("10.0.2.2:5002").ok();
         s.is_some()
     }));
@@ -223,30 +202,30 @@ fn tap_networking_in_a_namespace() {
     assert_eq!(carrier(&mut a, "eth0"), "1");
     sb.vm().set_link("eth0", false).unwrap();
     assert!(
-        wait_for(|| carrier(&mut a, "eth0") == "0"),
+        wait_until(Duration::from_secs(60), || carrier(&mut a, "eth0") == "0"),
         "carrier stayed up"
     );
     sb.vm().set_link("eth0", true).unwrap();
     assert!(
-        wait_for(|| carrier(&mut a, "eth0") == "1"),
+        wait_until(Duration::from_secs(60), || carrier(&mut a, "eth0") == "1"),
         "carrier stayed down"
     );
 
     // Hot-attach: the slot has no TAP (link down) until the API attaches one. (carrier is
     // readable only on an interface that is administratively up.)
-    let (code, out) = sh(&mut a, "ip link set eth1 up");
+    let (code, out) = sh_merged(&mut a, "ip link set eth1 up");
     assert_eq!(code, 0, "{out}");
     assert_eq!(carrier(&mut a, "eth1"), "0");
     sb.vm().attach_tap("hot", &tap1, true).unwrap();
     assert!(
-        wait_for(|| carrier(&mut a, "eth1") == "1"),
+        wait_until(Duration::from_secs(60), || carrier(&mut a, "eth1") == "1"),
         "hot link never came up"
     );
     let (ok, out) = ns.run(&["ip", "addr", "add", "10.0.3.1/24", "dev", &tap1]);
     assert!(ok, "{out}");
     let (ok, out) = ns.run(&["ip", "link", "set", &tap1, "up"]);
     assert!(ok, "{out}");
-    let (code, out) = sh(
+    let (code, out) = sh_merged(
         &mut a,
         "ip addr add 10.0.3.2/24 dev eth1 && ip link set eth1 up",
     );
@@ -254,7 +233,9 @@ fn tap_networking_in_a_namespace() {
     let (ok, out) = ns.run(&["ping", "-c", "3", "-W", "10", "10.0.3.2"]);
     assert!(ok && out.contains("3 received"), "hot-attached slot: {out}");
     sb.vm().detach_tap("hot").unwrap();
-    assert!(wait_for(|| carrier(&mut a, "eth1") == "0"));
+    assert!(wait_until(Duration::from_secs(60), || carrier(
+        &mut a, "eth1"
+    ) == "0"));
 
     // TX rate limit holds within 20 % over a ~5 s transfer. The limit must sit below what the
     // guest can send at all: on the CI machines the emulated guest kernel pushes only a few
