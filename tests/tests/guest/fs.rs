@@ -163,8 +163,12 @@ fn virtio_fs_in_process_read_only_and_vhost_user() {
     // 500 files read and checked in the guest (the agent hashes each file it reads through
     // the share; no process per file).
     let t = Instant::now();
-    let (code, out) = sh_merged(&mut a, "cd /mnt/s && find ./tree -type f | wc -l");
-    assert_eq!((code, out.trim()), (0, "500"), "{out}");
+    // One process, no pipeline: fewer guest context switches (docs/nested-kvm.md).
+    let (code, out) = sh_merged(&mut a, "cd /mnt/s && find ./tree -type f");
+    assert_eq!(code, 0, "{out}");
+    let listed: std::collections::BTreeSet<&str> = out.lines().collect();
+    let expected: std::collections::BTreeSet<&str> = want.keys().map(String::as_str).collect();
+    assert_eq!(listed, expected, "guest listing of the share");
     for (path, sum) in &want {
         let d = a
             .sha256_file(&format!("/mnt/s/{}", path.trim_start_matches("./")))
