@@ -768,6 +768,10 @@ pub struct DriveConfig {
     /// The root partition's PARTUUID, for `root=PARTUUID=`; only with `is_root_device`.
     #[serde(default)]
     pub partuuid: Option<String>,
+    /// Token buckets for the drive's requests: bandwidth counts the bytes read or written, ops
+    /// counts every request. Changeable at run time (`Vm::update_drive_rate_limiter`).
+    #[serde(default)]
+    pub rate_limiter: Option<crate::RateLimiterConfig>,
 }
 
 impl DriveConfig {
@@ -873,6 +877,9 @@ impl VmConfig {
                     ));
                 }
             }
+            if let Some(rl) = &d.rate_limiter {
+                rl.validate(&field("rate_limiter"))?;
+            }
         }
         Ok(())
     }
@@ -936,7 +943,10 @@ mod drive_tests {
                   "is_read_only": true, "partuuid": "0eaa91a0-01"}},
                 {{"drive_id": "slot0", "path_on_host": "", "is_root_device": false,
                   "is_read_only": false, "serial": "KESTREL-SLOT-0"}},
-                {{"drive_id": "slot1"}}
+                {{"drive_id": "slot1",
+                  "rate_limiter": {{"bandwidth": {{"size": 1048576, "refill_time": 1000}},
+                                   "ops": {{"size": 100, "one_time_burst": 50,
+                                           "refill_time": 1000}}}}}}
             ]
         }}"#,
             k = some_file().display()
@@ -949,6 +959,10 @@ mod drive_tests {
         assert!(cfg.drives[1].is_empty_slot());
         assert!(cfg.drives[2].is_empty_slot());
         assert_eq!(cfg.drives[1].serial.as_deref(), Some("KESTREL-SLOT-0"));
+        let rl = cfg.drives[2].rate_limiter.unwrap();
+        assert_eq!(rl.bandwidth.unwrap().size, 1_048_576);
+        assert_eq!(rl.ops.unwrap().one_time_burst, Some(50));
+        assert!(cfg.drives[0].rate_limiter.is_none());
         // Round trip, and no drives at all is the default.
         let back = VmConfig::from_json(&serde_json::to_string(&cfg).unwrap()).unwrap();
         assert_eq!(back, cfg);
@@ -985,6 +999,24 @@ mod drive_tests {
         with(vec![drive(&"x".repeat(64)), drive("A-b_9")])
             .validate()
             .unwrap();
+    }
+
+    #[test]
+    fn drive_rate_limiter_checked() {
+        let mut d = drive("b");
+        d.rate_limiter = Some(crate::RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(crate::TokenBucketConfig {
+                size: 0,
+                one_time_burst: None,
+                refill_time: 1000,
+            }),
+        });
+        let (f, m) = err(&with(vec![drive("a"), d.clone()]));
+        assert_eq!(f, "drives[1].rate_limiter.ops.size");
+        assert!(m.starts_with("drives[1].rate_limiter.ops.size: "), "{m}");
+        d.rate_limiter = Some(crate::RateLimiterConfig::default());
+        with(vec![d]).validate().unwrap();
     }
 
     #[test]

@@ -160,9 +160,23 @@ impl std::fmt::Debug for RateLimiter {
 }
 
 impl RateLimiter {
-    /// A limiter on the monotonic clock with a real timerfd.
+    /// A limiter on the monotonic clock with a real timerfd. The timerfd is non-blocking, so a
+    /// spurious wake-up of the event loop reads nothing instead of blocking it.
     pub fn new(cfg: &RateLimiterConfig) -> std::io::Result<Self> {
         let timer = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        let fd = timer.as_raw_fd();
+        // SAFETY: F_GETFL/F_SETFL on the timerfd just created and owned by `timer`; no pointers.
+        let r = unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags < 0 {
+                flags
+            } else {
+                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
+            }
+        };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
         Ok(Self::with_clock(
             cfg,
             Box::new(MonotonicClock::default()),
@@ -241,8 +255,13 @@ impl RateLimiter {
     }
 
     fn block(&mut self, wait: Duration) {
-        self.blocked = true;
         self.throttled_events += 1;
+        self.arm(wait);
+    }
+
+    /// Block and arm the timer for `wait`.
+    fn arm(&mut self, wait: Duration) {
+        self.blocked = true;
         // At least 1 ms: a zero timer would disarm the timerfd.
         let wait = wait.max(Duration::from_millis(1));
         if let Some(t) = self.timer.as_mut() {
@@ -286,7 +305,7 @@ impl RateLimiter {
         }
         // A new config may allow what was refused: let the device retry now.
         if self.blocked {
-            self.block(Duration::from_millis(1));
+            self.arm(Duration::from_millis(1));
         }
     }
 
@@ -443,7 +462,15 @@ mod tests {
         assert!(rl.consume(1000));
         assert!(!rl.consume(500));
         let t0 = Instant::now();
-        // Block on the timerfd like the event loop would.
+        // Wait for the (non-blocking) timerfd like the event loop would.
+        let mut pfd = libc::pollfd {
+            fd: rl.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on the stack for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, 5000) };
+        assert_eq!(n, 1, "the timer fired");
         assert!(rl.on_timer());
         let waited = t0.elapsed();
         assert!(waited >= Duration::from_millis(40), "{waited:?}");

@@ -532,12 +532,8 @@ impl Vm {
         path: Option<&std::path::Path>,
         read_only: bool,
     ) -> Result<(), VmmError> {
-        let (_, blk) = self
-            .drives
-            .iter()
-            .find(|(id, _)| id == drive_id)
-            .ok_or_else(|| VmmError::NoSuchDevice(drive_id.to_string()))?;
-        blk.lock()
+        self.drive(drive_id)?
+            .lock()
             .unwrap_or_else(|p| p.into_inner())
             .swap_backing(path, read_only)
             .map_err(|source| VmmError::Block {
@@ -546,15 +542,37 @@ impl Vm {
             })
     }
 
+    /// Replace the rate limiter of block device `drive_id` (a config without buckets removes
+    /// its limits). Checked first; a request waiting on the old limits is retried at once.
+    pub fn update_drive_rate_limiter(
+        &self,
+        drive_id: &str,
+        cfg: &kestrel_api::RateLimiterConfig,
+    ) -> Result<(), VmmError> {
+        cfg.validate("rate_limiter")?;
+        self.drive(drive_id)?
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .update_rate_limiter(cfg);
+        Ok(())
+    }
+
     /// Counters of block device `drive_id`.
     pub fn drive_metrics(
         &self,
         drive_id: &str,
     ) -> Option<kestrel_devices::virtio::block::BlockMetrics> {
+        self.drive(drive_id)
+            .ok()
+            .map(|b| b.lock().unwrap_or_else(|p| p.into_inner()).metrics())
+    }
+
+    fn drive(&self, drive_id: &str) -> Result<&Arc<Mutex<Block>>, VmmError> {
         self.drives
             .iter()
             .find(|(id, _)| id == drive_id)
-            .map(|(_, b)| b.lock().unwrap_or_else(|p| p.into_inner()).metrics())
+            .map(|(_, b)| b)
+            .ok_or_else(|| VmmError::NoSuchDevice(drive_id.to_string()))
     }
 
     fn net(&self, iface_id: &str) -> Result<&Arc<Mutex<Net>>, VmmError> {

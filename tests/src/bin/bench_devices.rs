@@ -86,6 +86,7 @@ fn main() {
         is_read_only: false,
         serial: Some("bench".into()),
         partuuid: None,
+        rate_limiter: None,
     }];
     c.vsock = Some(VsockConfig {
         guest_cid: 3,

@@ -15,6 +15,12 @@
 //! activation) and [`MutEventSubscriber`] (event-loop side: queue processing). Request parsing is
 //! in [`request`] and the file backend in [`io`].
 //!
+//! Rate limiting: an optional [`RateLimiter`] (`drives[].rate_limiter`) is paid before each
+//! request — one operation, plus the data bytes of reads and writes. A refused request goes back
+//! to the available ring (`go_to_previous_position`) with guest notifications left off, and the
+//! queue resumes when the limiter's timerfd fires on the event loop; nothing polls.
+//! [`Block::update_rate_limiter`] changes the buckets at run time.
+//!
 //! Guest errors: a malformed request completes with `VIRTIO_BLK_S_IOERR` (or `UNSUPP`) when it
 //! has a usable status byte, and with a used length of 0 when it has not (counted in
 //! [`BlockMetrics::malformed_chains`]). Errors of the ring itself (an available index more than a
@@ -24,6 +30,7 @@
 pub mod io;
 pub mod request;
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -37,10 +44,13 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemory};
+use kestrel_api::RateLimiterConfig;
 use vmm_sys_util::eventfd::EventFd;
 
 use self::io::DiskFile;
 use self::request::{ParsedChain, Request, SectorRange};
+use crate::rate_limiter::RateLimiter;
+
 use super::{
     ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -73,6 +83,7 @@ pub type BlockConfig = kestrel_api::DriveConfig;
 
 const QUEUE_EVENT: u32 = 0;
 const ACTIVATE_EVENT: u32 = 1;
+const LIMITER_EVENT: u32 = 2;
 
 /// Errors creating a block device or swapping its backing file.
 #[derive(Debug, Error)]
@@ -104,6 +115,9 @@ pub enum BlockError {
     /// An `EventFd` could not be created.
     #[error("cannot create an EventFd: {0}")]
     EventFd(#[source] std::io::Error),
+    /// The rate limiter's timer could not be created.
+    #[error("cannot create a rate limiter: {0}")]
+    RateLimiter(#[source] std::io::Error),
 }
 
 /// Counters of one block device.
@@ -140,6 +154,8 @@ pub struct BlockMetrics {
     pub interrupts: u64,
     /// Config-change interrupts raised (backing swapped, device failed).
     pub config_changes: u64,
+    /// Times the rate limiter made a request wait.
+    pub rate_limited: u64,
 }
 
 /// The device state the request handler works on (separate from the queue).
@@ -172,6 +188,7 @@ pub struct Block {
     active: Option<Active>,
     failed: bool,
     config_generation: u32,
+    limiter: RateLimiter,
 }
 
 fn open_backing(path: Option<&Path>, read_only: bool) -> Result<Option<DiskFile>, BlockError> {
@@ -239,6 +256,8 @@ impl Block {
             active: None,
             failed: false,
             config_generation: 0,
+            limiter: RateLimiter::new(&config.rate_limiter.unwrap_or_default())
+                .map_err(BlockError::RateLimiter)?,
         })
     }
 
@@ -264,7 +283,34 @@ impl Block {
 
     /// A snapshot of the device's counters.
     pub fn metrics(&self) -> BlockMetrics {
-        self.backend.metrics
+        BlockMetrics {
+            rate_limited: self.limiter.throttled_events,
+            ..self.backend.metrics
+        }
+    }
+
+    /// Replace the rate limiter's buckets (a config without buckets removes the limits).
+    /// Unchanged buckets keep their state; a waiting queue is retried at once.
+    pub fn update_rate_limiter(&mut self, cfg: &RateLimiterConfig) {
+        self.limiter.update(cfg);
+    }
+
+    /// The rate limiter (tests use a fake clock through [`Block::set_rate_limiter`]).
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// Replace the rate limiter (tests: a limiter on a fake clock).
+    pub fn set_rate_limiter(&mut self, limiter: RateLimiter) {
+        self.limiter = limiter;
+    }
+
+    /// The limiter's timer fired (or, in tests, the fake clock moved on): resume the queue if
+    /// it was waiting.
+    pub fn on_rate_limiter_timer(&mut self) {
+        if self.limiter.on_timer() {
+            self.process_queue();
+        }
     }
 
     /// Replace the backing file with `path` (or remove it: `None`, an empty slot), opened
@@ -304,7 +350,8 @@ impl Block {
     /// Handle everything on the queue now. The event loop calls this on a queue notification;
     /// it is public for tests and the fuzz target.
     pub fn process_queue(&mut self) {
-        if self.failed {
+        if self.failed || self.limiter.is_blocked() {
+            // A waiting limiter resumes the queue from its timer.
             return;
         }
         let Some(active) = self.active.as_mut() else {
@@ -314,6 +361,7 @@ impl Block {
         let m = &*mem;
         let queue = &mut active.queue;
         let backend = &mut self.backend;
+        let limiter = &mut self.limiter;
         let mut handled = 0usize;
         let mut ring_error = None;
         'outer: loop {
@@ -340,7 +388,14 @@ impl Block {
                     break;
                 };
                 let head = chain.head_index();
-                let len = backend.handle(m, request::parse(chain));
+                let parsed = request::parse(chain);
+                if !limiter.is_unlimited() && !limiter.consume(parsed.rate_cost()) {
+                    // Back to the ring; the limiter's timer resumes the queue. Notifications stay
+                    // off meanwhile: kicks would only wake the loop for nothing.
+                    queue.go_to_previous_position();
+                    break 'outer;
+                }
+                let len = backend.handle(m, parsed);
                 if let Err(e) = queue.add_used(m, head, len) {
                     ring_error = Some(format!("used ring (head {head}): {e}"));
                     break 'outer;
@@ -679,10 +734,18 @@ impl VirtioDevice for Block {
 
 impl MutEventSubscriber for Block {
     fn init(&mut self, ops: &mut EventOps) {
-        let events = [
+        let mut events = vec![
             Events::with_data(&self.queue_events[0], QUEUE_EVENT, EventSet::IN),
             Events::with_data(&self.activate_evt, ACTIVATE_EVENT, EventSet::IN),
         ];
+        // Watched even without buckets: a run-time update may add some.
+        if self.limiter.as_raw_fd() >= 0 {
+            events.push(Events::with_data(
+                &self.limiter,
+                LIMITER_EVENT,
+                EventSet::IN,
+            ));
+        }
         for e in events {
             if let Err(err) = ops.add(e) {
                 tracing::error!("block {}: cannot watch an event: {err:?}", self.drive_id);
@@ -694,6 +757,10 @@ impl MutEventSubscriber for Block {
         let evt = match events.data() {
             QUEUE_EVENT => &self.queue_events[0],
             ACTIVATE_EVENT => &self.activate_evt,
+            LIMITER_EVENT => {
+                self.on_rate_limiter_timer();
+                return;
+            }
             other => {
                 tracing::warn!("block {}: unexpected event {other}", self.drive_id);
                 return;

@@ -176,6 +176,17 @@ pub struct ParsedChain {
     pub request: Result<Request, RequestError>,
 }
 
+impl ParsedChain {
+    /// Bytes the rate limiter's bandwidth bucket charges: the data of reads and writes (other
+    /// requests, and malformed ones, cost one operation and no bytes).
+    pub fn rate_cost(&self) -> u64 {
+        match &self.request {
+            Ok(r @ (Request::In { .. } | Request::Out { .. })) => r.data_len(),
+            _ => 0,
+        }
+    }
+}
+
 /// Parse one chain. Never panics and never touches memory outside the guest's.
 pub fn parse<M>(chain: DescriptorChain<M>) -> ParsedChain
 where

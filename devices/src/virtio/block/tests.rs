@@ -833,3 +833,141 @@ fn through_transport_and_event_loop() {
     ops.run_with_timeout(10).unwrap();
     assert!(start.elapsed() < Duration::from_secs(5));
 }
+
+/// A clock the test moves by hand.
+#[derive(Clone, Default)]
+struct FakeClock(Arc<std::sync::atomic::AtomicU64>);
+
+impl FakeClock {
+    fn advance_ms(&self, ms: u64) {
+        self.0
+            .fetch_add(ms * 1_000_000, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl crate::rate_limiter::Clock for FakeClock {
+    fn now(&self) -> Duration {
+        Duration::from_nanos(self.0.load(std::sync::atomic::Ordering::SeqCst))
+    }
+}
+
+fn bucket(size: u64, burst: Option<u64>, refill_ms: u64) -> kestrel_api::TokenBucketConfig {
+    kestrel_api::TokenBucketConfig {
+        size,
+        one_time_burst: burst,
+        refill_time: refill_ms,
+    }
+}
+
+#[test]
+fn bandwidth_limit_holds_requests_in_the_ring_until_refilled() {
+    let mut s = setup();
+    let clock = FakeClock::default();
+    // 2 KiB per 100 ms, plus a one-time burst of 1 KiB.
+    let cfg = RateLimiterConfig {
+        bandwidth: Some(bucket(2048, Some(1024), 100)),
+        ops: None,
+    };
+    s.block.set_rate_limiter(RateLimiter::with_clock(
+        &cfg,
+        Box::new(clock.clone()),
+        None,
+    ));
+    // Six 1 KiB reads: burst + bucket pay for three.
+    for k in 0..6u64 {
+        s.driver
+            .request(k, VIRTIO_BLK_T_IN, 2 * k, &[(DATA + k * 0x1000, 1024, true)]);
+    }
+    s.block.process_queue();
+    assert_eq!(s.driver.used_idx(), 3);
+    assert_eq!(s.driver.status(3), 0xff, "the fourth request is not done");
+    assert!(s.block.rate_limiter().is_blocked());
+    assert_eq!(s.block.metrics().rate_limited, 1);
+    // While blocked, a kick does nothing (and does not re-parse into the limiter).
+    s.block.process_queue();
+    assert_eq!(s.driver.used_idx(), 3);
+    assert_eq!(s.block.metrics().rate_limited, 1);
+    // Half the refill time: one request's worth.
+    clock.advance_ms(50);
+    s.block.on_rate_limiter_timer();
+    assert_eq!(s.driver.used_idx(), 4);
+    // The rest after another 100 ms; everything read in ring order with the right data.
+    clock.advance_ms(100);
+    s.block.on_rate_limiter_timer();
+    assert_eq!(s.driver.used_idx(), 6);
+    for k in 0..6u64 {
+        assert_eq!(s.driver.status(k), OK);
+        assert_eq!(s.driver.used(k as u16).1, 1025);
+        let got = s.driver.read(DATA + k * 0x1000, 1024);
+        assert_eq!(got, [vec![2 * k as u8; 512], vec![2 * k as u8 + 1; 512]].concat());
+    }
+    let m = s.block.metrics();
+    assert_eq!((m.read_ops, m.read_bytes), (6, 6 * 1024));
+    assert_eq!(m.rate_limited, 2);
+}
+
+#[test]
+fn ops_limit_counts_every_request_kind_and_can_be_lifted() {
+    let mut s = setup();
+    let clock = FakeClock::default();
+    let cfg = RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(bucket(2, None, 1000)),
+    };
+    s.block.set_rate_limiter(RateLimiter::with_clock(
+        &cfg,
+        Box::new(clock.clone()),
+        None,
+    ));
+    s.driver.request(0, VIRTIO_BLK_T_FLUSH, 0, &[]);
+    s.driver
+        .request(1, VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, true)]);
+    s.driver.request(2, VIRTIO_BLK_T_FLUSH, 0, &[]);
+    // An unsupported request still costs an operation.
+    s.driver.request(3, 0xdead, 0, &[]);
+    s.block.process_queue();
+    assert_eq!(s.driver.used_idx(), 2);
+    // Lifting the limits at run time lets the rest through on the next wake-up.
+    s.block.update_rate_limiter(&RateLimiterConfig::default());
+    s.block.on_rate_limiter_timer();
+    assert_eq!(s.driver.used_idx(), 4);
+    assert_eq!(s.driver.status(2), OK);
+    assert_eq!(s.driver.status(3), UNSUPP);
+    assert_eq!(s.block.metrics().rate_limited, 1);
+}
+
+#[test]
+fn rate_limited_queue_resumes_from_its_timer_on_the_event_loop() {
+    let t = image();
+    let mut config = drive(Some(t.as_path()));
+    // One request per 50 ms.
+    config.rate_limiter = Some(RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(bucket(1, None, 50)),
+    });
+    let mut s = setup_with(config, Some(t), false);
+    for k in 0..4u64 {
+        s.driver
+            .request(k, VIRTIO_BLK_T_IN, k, &[(DATA + k * 0x1000, 512, true)]);
+    }
+    let block = Arc::new(Mutex::new(s.block));
+    let mut ops = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new().unwrap();
+    ops.add_subscriber(block.clone());
+    let start = std::time::Instant::now();
+    block.lock().unwrap().process_queue();
+    assert_eq!(s.driver.used_idx(), 1);
+    // Only the limiter's timerfd wakes the loop: each wake-up completes one more request.
+    let mut wakeups = 0;
+    while s.driver.used_idx() < 4 {
+        assert!(start.elapsed() < Duration::from_secs(10), "stalled");
+        wakeups += ops.run_with_timeout(1000).unwrap();
+    }
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(150), "{took:?}");
+    assert!(wakeups >= 3, "{wakeups}");
+    for k in 0..4u64 {
+        assert_eq!(s.driver.status(k), OK);
+        assert_eq!(s.driver.read(DATA + k * 0x1000, 512), vec![k as u8; 512]);
+    }
+    assert_eq!(block.lock().unwrap().metrics().rate_limited, 3);
+}

@@ -288,25 +288,9 @@ impl std::fmt::Debug for Net {
     }
 }
 
-/// A rate limiter whose timerfd never blocks the loop (a spurious wake-up reads nothing).
+/// A rate limiter for `cfg` (no buckets when absent).
 fn new_limiter(cfg: Option<&RateLimiterConfig>) -> Result<RateLimiter, NetError> {
-    let rl = RateLimiter::new(&cfg.copied().unwrap_or_default()).map_err(NetError::RateLimiter)?;
-    let fd = rl.as_raw_fd();
-    if fd >= 0 {
-        // SAFETY: F_GETFL/F_SETFL on a descriptor the limiter owns and keeps open; no pointers.
-        let r = unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags < 0 {
-                flags
-            } else {
-                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
-            }
-        };
-        if r < 0 {
-            return Err(NetError::RateLimiter(io::Error::last_os_error()));
-        }
-    }
-    Ok(rl)
+    RateLimiter::new(&cfg.copied().unwrap_or_default()).map_err(NetError::RateLimiter)
 }
 
 /// Open (or create) TAP `name` with the 12-byte header and no offloads yet.
