@@ -31,8 +31,107 @@ fn fs_share(tag: &str, dir: &std::path::Path) -> FsConfig {
     }
 }
 
+/// Host baseline: TCP over loopback in the bench's namespace, MB/s.
+fn host_loopback_mbps(size: u64) -> f64 {
+    let _ = Command::new("ip").args(["link", "set", "lo", "up"]).status();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let rd = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut b = vec![0u8; 256 << 10];
+        while s.read(&mut b).unwrap() > 0 {}
+    });
+    let mut s = TcpStream::connect(addr).unwrap();
+    let buf = vec![7u8; MIB as usize];
+    let t = Instant::now();
+    for _ in 0..size / MIB {
+        s.write_all(&buf).unwrap();
+    }
+    drop(s);
+    rd.join().unwrap();
+    size as f64 / t.elapsed().as_secs_f64() / 1e6
+}
+
+/// One table row: throughput and the VMM event loop's CPU per packet and per MiB.
+fn row(mtu: u32, dir: &str, size: u64, secs: f64, host_mbps: f64, cpu_ns: u64, packets: u64) {
+    let mbps = size as f64 / secs / 1e6;
+    let pk = packets.max(1);
+    println!(
+        "| {mtu} | {dir} | {} | {mbps:.2} | {host_mbps:.0} | {:.4} | {:.1} µs | {:.2} ms | {pk} |",
+        size / MIB,
+        mbps / host_mbps,
+        cpu_ns as f64 / pk as f64 / 1000.0,
+        cpu_ns as f64 / (size / MIB) as f64 / 1e6,
+    );
+}
+
+/// `size` bytes of TCP guest→host, then host→guest, on ports `port` and `port + 1`.
+fn tcp_each_way(
+    sb: &Sandbox,
+    a: &mut kestrel_vmm::agent::AgentClient,
+    mtu: u32,
+    size: u64,
+    host_mbps: f64,
+    port: u16,
+) {
+    let vm = sb.vm();
+    let l = TcpListener::bind(("10.0.9.1", port)).unwrap();
+    let rd = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut b = vec![0u8; 256 << 10];
+        while s.read(&mut b).unwrap() > 0 {}
+    });
+    let (e0, p0) = (
+        vm_thread_cpu_ns(vm, false),
+        vm.net_metrics("eth0").unwrap().tx_packets,
+    );
+    let t = Instant::now();
+    a.call(
+        "stream_source",
+        json!({"port": port, "bytes": size, "tcp_host": "10.0.9.1"}),
+    )
+    .expect("guest send");
+    rd.join().unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    let (e1, p1) = (
+        vm_thread_cpu_ns(vm, false),
+        vm.net_metrics("eth0").unwrap().tx_packets,
+    );
+    row(mtu, "guest→host", size, secs, host_mbps, e1 - e0, p1 - p0);
+
+    let mut a2 = sb.connect_agent(Duration::from_secs(30)).unwrap();
+    a2.set_call_timeout(Some(Duration::from_secs(900)));
+    let sink = std::thread::spawn(move || {
+        a2.call("stream_sink", json!({"port": port + 1, "tcp": true}))
+    });
+    let mut s = loop {
+        if let Ok(s) = TcpStream::connect(("10.0.9.2", port + 1)) {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (e0, p0) = (
+        vm_thread_cpu_ns(vm, false),
+        vm.net_metrics("eth0").unwrap().rx_packets,
+    );
+    let buf = vec![9u8; MIB as usize];
+    let t = Instant::now();
+    for _ in 0..size / MIB {
+        s.write_all(&buf).unwrap();
+    }
+    drop(s);
+    sink.join().unwrap().expect("guest receive");
+    let secs = t.elapsed().as_secs_f64();
+    let (e1, p1) = (
+        vm_thread_cpu_ns(vm, false),
+        vm.net_metrics("eth0").unwrap().rx_packets,
+    );
+    row(mtu, "host→guest", size, secs, host_mbps, e1 - e0, p1 - p0);
+}
+
 fn main() {
     let fs_only = std::env::args().any(|a| a == "--fs-only");
+    let net_only = std::env::args().any(|a| a == "--net-only");
     let g = guest_artifacts();
     let pid = std::process::id();
     let ns = format!("ktb{pid}");
@@ -99,102 +198,38 @@ fn main() {
         }
     }
     let sb = Sandbox::from_vm(&c, vm, Duration::from_secs(900)).expect("boot");
-    let vm = sb.vm().clone();
     let mut a = sb.agent();
     a.set_call_timeout(Some(Duration::from_secs(900)));
 
     if !fs_only {
         println!("Kestrel network bench (TAP in a namespace; guest kernel emulated here)");
         println!();
-        println!("| direction | MB/s | host loopback MB/s | guest/host | VMM event-loop CPU per packet | packets |");
-        println!("|---|---|---|---|---|---|");
-        let size = 32 * MIB;
-        // Host baseline: TCP over loopback in the same namespace.
-        let host_mbps = {
-            let _ = Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status();
-            let l = TcpListener::bind("127.0.0.1:0").unwrap();
-            let addr = l.local_addr().unwrap();
-            let rd = std::thread::spawn(move || {
-                let (mut s, _) = l.accept().unwrap();
-                let mut b = vec![0u8; 256 << 10];
-                while s.read(&mut b).unwrap() > 0 {}
-            });
-            let mut s = TcpStream::connect(addr).unwrap();
-            let buf = vec![7u8; MIB as usize];
-            let t = Instant::now();
-            for _ in 0..size / MIB {
-                s.write_all(&buf).unwrap();
-            }
-            drop(s);
-            rd.join().unwrap();
-            size as f64 / t.elapsed().as_secs_f64() / 1e6
-        };
-        // Guest -> host.
-        let l = TcpListener::bind("10.0.9.1:7001").unwrap();
-        let rd = std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            let mut b = vec![0u8; 256 << 10];
-            while s.read(&mut b).unwrap() > 0 {}
-        });
-        let (e0, p0) = (
-            vm_thread_cpu_ns(&vm, false),
-            vm.net_metrics("eth0").unwrap().tx_packets,
-        );
-        let t = Instant::now();
-        a.call(
-            "stream_source",
-            json!({"port": 7001, "bytes": size, "tcp_host": "10.0.9.1"}),
-        )
-        .expect("guest send");
-        rd.join().unwrap();
-        let secs = t.elapsed().as_secs_f64();
-        let (e1, p1) = (
-            vm_thread_cpu_ns(&vm, false),
-            vm.net_metrics("eth0").unwrap().tx_packets,
-        );
-        let pk = (p1 - p0).max(1);
-        println!(
-            "| guest→host | {:.1} | {host_mbps:.0} | {:.4} | {:.2} µs | {pk} |",
-            size as f64 / secs / 1e6,
-            size as f64 / secs / 1e6 / host_mbps,
-            (e1 - e0) as f64 / pk as f64 / 1000.0
-        );
-        // Host -> guest.
-        let mut a2 = sb.connect_agent(Duration::from_secs(30)).unwrap();
-        a2.set_call_timeout(Some(Duration::from_secs(900)));
-        let sink =
-            std::thread::spawn(move || a2.call("stream_sink", json!({"port": 7002, "tcp": true})));
-        let mut s = loop {
-            if let Ok(s) = TcpStream::connect("10.0.9.2:7002") {
-                break s;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let (e0, p0) = (
-            vm_thread_cpu_ns(&vm, false),
-            vm.net_metrics("eth0").unwrap().rx_packets,
-        );
-        let buf = vec![9u8; MIB as usize];
-        let t = Instant::now();
-        for _ in 0..size / MIB {
-            s.write_all(&buf).unwrap();
+        println!("| MTU | direction | MiB | MB/s | host loopback MB/s | guest/host | VMM event-loop CPU per packet | per MiB | packets |");
+        println!("|---|---|---|---|---|---|---|---|---|");
+        let host_mbps = host_loopback_mbps(32 * MIB);
+        // Default MTU, then jumbo frames (fewer, larger packets: the emulated guest kernel's
+        // cost is per packet).
+        for (port, mtu, size) in [(7001, 1500u32, 16 * MIB), (7011, 65520, 32 * MIB)] {
+            let m = mtu.to_string();
+            assert!(Command::new("ip")
+                .args(["link", "set", &tap, "mtu", &m])
+                .status()
+                .unwrap()
+                .success());
+            let r = a
+                .exec(&["ip", "link", "set", "eth0", "mtu", &m])
+                .expect("guest ip");
+            assert_eq!(r.exit_code, Some(0), "{}", r.stderr_str());
+            tcp_each_way(&sb, &mut a, mtu, size, host_mbps, port);
         }
-        drop(s);
-        sink.join().unwrap().expect("guest receive");
-        let secs = t.elapsed().as_secs_f64();
-        let (e1, p1) = (
-            vm_thread_cpu_ns(&vm, false),
-            vm.net_metrics("eth0").unwrap().rx_packets,
-        );
-        let pk = (p1 - p0).max(1);
-        println!(
-            "| host→guest | {:.1} | {host_mbps:.0} | {:.4} | {:.2} µs | {pk} |",
-            size as f64 / secs / 1e6,
-            size as f64 / secs / 1e6 / host_mbps,
-            (e1 - e0) as f64 / pk as f64 / 1000.0
-        );
+        if net_only {
+            drop(a);
+            let _ = sb.shutdown(Duration::from_secs(60));
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+            return;
+        }
     }
     println!();
     println!("Kestrel virtio-fs bench (16 MiB file, 1 MiB blocks; 200 create+stat+unlink rounds)");

@@ -165,51 +165,58 @@ fn block_and_vsock_through_the_agent() {
     eprintln!("guest copied 64 MiB disk to disk in {:?}", t.elapsed());
     assert_eq!(sha_file(&data, 64 * MIB), sha_file(&src, 64 * MIB));
 
-    // Rate limit set at run time: 1 MiB/s (256 KiB every 250 ms) on the data drive. The guest
-    // reads 6 MiB with O_DIRECT (unthrottled it reads at several MB/s here) and times it.
-    let one_mib_per_s = kestrel_api::RateLimiterConfig {
+    // Rate limit set at run time: 256 KiB/s (64 KiB every 250 ms) on the data drive, well
+    // below what the guest reads unthrottled here (> 1 MiB/s even with another guest running).
+    // The guest reads 1.5 MiB with O_DIRECT in 64 KiB requests; timed on the host.
+    const LIMIT: u64 = 256 << 10;
+    let limit = kestrel_api::RateLimiterConfig {
         bandwidth: Some(kestrel_api::TokenBucketConfig {
-            size: 256 << 10,
+            size: LIMIT / 4,
             one_time_burst: None,
             refill_time: 250,
         }),
         ops: None,
     };
     let vm = sb.vm();
-    vm.update_drive_rate_limiter("data", &one_mib_per_s).unwrap();
+    vm.update_drive_rate_limiter("data", &limit).unwrap();
     let before = vm.drive_metrics("data").unwrap();
-    let read6 = |agent: &mut AgentClient| {
+    let read = |agent: &mut AgentClient| {
+        let t = Instant::now();
         let r = agent
             .call(
                 "io_bench",
-                json!({"path": format!("/dev/{}", dev["data"].0), "block_size": 128 << 10,
-                       "count": 48}),
+                json!({"path": format!("/dev/{}", dev["data"].0), "block_size": 64 << 10,
+                       "count": 24}),
             )
             .expect("io_bench");
-        r["bytes"].as_u64().unwrap() as f64 / (r["duration_ns"].as_u64().unwrap() as f64 / 1e9)
+        let guest_s = r["duration_ns"].as_u64().unwrap() as f64 / 1e9;
+        (t.elapsed().as_secs_f64(), guest_s)
     };
-    let limited = read6(&mut agent) / MIB as f64;
+    let (host_s, guest_s) = read(&mut agent);
     let after = vm.drive_metrics("data").unwrap();
+    // The full bucket (one request) goes at once; the other 23 requests at the refill rate.
+    let rate = (24 - 1) as f64 * 65536.0 / host_s / LIMIT as f64;
     eprintln!(
-        "block read under a 1 MiB/s limit: {limited:.3} MiB/s ({} waits)",
+        "block read under a 256 KiB/s limit: {rate:.3} x the limit, {host_s:.2} s on the host, \
+         {guest_s:.2} s by the guest's clock, {} waits",
         after.rate_limited - before.rate_limited
     );
-    assert!(
-        (0.8..=1.2).contains(&limited),
-        "1 MiB/s limit gave {limited:.3} MiB/s"
-    );
-    assert_eq!(after.read_bytes - before.read_bytes, 6 * MIB);
+    assert!((0.8..=1.2).contains(&rate), "{rate:.3} x the limit");
+    assert_eq!(after.read_bytes - before.read_bytes, 24 * 65536);
     assert!(after.rate_limited > before.rate_limited);
     // Bad limits are refused naming the field; lifting the limit stops the waits.
-    let mut bad = one_mib_per_s;
+    let mut bad = limit;
     bad.bandwidth.as_mut().unwrap().refill_time = 0;
     let e = vm.update_drive_rate_limiter("data", &bad).unwrap_err();
     assert!(e.to_string().contains("rate_limiter.bandwidth.refill_time"), "{e}");
     assert!(vm.update_drive_rate_limiter("nope", &bad).is_err());
     vm.update_drive_rate_limiter("data", &Default::default())
         .unwrap();
-    let free = read6(&mut agent) / MIB as f64;
-    eprintln!("block read without a limit: {free:.3} MiB/s");
+    let (free_s, _) = read(&mut agent);
+    eprintln!(
+        "block read without a limit: {:.3} MiB/s",
+        1.5 / free_s
+    );
     assert_eq!(vm.drive_metrics("data").unwrap().rate_limited, after.rate_limited);
 
     // A read-only drive rejects writes and stays unchanged.

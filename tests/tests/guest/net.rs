@@ -1,6 +1,6 @@
 //! virtio-net over real TAP devices in a network namespace made by the test: ping, 64 MiB TCP
-//! each way with checksums, link down/up seen by the guest, a hot-attached slot carrying traffic,
-//! and a 1 MiB/s TX rate limit. One boot.
+//! each way with checksums (jumbo frames), link down/up seen by the guest, a hot-attached slot
+//! carrying traffic (MTU 1500), and a 1 MiB/s TX rate limit set at run time. One boot.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

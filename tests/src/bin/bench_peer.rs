@@ -1,0 +1,231 @@
+//! VMM-side costs of the `kestrel` binary next to QEMU (Debian's `qemu-system-x86`, `-M microvm`)
+//! for the same kernel, initramfs, vCPUs and memory: time from `exec` until the VM exists, the
+//! process's CPU time to get there, resident memory outside guest RAM, threads.
+//!
+//! QEMU 7.2 cannot boot a stock kernel on the CI machines' software KVM (it stops at the first
+//! INT3, docs/nested-kvm.md), so it is measured paused (`-S`) once QMP answers: the VM, its
+//! memory and devices exist and the kernel is loaded — the same point as Kestrel's "created" log
+//! line. Kestrel is measured with its guest booting.
+//!
+//! `cargo run --release -p kestrel-tests --bin bench_peer [-- --mem MIB --vcpus N --runs R]`
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kestrel_tests::*;
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// (RSS outside guest RAM, RSS of guest RAM) in KiB: guest RAM is the mapping(s) of `mem_mib`
+/// MiB (up to 4 MiB more for allocator alignment and guard pages).
+fn rss_split(pid: u32, mem_mib: u64) -> (u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let (mut outside, mut guest) = (0u64, 0u64);
+    let mut in_guest = false;
+    let lo = mem_mib << 20;
+    let hi = lo + (4 << 20);
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            let mut it = first.split('-');
+            let s = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
+            let e = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
+            in_guest = (lo..=hi).contains(&e.saturating_sub(s));
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            if in_guest {
+                guest += kb;
+            } else {
+                outside += kb;
+            }
+        }
+    }
+    (outside, guest)
+}
+
+/// utime + stime of a process, ms.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 * 1000.0 / hz
+}
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+struct Sample {
+    ready_ms: f64,
+    cpu_ms: f64,
+    rss_kib: u64,
+    guest_rss_kib: u64,
+    threads: usize,
+}
+
+fn stop(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn kestrel(g: &GuestArtifacts, vcpus: u64, mem: u64, dir: &std::path::Path) -> Sample {
+    let bin = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("kestrel")))
+        .filter(|p| p.exists())
+        .expect("build the kestrel binary (cargo build --release -p kestrel-vmm)");
+    let cfg = dir.join("kestrel.json");
+    let json = serde_json::json!({
+        "boot-source": {"kernel_image_path": g.vmlinux, "initrd_path": g.initramfs},
+        "machine-config": {"vcpu_count": vcpus, "mem_size_mib": mem},
+        "serial": {"output": "none"},
+    });
+    std::fs::write(&cfg, json.to_string()).unwrap();
+    let t0 = Instant::now();
+    let mut child = Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .env("KESTREL_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let err = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(err).lines();
+    let mut ready = None;
+    for l in lines.by_ref() {
+        let l = l.unwrap_or_default();
+        if l.contains("created in") {
+            ready = Some(t0.elapsed());
+            break;
+        }
+    }
+    let ready = ready.expect("kestrel never logged 'created'");
+    let cpu = cpu_ms(pid);
+    // Let the vCPU threads and the event loop start, as for QEMU below.
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss, guest) = rss_split(pid, mem);
+    let s = Sample {
+        ready_ms: ready.as_secs_f64() * 1000.0,
+        cpu_ms: cpu,
+        rss_kib: rss,
+        guest_rss_kib: guest,
+        threads: threads(pid),
+    };
+    stop(child);
+    s
+}
+
+fn qmp_line(r: &mut BufReader<UnixStream>) -> String {
+    let mut l = String::new();
+    r.read_line(&mut l).unwrap();
+    l
+}
+
+fn qemu(g: &GuestArtifacts, vcpus: u64, mem: u64, dir: &std::path::Path) -> Option<Sample> {
+    let sock = dir.join("qmp.sock");
+    let _ = std::fs::remove_file(&sock);
+    let t0 = Instant::now();
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm,x-option-roms=off,rtc=off,isa-serial=on"])
+        .args(["-enable-kvm", "-cpu", "host", "-nodefaults", "-no-user-config"])
+        .args(["-display", "none", "-serial", "null", "-S"])
+        .args(["-smp", &vcpus.to_string(), "-m", &format!("{mem}M")])
+        .arg("-kernel")
+        .arg(&g.vmlinux)
+        .arg("-initrd")
+        .arg(&g.initramfs)
+        .args(["-append", "console=ttyS0 reboot=k panic=1"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", sock.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let pid = child.id();
+    let stream = loop {
+        if let Ok(s) = UnixStream::connect(&sock) {
+            break s;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            stop(child);
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    let greeting = qmp_line(&mut r);
+    assert!(greeting.contains("QMP"), "{greeting}");
+    w.write_all(br#"{"execute":"qmp_capabilities"}"#).unwrap();
+    let ok = qmp_line(&mut r);
+    assert!(ok.contains("return"), "{ok}");
+    let ready = t0.elapsed();
+    let cpu = cpu_ms(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss, guest) = rss_split(pid, mem);
+    let s = Sample {
+        ready_ms: ready.as_secs_f64() * 1000.0,
+        cpu_ms: cpu,
+        rss_kib: rss,
+        guest_rss_kib: guest,
+        threads: threads(pid),
+    };
+    let _ = w.write_all(br#"{"execute":"quit"}"#);
+    let mut rest = Vec::new();
+    let _ = r.get_mut().set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = r.read_to_end(&mut rest);
+    stop(child);
+    Some(s)
+}
+
+fn main() {
+    let vcpus = arg("--vcpus", 1);
+    let mem = arg("--mem", 128);
+    let runs = arg("--runs", 3);
+    let g = guest_artifacts();
+    let dir = scratch_dir().join("bench-peer");
+    std::fs::create_dir_all(&dir).unwrap();
+    println!("VMM-side costs, {vcpus} vCPU(s), {mem} MiB, same kernel + initramfs ({runs} runs each)");
+    println!();
+    println!("| VMM | run | exec → VM created (ms) | CPU to get there (ms) | RSS outside guest RAM (MiB) | guest RAM RSS (MiB) | threads |");
+    println!("|---|---|---|---|---|---|---|");
+    let print = |name: &str, i: u64, s: &Sample| {
+        println!(
+            "| {name} | {} | {:.1} | {:.0} | {:.1} | {:.1} | {} |",
+            i + 1,
+            s.ready_ms,
+            s.cpu_ms,
+            s.rss_kib as f64 / 1024.0,
+            s.guest_rss_kib as f64 / 1024.0,
+            s.threads
+        );
+    };
+    for i in 0..runs {
+        print("kestrel", i, &kestrel(&g, vcpus, mem, &dir));
+    }
+    for i in 0..runs {
+        match qemu(&g, vcpus, mem, &dir) {
+            Some(s) => print("qemu microvm (paused)", i, &s),
+            None => {
+                println!("| qemu | - | not available (install qemu-system-x86) | | | | |");
+                break;
+            }
+        }
+    }
+}
