@@ -16,8 +16,13 @@ need_root() {
 HOST_PACKAGES=(e2fsprogs iproute2 procps iputils-ping cpio)
 
 install_host_packages() {
+    install_packages "${HOST_PACKAGES[@]}"
+}
+
+# Install the given Debian packages if any is missing.
+install_packages() {
     local missing=()
-    for p in "${HOST_PACKAGES[@]}"; do
+    for p in "$@"; do
         if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
             missing+=("$p")
         fi

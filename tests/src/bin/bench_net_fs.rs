@@ -33,7 +33,9 @@ fn fs_share(tag: &str, dir: &std::path::Path) -> FsConfig {
 
 /// Host baseline: TCP over loopback in the bench's namespace, MB/s.
 fn host_loopback_mbps(size: u64) -> f64 {
-    let _ = Command::new("ip").args(["link", "set", "lo", "up"]).status();
+    let _ = Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status();
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let rd = std::thread::spawn(move || {
@@ -101,9 +103,8 @@ fn tcp_each_way(
 
     let mut a2 = sb.connect_agent(Duration::from_secs(30)).unwrap();
     a2.set_call_timeout(Some(Duration::from_secs(900)));
-    let sink = std::thread::spawn(move || {
-        a2.call("stream_sink", json!({"port": port + 1, "tcp": true}))
-    });
+    let sink =
+        std::thread::spawn(move || a2.call("stream_sink", json!({"port": port + 1, "tcp": true})));
     let mut s = loop {
         if let Ok(s) = TcpStream::connect(("10.0.9.2", port + 1)) {
             break s;
