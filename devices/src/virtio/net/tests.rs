@@ -1478,4 +1478,67 @@ mod real_tap {
         h.pump();
         assert_eq!(h.metrics().tx_dropped_no_link, 1);
     }
+
+    /// CPU time of the calling thread.
+    fn thread_cpu() -> Duration {
+        // SAFETY: clock_gettime writes one timespec into `t`.
+        let mut t: libc::timespec = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; the clock id is valid.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+        Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+    }
+
+    /// The device's own CPU per frame on a real TAP, without a guest: only the event-loop work
+    /// (`pump`) is timed — ioeventfd read, ring walk, TAP readv/writev, used ring, interrupt
+    /// eventfd. `cargo test -p kestrel-devices --release measure_frame_cost -- --ignored
+    /// --nocapture` (root).
+    #[test]
+    #[ignore]
+    fn measure_frame_cost() {
+        if !test_util::tun_available("measure_frame_cost") {
+            return;
+        }
+        test_util::private_netns();
+        let name = test_util::tap_name();
+        let mut h = Harness::new(Net::new(&slot("eth0")).unwrap(), BASIC);
+        h.dev().attach_tap(&name, true).unwrap();
+        h.pump();
+        test_util::ip(&["link", "set", &name, "mtu", "65520"]);
+        test_util::up(&name);
+        let sock = PacketSocket::bind(&name);
+        const N: u32 = 2000;
+        for len in [60usize, 1514, 65_000] {
+            // TX: guest -> TAP.
+            let frame = tap_frame(&"x".repeat(len - 14));
+            let mut busy = Duration::ZERO;
+            for _ in 0..N {
+                h.send(&frame);
+                let t = thread_cpu();
+                h.pump();
+                busy += thread_cpu() - t;
+                h.tx_used();
+                let _ = h.irqs();
+            }
+            let tx = busy / N;
+            // RX: TAP -> guest, one posted buffer per frame.
+            let mut busy = Duration::ZERO;
+            let mut got = 0u32;
+            for _ in 0..N {
+                h.post_rx(1, (len + 64) as u32);
+                sock.send(&frame);
+                let t = thread_cpu();
+                h.pump();
+                busy += thread_cpu() - t;
+                got += h.rx_used().len() as u32;
+                let _ = h.irqs();
+            }
+            // Frames the host stack sent on its own (IPv6 router solicitations) also count.
+            assert!(got >= N, "{got} frames reached the guest");
+            eprintln!(
+                "{len:>6}-byte frame: TX {:>6.2} µs, RX {:>6.2} µs of event-loop CPU",
+                tx.as_secs_f64() * 1e6,
+                (busy / got).as_secs_f64() * 1e6
+            );
+        }
+    }
 }
