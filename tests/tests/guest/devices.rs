@@ -176,7 +176,8 @@ fn block_and_vsock_through_the_agent() {
         ops: None,
     };
     let vm = sb.vm();
-    vm.update_drive_rate_limiter("data", &one_mib_per_s).unwrap();
+    vm.update_drive_rate_limiter("data", &one_mib_per_s)
+        .unwrap();
     let before = vm.drive_metrics("data").unwrap();
     let read6 = |agent: &mut AgentClient| {
         let r = agent
@@ -204,13 +205,19 @@ fn block_and_vsock_through_the_agent() {
     let mut bad = one_mib_per_s;
     bad.bandwidth.as_mut().unwrap().refill_time = 0;
     let e = vm.update_drive_rate_limiter("data", &bad).unwrap_err();
-    assert!(e.to_string().contains("rate_limiter.bandwidth.refill_time"), "{e}");
+    assert!(
+        e.to_string().contains("rate_limiter.bandwidth.refill_time"),
+        "{e}"
+    );
     assert!(vm.update_drive_rate_limiter("nope", &bad).is_err());
     vm.update_drive_rate_limiter("data", &Default::default())
         .unwrap();
     let free = read6(&mut agent) / MIB as f64;
     eprintln!("block read without a limit: {free:.3} MiB/s");
-    assert_eq!(vm.drive_metrics("data").unwrap().rate_limited, after.rate_limited);
+    assert_eq!(
+        vm.drive_metrics("data").unwrap().rate_limited,
+        after.rate_limited
+    );
 
     // A read-only drive rejects writes and stays unchanged.
     let before = sha_file(&ro, MIB);

@@ -868,15 +868,16 @@ fn bandwidth_limit_holds_requests_in_the_ring_until_refilled() {
         bandwidth: Some(bucket(2048, Some(1024), 100)),
         ops: None,
     };
-    s.block.set_rate_limiter(RateLimiter::with_clock(
-        &cfg,
-        Box::new(clock.clone()),
-        None,
-    ));
+    s.block
+        .set_rate_limiter(RateLimiter::with_clock(&cfg, Box::new(clock.clone()), None));
     // Six 1 KiB reads: burst + bucket pay for three.
     for k in 0..6u64 {
-        s.driver
-            .request(k, VIRTIO_BLK_T_IN, 2 * k, &[(DATA + k * 0x1000, 1024, true)]);
+        s.driver.request(
+            k,
+            VIRTIO_BLK_T_IN,
+            2 * k,
+            &[(DATA + k * 0x1000, 1024, true)],
+        );
     }
     s.block.process_queue();
     assert_eq!(s.driver.used_idx(), 3);
@@ -899,7 +900,10 @@ fn bandwidth_limit_holds_requests_in_the_ring_until_refilled() {
         assert_eq!(s.driver.status(k), OK);
         assert_eq!(s.driver.used(k as u16).1, 1025);
         let got = s.driver.read(DATA + k * 0x1000, 1024);
-        assert_eq!(got, [vec![2 * k as u8; 512], vec![2 * k as u8 + 1; 512]].concat());
+        assert_eq!(
+            got,
+            [vec![2 * k as u8; 512], vec![2 * k as u8 + 1; 512]].concat()
+        );
     }
     let m = s.block.metrics();
     assert_eq!((m.read_ops, m.read_bytes), (6, 6 * 1024));
@@ -914,11 +918,8 @@ fn ops_limit_counts_every_request_kind_and_can_be_lifted() {
         bandwidth: None,
         ops: Some(bucket(2, None, 1000)),
     };
-    s.block.set_rate_limiter(RateLimiter::with_clock(
-        &cfg,
-        Box::new(clock.clone()),
-        None,
-    ));
+    s.block
+        .set_rate_limiter(RateLimiter::with_clock(&cfg, Box::new(clock.clone()), None));
     s.driver.request(0, VIRTIO_BLK_T_FLUSH, 0, &[]);
     s.driver
         .request(1, VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, true)]);
