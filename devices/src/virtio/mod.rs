@@ -17,9 +17,12 @@
 //!   the VMM keeps running and a driver reset recovers the device.
 
 pub mod block;
+mod common;
 pub mod fs;
 pub mod mmio;
 pub mod net;
+#[cfg(test)]
+mod test_util;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -29,6 +32,13 @@ use thiserror::Error;
 use virtio_queue::Queue;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
+
+pub use self::common::EventFdError;
+pub(crate) use self::common::{
+    check_queue_count, drain_eventfd, ignore_config_write, new_eventfd, notify_used,
+    numbered_events, serve_queue, take_queues, wake_event_loop, warn_unexpected_set, watch_events,
+    Active, DeviceName, Served,
+};
 
 /// Guest memory as devices see it: an atomically replaceable snapshot, so memory hotplug can
 /// publish a new layout while devices run.

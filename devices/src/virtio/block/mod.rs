@@ -43,7 +43,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemory};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -52,7 +52,9 @@ use self::request::{ParsedChain, Request, SectorRange};
 use crate::rate_limiter::RateLimiter;
 
 use super::{
-    ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
+    drain_eventfd, ignore_config_write, new_eventfd, notify_used, serve_queue, take_queues,
+    wake_event_loop, warn_unexpected_set, watch_events, ActivateError, Active, DeviceName,
+    EventFdError, GuestMem, Served, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
 };
 
@@ -113,8 +115,8 @@ pub enum BlockError {
     #[error("serial {0:?} must be at most {SERIAL_LEN} bytes of printable ASCII")]
     InvalidSerial(String),
     /// An `EventFd` could not be created.
-    #[error("cannot create an EventFd: {0}")]
-    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    EventFd(#[from] EventFdError),
     /// The rate limiter's timer could not be created.
     #[error("cannot create a rate limiter: {0}")]
     RateLimiter(#[source] std::io::Error),
@@ -168,12 +170,6 @@ struct Backend {
     metrics: BlockMetrics,
 }
 
-struct Active {
-    mem: GuestMem,
-    interrupt: Arc<VirtioInterrupt>,
-    queue: Queue,
-}
-
 /// A virtio-blk device.
 pub struct Block {
     drive_id: String,
@@ -185,7 +181,7 @@ pub struct Block {
     queue_sizes: [u16; 1],
     queue_events: [EventFd; 1],
     activate_evt: EventFd,
-    active: Option<Active>,
+    active: Option<Active<[Queue; 1]>>,
     failed: bool,
     config_generation: u32,
     limiter: RateLimiter,
@@ -237,7 +233,6 @@ impl Block {
         } else if can_unmap {
             avail_features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(BlockError::EventFd);
         Ok(Block {
             drive_id: config.drive_id.clone(),
             backend: Backend {
@@ -251,8 +246,8 @@ impl Block {
             avail_features,
             may_unmap: can_unmap && !read_only,
             queue_sizes: [QUEUE_SIZE],
-            queue_events: [evt()?],
-            activate_evt: evt()?,
+            queue_events: [new_eventfd()?],
+            activate_evt: new_eventfd()?,
             active: None,
             failed: false,
             config_generation: 0,
@@ -264,6 +259,11 @@ impl Block {
     /// The drive's id.
     pub fn drive_id(&self) -> &str {
         &self.drive_id
+    }
+
+    /// How log lines name the device.
+    fn log_name(&self) -> DeviceName<'_> {
+        DeviceName::new("block", &self.drive_id)
     }
 
     /// The current backing file, if any.
@@ -359,70 +359,28 @@ impl Block {
         };
         let mem = active.mem.memory();
         let m = &*mem;
-        let queue = &mut active.queue;
+        let [queue] = &mut active.queues;
         let backend = &mut self.backend;
         let limiter = &mut self.limiter;
-        let mut handled = 0usize;
-        let mut ring_error = None;
-        'outer: loop {
-            if let Err(e) = queue.disable_notification(m) {
-                ring_error = Some(format!("cannot disable notifications: {e}"));
-                break;
+        let pass = serve_queue(queue, m, BATCH_LIMIT, |chain| {
+            let parsed = request::parse(chain);
+            if !limiter.is_unlimited() && !limiter.consume(parsed.rate_cost()) {
+                // Back to the ring; the limiter's timer resumes the queue. Notifications stay
+                // off meanwhile: kicks would only wake the loop for nothing.
+                return Served::Later;
             }
-            loop {
-                if handled == BATCH_LIMIT {
-                    // Come back through the event loop, after other devices had their turn.
-                    if let Err(e) = self.queue_events[0].write(1) {
-                        tracing::warn!("block {}: cannot re-arm the queue: {e}", self.drive_id);
-                    }
-                    break 'outer;
-                }
-                let chain = match queue.iter(m) {
-                    Ok(mut it) => it.next(),
-                    Err(e) => {
-                        ring_error = Some(format!("available ring: {e}"));
-                        break 'outer;
-                    }
-                };
-                let Some(chain) = chain else {
-                    break;
-                };
-                let head = chain.head_index();
-                let parsed = request::parse(chain);
-                if !limiter.is_unlimited() && !limiter.consume(parsed.rate_cost()) {
-                    // Back to the ring; the limiter's timer resumes the queue. Notifications stay
-                    // off meanwhile: kicks would only wake the loop for nothing.
-                    queue.go_to_previous_position();
-                    break 'outer;
-                }
-                let len = backend.handle(m, parsed);
-                if let Err(e) = queue.add_used(m, head, len) {
-                    ring_error = Some(format!("used ring (head {head}): {e}"));
-                    break 'outer;
-                }
-                handled += 1;
-            }
-            match queue.enable_notification(m) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    ring_error = Some(format!("cannot enable notifications: {e}"));
-                    break;
-                }
+            Served::Used(backend.handle(m, parsed))
+        });
+        if pass.limit_reached {
+            // Come back through the event loop, after other devices had their turn.
+            if let Err(e) = self.queue_events[0].write(1) {
+                tracing::warn!("block {}: cannot re-arm the queue: {e}", self.drive_id);
             }
         }
-        if handled > 0 {
-            match queue.needs_notification(m) {
-                Ok(true) => {
-                    active.interrupt.signal_used_queue();
-                    backend.metrics.interrupts += 1;
-                }
-                Ok(false) => {}
-                // Still tell the guest about what completed.
-                Err(_) => active.interrupt.signal_used_queue(),
-            }
+        if pass.used > 0 && notify_used(queue, m, &active.interrupt) {
+            backend.metrics.interrupts += 1;
         }
-        if let Some(why) = ring_error {
+        if let Some(why) = pass.ring_error {
             tracing::warn!(
                 "block {}: malformed queue, device needs a reset: {why}",
                 self.drive_id
@@ -680,11 +638,7 @@ impl VirtioDevice for Block {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Nothing is writable without VIRTIO_BLK_F_CONFIG_WCE.
-        tracing::debug!(
-            "virtio-blk {}: config write of {} bytes at {offset:#x} ignored",
-            self.drive_id,
-            data.len()
-        );
+        ignore_config_write(self.log_name(), offset, data);
     }
 
     fn activate(
@@ -693,18 +647,9 @@ impl VirtioDevice for Block {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 1, got });
-        };
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Backend(format!("cannot wake the event loop: {e}")))?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queue,
-        });
+        let queues = take_queues(queues)?;
+        wake_event_loop(&self.activate_evt)?;
+        self.active = Some(Active::new(mem, interrupt, queues));
         self.failed = false;
         Ok(())
     }
@@ -746,17 +691,13 @@ impl MutEventSubscriber for Block {
                 EventSet::IN,
             ));
         }
-        for e in events {
-            if let Err(err) = ops.add(e) {
-                tracing::error!("block {}: cannot watch an event: {err:?}", self.drive_id);
-            }
-        }
+        watch_events(ops, events, self.log_name());
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        let evt = match events.data() {
-            QUEUE_EVENT => &self.queue_events[0],
-            ACTIVATE_EVENT => &self.activate_evt,
+        let (evt, what) = match events.data() {
+            QUEUE_EVENT => (&self.queue_events[0], "queue"),
+            ACTIVATE_EVENT => (&self.activate_evt, "activation"),
             LIMITER_EVENT => {
                 self.on_rate_limiter_timer();
                 return;
@@ -766,19 +707,8 @@ impl MutEventSubscriber for Block {
                 return;
             }
         };
-        if events.event_set() != EventSet::IN {
-            tracing::warn!(
-                "block {}: unexpected event set {:?}",
-                self.drive_id,
-                events.event_set()
-            );
-        }
-        // Drain the counter; WouldBlock just means another wake-up already drained it.
-        if let Err(e) = evt.read() {
-            if e.kind() != std::io::ErrorKind::WouldBlock {
-                tracing::warn!("block {}: cannot read an event: {e}", self.drive_id);
-            }
-        }
+        warn_unexpected_set(&events, self.log_name());
+        drain_eventfd(evt, self.log_name(), what);
         // Notifications before activation (or after a failure) are ignored.
         self.process_queue();
     }

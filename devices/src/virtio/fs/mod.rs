@@ -40,14 +40,16 @@ use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use kestrel_api::FsConfig;
 use thiserror::Error;
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::server::{FuseServer, ShareOptions};
 use super::{
-    ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    check_queue_count, drain_eventfd, ignore_config_write, new_eventfd, notify_used,
+    numbered_events, serve_queue, wake_event_loop, warn_unexpected_set, watch_events,
+    ActivateError, Active, DeviceName, EventFdError, GuestMem, Served, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// Length of the tag field of the config space.
@@ -109,8 +111,8 @@ pub enum FsError {
     #[error("FUSE server: {0}")]
     Server(String),
     /// An `EventFd` could not be created.
-    #[error("cannot create an EventFd: {0}")]
-    EventFd(#[source] std::io::Error),
+    #[error(transparent)]
+    EventFd(#[from] EventFdError),
 }
 
 /// Counters of one virtio-fs device.
@@ -165,10 +167,6 @@ fn check_geometry(tag: &str, num_queues: u16, queue_size: u16) -> Result<(), FsE
         });
     }
     Ok(())
-}
-
-fn new_eventfd() -> Result<EventFd, FsError> {
-    EventFd::new(libc::EFD_NONBLOCK).map_err(FsError::EventFd)
 }
 
 /// How one chain ended.
@@ -265,79 +263,29 @@ fn drain_queue(
     hiprio: bool,
     limit: usize,
 ) -> Result<bool, String> {
-    let mut handled = 0usize;
-    let mut result = Ok(false);
-    'outer: loop {
-        if let Err(e) = queue.disable_notification(mem) {
-            result = Err(format!("cannot disable notifications: {e}"));
-            break;
+    let pass = serve_queue(queue, mem, limit, |chain| {
+        if hiprio {
+            metrics.hiprio_requests += 1;
+        } else {
+            metrics.requests += 1;
         }
-        loop {
-            if handled == limit {
-                result = Ok(true);
-                break 'outer;
-            }
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    result = Err(format!("available ring: {e}"));
-                    break 'outer;
-                }
-            };
-            let Some(chain) = chain else {
-                break;
-            };
-            let head = chain.head_index();
-            if hiprio {
-                metrics.hiprio_requests += 1;
-            } else {
-                metrics.requests += 1;
-            }
-            let (len, panicked) = match serve_chain(server, metrics, mem, chain) {
-                Outcome::Done(len) => (len, false),
-                Outcome::Panicked => (0, true),
-            };
-            if let Err(e) = queue.add_used(mem, head, len) {
-                result = Err(format!("used ring (head {head}): {e}"));
-                break 'outer;
-            }
-            handled += 1;
-            if panicked {
-                result = Err("the FUSE server panicked".to_string());
-                break 'outer;
-            }
+        match serve_chain(server, metrics, mem, chain) {
+            Outcome::Done(len) => Served::Used(len),
+            Outcome::Panicked => Served::UsedAndStop(0),
         }
-        match queue.enable_notification(mem) {
-            Ok(true) => continue,
-            Ok(false) => break,
-            Err(e) => {
-                result = Err(format!("cannot enable notifications: {e}"));
-                break;
-            }
-        }
+    });
+    if pass.used > 0 && notify_used(queue, mem, interrupt) {
+        metrics.interrupts += 1;
     }
-    if handled > 0 {
-        match queue.needs_notification(mem) {
-            Ok(true) => {
-                interrupt.signal_used_queue();
-                metrics.interrupts += 1;
-            }
-            Ok(false) => {}
-            // Still tell the guest about what completed.
-            Err(_) => interrupt.signal_used_queue(),
-        }
-    }
+    let result = match pass.ring_error {
+        Some(why) => Err(why),
+        None if pass.stopped => Err("the FUSE server panicked".to_string()),
+        None => Ok(pass.limit_reached),
+    };
     if result.is_err() && metrics.panics == 0 {
         metrics.queue_errors += 1;
     }
     result
-}
-
-struct Active {
-    mem: GuestMem,
-    interrupt: Arc<VirtioInterrupt>,
-    /// `None` for a request queue handed to a worker thread.
-    queues: Vec<Option<Queue>>,
 }
 
 /// An in-process virtio-fs device serving a host directory.
@@ -355,7 +303,8 @@ pub struct Fs {
     queue_sizes: Vec<u16>,
     queue_events: Vec<EventFd>,
     activate_evt: EventFd,
-    active: Option<Active>,
+    /// The queues: `None` for a request queue handed to a worker thread.
+    active: Option<Active<Vec<Option<Queue>>>>,
     /// Set by the event loop or a worker when a queue breaks; cleared by reset.
     failed: Arc<AtomicBool>,
     metrics: Arc<Mutex<FsMetrics>>,
@@ -411,6 +360,11 @@ impl Fs {
     /// The mount tag.
     pub fn tag(&self) -> &str {
         &self.tag
+    }
+
+    /// How log lines name the device.
+    fn log_name(&self) -> DeviceName<'_> {
+        DeviceName::new("virtio-fs", &self.tag)
     }
 
     /// The shared directory.
@@ -588,11 +542,8 @@ impl VirtioDevice for Fs {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::debug!(
-            "virtio-fs {}: config write of {} bytes at {offset:#x} ignored (read-only)",
-            self.tag,
-            data.len()
-        );
+        // The config space is read-only.
+        ignore_config_write(self.log_name(), offset, data);
     }
 
     fn activate(
@@ -601,26 +552,16 @@ impl VirtioDevice for Fs {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != self.queue_sizes.len() {
-            return Err(ActivateError::QueueCount {
-                expected: self.queue_sizes.len(),
-                got: queues.len(),
-            });
-        }
+        check_queue_count(&queues, self.queue_sizes.len())?;
         if self.server.is_none() {
             // The rebuild at the last reset failed (the directory went away?): try again.
             let s = server::build(&self.opts).map_err(|e| ActivateError::Backend(e.to_string()))?;
             self.server = Some(Arc::new(s));
             self.server_used = false;
         }
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Backend(format!("cannot wake the event loop: {e}")))?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues: queues.into_iter().map(Some).collect(),
-        });
+        wake_event_loop(&self.activate_evt)?;
+        let queues = queues.into_iter().map(Some).collect();
+        self.active = Some(Active::new(mem, interrupt, queues));
         self.failed.store(false, Ordering::SeqCst);
         Ok(())
     }
@@ -663,51 +604,26 @@ impl VirtioDevice for Fs {
 
 impl MutEventSubscriber for Fs {
     fn init(&mut self, ops: &mut EventOps) {
-        let mut events = vec![Events::with_data(
-            &self.activate_evt,
-            ACTIVATE_EVENT,
-            EventSet::IN,
-        )];
-        for (i, e) in self.queue_events.iter().enumerate() {
-            // At most 17 queues.
-            events.push(Events::with_data(
-                e,
-                QUEUE_EVENT_BASE + i as u32,
-                EventSet::IN,
-            ));
-        }
-        for e in events {
-            if let Err(err) = ops.add(e) {
-                tracing::error!("virtio-fs {}: cannot watch an event: {err:?}", self.tag);
-            }
-        }
+        let activate = Events::with_data(&self.activate_evt, ACTIVATE_EVENT, EventSet::IN);
+        let queues = numbered_events(&self.queue_events, QUEUE_EVENT_BASE);
+        let events = std::iter::once(activate).chain(queues);
+        watch_events(ops, events, self.log_name());
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let data = events.data();
-        let (evt, queue) = match data {
-            ACTIVATE_EVENT => (&self.activate_evt, None),
+        let (evt, queue, what) = match data {
+            ACTIVATE_EVENT => (&self.activate_evt, None, "activation"),
             d => match self.queue_events.get((d - QUEUE_EVENT_BASE) as usize) {
-                Some(e) => (e, Some((d - QUEUE_EVENT_BASE) as usize)),
+                Some(e) => (e, Some((d - QUEUE_EVENT_BASE) as usize), "queue"),
                 None => {
                     tracing::warn!("virtio-fs {}: unexpected event {d}", self.tag);
                     return;
                 }
             },
         };
-        if events.event_set() != EventSet::IN {
-            tracing::warn!(
-                "virtio-fs {}: unexpected event set {:?}",
-                self.tag,
-                events.event_set()
-            );
-        }
-        // Drain the counter; WouldBlock just means another wake-up already drained it.
-        if let Err(e) = evt.read() {
-            if e.kind() != std::io::ErrorKind::WouldBlock {
-                tracing::warn!("virtio-fs {}: cannot read an event: {e}", self.tag);
-            }
-        }
+        warn_unexpected_set(&events, self.log_name());
+        drain_eventfd(evt, self.log_name(), what);
         // Notifications before activation (or after a failure) are ignored.
         match queue {
             Some(i) => self.process_queue(i),

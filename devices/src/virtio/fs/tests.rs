@@ -8,20 +8,22 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, MutEventSubscriber};
 use fuse_backend_rs::abi::fuse_abi::{
     AttrOut, CreateIn, EntryOut, GetattrIn, InHeader, InitIn, InitOut, MkdirIn, MknodIn, Opcode,
     OpenIn, OpenOut, OutHeader, ReadIn, ReleaseIn, RenameIn, SetattrIn, WriteIn, WriteOut, ROOT_ID,
 };
 use kestrel_api::{FsCache, FsConfig};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::*;
+use crate::virtio::test_util::{
+    on_event_loop, Ring, TmpDir, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
+};
 
 const MEM_SIZE: usize = 16 << 20;
 const QSIZE: u16 = 256;
@@ -31,114 +33,15 @@ const RING_STRIDE: u64 = 0x4000;
 const REQ_BUF: u64 = 0x20_0000;
 const REPLY_BUF: u64 = 0x60_0000;
 const REPLY_LEN: u32 = 0x10_1000;
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
-const WAIT: Duration = Duration::from_secs(5);
 /// FATTR_MODE, FATTR_SIZE.
 const FATTR_MODE: u32 = 0x1;
 const FATTR_SIZE: u32 = 0x8;
 /// FUSE_INIT flags the test driver offers: ASYNC_READ | BIG_WRITES | DO_READDIRPLUS | MAX_PAGES.
 const INIT_FLAGS: u32 = 0x1 | 0x20 | 0x2000 | 0x40_0000;
 
-static DIR_SEQ: AtomicUsize = AtomicUsize::new(0);
-
-/// A temporary directory removed on drop.
-pub(super) struct TmpDir(pub PathBuf);
-
-impl TmpDir {
-    pub fn new() -> Self {
-        let d = std::env::temp_dir().join(format!(
-            "kfs-{}-{}",
-            std::process::id(),
-            DIR_SEQ.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TmpDir(d)
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
-}
-
-/// A split ring as the driver sees it.
-pub(super) struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-impl Ring {
-    /// A ready `Queue` of `QSIZE` entries with its rings at `base` (zeroed indexes).
-    pub fn new(mem: &GuestMemoryMmap, base: u64) -> (Ring, Queue) {
-        let r = Ring {
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-            avail_idx: 0,
-            used_seen: 0,
-        };
-        for a in [r.avail, r.avail + 2, r.used, r.used + 2] {
-            mem.write_obj(0u16, GuestAddress(a)).unwrap();
-        }
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.try_set_size(QSIZE).unwrap();
-        q.try_set_desc_table_address(GuestAddress(r.desc)).unwrap();
-        q.try_set_avail_ring_address(GuestAddress(r.avail)).unwrap();
-        q.try_set_used_ring_address(GuestAddress(r.used)).unwrap();
-        q.set_ready(true);
-        assert!(q.is_valid(mem));
-        (r, q)
-    }
-
-    pub fn set_desc(
-        &self,
-        mem: &GuestMemoryMmap,
-        i: u16,
-        addr: u64,
-        len: u32,
-        flags: u16,
-        next: u16,
-    ) {
-        let a = GuestAddress(self.desc + 16 * u64::from(i));
-        mem.write_obj(addr, a).unwrap();
-        mem.write_obj(len, GuestAddress(a.0 + 8)).unwrap();
-        mem.write_obj(flags, GuestAddress(a.0 + 12)).unwrap();
-        mem.write_obj(next, GuestAddress(a.0 + 14)).unwrap();
-    }
-
-    pub fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
-    }
-
-    /// New used entries: (descriptor id, length).
-    pub fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let e = self.used + 4 + 8 * u64::from(self.used_seen % QSIZE);
-            let id: u32 = mem.read_obj(GuestAddress(e)).unwrap();
-            let len: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
-            out.push((id as u16, len));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
-    }
 }
 
 /// A FUSE reply.
@@ -188,19 +91,12 @@ pub(super) struct Driver<D: MutEventSubscriber + VirtioDevice + 'static> {
 impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
     /// `dev` with its queues in `mem`, not yet activated.
     pub fn new(dev: D, mem: GuestMemoryMmap) -> (Driver<D>, Vec<Queue>) {
-        let kicks = dev
-            .queue_events()
-            .iter()
-            .map(|e| e.try_clone().unwrap())
-            .collect();
         let nq = dev.queue_max_sizes().len();
-        let dev = Arc::new(Mutex::new(dev));
-        let mut em = EventManager::new().unwrap();
-        em.add_subscriber(dev.clone());
+        let (dev, em, kicks) = on_event_loop(dev);
         let mut rings = Vec::new();
         let mut queues = Vec::new();
         for i in 0..nq {
-            let (r, q) = Ring::new(&mem, RING_BASE + i as u64 * RING_STRIDE);
+            let (r, q) = Ring::new(&mem, RING_BASE + i as u64 * RING_STRIDE, QSIZE);
             rings.push(r);
             queues.push(q);
         }
@@ -491,7 +387,7 @@ impl Share {
     }
 
     fn with(f: impl FnOnce(&mut FsConfig)) -> Share {
-        let tmp = TmpDir::new();
+        let tmp = TmpDir::new("kfs");
         let dir = tmp.0.join("share");
         std::fs::create_dir(&dir).unwrap();
         let mut config = FsConfig::shared_dir("kestrel", &dir);
@@ -511,7 +407,7 @@ impl Share {
 
 #[test]
 fn config_space_and_features() {
-    let tmp = TmpDir::new();
+    let tmp = TmpDir::new("kfs");
     let mut config = FsConfig::shared_dir("my-tag", &tmp.0);
     config.num_queues = 3;
     config.queue_size = 128;
@@ -543,7 +439,7 @@ fn config_space_and_features() {
 
 #[test]
 fn constructor_errors() {
-    let tmp = TmpDir::new();
+    let tmp = TmpDir::new("kfs");
     let mut c = FsConfig::shared_dir("", &tmp.0);
     assert!(matches!(Fs::new(&c), Err(FsError::InvalidTag(_))));
     c.tag = "x".repeat(37);
@@ -567,10 +463,10 @@ fn constructor_errors() {
 
 #[test]
 fn wrong_queue_count_refused() {
-    let tmp = TmpDir::new();
+    let tmp = TmpDir::new("kfs");
     let mut dev = Fs::new(&FsConfig::shared_dir("t", &tmp.0)).unwrap();
     let mem = guest_memory();
-    let (_, q) = Ring::new(&mem, RING_BASE);
+    let (_, q) = Ring::new(&mem, RING_BASE, QSIZE);
     let irq = Arc::new(VirtioInterrupt::new(
         EventFd::new(libc::EFD_NONBLOCK).unwrap(),
     ));
@@ -1228,7 +1124,7 @@ fn broken_ring_needs_reset_and_reset_recovers() {
         assert!(!d.needs_reset() && !d.is_activated());
     }
     for i in 0..2 {
-        let (r, q) = Ring::new(&s.d.mem, RING_BASE + i as u64 * RING_STRIDE);
+        let (r, q) = Ring::new(&s.d.mem, RING_BASE + i as u64 * RING_STRIDE, QSIZE);
         s.d.rings[i] = r;
         queues.push(q);
     }
@@ -1267,7 +1163,7 @@ fn worker_failure_needs_reset_and_drop_joins_threads() {
     s.d.dev.lock().unwrap().reset();
     let mut queues = Vec::new();
     for i in 0..3 {
-        let (r, q) = Ring::new(&s.d.mem, RING_BASE + i as u64 * RING_STRIDE);
+        let (r, q) = Ring::new(&s.d.mem, RING_BASE + i as u64 * RING_STRIDE, QSIZE);
         s.d.rings[i] = r;
         queues.push(q);
     }
@@ -1304,7 +1200,7 @@ fn second_init_without_reset_is_refused_and_reset_allows_it() {
     s.d.dev.lock().unwrap().reset();
     let mut queues = Vec::new();
     for i in 0..2 {
-        let (r, q) = Ring::new(&s.d.mem, RING_BASE + i as u64 * RING_STRIDE);
+        let (r, q) = Ring::new(&s.d.mem, RING_BASE + i as u64 * RING_STRIDE, QSIZE);
         s.d.rings[i] = r;
         queues.push(q);
     }
@@ -1314,7 +1210,7 @@ fn second_init_without_reset_is_refused_and_reset_allows_it() {
 
 #[test]
 fn requests_before_activation_are_served_after_it() {
-    let tmp = TmpDir::new();
+    let tmp = TmpDir::new("kfs");
     let config = FsConfig::shared_dir("t", &tmp.0);
     let (mut d, queues) = Driver::new(Fs::new(&config).unwrap(), guest_memory());
     // A kick before DRIVER_OK is ignored...
@@ -1516,7 +1412,7 @@ fn vhost_user_fs_against_virtiofsd() {
         eprintln!("skipped: no virtiofsd (scripts/install-virtiofsd.sh installs it)");
         return;
     };
-    let tmp = TmpDir::new();
+    let tmp = TmpDir::new("kfs");
     let share = tmp.0.join("share");
     std::fs::create_dir(&share).unwrap();
     std::fs::write(share.join("greeting"), b"hello via virtiofsd").unwrap();
@@ -1542,7 +1438,7 @@ fn vhost_user_fs_against_virtiofsd() {
     {
         let anon = guest_memory();
         let queues = (0..2)
-            .map(|i| Ring::new(&anon, RING_BASE + i * RING_STRIDE).1)
+            .map(|i| Ring::new(&anon, RING_BASE + i * RING_STRIDE, QSIZE).1)
             .collect();
         let irq = Arc::new(VirtioInterrupt::new(
             EventFd::new(libc::EFD_NONBLOCK).unwrap(),
@@ -1591,7 +1487,7 @@ fn vhost_user_fs_against_virtiofsd() {
     }
     let mut queues = Vec::new();
     for i in 0..2 {
-        let (r, q) = Ring::new(&d.mem, RING_BASE + i as u64 * RING_STRIDE);
+        let (r, q) = Ring::new(&d.mem, RING_BASE + i as u64 * RING_STRIDE, QSIZE);
         d.rings[i] = r;
         queues.push(q);
     }

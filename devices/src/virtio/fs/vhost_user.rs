@@ -40,13 +40,11 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{
-    check_geometry, config_space, new_eventfd, FsError, CONFIG_SPACE_LEN,
-    VIRTIO_RING_F_INDIRECT_DESC,
-};
+use super::{check_geometry, config_space, FsError, CONFIG_SPACE_LEN, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::virtio::{
-    ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    check_queue_count, drain_eventfd, ignore_config_write, new_eventfd, numbered_events,
+    wake_event_loop, watch_events, ActivateError, DeviceName, EventFdError, GuestMem, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 /// How long one vhost-user message may take before the daemon counts as dead.
@@ -113,6 +111,13 @@ pub enum VhostUserFsError {
     /// The device is not running (for [`VhostUserFs::update_memory`]).
     #[error("the device is not activated")]
     NotActive,
+}
+
+impl From<EventFdError> for VhostUserFsError {
+    /// Like the in-process device's: [`FsError::EventFd`].
+    fn from(e: EventFdError) -> Self {
+        VhostUserFsError::Config(e.into())
+    }
 }
 
 fn req(request: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserFsError {
@@ -277,6 +282,11 @@ impl VhostUserFs {
         &self.tag
     }
 
+    /// How log lines name the device.
+    fn log_name(&self) -> DeviceName<'_> {
+        DeviceName::new("vhost-user-fs", &self.tag)
+    }
+
     /// The daemon's socket.
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -405,10 +415,7 @@ impl VhostUserFs {
         let Some(evt) = self.call_events.get(queue) else {
             return;
         };
-        if let Err(e) = evt.read() {
-            if e.kind() != std::io::ErrorKind::WouldBlock {
-                tracing::warn!("vhost-user-fs {}: cannot read a call event: {e}", self.tag);
-            }
+        if !drain_eventfd(evt, self.log_name(), "call") {
             return;
         }
         if let Some(a) = &self.active {
@@ -440,11 +447,8 @@ impl VirtioDevice for VhostUserFs {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::debug!(
-            "vhost-user-fs {}: config write of {} bytes at {offset:#x} ignored (read-only)",
-            self.tag,
-            data.len()
-        );
+        // The config space is read-only.
+        ignore_config_write(self.log_name(), offset, data);
     }
 
     fn activate(
@@ -453,18 +457,11 @@ impl VirtioDevice for VhostUserFs {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != self.queue_sizes.len() {
-            return Err(ActivateError::QueueCount {
-                expected: self.queue_sizes.len(),
-                got: queues.len(),
-            });
-        }
+        check_queue_count(&queues, self.queue_sizes.len())?;
         // Checked here (no I/O) so the error reaches the transport: the daemon cannot map
         // anonymous memory.
         memory_table(&mem.memory()).map_err(|e| ActivateError::Backend(e.to_string()))?;
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Backend(format!("cannot wake the event loop: {e}")))?;
+        wake_event_loop(&self.activate_evt)?;
         self.active = Some(Active {
             mem,
             interrupt,
@@ -504,34 +501,16 @@ impl MutEventSubscriber for VhostUserFs {
     fn init(&mut self, ops: &mut EventOps) {
         // Not the queue events: those are the daemon's kick descriptors, and reading them here
         // would steal its notifications.
-        let mut events = vec![Events::with_data(
-            &self.activate_evt,
-            ACTIVATE_EVENT,
-            EventSet::IN,
-        )];
-        for (i, e) in self.call_events.iter().enumerate() {
-            // At most 17 queues.
-            events.push(Events::with_data(
-                e,
-                CALL_EVENT_BASE + i as u32,
-                EventSet::IN,
-            ));
-        }
-        for e in events {
-            if let Err(err) = ops.add(e) {
-                tracing::error!("vhost-user-fs {}: cannot watch an event: {err:?}", self.tag);
-            }
-        }
+        let activate = Events::with_data(&self.activate_evt, ACTIVATE_EVENT, EventSet::IN);
+        let calls = numbered_events(&self.call_events, CALL_EVENT_BASE);
+        let events = std::iter::once(activate).chain(calls);
+        watch_events(ops, events, self.log_name());
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
             ACTIVATE_EVENT => {
-                if let Err(e) = self.activate_evt.read() {
-                    if e.kind() != std::io::ErrorKind::WouldBlock {
-                        tracing::warn!("vhost-user-fs {}: cannot read an event: {e}", self.tag);
-                    }
-                }
+                drain_eventfd(&self.activate_evt, self.log_name(), "activation");
                 self.start();
             }
             d => self.forward_interrupt((d - CALL_EVENT_BASE) as usize),

@@ -61,8 +61,9 @@ use vmm_sys_util::eventfd::EventFd;
 use self::rx::{Rx, RxState};
 use self::tx::{Tx, TxStop};
 use super::{
-    ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    drain_eventfd, ignore_config_write, new_eventfd, take_queues, wake_event_loop, watch_events,
+    ActivateError, Active, DeviceName, EventFdError, GuestMem, VirtioDevice, VirtioInterrupt,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::rate_limiter::RateLimiter;
 use crate::tap::{offload, Tap, TapError};
@@ -102,8 +103,8 @@ pub enum NetError {
     #[error("invalid guest MAC address {0:?}")]
     InvalidMac(String),
     /// An `EventFd` could not be created.
-    #[error("cannot create an EventFd: {0}")]
-    EventFd(#[source] io::Error),
+    #[error(transparent)]
+    EventFd(#[from] EventFdError),
     /// A rate limiter's timer could not be created.
     #[error("cannot create a rate limiter: {0}")]
     RateLimiter(#[source] io::Error),
@@ -243,12 +244,6 @@ pub fn tap_offload_flags(acked: u64) -> u32 {
     flags
 }
 
-struct Active {
-    mem: GuestMem,
-    interrupt: Arc<VirtioInterrupt>,
-    queues: [Queue; 2],
-}
-
 /// A virtio-net device. See the module documentation.
 pub struct Net {
     iface_id: String,
@@ -266,7 +261,7 @@ pub struct Net {
     queue_sizes: [u16; 2],
     queue_events: [EventFd; 2],
     wake_evt: EventFd,
-    active: Option<Active>,
+    active: Option<Active<[Queue; 2]>>,
     failed: bool,
     rx: RxState,
     /// The TX queue waits for the backend to become writable.
@@ -318,7 +313,6 @@ impl Net {
             Some(name) => Some(Box::new(open_tap(name, config.create_tap)?)),
             None => None,
         };
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
         Ok(Net {
             iface_id: config.iface_id.clone(),
             mac,
@@ -330,8 +324,8 @@ impl Net {
             registered: None,
             in_event_loop: false,
             queue_sizes: [QUEUE_SIZE; 2],
-            queue_events: [evt()?, evt()?],
-            wake_evt: evt()?,
+            queue_events: [new_eventfd()?, new_eventfd()?],
+            wake_evt: new_eventfd()?,
             active: None,
             failed: false,
             rx: RxState::new(),
@@ -345,6 +339,11 @@ impl Net {
     /// The interface's id.
     pub fn iface_id(&self) -> &str {
         &self.iface_id
+    }
+
+    /// How log lines name the device.
+    fn log_name(&self) -> DeviceName<'_> {
+        DeviceName::new("net", &self.iface_id)
     }
 
     /// The guest's MAC address.
@@ -651,36 +650,31 @@ impl Net {
                 let _ = ops.remove(Events::empty_raw(fd));
                 self.registered = None;
             }
-            (None, Some((fd, set))) => match ops.add(Events::with_data_raw(fd, BACKEND_EVENT, set))
-            {
-                Ok(()) => self.registered = Some((fd, set)),
-                Err(e) => tracing::error!("net {}: cannot watch the backend: {e:?}", self.iface_id),
-            },
+            (None, Some((fd, set))) => self.watch_backend(ops, fd, set, false),
             (Some((old, old_set)), Some((fd, set))) => {
                 if old != fd {
                     let _ = ops.remove(Events::empty_raw(old));
                     self.registered = None;
-                    match ops.add(Events::with_data_raw(fd, BACKEND_EVENT, set)) {
-                        Ok(()) => self.registered = Some((fd, set)),
-                        Err(e) => {
-                            tracing::error!(
-                                "net {}: cannot watch the backend: {e:?}",
-                                self.iface_id
-                            )
-                        }
-                    }
+                    self.watch_backend(ops, fd, set, false);
                 } else if old_set != set {
-                    match ops.modify(Events::with_data_raw(fd, BACKEND_EVENT, set)) {
-                        Ok(()) => self.registered = Some((fd, set)),
-                        Err(e) => {
-                            tracing::error!(
-                                "net {}: cannot watch the backend: {e:?}",
-                                self.iface_id
-                            )
-                        }
-                    }
+                    self.watch_backend(ops, fd, set, true);
                 }
             }
+        }
+    }
+
+    /// Watch backend descriptor `fd` for `set` (`modify`: it is watched already, for another
+    /// set). On success it is the registered backend; on failure nothing changes.
+    fn watch_backend(&mut self, ops: &mut EventOps, fd: RawFd, set: EventSet, modify: bool) {
+        let events = Events::with_data_raw(fd, BACKEND_EVENT, set);
+        let r = if modify {
+            ops.modify(events)
+        } else {
+            ops.add(events)
+        };
+        match r {
+            Ok(()) => self.registered = Some((fd, set)),
+            Err(e) => tracing::error!("{}: cannot watch the backend: {e:?}", self.log_name()),
         }
     }
 
@@ -720,11 +714,7 @@ impl VirtioDevice for Net {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // The MAC is writable only for legacy drivers.
-        tracing::debug!(
-            "virtio-net {}: config write of {} bytes at {offset:#x} ignored",
-            self.iface_id,
-            data.len()
-        );
+        ignore_config_write(self.log_name(), offset, data);
     }
 
     fn activate(
@@ -733,10 +723,7 @@ impl VirtioDevice for Net {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Ok(queues) = <[Queue; 2]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 2, got });
-        };
+        let queues = take_queues(queues)?;
         let flags = tap_offload_flags(self.acked_features);
         if let Some(b) = self.backend.as_mut() {
             if let Err(e) = b.set_offload(flags) {
@@ -746,14 +733,8 @@ impl VirtioDevice for Net {
                     .map_err(|e| ActivateError::Backend(e.to_string()))?;
             }
         }
-        self.wake_evt
-            .write(1)
-            .map_err(|e| ActivateError::Backend(format!("cannot wake the event loop: {e}")))?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-        });
+        wake_event_loop(&self.wake_evt)?;
+        self.active = Some(Active::new(mem, interrupt, queues));
         self.failed = false;
         self.rx.clear();
         self.tx_backend_full = false;
@@ -787,15 +768,6 @@ impl VirtioDevice for Net {
     }
 }
 
-/// Read an `EventFd` counter; "nothing to read" is fine (another wake-up drained it).
-fn drain(evt: &EventFd, what: &str) {
-    if let Err(e) = evt.read() {
-        if e.kind() != io::ErrorKind::WouldBlock {
-            tracing::warn!("virtio-net: cannot read the {what} event: {e}");
-        }
-    }
-}
-
 impl MutEventSubscriber for Net {
     fn init(&mut self, ops: &mut EventOps) {
         self.in_event_loop = true;
@@ -812,11 +784,7 @@ impl MutEventSubscriber for Net {
                 events.push(Events::with_data(rl, data, EventSet::IN));
             }
         }
-        for e in events {
-            if let Err(err) = ops.add(e) {
-                tracing::error!("net {}: cannot watch an event: {err:?}", self.iface_id);
-            }
-        }
+        watch_events(ops, events, self.log_name());
         self.sync_backend(ops);
     }
 
@@ -825,15 +793,15 @@ impl MutEventSubscriber for Net {
         let (mut do_rx, mut do_tx) = (false, false);
         match events.data() {
             RX_QUEUE_EVENT => {
-                drain(&self.queue_events[RX_QUEUE], "rx queue");
+                drain_eventfd(&self.queue_events[RX_QUEUE], self.log_name(), "rx queue");
                 do_rx = true;
             }
             TX_QUEUE_EVENT => {
-                drain(&self.queue_events[TX_QUEUE], "tx queue");
+                drain_eventfd(&self.queue_events[TX_QUEUE], self.log_name(), "tx queue");
                 do_tx = true;
             }
             WAKE_EVENT => {
-                drain(&self.wake_evt, "wake-up");
+                drain_eventfd(&self.wake_evt, self.log_name(), "wake-up");
                 (do_rx, do_tx) = (true, true);
             }
             BACKEND_EVENT => {

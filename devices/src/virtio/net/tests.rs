@@ -1,5 +1,5 @@
 //! virtio-net tests: a driver written here puts buffers on real split rings in guest memory
-//! (built with `MockSplitQueue`, ring addresses set by hand), the device runs in a real
+//! (laid out by hand, see [`SplitRing`]), the device runs in a real
 //! `EventManager` pumped on the test thread, and its backend is a Unix datagram socket pair
 //! (one datagram = one frame, non-blocking, `EAGAIN` when full) or a real TAP in a private
 //! network namespace. No KVM.
@@ -20,13 +20,13 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::*;
 use crate::bus::BusDevice;
 use crate::tap::test_util::{self, PacketSocket};
 use crate::virtio::mmio::MmioTransport;
+use crate::virtio::test_util::{on_event_loop, pump, Ring as SplitRing, WAIT};
 use crate::virtio::{status, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING};
 
 const MEM_SIZE: usize = 16 << 20;
@@ -36,7 +36,6 @@ const TX_RING: u64 = 0x1_0000;
 const RX_BUFS: (u64, u64) = (0x10_0000, 0x80_0000);
 const TX_BUFS: (u64, u64) = (0x80_0000, 0xf0_0000);
 const OUTSIDE: u64 = 0x1_0000_0000;
-const WAIT: Duration = Duration::from_secs(5);
 const READ: u16 = 0;
 const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 
@@ -165,13 +164,9 @@ fn try_recv(peer: &UnixDatagram) -> Option<Vec<u8>> {
     }
 }
 
-/// A split ring as the driver sees it.
+/// A split ring as the driver sees it, with buffers for its chains.
 struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    avail_idx: u16,
-    used_seen: u16,
+    split: SplitRing,
     next_desc: u16,
     buf_next: u64,
     bufs: (u64, u64),
@@ -180,30 +175,17 @@ struct Ring {
 }
 
 impl Ring {
-    /// Rings at `base`: descriptor table, avail ring at +4 KiB, used ring at +8 KiB (see the
-    /// vsock tests: MockSplitQueue's own layout overlaps for 256 entries).
+    /// Rings at `base` (see [`SplitRing`]), buffers in `bufs`.
     fn new(mem: &GuestMemoryMmap, base: u64, bufs: (u64, u64), event_idx: bool) -> (Ring, Queue) {
-        let m = MockSplitQueue::create(mem, GuestAddress(base), QSIZE);
-        let mut q: Queue = m.create_queue().unwrap();
+        let (split, mut q) = SplitRing::new(mem, base, QSIZE);
+        q.set_event_idx(event_idx);
         let r = Ring {
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-            avail_idx: 0,
-            used_seen: 0,
+            split,
             next_desc: 0,
             buf_next: bufs.0,
             bufs,
             chains: HashMap::new(),
         };
-        for a in [r.avail, r.avail + 2, r.used, r.used + 2] {
-            mem.write_obj(0u16, GuestAddress(a)).unwrap();
-        }
-        q.set_desc_table_address(Some(r.desc as u32), Some((r.desc >> 32) as u32));
-        q.set_avail_ring_address(Some(r.avail as u32), Some((r.avail >> 32) as u32));
-        q.set_used_ring_address(Some(r.used as u32), Some((r.used >> 32) as u32));
-        q.set_event_idx(event_idx);
-        assert!(q.is_valid(mem));
         (r, q)
     }
 
@@ -231,38 +213,15 @@ impl Ring {
             } else {
                 flags | VRING_DESC_F_NEXT as u16
             };
-            let a = GuestAddress(self.desc + 16 * u64::from(id));
-            mem.write_obj(addr, a).unwrap();
-            mem.write_obj(len, GuestAddress(a.0 + 8)).unwrap();
-            mem.write_obj(flags, GuestAddress(a.0 + 12)).unwrap();
-            mem.write_obj(self.next_desc, GuestAddress(a.0 + 14))
-                .unwrap();
+            self.split
+                .set_desc(mem, id, addr, len, flags, self.next_desc);
         }
         self.chains.insert(
             head,
             descs.iter().map(|&(a, l, _)| (a, l)).collect::<Vec<_>>(),
         );
-        let slot = u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
+        self.split.publish(mem, head);
         head
-    }
-
-    /// New used entries: (head, length).
-    fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let e = self.used + 4 + 8 * u64::from(self.used_seen % QSIZE);
-            let id: u32 = mem.read_obj(GuestAddress(e)).unwrap();
-            let len: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
-            out.push((id as u16, len));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
     }
 
     /// The first `len` bytes written into chain `head`.
@@ -287,6 +246,20 @@ impl Ring {
     }
 }
 
+impl std::ops::Deref for Ring {
+    type Target = SplitRing;
+
+    fn deref(&self) -> &SplitRing {
+        &self.split
+    }
+}
+
+impl std::ops::DerefMut for Ring {
+    fn deref_mut(&mut self) -> &mut SplitRing {
+        &mut self.split
+    }
+}
+
 /// The guest: a driver for both queues plus the device's event loop.
 struct Harness {
     mem: GuestMemoryMmap,
@@ -302,14 +275,7 @@ impl Harness {
     /// `net` on the loop, activated with `features` acked.
     fn new(net: Net, features: u64) -> Harness {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let evts = net
-            .queue_events()
-            .iter()
-            .map(|e| e.try_clone().unwrap())
-            .collect();
-        let dev = Arc::new(Mutex::new(net));
-        let mut em = EventManager::new().unwrap();
-        em.add_subscriber(dev.clone());
+        let (dev, em, evts) = on_event_loop(net);
         let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
         let (rx, rxq) = Ring::new(&mem, RX_RING, RX_BUFS, event_idx);
         let (tx, txq) = Ring::new(&mem, TX_RING, TX_BUFS, event_idx);
@@ -362,12 +328,7 @@ impl Harness {
 
     /// Run the event loop until it is idle (fails if it never is: a spinning device).
     fn pump(&mut self) {
-        for _ in 0..1000 {
-            if self.em.run_with_timeout(0).unwrap() == 0 {
-                return;
-            }
-        }
-        panic!("event loop never went idle");
+        pump(&mut self.em);
     }
 
     /// Pump (waiting for events up to 5 ms at a time) until `f` holds.

@@ -39,7 +39,11 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use super::{
+    check_queue_count, ignore_config_write, new_eventfd, read_config_bytes, wake_event_loop,
+    watch_events, ActivateError, Active, DeviceName, EventFdError, GuestMem, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1,
+};
 use muxer::Muxer;
 use packet::{RxBuffer, MAX_PKT_DATA};
 
@@ -54,6 +58,8 @@ pub const TX_QUEUE: usize = 1;
 /// Index of the event queue (unused: the device sends no events).
 pub const EVENT_QUEUE: usize = 2;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+/// How log lines name the device.
+const LOG_NAME: DeviceName<'static> = DeviceName::new("vsock", "");
 
 /// Why a vsock device could not be created.
 #[derive(Debug, Error)]
@@ -71,8 +77,8 @@ pub enum VsockError {
         source: io::Error,
     },
     /// An `EventFd` could not be created.
-    #[error("cannot create an eventfd: {0}")]
-    EventFd(#[source] io::Error),
+    #[error(transparent)]
+    EventFd(#[from] EventFdError),
     /// The timer could not be created.
     #[error("cannot create the timer: {0}")]
     Timer(#[source] io::Error),
@@ -105,19 +111,13 @@ pub struct VsockMetrics {
     pub rx_ctrl_dropped: u64,
 }
 
-struct Active {
-    mem: GuestMem,
-    interrupt: Arc<VirtioInterrupt>,
-    queues: Vec<Queue>,
-}
-
 /// The virtio-vsock device. See the module documentation.
 pub struct Vsock {
     cid: u64,
     acked_features: u64,
     queue_evts: Vec<EventFd>,
     activate_evt: EventFd,
-    active: Option<Active>,
+    active: Option<Active<Vec<Queue>>>,
     needs_reset: bool,
     teardown_pending: bool,
     muxer: Muxer,
@@ -142,9 +142,8 @@ impl Vsock {
         if cid < 3 || cid >= u64::from(u32::MAX) {
             return Err(VsockError::InvalidCid(cid));
         }
-        let evt = || EventFd::new(libc::EFD_NONBLOCK).map_err(VsockError::EventFd);
-        let queue_evts = vec![evt()?, evt()?, evt()?];
-        let activate_evt = evt()?;
+        let queue_evts = vec![new_eventfd()?, new_eventfd()?, new_eventfd()?];
+        let activate_evt = new_eventfd()?;
         let muxer = Muxer::new(cid, uds_path)?;
         Ok(Vsock {
             cid,
@@ -240,7 +239,7 @@ impl Vsock {
     /// Consume the tx queue. Returns whether any chain was used.
     fn process_tx(
         mem: &GuestMemoryMmap,
-        active: &mut Active,
+        active: &mut Active<Vec<Queue>>,
         muxer: &mut Muxer,
         scratch: &mut [u8],
         cid: u64,
@@ -283,7 +282,7 @@ impl Vsock {
     /// Fill rx buffers while packets are waiting. Returns whether any chain was used.
     fn process_rx(
         mem: &GuestMemoryMmap,
-        active: &mut Active,
+        active: &mut Active<Vec<Queue>>,
         muxer: &mut Muxer,
         scratch: &mut [u8],
         needs_reset: &mut bool,
@@ -361,21 +360,12 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::debug!(
-            "vsock: guest wrote {} bytes to read-only config at {offset:#x}",
-            data.len()
-        );
+        // The CID is read-only.
+        ignore_config_write(LOG_NAME, offset, data);
     }
 
     fn activate(
@@ -384,20 +374,9 @@ impl VirtioDevice for Vsock {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::QueueCount {
-                expected: QUEUE_SIZES.len(),
-                got: queues.len(),
-            });
-        }
-        self.activate_evt
-            .write(1)
-            .map_err(|e| ActivateError::Backend(format!("cannot wake the event loop: {e}")))?;
-        self.active = Some(Active {
-            mem,
-            interrupt,
-            queues,
-        });
+        check_queue_count(&queues, QUEUE_SIZES.len())?;
+        wake_event_loop(&self.activate_evt)?;
+        self.active = Some(Active::new(mem, interrupt, queues));
         self.needs_reset = false;
         Ok(())
     }
@@ -428,11 +407,9 @@ impl VirtioDevice for Vsock {
 
 impl MutEventSubscriber for Vsock {
     fn init(&mut self, ops: &mut EventOps) {
-        for evt in self.queue_evts.iter().chain([&self.activate_evt]) {
-            if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
-                tracing::error!("vsock: cannot watch a queue event: {e:?}");
-            }
-        }
+        let evts = self.queue_evts.iter().chain([&self.activate_evt]);
+        let events = evts.map(|evt| Events::new(evt, EventSet::IN));
+        watch_events(ops, events, LOG_NAME);
         self.muxer.init(ops);
     }
 

@@ -1,23 +1,24 @@
-//! Device tests: a scripted guest driver on real queues in guest memory (built with
-//! `MockSplitQueue`), the device in a real `EventManager` pumped on the test thread, and real
+//! Device tests: a scripted guest driver on real queues in guest memory (rings laid out by hand,
+//! see [`Ring`]), the device in a real `EventManager` pumped on the test thread, and real
 //! Unix sockets in a temporary directory. No KVM.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, SubscriberOps};
-use virtio_queue::mock::MockSplitQueue;
+use event_manager::EventManager;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::connection::CONN_BUF_ALLOC;
 use super::muxer::{ConnKey, LOCAL_PORT_BASE};
 use super::packet::{op, Header, HDR_SIZE, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_STREAM};
 use super::*;
+use crate::virtio::test_util::{
+    on_event_loop, pump, Ring, TmpDir, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
+};
 
 const CID: u64 = 3;
 const MEM_SIZE: usize = 24 << 20;
@@ -27,99 +28,6 @@ const RX_STRIDE: u64 = 0x2000;
 const RX_DATA: u32 = 4096;
 const TX_BUF_BASE: u64 = 0x40_0000;
 const TX_STRIDE: u64 = 0x1_1000;
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
-const WAIT: Duration = Duration::from_secs(5);
-
-static DIR_SEQ: AtomicUsize = AtomicUsize::new(0);
-
-/// A temporary directory removed on drop.
-struct TmpDir(PathBuf);
-
-impl TmpDir {
-    fn new() -> Self {
-        let d = std::env::temp_dir().join(format!(
-            "kvs-{}-{}",
-            std::process::id(),
-            DIR_SEQ.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TmpDir(d)
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A split ring as the driver sees it.
-struct Ring {
-    desc: u64,
-    avail: u64,
-    used: u64,
-    avail_idx: u16,
-    used_seen: u16,
-}
-
-impl Ring {
-    /// Rings at `base`: descriptor table, then the avail ring at +4 KiB, the used ring at
-    /// +8 KiB. (MockSplitQueue's own layout puts the used ring inside a 256-entry avail ring:
-    /// its `end()` adds the element count, not the byte size; so the layout is set here and
-    /// the mock only builds the `Queue` from it.)
-    fn new(mem: &GuestMemoryMmap, base: u64) -> (Ring, Queue) {
-        let m = MockSplitQueue::create(mem, GuestAddress(base), QSIZE);
-        let mut q: Queue = m.create_queue().unwrap();
-        let r = Ring {
-            desc: base,
-            avail: base + 0x1000,
-            used: base + 0x2000,
-            avail_idx: 0,
-            used_seen: 0,
-        };
-        for a in [r.avail, r.avail + 2, r.used, r.used + 2] {
-            mem.write_obj(0u16, GuestAddress(a)).unwrap();
-        }
-        q.set_desc_table_address(Some(r.desc as u32), Some((r.desc >> 32) as u32));
-        q.set_avail_ring_address(Some(r.avail as u32), Some((r.avail >> 32) as u32));
-        q.set_used_ring_address(Some(r.used as u32), Some((r.used >> 32) as u32));
-        assert!(q.is_valid(mem));
-        (r, q)
-    }
-
-    fn set_desc(&self, mem: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let a = GuestAddress(self.desc + 16 * u64::from(i));
-        mem.write_obj(addr, a).unwrap();
-        mem.write_obj(len, GuestAddress(a.0 + 8)).unwrap();
-        mem.write_obj(flags, GuestAddress(a.0 + 12)).unwrap();
-        mem.write_obj(next, GuestAddress(a.0 + 14)).unwrap();
-    }
-
-    fn publish(&mut self, mem: &GuestMemoryMmap, head: u16) {
-        let slot = u64::from(self.avail_idx % QSIZE);
-        mem.write_obj(head, GuestAddress(self.avail + 4 + 2 * slot))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-            .unwrap();
-    }
-
-    /// New used entries: (descriptor id, length).
-    fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
-        let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-        let mut out = Vec::new();
-        while self.used_seen != idx {
-            let e = self.used + 4 + 8 * u64::from(self.used_seen % QSIZE);
-            let id: u32 = mem.read_obj(GuestAddress(e)).unwrap();
-            let len: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
-            out.push((id as u16, len));
-            self.used_seen = self.used_seen.wrapping_add(1);
-        }
-        out
-    }
-}
 
 fn ghdr(op: u16, src_port: u32, dst_port: u32) -> Header {
     Header {
@@ -162,23 +70,16 @@ impl Guest {
     }
 
     fn with_timeouts(rx_bufs: u16, t: Option<muxer::Timeouts>) -> Guest {
-        let dir = TmpDir::new();
+        let dir = TmpDir::new("kvs");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
         let mut dev = Vsock::new(CID, &dir.0.join("v.sock")).unwrap();
         if let Some(t) = t {
             dev.muxer.timeouts = t;
         }
-        let evts = dev
-            .queue_events()
-            .iter()
-            .map(|e| e.try_clone().unwrap())
-            .collect();
-        let dev = Arc::new(Mutex::new(dev));
-        let mut em = EventManager::new().unwrap();
-        em.add_subscriber(dev.clone());
-        let (rx, rxq) = Ring::new(&mem, 0);
-        let (tx, txq) = Ring::new(&mem, 0x1_0000);
-        let (_, evq) = Ring::new(&mem, 0x2_0000);
+        let (dev, em, evts) = on_event_loop(dev);
+        let (rx, rxq) = Ring::new(&mem, 0, QSIZE);
+        let (tx, txq) = Ring::new(&mem, 0x1_0000, QSIZE);
+        let (_, evq) = Ring::new(&mem, 0x2_0000, QSIZE);
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut g = Guest {
             mem,
@@ -221,12 +122,7 @@ impl Guest {
 
     /// Run the event loop until it is idle.
     fn pump(&mut self) {
-        for _ in 0..1000 {
-            if self.em.run_with_timeout(0).unwrap() == 0 {
-                return;
-            }
-        }
-        panic!("event loop never went idle");
+        pump(&mut self.em);
     }
 
     /// Pump until `f` holds.
@@ -438,7 +334,7 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
 
 #[test]
 fn device_identity_config_and_features() {
-    let dir = TmpDir::new();
+    let dir = TmpDir::new("kvs");
     let mut v = Vsock::new(0x1234_5678, &dir.0.join("v.sock")).unwrap();
     assert_eq!(v.device_type(), 19);
     assert_eq!(v.queue_max_sizes(), &[256, 256, 256]);
@@ -482,7 +378,7 @@ fn device_identity_config_and_features() {
 
 #[test]
 fn creation_errors_and_drop_removes_socket() {
-    let dir = TmpDir::new();
+    let dir = TmpDir::new("kvs");
     let path = dir.0.join("v.sock");
     for bad in [0, 1, 2, u64::from(u32::MAX), 1 << 40] {
         assert!(matches!(
@@ -1096,9 +992,9 @@ fn driver_reset_drops_connections_and_reactivation_works() {
     c2.write_all(b"CONNECT 52\n").unwrap();
     g.expect_client_eof(&mut c2);
     // A fresh activation (new rings) works again.
-    let (rx, rxq) = Ring::new(&g.mem, 0x3_0000);
-    let (tx, txq) = Ring::new(&g.mem, 0x4_0000);
-    let (_, evq) = Ring::new(&g.mem, 0x5_0000);
+    let (rx, rxq) = Ring::new(&g.mem, 0x3_0000, QSIZE);
+    let (tx, txq) = Ring::new(&g.mem, 0x4_0000, QSIZE);
+    let (_, evq) = Ring::new(&g.mem, 0x5_0000, QSIZE);
     g.rx = rx;
     g.tx = tx;
     g.rx_free = (0..QSIZE).rev().collect();
