@@ -1370,7 +1370,7 @@ mod real_tap {
         assert!(!h.dev().link_up());
         assert_eq!(h.dev().config_generation(), 2);
         h.pump();
-        assert!(!test_util::exists(&name), "{name} still exists");
+        assert!(test_util::gone(&name), "{name} still exists");
         h.send(&tap_frame("dropped"));
         h.pump();
         assert_eq!(h.metrics().tx_dropped_no_link, 1);
