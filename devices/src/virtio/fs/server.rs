@@ -17,10 +17,22 @@
 //!   running as root cannot plant device nodes that host users could later open.
 //! - [`SharePolicy`] makes a read-only share refuse every mutating request with `EROFS`, and
 //!   caps the buffer sizes the guest asks for in GETXATTR/LISTXATTR.
+//! - [`SharePolicy`] keeps the guest from making `PassthroughFs` close a descriptor it still
+//!   uses. fuse-backend-rs 0.14 READ/WRITE borrow the handle's descriptor as a `File` and, when
+//!   the request's flags differ from the open flags, `fcntl(F_SETFL)` them first; if that fails
+//!   (`O_DIRECT` on tmpfs, `O_NOATIME` on a file the VMM does not own, an `O_PATH` handle) the
+//!   early return drops the borrowed `File` and closes the handle's descriptor, whose number
+//!   the next READ/WRITE/RELEASE then uses or closes again — by then maybe another descriptor
+//!   of the VMM. So OPEN/CREATE/OPENDIR flags are limited to what a Linux FUSE client sends
+//!   (no `O_PATH`, no `O_TMPFILE`), and READ/WRITE carry the handle's open flags, never the
+//!   guest's: no `fcntl` runs. (A guest `fcntl(F_SETFL)` after open therefore does not reach
+//!   the host descriptor; the guest kernel implements `O_NONBLOCK`/`O_APPEND` itself.)
 
+use std::collections::HashMap;
 use std::ffi::CStr;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn};
@@ -128,10 +140,7 @@ pub fn build(opts: &ShareOptions) -> Result<FuseServer, FsError> {
     // No DAX window: per-file DAX is never offered.
     vfs_opts.out_opts.remove(FsOptions::PERFILE_DAX);
     let vfs = Vfs::new(vfs_opts);
-    let policy = SharePolicy {
-        inner: fs,
-        read_only: opts.read_only,
-    };
+    let policy = SharePolicy::new(fs, opts.read_only);
     vfs.mount(Box::new(policy), "/")
         .map_err(|e| FsError::Server(format!("cannot mount the share: {e}")))?;
     Ok(Server::new(vfs))
@@ -155,14 +164,62 @@ fn wants_write(flags: u32) -> bool {
     flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
 
-/// The request filter between the Vfs and PassthroughFs: read-only shares and the device-node
-/// rule (see the module documentation). Everything else is passed through unchanged.
+/// Open flags a Linux FUSE client passes on OPEN/CREATE/OPENDIR (its file's `f_flags` minus
+/// what the kernel handles itself). Anything else — `O_PATH`, `__O_TMPFILE`, unknown bits — is
+/// dropped before `PassthroughFs` sees it.
+const OPEN_FLAGS_ALLOWED: libc::c_int = libc::O_ACCMODE
+    | libc::O_CREAT
+    | libc::O_EXCL
+    | libc::O_NOCTTY
+    | libc::O_TRUNC
+    | libc::O_APPEND
+    | libc::O_NONBLOCK
+    | libc::O_DSYNC
+    | libc::O_SYNC
+    | libc::O_ASYNC
+    | libc::O_DIRECT
+    | libc::O_LARGEFILE
+    | libc::O_DIRECTORY
+    | libc::O_NOFOLLOW
+    | libc::O_NOATIME
+    | libc::O_CLOEXEC;
+
+/// The guest's open flags limited to [`OPEN_FLAGS_ALLOWED`].
+pub fn sanitize_open_flags(flags: u32) -> u32 {
+    // The flags are the guest's open(2) flags; reinterpret them as the host's c_int.
+    (flags as libc::c_int & OPEN_FLAGS_ALLOWED) as u32
+}
+
+/// The request filter between the Vfs and PassthroughFs: read-only shares, the device-node
+/// rule and open-flag hygiene (see the module documentation).
 pub struct SharePolicy<F> {
     inner: F,
     read_only: bool,
+    /// Open flags of every open file handle, as `PassthroughFs` recorded them.
+    handle_flags: Mutex<HashMap<u64, u32>>,
 }
 
 impl<F> SharePolicy<F> {
+    /// `inner` behind the policy.
+    pub fn new(inner: F, read_only: bool) -> Self {
+        SharePolicy {
+            inner,
+            read_only,
+            handle_flags: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn flags_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u32>> {
+        self.handle_flags.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The flags to pass on READ/WRITE of `handle`: its open flags, so `PassthroughFs` never
+    /// changes (or, on failure, closes) the descriptor. An unknown handle keeps the guest's
+    /// flags: `PassthroughFs` refuses it with `EBADF` before touching any descriptor.
+    fn io_flags(&self, handle: u64, guest: u32) -> u32 {
+        self.flags_map().get(&handle).copied().unwrap_or(guest)
+    }
+
     fn check_writable(&self) -> io::Result<()> {
         if self.read_only {
             Err(erofs())
@@ -312,7 +369,12 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for SharePolicy<F> {
         if wants_write(flags) {
             self.check_writable()?;
         }
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        let flags = sanitize_open_flags(flags);
+        let r = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        if let Some(h) = r.0 {
+            self.flags_map().insert(h, flags);
+        }
+        Ok(r)
     }
 
     fn create(
@@ -323,7 +385,14 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for SharePolicy<F> {
         args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         self.check_writable()?;
-        self.inner.create(ctx, parent, name, args)
+        let mut args = args;
+        args.flags = sanitize_open_flags(args.flags);
+        let flags = args.flags;
+        let r = self.inner.create(ctx, parent, name, args)?;
+        if let Some(h) = r.1 {
+            self.flags_map().insert(h, flags);
+        }
+        Ok(r)
     }
 
     fn read(
@@ -337,6 +406,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for SharePolicy<F> {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
+        let flags = self.io_flags(handle, flags);
         self.inner
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -355,6 +425,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for SharePolicy<F> {
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.check_writable()?;
+        let flags = self.io_flags(handle, flags);
         self.inner.write(
             ctx,
             inode,
@@ -401,8 +472,11 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for SharePolicy<F> {
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+        let r = self
+            .inner
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner);
+        self.flags_map().remove(&handle);
+        r
     }
 
     fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
@@ -451,7 +525,7 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for SharePolicy<F> {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        self.inner.opendir(ctx, inode, flags)
+        self.inner.opendir(ctx, inode, sanitize_open_flags(flags))
     }
 
     fn readdir(
@@ -485,6 +559,8 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for SharePolicy<F> {
     }
 
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
+        // PassthroughFs releases file handles here too: forget the flags either way.
+        self.flags_map().remove(&handle);
         self.inner.releasedir(ctx, inode, flags, handle)
     }
 

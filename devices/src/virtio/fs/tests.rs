@@ -269,10 +269,23 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
     }
 
     pub fn read(&mut self, nodeid: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, i32> {
+        self.read_with_flags(nodeid, fh, offset, size, 0)
+    }
+
+    /// READ carrying the guest file's `flags` (a Linux client sends its `f_flags`).
+    pub fn read_with_flags(
+        &mut self,
+        nodeid: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        flags: i32,
+    ) -> Result<Vec<u8>, i32> {
         let ri = ReadIn {
             fh,
             offset,
             size,
+            flags: flags as u32,
             ..Default::default()
         };
         let r = self.fuse(Opcode::Read, nodeid, &[ri.as_slice()]);
@@ -940,6 +953,42 @@ fn symlink_swap_after_lookup_is_harmless() {
     assert_eq!(s.d.open(f2.nodeid, libc::O_RDONLY), Err(libc::EBADF));
     let d2 = s.d.lookup(ROOT_ID, "d").unwrap();
     assert!(s.d.lookup(d2.nodeid, "host-secret").is_err());
+}
+
+/// A hostile OPEN/READ flag mix must not make PassthroughFs close a descriptor it keeps
+/// using (fuse-backend-rs closes the handle's descriptor when `fcntl(F_SETFL)` of the READ
+/// flags fails; found by the fuzz target): the handle keeps working and no descriptor of the
+/// process is closed behind its owner's back.
+#[test]
+fn guest_open_flags_cannot_close_host_descriptors() {
+    let mut s = Share::new();
+    std::fs::write(s.dir.join("f"), b"file data").unwrap();
+    let e = s.d.lookup(ROOT_ID, "f").unwrap();
+    // O_PATH asked for on OPEN is dropped: the handle reads.
+    let fh = s.d.open(e.nodeid, libc::O_RDONLY | libc::O_PATH).unwrap();
+    let weird = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_DIRECT | libc::O_NOATIME;
+    for _ in 0..3 {
+        assert_eq!(
+            s.d.read_with_flags(e.nodeid, fh, 0, 64, weird),
+            Ok(b"file data".to_vec())
+        );
+    }
+    // A descriptor the VMM opens now gets the lowest free number; releasing the handle (and
+    // everything else the guest does) leaves it open.
+    let mine = std::fs::File::open(s.dir.join("f")).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&mine);
+    let fh2 = s.d.open(e.nodeid, libc::O_RDONLY).unwrap();
+    assert_eq!(
+        s.d.read_with_flags(e.nodeid, fh2, 0, 4, libc::O_APPEND | libc::O_NONBLOCK),
+        Ok(b"file".to_vec())
+    );
+    s.d.release(e.nodeid, fh);
+    s.d.release(e.nodeid, fh2);
+    // SAFETY: F_GETFD on a descriptor number; no pointers.
+    assert!(unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0, "fd {fd} was closed");
+    drop(mine);
+    // The flags of released handles are forgotten.
+    assert_eq!(s.d.read(e.nodeid, fh, 0, 4), Err(libc::EBADF));
 }
 
 #[test]
