@@ -34,7 +34,9 @@ fn main() {
     });
     let vm = Vm::create(&c).expect("create");
     let sb = Sandbox::from_vm(&c, vm, Duration::from_secs(900)).expect("boot");
-    println!("Kestrel hotplug bench (1 vCPU / 256 MiB, max 2 vCPUs / 1 GiB; guest kernel emulated here)");
+    println!(
+        "Kestrel hotplug bench (1 vCPU / 256 MiB, max 2 vCPUs / 1 GiB; guest kernel emulated here)"
+    );
     println!();
     println!("| round | operation | total | VMM | guest | result |");
     println!("|---|---|---|---|---|---|");

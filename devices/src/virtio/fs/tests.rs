@@ -985,7 +985,10 @@ fn guest_open_flags_cannot_close_host_descriptors() {
     s.d.release(e.nodeid, fh);
     s.d.release(e.nodeid, fh2);
     // SAFETY: F_GETFD on a descriptor number; no pointers.
-    assert!(unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0, "fd {fd} was closed");
+    assert!(
+        unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
+        "fd {fd} was closed"
+    );
     drop(mine);
     // The flags of released handles are forgotten.
     assert_eq!(s.d.read(e.nodeid, fh, 0, 4), Err(libc::EBADF));
