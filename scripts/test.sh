@@ -23,6 +23,9 @@ if [ "$FUZZ_SECONDS" -gt 0 ]; then
     for t in $(ls "$ROOT/fuzz/fuzz_targets" | sed 's/\.rs$//'); do
         log "fuzz $t for $FUZZ_SECONDS s"
         bash "$ROOT/fuzz/run.sh" "$t" "$FUZZ_SECONDS" > "/tmp/kestrel-fuzz-$t.log" 2>&1 || {
+            # The crash report (panic message, stack) comes before libFuzzer's summary.
+            grep -E -A25 "panicked at|fatal runtime error|ERROR: libFuzzer|ERROR: AddressSanitizer" \
+                "/tmp/kestrel-fuzz-$t.log" | head -60 >&2 || true
             tail -40 "/tmp/kestrel-fuzz-$t.log" >&2
             echo "fuzz target $t failed" >&2
             exit 1
