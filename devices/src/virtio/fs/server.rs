@@ -24,8 +24,8 @@
 //!   early return drops the borrowed `File` and closes the handle's descriptor, whose number
 //!   the next READ/WRITE/RELEASE then uses or closes again — by then maybe another descriptor
 //!   of the VMM. So OPEN/CREATE/OPENDIR flags are limited to what a Linux FUSE client sends
-//!   (no `O_PATH`, no `O_TMPFILE`), and READ/WRITE carry the handle's open flags, never the
-//!   guest's: no `fcntl` runs. (A guest `fcntl(F_SETFL)` after open therefore does not reach
+//!   (no `O_PATH`, no `O_TMPFILE`), and READ/WRITE carry the handle's open flags (file or
+//!   directory handle), never the guest's: no `fcntl` runs. (A guest `fcntl(F_SETFL)` after open therefore does not reach
 //!   the host descriptor; the guest kernel implements `O_NONBLOCK`/`O_APPEND` itself.)
 
 use std::collections::HashMap;
@@ -195,7 +195,7 @@ pub fn sanitize_open_flags(flags: u32) -> u32 {
 pub struct SharePolicy<F> {
     inner: F,
     read_only: bool,
-    /// Open flags of every open file handle, as `PassthroughFs` recorded them.
+    /// Open flags of every open file and directory handle, as `PassthroughFs` recorded them.
     handle_flags: Mutex<HashMap<u64, u32>>,
 }
 
@@ -525,7 +525,14 @@ impl<F: FileSystem<Inode = u64, Handle = u64>> FileSystem for SharePolicy<F> {
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        self.inner.opendir(ctx, inode, sanitize_open_flags(flags))
+        let flags = sanitize_open_flags(flags);
+        let r = self.inner.opendir(ctx, inode, flags)?;
+        if let Some(h) = r.0 {
+            // PassthroughFs records a directory handle's flags with O_DIRECTORY added; a READ
+            // on it must carry the same, or it would `fcntl` the directory's descriptor.
+            self.flags_map().insert(h, flags | libc::O_DIRECTORY as u32);
+        }
+        Ok(r)
     }
 
     fn readdir(

@@ -994,6 +994,53 @@ fn guest_open_flags_cannot_close_host_descriptors() {
     assert_eq!(s.d.read(e.nodeid, fh, 0, 4), Err(libc::EBADF));
 }
 
+/// The same for a directory handle: a READ on it with flags a directory cannot take
+/// (`O_DIRECT`) fails without closing the directory's descriptor.
+#[test]
+fn guest_flags_on_a_directory_handle_cannot_close_it() {
+    let mut s = Share::new();
+    std::fs::create_dir(s.dir.join("d")).unwrap();
+    std::fs::write(s.dir.join("d/x"), b"x").unwrap();
+    let e = s.d.lookup(ROOT_ID, "d").unwrap();
+    let o = OpenIn {
+        flags: (libc::O_RDONLY | libc::O_PATH) as u32,
+        fuse_flags: 0,
+    };
+    let r = s.d.fuse(Opcode::Opendir, e.nodeid, &[o.as_slice()]);
+    assert_eq!(r.hdr.error, 0);
+    let fh = r.obj::<OpenOut>().fh;
+    for _ in 0..3 {
+        let got =
+            s.d.read_with_flags(e.nodeid, fh, 0, 64, libc::O_DIRECT | libc::O_NOATIME);
+        assert!(got.is_err(), "a directory reads no data");
+    }
+    let mine = std::fs::File::open(s.dir.join("d/x")).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&mine);
+    let ri = ReadIn {
+        fh,
+        size: 4096,
+        ..Default::default()
+    };
+    let r = s.d.fuse(Opcode::Readdir, e.nodeid, &[ri.as_slice()]);
+    assert_eq!(r.hdr.error, 0, "the directory handle still lists");
+    assert!(r.body.windows(1).any(|w| w == b"x"), "{:?}", r.body);
+    let rel = ReleaseIn {
+        fh,
+        ..Default::default()
+    };
+    assert_eq!(
+        s.d.fuse(Opcode::Releasedir, e.nodeid, &[rel.as_slice()])
+            .hdr
+            .error,
+        0
+    );
+    // SAFETY: F_GETFD on a descriptor number; no pointers.
+    assert!(
+        unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
+        "fd {fd} was closed"
+    );
+}
+
 #[test]
 fn device_nodes_give_no_host_device_access() {
     if !is_root() {
