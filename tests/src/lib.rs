@@ -217,9 +217,50 @@ pub fn fd_count() -> usize {
         .unwrap_or(0)
 }
 
+/// Resident KiB of a process's mappings from its `smaps` text (`/proc/<pid>/smaps`), split by
+/// `inside(start, end)`: (outside, inside).
+pub fn smaps_rss_split(smaps: &str, inside: impl Fn(u64, u64) -> bool) -> (u64, u64) {
+    let (mut outside_kb, mut inside_kb) = (0u64, 0u64);
+    let mut cur_in = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            let mut it = first.split('-');
+            let start = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
+            let end = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
+            cur_in = inside(start, end);
+        } else if let Some(v) = line.strip_prefix("Rss:") {
+            let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            if cur_in {
+                inside_kb += kb;
+            } else {
+                outside_kb += kb;
+            }
+        }
+    }
+    (outside_kb, inside_kb)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn smaps_split_by_range() {
+        let smaps = "\
+1000-3000 rw-p 00000000 00:00 0
+Size:                  8 kB
+Rss:                   4 kB
+7f00-8000 r--p 00000000 00:00 0 [x]
+Rss:                  12 kB
+Swap:                  0 kB
+";
+        assert_eq!(
+            smaps_rss_split(smaps, |s, e| (s, e) == (0x1000, 0x3000)),
+            (12, 4)
+        );
+        assert_eq!(smaps_rss_split(smaps, |_, _| false), (16, 0));
+    }
 
     #[test]
     fn elf_header_fields() {

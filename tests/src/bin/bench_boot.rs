@@ -11,24 +11,9 @@ use kestrel_vmm::{Vm, VmExit};
 /// Resident memory of this process outside the given host ranges (KiB), from /proc/self/smaps.
 fn rss_outside(ranges: &[(u64, u64)]) -> (u64, u64) {
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap_or_default();
-    let (mut inside, mut outside) = (0u64, 0u64);
-    let mut cur_in = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            let mut it = first.split('-');
-            let start = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
-            cur_in = ranges.iter().any(|&(s, e)| start >= s && start < e);
-        } else if let Some(v) = line.strip_prefix("Rss:") {
-            let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-            if cur_in {
-                inside += kb;
-            } else {
-                outside += kb;
-            }
-        }
-    }
-    (outside, inside)
+    smaps_rss_split(&smaps, |start, _| {
+        ranges.iter().any(|&(s, e)| start >= s && start < e)
+    })
 }
 
 fn arg(name: &str, default: u64) -> u64 {

@@ -33,27 +33,9 @@ fn arg(name: &str, default: u64) -> u64 {
 /// MiB (up to 4 MiB more for allocator alignment and guard pages).
 fn rss_split(pid: u32, mem_mib: u64) -> (u64, u64) {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-    let (mut outside, mut guest) = (0u64, 0u64);
-    let mut in_guest = false;
     let lo = mem_mib << 20;
     let hi = lo + (4 << 20);
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && !first.ends_with(':') {
-            let mut it = first.split('-');
-            let s = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
-            let e = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
-            in_guest = (lo..=hi).contains(&e.saturating_sub(s));
-        } else if let Some(v) = line.strip_prefix("Rss:") {
-            let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-            if in_guest {
-                guest += kb;
-            } else {
-                outside += kb;
-            }
-        }
-    }
-    (outside, guest)
+    smaps_rss_split(&smaps, |s, e| (lo..=hi).contains(&e.saturating_sub(s)))
 }
 
 /// CPU time of all of a process's threads so far, ms (`/proc/<pid>/task/*/schedstat`, ns).

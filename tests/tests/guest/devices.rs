@@ -8,12 +8,12 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kestrel_api::{DriveConfig, SerialOutput, VmConfig, VsockConfig};
+use kestrel_api::{DriveConfig, SerialOutput, VmConfig};
 use kestrel_tests::*;
 
-use super::{hex, sh, wait_until};
+use super::{agent_vsock, create_captured, hex, sandbox, sh, wait_until};
 use kestrel_vmm::agent::AgentClient;
-use kestrel_vmm::{Sandbox, Vm, VmExit};
+use kestrel_vmm::VmExit;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -111,18 +111,10 @@ fn block_and_vsock_through_the_agent() {
         drive("ro", Some(&ro), true),
         drive("slot", None, false),
     ];
-    c.vsock = Some(VsockConfig {
-        guest_cid: 3,
-        uds_path: uds.clone(),
-        vsock_id: None,
-    });
-    let cap = Capture::default();
-    let vm = Vm::create_with_console(&c, Box::new(cap.clone())).unwrap();
+    c.vsock = agent_vsock(&uds);
+    let (vm, cap) = create_captured(&c);
     let t0 = Instant::now();
-    let sb = match Sandbox::from_vm(&c, vm, Duration::from_secs(600)) {
-        Ok(s) => s,
-        Err(e) => panic!("agent never answered: {e}\nconsole:\n{}", cap.text()),
-    };
+    let sb = sandbox(&c, vm, &cap);
     eprintln!("agent up after {:?}", t0.elapsed());
     let mut agent = sb.agent();
     assert!(agent.ping().is_ok());
@@ -414,8 +406,7 @@ fn ext4_root_drive_mounts_as_root() {
     let mut root = drive("rootfs", Some(&dir.join("root.img")), false);
     root.is_root_device = true;
     c.drives = vec![root];
-    let cap = Capture::default();
-    let vm = Vm::create_with_console(&c, Box::new(cap.clone())).unwrap();
+    let (vm, cap) = create_captured(&c);
     assert!(
         vm.cmdline().contains("root=/dev/vda rw"),
         "{}",

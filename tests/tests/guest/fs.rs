@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kestrel_api::{FsCache, FsConfig, SerialOutput, VmConfig, VsockConfig};
+use kestrel_api::{FsCache, FsConfig, SerialOutput, VmConfig};
 use kestrel_tests::*;
 
-use super::{hex, sh_merged};
+use super::{agent_vsock, create_captured, hex, sandbox, sh_merged};
 use kestrel_vmm::agent::AgentClient;
-use kestrel_vmm::{Sandbox, Vm, VmExit};
+use kestrel_vmm::VmExit;
 use sha2::{Digest, Sha256};
 
 fn virtiofsd() -> PathBuf {
@@ -137,18 +137,10 @@ fn virtio_fs_in_process_read_only_and_vhost_user() {
         ..share("x", &vhu)
     };
     c.fs = vec![share("share", &rw), ro_share, vhu_share];
-    c.vsock = Some(VsockConfig {
-        guest_cid: 3,
-        uds_path: uds.clone(),
-        vsock_id: None,
-    });
-    let cap = Capture::default();
-    let vm = Vm::create_with_console(&c, Box::new(cap.clone())).unwrap();
+    c.vsock = agent_vsock(&uds);
+    let (vm, cap) = create_captured(&c);
     assert!(vm.guest_memory_is_shared(), "vhost-user needs memfd memory");
-    let sb = match Sandbox::from_vm(&c, vm, Duration::from_secs(600)) {
-        Ok(s) => s,
-        Err(e) => panic!("agent never answered: {e}\nconsole:\n{}", cap.text()),
-    };
+    let sb = sandbox(&c, vm, &cap);
     let mut a = sb.agent();
     a.set_call_timeout(Some(Duration::from_secs(900)));
     for (tag, mnt) in [

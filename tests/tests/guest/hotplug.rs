@@ -3,11 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use kestrel_api::{SerialOutput, VmConfig, VsockConfig};
+use kestrel_api::{SerialOutput, VmConfig};
 use kestrel_tests::*;
 
-use super::sh;
-use kestrel_vmm::{Sandbox, SandboxError, ThreadKind, VcpuRunState, Vm, VmExit};
+use super::{agent_vsock, create_captured, sandbox, sh};
+use kestrel_vmm::{SandboxError, ThreadKind, VcpuRunState, VmExit};
 
 /// Resident KiB of the host pages in [start, end) (mincore; 0 when the range is unmapped).
 fn rss_in(start: u64, end: u64) -> u64 {
@@ -48,18 +48,10 @@ fn vcpu_and_memory_hotplug() {
     c.machine_config.max_mem_size_mib = Some(1024);
     c.serial.output = SerialOutput::None;
     c.kestrel.name = Some("hp".into());
-    c.vsock = Some(VsockConfig {
-        guest_cid: 3,
-        uds_path: uds.clone(),
-        vsock_id: None,
-    });
-    let cap = Capture::default();
-    let vm = Vm::create_with_console(&c, Box::new(cap.clone())).unwrap();
+    c.vsock = agent_vsock(&uds);
+    let (vm, cap) = create_captured(&c);
     assert!(vm.cmdline().contains("maxcpus=1"), "{}", vm.cmdline());
-    let sb = match Sandbox::from_vm(&c, vm, Duration::from_secs(600)) {
-        Ok(s) => s,
-        Err(e) => panic!("agent never answered: {e}\nconsole:\n{}", cap.text()),
-    };
+    let sb = sandbox(&c, vm, &cap);
     {
         let mut a = sb.agent();
         let cpus = a.cpus().unwrap();

@@ -51,6 +51,36 @@ pub(crate) fn sh_merged(agent: &mut AgentClient, script: &str) -> (i32, String) 
     (code, out + &err)
 }
 
+/// The guest agent's vsock device on `uds` (CID 3).
+pub(crate) fn agent_vsock(uds: &std::path::Path) -> Option<kestrel_api::VsockConfig> {
+    Some(kestrel_api::VsockConfig {
+        guest_cid: 3,
+        uds_path: uds.to_path_buf(),
+        vsock_id: None,
+    })
+}
+
+/// A VM for `c` with its console captured.
+pub(crate) fn create_captured(
+    c: &kestrel_api::VmConfig,
+) -> (kestrel_vmm::Vm, kestrel_tests::Capture) {
+    let cap = kestrel_tests::Capture::default();
+    let vm = kestrel_vmm::Vm::create_with_console(c, Box::new(cap.clone())).unwrap();
+    (vm, cap)
+}
+
+/// Start `vm` and wait (up to 10 min) for its agent; on failure the panic shows the console.
+pub(crate) fn sandbox(
+    c: &kestrel_api::VmConfig,
+    vm: kestrel_vmm::Vm,
+    cap: &kestrel_tests::Capture,
+) -> kestrel_vmm::Sandbox {
+    match kestrel_vmm::Sandbox::from_vm(c, vm, Duration::from_secs(600)) {
+        Ok(s) => s,
+        Err(e) => panic!("agent never answered: {e}\nconsole:\n{}", cap.text()),
+    }
+}
+
 /// Lowercase hex.
 pub(crate) fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()

@@ -8,14 +8,12 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kestrel_api::{
-    NetConfig, RateLimiterConfig, SerialOutput, TokenBucketConfig, VmConfig, VsockConfig,
-};
+use kestrel_api::{NetConfig, RateLimiterConfig, SerialOutput, TokenBucketConfig, VmConfig};
 use kestrel_tests::*;
 
-use super::{hex, sh_merged, wait_until};
+use super::{agent_vsock, create_captured, hex, sandbox, sh_merged, wait_until};
 use kestrel_vmm::agent::AgentClient;
-use kestrel_vmm::{Sandbox, Vm, VmExit};
+use kestrel_vmm::VmExit;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -133,22 +131,14 @@ fn tap_networking_in_a_namespace() {
             create_tap: false,
         },
     ];
-    c.vsock = Some(VsockConfig {
-        guest_cid: 3,
-        uds_path: uds.clone(),
-        vsock_id: None,
-    });
-    let cap = Capture::default();
-    let vm = Vm::create_with_console(&c, Box::new(cap.clone())).unwrap();
+    c.vsock = agent_vsock(&uds);
+    let (vm, cap) = create_captured(&c);
     // Host side of eth0, inside the namespace.
     let (ok, out) = ns.run(&["ip", "addr", "add", "10.0.2.1/24", "dev", &tap0]);
     assert!(ok, "{out}");
     let (ok, out) = ns.run(&["ip", "link", "set", &tap0, "up"]);
     assert!(ok, "{out}");
-    let sb = match Sandbox::from_vm(&c, vm, Duration::from_secs(600)) {
-        Ok(s) => s,
-        Err(e) => panic!("agent never answered: {e}\nconsole:\n{}", cap.text()),
-    };
+    let sb = sandbox(&c, vm, &cap);
     let mut a = sb.agent();
     a.set_call_timeout(Some(Duration::from_secs(900)));
 
