@@ -11,3 +11,16 @@ pub mod tap;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+
+/// Put `fd` into non-blocking mode (`O_NONBLOCK` added to its status flags).
+pub(crate) fn set_nonblocking(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: fcntl(2) with F_GETFL / F_SETFL takes no pointers; `fd` is open and owned by
+    // the caller for the whole call.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -164,19 +164,7 @@ impl RateLimiter {
     /// spurious wake-up of the event loop reads nothing instead of blocking it.
     pub fn new(cfg: &RateLimiterConfig) -> std::io::Result<Self> {
         let timer = TimerFd::new().map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-        let fd = timer.as_raw_fd();
-        // SAFETY: F_GETFL/F_SETFL on the timerfd just created and owned by `timer`; no pointers.
-        let r = unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags < 0 {
-                flags
-            } else {
-                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
-            }
-        };
-        if r < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        crate::set_nonblocking(timer.as_raw_fd())?;
         Ok(Self::with_clock(
             cfg,
             Box::new(MonotonicClock::default()),

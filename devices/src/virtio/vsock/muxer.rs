@@ -169,18 +169,6 @@ pub fn parse_connect(line: &[u8]) -> Option<u32> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl(2) with F_GETFL / F_SETFL takes no pointers; `fd` is open and owned by
-    // the caller for the whole call.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 struct Handshake {
     stream: UnixStream,
     line: Vec<u8>,
@@ -266,7 +254,7 @@ impl Muxer {
             .map_err(bind_err)?;
         let timer = TimerFd::new()
             .map_err(|e| io::Error::from_raw_os_error(e.errno()))
-            .and_then(|t| set_nonblocking(t.as_raw_fd()).map(|()| t))
+            .and_then(|t| crate::set_nonblocking(t.as_raw_fd()).map(|()| t))
             .map_err(muxer_err)
             .map_err(VsockError::Timer)?;
         Ok(Muxer {
