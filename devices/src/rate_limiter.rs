@@ -310,32 +310,47 @@ impl AsRawFd for RateLimiter {
     }
 }
 
+/// A hand-moved clock and a bucket builder for the limiter's and the devices' tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod test_util {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
+    use std::time::Duration;
 
+    use kestrel_api::TokenBucketConfig;
+
+    use super::Clock;
+
+    /// A clock the test moves by hand.
     #[derive(Clone, Default)]
-    struct FakeClock(Arc<AtomicU64>);
+    pub(crate) struct FakeClock(Arc<AtomicU64>);
+
     impl FakeClock {
-        fn advance_ms(&self, ms: u64) {
+        pub(crate) fn advance_ms(&self, ms: u64) {
             self.0.fetch_add(ms * 1_000_000, Ordering::SeqCst);
         }
     }
+
     impl Clock for FakeClock {
         fn now(&self) -> Duration {
             Duration::from_nanos(self.0.load(Ordering::SeqCst))
         }
     }
 
-    fn bucket(size: u64, burst: Option<u64>, refill_ms: u64) -> TokenBucketConfig {
+    /// `size` tokens per `refill_ms`, with an optional one-time burst.
+    pub(crate) fn bucket(size: u64, burst: Option<u64>, refill_ms: u64) -> TokenBucketConfig {
         TokenBucketConfig {
             size,
             one_time_burst: burst,
             refill_time: refill_ms,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::{bucket, FakeClock};
+    use super::*;
 
     fn limiter(
         bw: Option<TokenBucketConfig>,

@@ -295,13 +295,15 @@ impl Block {
         self.limiter.update(cfg);
     }
 
-    /// The rate limiter (tests use a fake clock through [`Block::set_rate_limiter`]).
-    pub fn rate_limiter(&self) -> &RateLimiter {
+    /// The rate limiter (tests).
+    #[cfg(test)]
+    pub(crate) fn rate_limiter(&self) -> &RateLimiter {
         &self.limiter
     }
 
     /// Replace the rate limiter (tests: a limiter on a fake clock).
-    pub fn set_rate_limiter(&mut self, limiter: RateLimiter) {
+    #[cfg(test)]
+    pub(crate) fn set_rate_limiter(&mut self, limiter: RateLimiter) {
         self.limiter = limiter;
     }
 

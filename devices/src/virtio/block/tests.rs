@@ -17,6 +17,7 @@ use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
 use crate::bus::BusDevice;
+use crate::rate_limiter::test_util::{bucket, FakeClock};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::{status, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING};
 
@@ -833,31 +834,6 @@ fn through_transport_and_event_loop() {
     let start = std::time::Instant::now();
     ops.run_with_timeout(10).unwrap();
     assert!(start.elapsed() < Duration::from_secs(5));
-}
-
-/// A clock the test moves by hand.
-#[derive(Clone, Default)]
-struct FakeClock(Arc<std::sync::atomic::AtomicU64>);
-
-impl FakeClock {
-    fn advance_ms(&self, ms: u64) {
-        self.0
-            .fetch_add(ms * 1_000_000, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl crate::rate_limiter::Clock for FakeClock {
-    fn now(&self) -> Duration {
-        Duration::from_nanos(self.0.load(std::sync::atomic::Ordering::SeqCst))
-    }
-}
-
-fn bucket(size: u64, burst: Option<u64>, refill_ms: u64) -> kestrel_api::TokenBucketConfig {
-    kestrel_api::TokenBucketConfig {
-        size,
-        one_time_burst: burst,
-        refill_time: refill_ms,
-    }
 }
 
 #[test]

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use kestrel_api::TokenBucketConfig;
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
 };
@@ -24,6 +23,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::*;
 use crate::bus::BusDevice;
+use crate::rate_limiter::test_util::bucket;
 use crate::tap::test_util::{self, PacketSocket};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::test_util::{on_event_loop, pump, Ring as SplitRing, WAIT};
@@ -903,11 +903,7 @@ fn rx_headers_follow_the_negotiated_offloads() {
 fn ops_limiter(size: u64, refill_ms: u64) -> RateLimiterConfig {
     RateLimiterConfig {
         bandwidth: None,
-        ops: Some(TokenBucketConfig {
-            size,
-            one_time_burst: None,
-            refill_time: refill_ms,
-        }),
+        ops: Some(bucket(size, None, refill_ms)),
     }
 }
 
@@ -949,11 +945,7 @@ fn tx_rate_limiter_blocks_and_resumes_on_its_timer() {
 fn rx_rate_limiter_blocks_and_resumes_on_its_timer() {
     let mut cfg = slot("eth0");
     cfg.rx_rate_limiter = Some(RateLimiterConfig {
-        bandwidth: Some(TokenBucketConfig {
-            size: 1000,
-            one_time_burst: None,
-            refill_time: 100,
-        }),
+        bandwidth: Some(bucket(1000, None, 100)),
         ops: None,
     });
     let (mut h, peer) = Harness::with_socket_config(cfg, BASIC);
