@@ -217,6 +217,16 @@ pub fn fd_count() -> usize {
         .unwrap_or(0)
 }
 
+/// The number after `name` on the command line (`--runs 3`), or `default`.
+pub fn cli_arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Resident KiB of a process's mappings from its `smaps` text (`/proc/<pid>/smaps`), split by
 /// `inside(start, end)`: (outside, inside).
 pub fn smaps_rss_split(smaps: &str, inside: impl Fn(u64, u64) -> bool) -> (u64, u64) {

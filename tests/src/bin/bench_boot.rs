@@ -16,15 +16,6 @@ fn rss_outside(ranges: &[(u64, u64)]) -> (u64, u64) {
     })
 }
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 struct Run {
     create_us: u64,
     first_run_us: u64,
@@ -76,9 +67,9 @@ fn one(vcpus: u32, mem: u64) -> Run {
 }
 
 fn main() {
-    let vcpus = arg("--vcpus", 1) as u32;
-    let mem = arg("--mem", 128);
-    let runs = arg("--runs", 1);
+    let vcpus = cli_arg("--vcpus", 1) as u32;
+    let mem = cli_arg("--mem", 128);
+    let runs = cli_arg("--runs", 1);
     println!("Kestrel boot bench: {vcpus} vCPU(s), {mem} MiB, {runs} run(s)");
     println!(
         "| run | create (ms) | create→first KVM_RUN (ms) | Run /init (s) | marker (s) | VMM RSS excl. guest (MiB) | guest RSS (MiB) | INT3 | FWAIT | AP start | PIO exits | MMIO exits |"

@@ -10,13 +10,7 @@ use kestrel_tests::*;
 use kestrel_vmm::{Sandbox, Vm};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let rounds: u32 = args
-        .iter()
-        .position(|a| a == "--rounds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let rounds = cli_arg("--rounds", 3);
     let g = guest_artifacts();
     let dir = scratch_dir().join("bench-hotplug");
     std::fs::create_dir_all(&dir).unwrap();

@@ -20,15 +20,6 @@ use std::time::{Duration, Instant};
 
 use kestrel_tests::*;
 
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// (RSS outside guest RAM, RSS of guest RAM) in KiB: guest RAM is the mapping(s) of `mem_mib`
 /// MiB (up to 4 MiB more for allocator alignment and guard pages).
 fn rss_split(pid: u32, mem_mib: u64) -> (u64, u64) {
@@ -190,9 +181,9 @@ fn qemu(g: &GuestArtifacts, vcpus: u64, mem: u64, dir: &std::path::Path) -> Opti
 }
 
 fn main() {
-    let vcpus = arg("--vcpus", 1);
-    let mem = arg("--mem", 128);
-    let runs = arg("--runs", 3);
+    let vcpus = cli_arg("--vcpus", 1);
+    let mem = cli_arg("--mem", 128);
+    let runs = cli_arg("--runs", 3);
     let g = guest_artifacts();
     let dir = scratch_dir().join("bench-peer");
     std::fs::create_dir_all(&dir).unwrap();
