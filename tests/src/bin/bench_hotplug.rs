@@ -1,5 +1,6 @@
-//! Hotplug latency: `Sandbox::resize_vcpus` 1→2→1 and `Sandbox::resize_memory` +128 MiB / −128 MiB
-//! on a real guest, each split into VMM time and guest time (agent calls). Prints a table.
+//! Hotplug latency: `Sandbox::resize_vcpus` 1→2→1 and `Sandbox::resize_memory`
+//! +128 MiB / −128 MiB on a real guest, each split into VMM time and guest time (agent calls).
+//! Prints a table.
 //!
 //! `cargo run --release -p kestrel-tests --bin bench_hotplug [-- --rounds N]`
 

@@ -25,8 +25,9 @@
 //!   the next READ/WRITE/RELEASE then uses or closes again — by then maybe another descriptor
 //!   of the VMM. So OPEN/CREATE/OPENDIR flags are limited to what a Linux FUSE client sends
 //!   (no `O_PATH`, no `O_TMPFILE`), and READ/WRITE carry the handle's open flags (file or
-//!   directory handle), never the guest's: no `fcntl` runs. (A guest `fcntl(F_SETFL)` after open therefore does not reach
-//!   the host descriptor; the guest kernel implements `O_NONBLOCK`/`O_APPEND` itself.)
+//!   directory handle), never the guest's: no `fcntl` runs. (A guest `fcntl(F_SETFL)` after
+//!   open therefore does not reach the host descriptor; the guest kernel implements
+//!   `O_NONBLOCK`/`O_APPEND` itself.)
 
 use std::collections::HashMap;
 use std::ffi::CStr;
