@@ -88,18 +88,19 @@ pub(super) struct Driver<D: MutEventSubscriber + VirtioDevice + 'static> {
     pub busy: Duration,
 }
 
+/// `n` empty rings (one per queue) in `mem` and the device-side queues over them.
+fn fresh_rings(mem: &GuestMemoryMmap, n: usize) -> (Vec<Ring>, Vec<Queue>) {
+    (0..n)
+        .map(|i| Ring::new(mem, RING_BASE + i as u64 * RING_STRIDE, QSIZE))
+        .unzip()
+}
+
 impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
     /// `dev` with its queues in `mem`, not yet activated.
     pub fn new(dev: D, mem: GuestMemoryMmap) -> (Driver<D>, Vec<Queue>) {
         let nq = dev.queue_max_sizes().len();
         let (dev, em, kicks) = on_event_loop(dev);
-        let mut rings = Vec::new();
-        let mut queues = Vec::new();
-        for i in 0..nq {
-            let (r, q) = Ring::new(&mem, RING_BASE + i as u64 * RING_STRIDE, QSIZE);
-            rings.push(r);
-            queues.push(q);
-        }
+        let (rings, queues) = fresh_rings(&mem, nq);
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap()));
         let d = Driver {
@@ -115,6 +116,13 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
             busy: Duration::ZERO,
         };
         (d, queues)
+    }
+
+    /// After a device reset: fresh rings for every queue, then [`Driver::activate`] with them.
+    pub fn reactivate(&mut self) {
+        let (rings, queues) = fresh_rings(&self.mem, self.rings.len());
+        self.rings = rings;
+        self.activate(queues);
     }
 
     /// Acknowledge every offered feature and activate with `queues`; run the loop once.
@@ -1216,18 +1224,12 @@ fn broken_ring_needs_reset_and_reset_recovers() {
     );
 
     // The driver resets and sets the device up again: a new FUSE session (INIT again).
-    let mut queues = Vec::new();
     {
         let mut d = s.d.dev.lock().unwrap();
         d.reset();
         assert!(!d.needs_reset() && !d.is_activated());
     }
-    for i in 0..2 {
-        let (r, q) = Ring::new(&s.d.mem, RING_BASE + i as u64 * RING_STRIDE, QSIZE);
-        s.d.rings[i] = r;
-        queues.push(q);
-    }
-    s.d.activate(queues);
+    s.d.reactivate();
     s.d.init();
     assert!(s.d.lookup(ROOT_ID, "f").is_ok());
 }
@@ -1260,13 +1262,7 @@ fn worker_failure_needs_reset_and_drop_joins_threads() {
     assert_eq!(s.metrics().queue_errors, 1);
     // Reset and set up again: fresh workers serve a new session.
     s.d.dev.lock().unwrap().reset();
-    let mut queues = Vec::new();
-    for i in 0..3 {
-        let (r, q) = Ring::new(&s.d.mem, RING_BASE + i as u64 * RING_STRIDE, QSIZE);
-        s.d.rings[i] = r;
-        queues.push(q);
-    }
-    s.d.activate(queues);
+    s.d.reactivate();
     s.d.init();
     let r = s.d.fuse_on(2, Opcode::Lookup, ROOT_ID, &[&cstr("f")]);
     assert_eq!(r.hdr.error, 0);
@@ -1297,13 +1293,7 @@ fn second_init_without_reset_is_refused_and_reset_allows_it() {
         libc::EINVAL
     );
     s.d.dev.lock().unwrap().reset();
-    let mut queues = Vec::new();
-    for i in 0..2 {
-        let (r, q) = Ring::new(&s.d.mem, RING_BASE + i as u64 * RING_STRIDE, QSIZE);
-        s.d.rings[i] = r;
-        queues.push(q);
-    }
-    s.d.activate(queues);
+    s.d.reactivate();
     s.d.init();
 }
 
@@ -1584,13 +1574,7 @@ fn vhost_user_fs_against_virtiofsd() {
         assert!(!dev.is_activated() && !dev.is_started());
         assert_eq!(dev.metrics().backend_errors, 0);
     }
-    let mut queues = Vec::new();
-    for i in 0..2 {
-        let (r, q) = Ring::new(&d.mem, RING_BASE + i as u64 * RING_STRIDE, QSIZE);
-        d.rings[i] = r;
-        queues.push(q);
-    }
-    d.activate(queues);
+    d.reactivate();
     assert!(d.dev.lock().unwrap().is_started());
     // virtiofsd keeps its FUSE session across a vring reset: a second INIT may be refused,
     // but requests are served again.
