@@ -127,7 +127,7 @@ pub enum GuestCompat {
 }
 
 /// Kestrel's `kestrel` section: host-side options.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KestrelOptions {
     /// A short name used in thread names (`kestrel-<name>-vcpu0`) and logs. Default: `vm`.
@@ -136,6 +136,29 @@ pub struct KestrelOptions {
     /// Guest command-line compatibility switches for software KVM (see docs/nested-kvm.md).
     #[serde(default)]
     pub guest_compat: GuestCompat,
+    /// With the software-KVM switches on: serve the guest kernel's paravirtual extended-state
+    /// switch (`kestrel.pvfpu`, so guest tasks do not share AVX registers; docs/nested-kvm.md
+    /// §10). Default: true. Turning it off is only useful to measure what it fixes.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
+    pub xstate_assist: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+impl Default for KestrelOptions {
+    fn default() -> Self {
+        KestrelOptions {
+            name: None,
+            guest_compat: GuestCompat::default(),
+            xstate_assist: true,
+        }
+    }
 }
 
 impl VmConfig {

@@ -27,6 +27,7 @@ mod evloop;
 mod exit;
 mod memory;
 mod metrics;
+pub mod pvfpu;
 pub mod sandbox;
 mod vcpu;
 mod vm;

@@ -19,6 +19,12 @@ pub struct VmCounters {
     pub assist_ap_start: AtomicU64,
     /// `KVM_RUN` interruptions (signals, EINTR).
     pub run_interrupted: AtomicU64,
+    /// Extended-state saves for the guest's task switches (NESTED-KVM §10).
+    pub assist_xstate_save: AtomicU64,
+    /// Extended-state loads for the guest's task switches (NESTED-KVM §10).
+    pub assist_xstate_load: AtomicU64,
+    /// Extended-state requests refused (bad address or state from the guest).
+    pub assist_xstate_errors: AtomicU64,
 }
 
 /// A copy of [`VmCounters`] at one moment, plus timings.
@@ -38,6 +44,12 @@ pub struct VmMetrics {
     pub assist_ap_start: u64,
     /// `KVM_RUN` interruptions.
     pub run_interrupted: u64,
+    /// Extended-state saves (paravirtual task-switch assist).
+    pub assist_xstate_save: u64,
+    /// Extended-state loads (paravirtual task-switch assist).
+    pub assist_xstate_load: u64,
+    /// Extended-state requests refused.
+    pub assist_xstate_errors: u64,
     /// Bytes the guest wrote to the serial console.
     pub serial_tx_bytes: u64,
     /// Microseconds from the start of `Vm::create` to the end of it.
@@ -68,6 +80,9 @@ impl VmCounters {
             assist_fwait: g(&self.assist_fwait),
             assist_ap_start: g(&self.assist_ap_start),
             run_interrupted: g(&self.run_interrupted),
+            assist_xstate_save: g(&self.assist_xstate_save),
+            assist_xstate_load: g(&self.assist_xstate_load),
+            assist_xstate_errors: g(&self.assist_xstate_errors),
             ..Default::default()
         }
     }

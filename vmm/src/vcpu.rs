@@ -19,6 +19,7 @@ use kestrel_devices::Bus;
 use crate::error::{kvm_err, VmmError};
 use crate::exit::{ExitState, VcpuFault, VmExit};
 use crate::metrics::VmCounters;
+use crate::pvfpu;
 
 /// Offset from `SIGRTMIN` of the signal that kicks vCPU threads out of `KVM_RUN`.
 pub const KICK_SIGNAL_OFFSET: i32 = 2;
@@ -56,6 +57,8 @@ pub(crate) struct VcpuShared {
     pub(crate) running: AtomicUsize,
     /// Set by the boot vCPU right before its first `KVM_RUN`.
     pub(crate) first_run: std::sync::OnceLock<Instant>,
+    /// Serve the paravirtual extended-state switch ports (`pvfpu`, software KVM only).
+    pub(crate) pvfpu: bool,
 }
 
 /// Whether a vCPU thread runs its guest or waits, parked (hot-removed vCPUs: KVM cannot
@@ -181,6 +184,7 @@ enum Step {
     Exit(VmExit),
     InternalError,
     Again,
+    XState(pvfpu::Request),
 }
 
 /// One vCPU and its loop.
@@ -224,6 +228,7 @@ impl Vcpu {
             let step = match step {
                 Step::InternalError => self.internal_error(),
                 Step::Again => self.ap_start_assist(),
+                Step::XState(req) => self.xstate_assist(req),
                 s => s,
             };
             match step {
@@ -297,6 +302,24 @@ impl Vcpu {
             }
             _ => fail(bytes),
         }
+    }
+
+    /// The guest kernel's task switch asks to save or load a task's extended (AVX) state
+    /// (docs/nested-kvm.md §10). A refused request (bad address or state) is counted; the guest
+    /// only hurts itself, so the VM goes on.
+    fn xstate_assist(&mut self, req: pvfpu::Request) -> Step {
+        let counters = &self.shared.counters;
+        match pvfpu::serve(&self.fd, &self.shared.mem.memory(), req) {
+            Ok(()) => VmCounters::bump(match req {
+                pvfpu::Request::Save(_) => &counters.assist_xstate_save,
+                pvfpu::Request::Load(_) => &counters.assist_xstate_load,
+            }),
+            Err(e) => {
+                VmCounters::bump(&counters.assist_xstate_errors);
+                tracing::debug!("vCPU {}: extended-state assist refused: {e}", self.id);
+            }
+        }
+        Step::Continue
     }
 
     /// Linear RIP and up to 15 bytes at it (fewer at the end of guest memory).
@@ -416,6 +439,11 @@ fn handle_exit(s: &VcpuShared, id: u32, exit: VcpuExit<'_>) -> Step {
         }
         VcpuExit::IoOut(port, data) => {
             VmCounters::bump(&s.counters.pio_exits);
+            if s.pvfpu {
+                if let Some(req) = pvfpu::decode(port, data) {
+                    return Step::XState(req);
+                }
+            }
             if !s.pio.write(u64::from(port), data) {
                 VmCounters::bump(&s.counters.unhandled_accesses);
                 tracing::trace!("unhandled port write {port:#x}");

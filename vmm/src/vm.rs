@@ -32,6 +32,7 @@ use crate::evloop::{self, ConsoleInput, Control, Subscriber};
 use crate::exit::{ExitState, ResetTrigger, VmExit};
 use crate::memory::{MemoryManager, PluggedRange};
 use crate::metrics::{VmCounters, VmMetrics};
+use crate::pvfpu;
 use crate::vcpu::{self, kick_signal, Vcpu, VcpuControl, VcpuRunState, VcpuShared};
 
 /// Address of the TSS KVM needs on Intel (three pages just below the IOAPIC... well below 4 GiB).
@@ -286,6 +287,11 @@ impl Vm {
             }
         }
         extra_args.extend(dm.cmdline.iter().cloned());
+        // Guest tasks' AVX state on a software KVM (docs/nested-kvm.md §10).
+        let pvfpu = software_kvm && config.kestrel.xstate_assist && pvfpu::supported(&vm_fd);
+        if pvfpu {
+            extra_args.push(pvfpu::CMDLINE_FLAG.to_string());
+        }
         let cmdline = boot::build_cmdline(config, max_vcpus, software_kvm, &extra_args)?;
         boot::write_boot_data(&mem, mem_size, &cmdline, initrd, &kernel, max_vcpus)?;
         let cmdline_str = cmdline
@@ -338,6 +344,7 @@ impl Vm {
             counters: Arc::new(VmCounters::default()),
             running: AtomicUsize::new(0),
             first_run: std::sync::OnceLock::new(),
+            pvfpu,
         });
 
         // Boot vCPUs.

@@ -59,7 +59,7 @@ impl Drop for Aligned {
 }
 
 pub fn io_bench(a: IoBench) -> OpResult<Value> {
-    if a.block_size == 0 || a.block_size % 512 != 0 || a.block_size > (16 << 20) {
+    if a.block_size == 0 || !a.block_size.is_multiple_of(512) || a.block_size > (16 << 20) {
         return Err(OpError::new(
             "bad_request",
             "block_size must be a multiple of 512, at most 16 MiB",

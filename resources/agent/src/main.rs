@@ -15,6 +15,7 @@ mod iobench;
 mod ops;
 mod proto;
 mod stream;
+mod vecprobe;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -128,6 +129,10 @@ pub(crate) fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("vecprobe") {
+        std::process::exit(vecprobe::main(&args[2..]));
+    }
     if std::env::var_os("PATH").is_none() {
         std::env::set_var("PATH", "/sbin:/bin:/usr/sbin:/usr/bin");
     }

@@ -10,6 +10,7 @@ mod devices;
 mod fs;
 mod hotplug;
 mod net;
+mod xstate;
 
 use std::time::{Duration, Instant};
 
