@@ -142,8 +142,10 @@ impl TokenBucket {
         if missing <= 0 {
             return Duration::ZERO;
         }
-        let ns = (missing.unsigned_abs().saturating_mul(u128::from(self.refill_ns)))
-            .div_ceil(u128::from(self.size.max(1)));
+        let ns = (missing
+            .unsigned_abs()
+            .saturating_mul(u128::from(self.refill_ns)))
+        .div_ceil(u128::from(self.size.max(1)));
         Duration::from_nanos(ns.min(u128::from(u64::MAX)) as u64)
     }
 
@@ -299,9 +301,7 @@ impl RateLimiter {
     pub fn update(&mut self, cfg: &RateLimiterConfig) {
         let now = self.clock.now();
         let same = |old: &Option<TokenBucket>, new: &Option<TokenBucketConfig>| match (old, new) {
-            (Some(o), Some(n)) => {
-                o.size == n.size && o.refill_ns == refill_ns(n)
-            }
+            (Some(o), Some(n)) => o.size == n.size && o.refill_ns == refill_ns(n),
             (None, None) => true,
             _ => false,
         };

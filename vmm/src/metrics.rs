@@ -19,6 +19,8 @@ pub struct VmCounters {
     pub assist_ap_start: AtomicU64,
     /// `KVM_RUN` interruptions (signals, EINTR).
     pub run_interrupted: AtomicU64,
+    /// Device event handlers that panicked (each device then needs a reset).
+    pub device_panics: AtomicU64,
 }
 
 /// A copy of [`VmCounters`] at one moment, plus timings.
@@ -38,6 +40,9 @@ pub struct VmMetrics {
     pub assist_ap_start: u64,
     /// `KVM_RUN` interruptions.
     pub run_interrupted: u64,
+    /// Device event handlers that panicked (contained: the device went to
+    /// `DEVICE_NEEDS_RESET`, the VM kept running).
+    pub device_panics: u64,
     /// Bytes the guest wrote to the serial console.
     pub serial_tx_bytes: u64,
     /// Microseconds from the start of `Vm::create` to the end of it.
@@ -68,6 +73,7 @@ impl VmCounters {
             assist_fwait: g(&self.assist_fwait),
             assist_ap_start: g(&self.assist_ap_start),
             run_interrupted: g(&self.run_interrupted),
+            device_panics: g(&self.device_panics),
             ..Default::default()
         }
     }
