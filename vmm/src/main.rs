@@ -101,7 +101,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
-    if let Err(e) = config.validate() {
+    if let Err(e) = config.validate_for_boot() {
         if cli.config.is_none() {
             return fail(
                 2,

@@ -135,7 +135,7 @@ impl Vm {
     /// boot vCPUs, and load the guest. No thread runs until [`Vm::start`]. On error everything
     /// created so far is released.
     pub fn create(config: &VmConfig) -> Result<Vm, VmmError> {
-        config.validate()?;
+        config.validate_for_boot()?;
         let sink: ConsoleSink = match config.serial.output {
             SerialOutput::Stdout => Box::new(std::io::stdout()),
             SerialOutput::None => Box::new(std::io::sink()),
@@ -159,7 +159,7 @@ impl Vm {
     /// `config.serial` says.
     pub fn create_with_console(config: &VmConfig, console: ConsoleSink) -> Result<Vm, VmmError> {
         let t0 = Instant::now();
-        config.validate()?;
+        config.validate_for_boot()?;
         let mc = &config.machine_config;
 
         let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
