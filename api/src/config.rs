@@ -14,6 +14,15 @@ pub const MAX_MEM_SIZE_MIB: u64 = 1 << 20;
 pub const MAX_SUPPORTED_VCPUS: u32 = 254;
 /// Largest kernel command line the x86_64 boot protocol takes (bytes, without the NUL).
 pub const MAX_CMDLINE_LEN: usize = 2047;
+/// Largest configuration file [`VmConfig::from_file`] reads (1 MiB; real ones are a few KiB).
+pub const MAX_CONFIG_FILE_LEN: u64 = 1 << 20;
+/// Command-line bytes Kestrel may append to `boot_args` besides one `virtio_mmio.device=` per
+/// device: `root=PARTUUID=<36> rw`, `maxcpus=NNN`, the software-KVM switches and
+/// `cpuhp.parallel=0` (148 bytes with separators, rounded up).
+pub const CMDLINE_RESERVED_LEN: usize = 160;
+/// Command-line bytes Kestrel appends per virtio device (`virtio_mmio.device=4K@0x........:NN`
+/// and a separator: 36, rounded up).
+pub const CMDLINE_RESERVED_PER_DEVICE: usize = 40;
 
 /// A whole VM: what the `kestrel` binary reads with `--config` and what a runtime passes to
 /// `kestrel_vmm::Vm::create`.
@@ -167,12 +176,38 @@ impl VmConfig {
         Ok(serde_json::from_str(json)?)
     }
 
-    /// Read and parse a JSON file (does not validate; call [`VmConfig::validate`]).
+    /// Read and parse a JSON file (does not validate; call [`VmConfig::validate`]). Only a
+    /// regular file of at most [`MAX_CONFIG_FILE_LEN`] bytes is read: `/dev/zero` or a FIFO is
+    /// refused up front instead of being read without end or blocking.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
+        use std::io::Read;
+        let shown = || path.display().to_string();
+        let read_err = |source| ConfigError::Read {
+            path: shown(),
             source,
-        })?;
+        };
+        // stat first: opening a FIFO would block until a writer appears.
+        let meta = std::fs::metadata(path).map_err(read_err)?;
+        if !meta.is_file() {
+            return Err(ConfigError::NotARegularFile { path: shown() });
+        }
+        let f = std::fs::File::open(path).map_err(read_err)?;
+        // Replaced between stat and open: check what was opened.
+        if !f.metadata().map_err(read_err)?.is_file() {
+            return Err(ConfigError::NotARegularFile { path: shown() });
+        }
+        let mut bytes = Vec::new();
+        f.take(MAX_CONFIG_FILE_LEN + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_CONFIG_FILE_LEN {
+            return Err(ConfigError::FileTooLarge {
+                path: shown(),
+                limit: MAX_CONFIG_FILE_LEN,
+            });
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|e| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         Self::from_json(&text)
     }
 
@@ -205,10 +240,16 @@ impl VmConfig {
         self.kestrel.name.as_deref().unwrap_or("vm")
     }
 
-    /// Check every field. Touches the file system only to check that paths exist; creates
-    /// nothing. The error names the first offending field.
+    /// Check every field. Touches the file system only to look at the files named (kind,
+    /// permissions, kernel format, sizes); creates and changes nothing. The error names the
+    /// first offending field. Whatever `kestrel_vmm::Vm::create` would refuse because of
+    /// the configuration is refused here, except what depends on the host at create time:
+    /// KVM's vCPU limit, host memory, TAP devices and vhost-user daemons; and the kernel's
+    /// format, which [`VmConfig::validate_for_boot`] adds.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.boot_source.validate()?;
+        self.check_cmdline_room()?;
+        self.check_initrd_fits()?;
         self.machine_config.validate()?;
         self.serial.validate()?;
         self.kestrel.validate()?;
@@ -220,22 +261,138 @@ impl VmConfig {
         self.validate_fs()?;
         Ok(())
     }
+
+    /// [`VmConfig::validate`], then the kernel's format (an x86_64 ELF `vmlinux` or a
+    /// bzImage, read from its first bytes). This is what `Vm::create` and `kestrel validate`
+    /// run. (`validate` alone does not read the kernel, so configurations naming any regular
+    /// file as the kernel, as unit tests do, still validate.)
+    pub fn validate_for_boot(&self) -> Result<(), ConfigError> {
+        self.validate()?;
+        let field = "boot-source.kernel_image_path";
+        let kernel = check_file(field, &self.boot_source.kernel_image_path)?;
+        check_kernel_format(field, &self.boot_source.kernel_image_path, kernel)
+    }
+
+    /// Virtio devices in the order create wires them: drives, interfaces, vsock, fs.
+    fn device_fields(&self) -> Vec<String> {
+        let mut v: Vec<String> = (0..self.drives.len())
+            .map(|i| format!("drives[{i}]"))
+            .collect();
+        v.extend((0..self.network_interfaces.len()).map(|i| format!("network-interfaces[{i}]")));
+        if self.vsock.is_some() {
+            v.push("vsock".into());
+        }
+        v.extend((0..self.fs.len()).map(|i| format!("fs[{i}]")));
+        v
+    }
+
+    /// `boot_args` plus what Kestrel appends must fit the boot protocol's command line.
+    fn check_cmdline_room(&self) -> Result<(), ConfigError> {
+        let Some(args) = &self.boot_source.boot_args else {
+            return Ok(());
+        };
+        let reserved =
+            CMDLINE_RESERVED_LEN + CMDLINE_RESERVED_PER_DEVICE * self.device_fields().len();
+        let room = MAX_CMDLINE_LEN.saturating_sub(reserved);
+        if args.trim().len() > room {
+            return Err(ConfigError::invalid(
+                "boot-source.boot_args",
+                format!(
+                    "{} bytes; with what Kestrel appends for this VM ({reserved} bytes at most) \
+                     at most {room} fit in the {MAX_CMDLINE_LEN}-byte command line",
+                    args.trim().len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The initrd is loaded into RAM below the 32-bit MMIO hole (3 GiB).
+    fn check_initrd_fits(&self) -> Result<(), ConfigError> {
+        let Some(initrd) = &self.boot_source.initrd_path else {
+            return Ok(());
+        };
+        let size = std::fs::metadata(initrd).map(|m| m.len()).unwrap_or(0);
+        let low_ram = (self.machine_config.mem_size_mib << 20).min(3 << 30);
+        if size >= low_ram {
+            return Err(ConfigError::invalid(
+                "boot-source.initrd_path",
+                format!("{size} bytes do not fit in the {low_ram} bytes of guest RAM below 3 GiB"),
+            ));
+        }
+        Ok(())
+    }
 }
 
-fn check_file(field: &str, path: &Path) -> Result<(), ConfigError> {
+/// `path` must be a readable regular file.
+fn check_file(field: &str, path: &Path) -> Result<std::fs::File, ConfigError> {
     if path.as_os_str().is_empty() {
         return Err(ConfigError::invalid(field, "must not be empty"));
     }
     match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(ConfigError::invalid(
+        // Opening a regular file has no side effect (and never blocks, unlike a FIFO).
+        Ok(m) if m.is_file() => std::fs::File::open(path).map_err(|e| {
+            ConfigError::invalid(field, format!("cannot open {}: {e}", path.display()))
+        }),
+        Ok(m) => Err(ConfigError::invalid(
             field,
-            format!("{} is not a regular file", path.display()),
+            format!(
+                "{} is {}, not a regular file",
+                path.display(),
+                file_kind(&m)
+            ),
         )),
         Err(e) => Err(ConfigError::invalid(
             field,
             format!("cannot access {}: {e}", path.display()),
         )),
+    }
+}
+
+/// What kind of file `m` describes, for messages.
+fn file_kind(m: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = m.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "a special file"
+    }
+}
+
+/// The kernel must be an x86_64 ELF (`vmlinux`) or a bzImage: what create's loader takes.
+fn check_kernel_format(field: &str, path: &Path, mut f: std::fs::File) -> Result<(), ConfigError> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(0x210);
+    (&mut f)
+        .take(0x210)
+        .read_to_end(&mut head)
+        .map_err(|e| ConfigError::invalid(field, format!("cannot read {}: {e}", path.display())))?;
+    let elf64_x86 = head.len() >= 20
+        && head[..4] == *b"\x7fELF"
+        && head[4] == 2
+        && u16::from_le_bytes([head[18], head[19]]) == 0x3e;
+    let bzimage = head.len() >= 0x206 && head[0x202..0x206] == *b"HdrS";
+    if elf64_x86 || bzimage {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            field,
+            format!(
+                "{} is neither an x86_64 ELF vmlinux nor a bzImage",
+                path.display()
+            ),
+        ))
     }
 }
 
@@ -256,10 +413,14 @@ impl BootSource {
                     ),
                 ));
             }
-            if args.bytes().any(|b| b == 0 || !b.is_ascii()) {
+            // What linux-loader's command line takes: printable ASCII and spaces only.
+            if let Some(b) = args.bytes().find(|b| !(b' '..=b'~').contains(b)) {
                 return Err(ConfigError::invalid(
                     "boot-source.boot_args",
-                    "must be printable ASCII without NUL bytes",
+                    format!(
+                        "must be printable ASCII (byte {b:#04x} is not; no tabs, newlines or \
+                         other control characters)"
+                    ),
                 ));
             }
         }
@@ -354,13 +515,13 @@ impl SerialConfig {
             }
             (SerialOutput::File, Some(p)) => {
                 let parent = p.parent().filter(|d| !d.as_os_str().is_empty());
-                match parent {
-                    Some(d) if !d.is_dir() => Err(ConfigError::invalid(
+                if let Some(d) = parent.filter(|d| !d.is_dir()) {
+                    return Err(ConfigError::invalid(
                         "serial.path",
                         format!("directory {} does not exist", d.display()),
-                    )),
-                    _ => Ok(()),
+                    ));
                 }
+                check_serial_file(p)
             }
             (_, Some(_)) => Err(ConfigError::invalid(
                 "serial.path",
@@ -369,6 +530,45 @@ impl SerialConfig {
             _ => Ok(()),
         }
     }
+}
+
+/// An existing `serial.path` must be a regular file create can append to, or a character
+/// device (a terminal, `/dev/null`): a directory fails at create, and opening a FIFO for
+/// writing would block create until a reader appears.
+fn check_serial_file(p: &Path) -> Result<(), ConfigError> {
+    let m = match std::fs::metadata(p) {
+        Ok(m) => m,
+        // Created by create (its directory exists).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(ConfigError::invalid(
+                "serial.path",
+                format!("cannot access {}: {e}", p.display()),
+            ))
+        }
+    };
+    use std::os::unix::fs::FileTypeExt;
+    if m.file_type().is_char_device() {
+        return Ok(());
+    }
+    if !m.is_file() {
+        return Err(ConfigError::invalid(
+            "serial.path",
+            format!(
+                "{} is {}; it must be a regular file or a character device",
+                p.display(),
+                file_kind(&m)
+            ),
+        ));
+    }
+    // Opening an existing file for appending changes nothing; it proves create can.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(p)
+        .map(drop)
+        .map_err(|e| {
+            ConfigError::invalid("serial.path", format!("cannot open {}: {e}", p.display()))
+        })
 }
 
 impl KestrelOptions {
@@ -863,7 +1063,7 @@ impl VmConfig {
                 .as_ref()
                 .filter(|p| !p.as_os_str().is_empty())
             {
-                check_disk_image(&field("path_on_host"), path)?;
+                check_disk_image(&field("path_on_host"), path, d.is_read_only)?;
             }
             if let Some(serial) = &d.serial {
                 if serial.len() > MAX_DRIVE_SERIAL_LEN {
@@ -908,16 +1108,32 @@ impl VmConfig {
     }
 }
 
-/// A drive's image must exist and be a regular file or a block device.
-fn check_disk_image(field: &str, path: &Path) -> Result<(), ConfigError> {
+/// A drive's image must exist, be a regular file or a block device, and open as create opens
+/// it (read-only or read-write).
+fn check_disk_image(field: &str, path: &Path, read_only: bool) -> Result<(), ConfigError> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::metadata(path) {
-        Ok(m) if m.is_file() || m.file_type().is_block_device() => Ok(()),
-        Ok(_) => Err(ConfigError::invalid(
+        Ok(m) if m.is_file() || m.file_type().is_block_device() => std::fs::OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map(drop)
+            .map_err(|e| {
+                ConfigError::invalid(
+                    field,
+                    format!(
+                        "cannot open {} {}: {e}",
+                        path.display(),
+                        if read_only { "read-only" } else { "read-write" }
+                    ),
+                )
+            }),
+        Ok(m) => Err(ConfigError::invalid(
             field,
             format!(
-                "{} is neither a regular file nor a block device",
-                path.display()
+                "{} is {}, neither a regular file nor a block device",
+                path.display(),
+                file_kind(&m)
             ),
         )),
         Err(e) => Err(ConfigError::invalid(
@@ -2225,5 +2441,256 @@ mod net_tests {
         assert_eq!(err(&cfg).0, "machine-config.vcpu_count");
         cfg.machine_config.vcpu_count = 1;
         assert_eq!(err(&cfg).0, "network-interfaces[0].iface_id");
+    }
+}
+
+#[cfg(test)]
+mod create_agreement_tests {
+    //! Each case here used to pass `validate` and fail only at `Vm::create`.
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kestrel-api-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A file holding `bytes` (a fresh one per call: tests run in parallel).
+    fn file(tag: &str, bytes: &[u8]) -> PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = dir("files").join(format!("{tag}-{n}"));
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    fn elf_kernel() -> PathBuf {
+        let mut h = vec![0u8; 64];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = 2;
+        h[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
+        file("vmlinux", &h)
+    }
+
+    fn base() -> VmConfig {
+        VmConfig::new(elf_kernel(), 1, 128)
+    }
+
+    fn field(cfg: &VmConfig) -> String {
+        let e = cfg.validate_for_boot().expect_err("should be refused");
+        e.field().expect("names a field").to_string()
+    }
+
+    #[test]
+    fn base_config_is_valid() {
+        base().validate_for_boot().unwrap();
+        let mut c = base();
+        let mut bz = vec![0u8; 0x210];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        c.boot_source.kernel_image_path = file("bzImage", &bz);
+        c.validate_for_boot().unwrap();
+    }
+
+    #[test]
+    fn control_characters_in_boot_args_refused() {
+        for bad in ["console=ttyS0\n", "a\tb", "x\x1b[0m", "nul\0"] {
+            let mut c = base();
+            c.boot_source.boot_args = Some(bad.into());
+            assert_eq!(field(&c), "boot-source.boot_args", "{bad:?}");
+        }
+        let mut c = base();
+        c.boot_source.boot_args = Some("console=ttyS0 reboot=k panic=1 ~!".into());
+        c.validate_for_boot().unwrap();
+    }
+
+    #[test]
+    fn boot_args_leave_room_for_what_kestrel_appends() {
+        let mut c = base();
+        let room = MAX_CMDLINE_LEN - CMDLINE_RESERVED_LEN;
+        c.boot_source.boot_args = Some("x".repeat(room));
+        c.validate_for_boot().unwrap();
+        c.boot_source.boot_args = Some("x".repeat(room + 1));
+        assert_eq!(field(&c), "boot-source.boot_args");
+        // Each device takes room too.
+        c.boot_source.boot_args = Some("x".repeat(room));
+        c.drives.push(DriveConfig {
+            drive_id: "d0".into(),
+            ..DriveConfig::default()
+        });
+        let e = c.validate_for_boot().unwrap_err();
+        assert_eq!(e.field(), Some("boot-source.boot_args"));
+        assert!(e.to_string().contains("Kestrel appends"), "{e}");
+    }
+
+    #[test]
+    fn directories_where_files_are_expected_refused() {
+        let d = dir("a-directory");
+        let mut c = base();
+        c.boot_source.kernel_image_path = d.clone();
+        assert_eq!(field(&c), "boot-source.kernel_image_path");
+        let mut c = base();
+        c.boot_source.initrd_path = Some(d.clone());
+        assert_eq!(field(&c), "boot-source.initrd_path");
+        let mut c = base();
+        c.drives.push(DriveConfig {
+            drive_id: "d0".into(),
+            path_on_host: Some(d.clone()),
+            ..DriveConfig::default()
+        });
+        let e = c.validate_for_boot().unwrap_err();
+        assert_eq!(e.field(), Some("drives[0].path_on_host"));
+        assert!(e.to_string().contains("a directory"), "{e}");
+        let mut c = base();
+        c.serial.output = SerialOutput::File;
+        c.serial.path = Some(d);
+        let e = c.validate_for_boot().unwrap_err();
+        assert_eq!(e.field(), Some("serial.path"));
+        assert!(e.to_string().contains("a directory"), "{e}");
+    }
+
+    #[test]
+    fn serial_path_fifo_refused_char_device_and_new_file_accepted() {
+        let mut c = base();
+        c.serial.output = SerialOutput::File;
+        c.serial.path = Some("/dev/null".into());
+        c.validate_for_boot().unwrap();
+        c.serial.path = Some(dir("serial").join("new-console.log"));
+        c.validate_for_boot().unwrap();
+        let fifo = dir("serial").join("fifo");
+        let _ = std::fs::remove_file(&fifo);
+        let st = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        c.serial.path = Some(fifo);
+        let e = c.validate_for_boot().unwrap_err();
+        assert_eq!(e.field(), Some("serial.path"));
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+    }
+
+    #[test]
+    fn kernel_that_is_not_elf_or_bzimage_refused() {
+        let mut c = base();
+        c.boot_source.kernel_image_path = file("not-a-kernel", b"#!/bin/sh\necho hi\n");
+        let e = c.validate_for_boot().unwrap_err();
+        assert_eq!(e.field(), Some("boot-source.kernel_image_path"));
+        assert!(e.to_string().contains("neither"), "{e}");
+        // A 32-bit ELF is not loadable either.
+        let mut h = vec![0u8; 64];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = 1;
+        c.boot_source.kernel_image_path = file("elf32", &h);
+        assert_eq!(field(&c), "boot-source.kernel_image_path");
+        // `validate` alone does not read the kernel.
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn initrd_larger_than_guest_ram_refused() {
+        let mut c = base();
+        c.machine_config.mem_size_mib = MIN_MEM_SIZE_MIB;
+        let big = dir("initrd").join("big.cpio");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(MIN_MEM_SIZE_MIB << 20).unwrap(); // sparse
+        c.boot_source.initrd_path = Some(big);
+        let e = c.validate_for_boot().unwrap_err();
+        assert_eq!(e.field(), Some("boot-source.initrd_path"));
+        c.machine_config.mem_size_mib = 2 * MIN_MEM_SIZE_MIB;
+        c.validate_for_boot().unwrap();
+    }
+
+    #[test]
+    fn read_only_image_needs_is_read_only() {
+        if unsafe_is_root() {
+            return; // root opens anything read-write
+        }
+        let img = file("ro.img", &[0u8; 512]);
+        let mut perms = std::fs::metadata(&img).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o444);
+        std::fs::set_permissions(&img, perms).unwrap();
+        let mut c = base();
+        c.drives.push(DriveConfig {
+            drive_id: "d0".into(),
+            path_on_host: Some(img),
+            ..DriveConfig::default()
+        });
+        assert_eq!(field(&c), "drives[0].path_on_host");
+        c.drives[0].is_read_only = true;
+        c.validate_for_boot().unwrap();
+    }
+
+    fn unsafe_is_root() -> bool {
+        std::fs::read_to_string("/proc/self/status")
+            .map(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("Uid:"))
+                    .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"))
+            })
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn rate_limiter_refill_overflow_names_the_field() {
+        let mut c = base();
+        c.drives.push(DriveConfig {
+            drive_id: "d0".into(),
+            rate_limiter: Some(crate::RateLimiterConfig {
+                bandwidth: Some(crate::TokenBucketConfig {
+                    size: 1,
+                    one_time_burst: None,
+                    refill_time: 1 << 58,
+                }),
+                ops: None,
+            }),
+            ..DriveConfig::default()
+        });
+        assert_eq!(field(&c), "drives[0].rate_limiter.bandwidth.refill_time");
+    }
+
+    #[test]
+    fn config_file_reads_are_bounded_and_regular_files_only() {
+        for special in ["/dev/zero", "/dev/null"] {
+            assert!(matches!(
+                VmConfig::from_file(Path::new(special)),
+                Err(ConfigError::NotARegularFile { .. })
+            ));
+        }
+        assert!(matches!(
+            VmConfig::from_file(&dir("cfg-dir")),
+            Err(ConfigError::NotARegularFile { .. })
+        ));
+        let fifo = dir("cfg").join("fifo.json");
+        let _ = std::fs::remove_file(&fifo);
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        // Returns at once (no writer ever appears).
+        assert!(matches!(
+            VmConfig::from_file(&fifo),
+            Err(ConfigError::NotARegularFile { .. })
+        ));
+        let big = dir("cfg").join("big.json");
+        let f = std::fs::File::create(&big).unwrap();
+        f.set_len(MAX_CONFIG_FILE_LEN + 1).unwrap();
+        assert!(matches!(
+            VmConfig::from_file(&big),
+            Err(ConfigError::FileTooLarge { .. })
+        ));
+        let ok = file(
+            "ok.json",
+            format!(
+                r#"{{"boot-source": {{"kernel_image_path": "{}"}},
+                    "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}}}}"#,
+                elf_kernel().display()
+            )
+            .as_bytes(),
+        );
+        VmConfig::from_file(&ok)
+            .unwrap()
+            .validate_for_boot()
+            .unwrap();
     }
 }

@@ -18,6 +18,20 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// The configuration path is not a regular file (a directory, FIFO, device, ...).
+    #[error("configuration file {path}: not a regular file")]
+    NotARegularFile {
+        /// The path.
+        path: String,
+    },
+    /// The configuration file is larger than [`crate::MAX_CONFIG_FILE_LEN`].
+    #[error("configuration file {path}: larger than {limit} bytes")]
+    FileTooLarge {
+        /// The path.
+        path: String,
+        /// The limit.
+        limit: u64,
+    },
     /// A field holds a value Kestrel cannot use.
     #[error("{field}: {reason}")]
     Invalid {

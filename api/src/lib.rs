@@ -16,4 +16,4 @@ pub mod sizing;
 
 pub use config::*;
 pub use error::ConfigError;
-pub use rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+pub use rate_limiter::{RateLimiterConfig, TokenBucketConfig, MAX_REFILL_TIME_MS};

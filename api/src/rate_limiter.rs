@@ -6,6 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 
+/// Longest `refill_time` accepted, in milliseconds: the limiter works in nanoseconds, and
+/// `refill_time * 1_000_000` must fit in a `u64` (about 584 years).
+pub const MAX_REFILL_TIME_MS: u64 = u64::MAX / 1_000_000;
+
 /// One token bucket: `size` tokens refill completely every `refill_time` milliseconds;
 /// `one_time_burst` extra tokens are available once, at the start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +49,16 @@ impl TokenBucketConfig {
             return Err(ConfigError::invalid(
                 format!("{field}.refill_time"),
                 "must be a positive number of milliseconds",
+            ));
+        }
+        if self.refill_time > MAX_REFILL_TIME_MS {
+            return Err(ConfigError::invalid(
+                format!("{field}.refill_time"),
+                format!(
+                    "{} ms is above the maximum of {MAX_REFILL_TIME_MS} ms (the refill time in \
+                     nanoseconds must fit in 64 bits)",
+                    self.refill_time
+                ),
             ));
         }
         Ok(())
@@ -111,5 +125,30 @@ mod tests {
         };
         let e = r.validate("drives[1].rate_limiter").unwrap_err();
         assert_eq!(e.field(), Some("drives[1].rate_limiter.ops.refill_time"));
+    }
+
+    #[test]
+    fn refill_times_that_overflow_nanoseconds_are_refused() {
+        let bucket = |refill_time| RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 1,
+                one_time_burst: None,
+                refill_time,
+            }),
+            ops: None,
+        };
+        // The reported bug: 2^58 ms overflowed `refill_time * 1_000_000`.
+        let e = bucket(1 << 58)
+            .validate("drives[0].rate_limiter")
+            .unwrap_err();
+        assert_eq!(
+            e.field(),
+            Some("drives[0].rate_limiter.bandwidth.refill_time")
+        );
+        assert!(e.to_string().contains("maximum"), "{e}");
+        bucket(u64::MAX).validate("x").unwrap_err();
+        bucket(MAX_REFILL_TIME_MS + 1).validate("x").unwrap_err();
+        bucket(MAX_REFILL_TIME_MS).validate("x").unwrap();
+        assert!(MAX_REFILL_TIME_MS.checked_mul(1_000_000).is_some());
     }
 }

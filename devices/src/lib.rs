@@ -24,3 +24,49 @@ pub(crate) fn set_nonblocking(fd: std::os::fd::RawFd) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// A panic caught at a thread or handler boundary ([`catch_panic`]): its message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("panicked: {0}")]
+pub struct Panicked(pub String);
+
+/// Run `f`, catching a panic instead of letting it unwind out of a Kestrel thread or event
+/// handler (the embedding process must survive it). Every thread Kestrel spawns runs its body
+/// through this. Needs `panic = "unwind"` (the default); with `panic = "abort"` nothing can be
+/// contained. The process's panic hook still runs (Kestrel does not replace it).
+pub fn catch_panic<R>(f: impl FnOnce() -> R) -> Result<R, Panicked> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|payload| Panicked(panic_message(payload.as_ref())))
+}
+
+/// The message of a panic payload (`panic!("...")` gives `&str` or `String`).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-string payload".to_string()
+    }
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use super::*;
+
+    #[test]
+    fn catch_panic_returns_the_value_or_the_message() {
+        assert_eq!(catch_panic(|| 7), Ok(7));
+        assert_eq!(
+            catch_panic(|| panic!("static message")),
+            Err::<(), _>(Panicked("static message".into()))
+        );
+        let n = 3;
+        assert_eq!(
+            catch_panic(|| panic!("formatted {n}")),
+            Err::<(), _>(Panicked("formatted 3".into()))
+        );
+        let e = catch_panic(|| std::panic::panic_any(5u8)).unwrap_err();
+        assert!(e.0.contains("non-string"), "{e}");
+    }
+}

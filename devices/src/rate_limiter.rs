@@ -57,12 +57,19 @@ pub struct TokenBucket {
     last: Duration,
 }
 
+/// A bucket's refill time in nanoseconds, never 0 and saturating instead of overflowing (the
+/// config validation refuses refill times whose nanoseconds overflow; this stays safe for any
+/// value that reaches it anyway).
+fn refill_ns(cfg: &TokenBucketConfig) -> u64 {
+    cfg.refill_time.max(1).saturating_mul(1_000_000)
+}
+
 impl TokenBucket {
     /// A full bucket at time `now`.
     pub fn new(cfg: &TokenBucketConfig, now: Duration) -> Self {
         TokenBucket {
             size: cfg.size,
-            refill_ns: cfg.refill_time.max(1) * 1_000_000,
+            refill_ns: refill_ns(cfg),
             burst: cfg.one_time_burst.unwrap_or(0),
             budget: i128::from(cfg.size),
             last: now,
@@ -70,13 +77,22 @@ impl TokenBucket {
     }
 
     fn refill(&mut self, now: Duration) {
+        // Sizes and refill times come from the user: no product below may overflow, and
+        // neither divisor may be 0 (`TokenBucket::new` keeps `refill_ns` >= 1).
+        let size = u128::from(self.size.max(1));
+        let refill_ns = u128::from(self.refill_ns.max(1));
         let elapsed = now.saturating_sub(self.last).as_nanos();
         // tokens = elapsed * size / refill_ns, keeping the remainder time for next time.
-        let tokens = elapsed * u128::from(self.size) / u128::from(self.refill_ns);
+        let tokens = elapsed.saturating_mul(size) / refill_ns;
         if tokens > 0 {
-            let used_ns = tokens * u128::from(self.refill_ns) / u128::from(self.size);
-            self.last += Duration::from_nanos(used_ns as u64);
-            self.budget = (self.budget + tokens as i128).min(i128::from(self.size));
+            let used_ns = (tokens.saturating_mul(refill_ns) / size).min(elapsed);
+            let used = Duration::from_nanos(u64::try_from(used_ns).unwrap_or(u64::MAX));
+            self.last = self.last.saturating_add(used);
+            let tokens = i128::try_from(tokens).unwrap_or(i128::MAX);
+            self.budget = self
+                .budget
+                .saturating_add(tokens)
+                .min(i128::from(self.size));
         }
         if self.budget >= i128::from(self.size) {
             // A full bucket does not bank time.
@@ -97,13 +113,13 @@ impl TokenBucket {
         }
         if need <= self.budget {
             self.burst -= from_burst as u64;
-            self.budget -= need;
+            self.budget = self.budget.saturating_sub(need);
             return true;
         }
         if need > i128::from(self.size) && self.budget >= i128::from(self.size) {
             // Oversize request on a full bucket: let it through, pay it back later.
             self.burst -= from_burst as u64;
-            self.budget -= need;
+            self.budget = self.budget.saturating_sub(need);
             return true;
         }
         false
@@ -111,7 +127,10 @@ impl TokenBucket {
 
     /// Give back tokens (a request was not carried out after all).
     pub fn replenish(&mut self, tokens: u64) {
-        self.budget = (self.budget + i128::from(tokens)).min(i128::from(self.size));
+        self.budget = self
+            .budget
+            .saturating_add(i128::from(tokens))
+            .min(i128::from(self.size));
     }
 
     /// How long until `tokens` (capped at the bucket size) can be taken.
@@ -123,7 +142,10 @@ impl TokenBucket {
         if missing <= 0 {
             return Duration::ZERO;
         }
-        let ns = (missing as u128 * u128::from(self.refill_ns)).div_ceil(u128::from(self.size));
+        let ns = (missing
+            .unsigned_abs()
+            .saturating_mul(u128::from(self.refill_ns)))
+        .div_ceil(u128::from(self.size.max(1)));
         Duration::from_nanos(ns.min(u128::from(u64::MAX)) as u64)
     }
 
@@ -279,9 +301,7 @@ impl RateLimiter {
     pub fn update(&mut self, cfg: &RateLimiterConfig) {
         let now = self.clock.now();
         let same = |old: &Option<TokenBucket>, new: &Option<TokenBucketConfig>| match (old, new) {
-            (Some(o), Some(n)) => {
-                o.size == n.size && o.refill_ns == n.refill_time.max(1) * 1_000_000
-            }
+            (Some(o), Some(n)) => o.size == n.size && o.refill_ns == refill_ns(n),
             (None, None) => true,
             _ => false,
         };
@@ -494,5 +514,40 @@ mod tests {
         rl.update(&RateLimiterConfig::default());
         assert!(rl.is_unlimited());
         assert!(rl.consume(u64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod overflow_tests {
+    use super::test_util::{bucket, FakeClock};
+    use super::*;
+
+    /// Values validation refuses must still not overflow or divide by zero if they reach the
+    /// limiter (e.g. the reported `refill_time` of 2^58 ms, whose nanoseconds wrapped).
+    #[test]
+    fn extreme_bucket_values_neither_overflow_nor_divide_by_zero() {
+        let extremes = [0, 1, 1 << 58, u64::MAX / 1_000_000, u64::MAX];
+        for &size in &extremes {
+            for &refill in &extremes {
+                let c = FakeClock::default();
+                let cfg = RateLimiterConfig {
+                    bandwidth: Some(bucket(size, Some(u64::MAX), refill)),
+                    ops: Some(bucket(size, None, refill)),
+                };
+                let mut l = RateLimiter::with_clock(&cfg, Box::new(c.clone()), None);
+                for step in [0, 1, 1_000, u64::MAX / 4_000_000] {
+                    c.advance_ms(step);
+                    let _ = l.consume(u64::MAX);
+                    let _ = l.consume(1);
+                    l.unblock();
+                    l.manual_replenish(u64::MAX, TokenType::Bytes);
+                    l.manual_replenish(u64::MAX, TokenType::Ops);
+                    if let Some(b) = l.bandwidth() {
+                        let _ = b.time_until(u64::MAX, c.now());
+                    }
+                }
+                l.update(&RateLimiterConfig::default());
+            }
+        }
     }
 }

@@ -37,8 +37,15 @@ pub const AGENT_PORT: u32 = 1024;
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Payload per `read_file` / `write_file` request made by the chunking helpers.
 pub const CHUNK: usize = 4 << 20;
-/// Longest response line accepted (a 16 MiB `read_file` or `exec` output is ~22.4 MiB).
-const MAX_LINE: u64 = 64 << 20;
+/// Default longest response line accepted ([`AgentClient::set_max_response_line`]): 64 MiB.
+/// It must hold the largest answer the agent sends, an `exec` result with 16 MiB of stdout
+/// and 16 MiB of stderr, base64-encoded (~45 MiB), and a [`CHUNK`] of `read_file` (~5.6 MiB).
+/// A longer line is [`AgentError::ResponseTooLong`]; the connection is then unusable.
+pub const MAX_RESPONSE_LINE: u64 = 64 << 20;
+/// Default most bytes [`AgentClient::read_file`] collects from one file
+/// ([`AgentClient::set_max_read_file`]): 256 MiB. A guest that keeps answering `eof: false`
+/// (or a file that large) gets [`AgentError::TooLarge`] instead of growing the host's memory.
+pub const MAX_READ_FILE: u64 = 256 << 20;
 /// Longest handshake reply accepted.
 const MAX_HANDSHAKE: u64 = 256;
 
@@ -73,6 +80,21 @@ pub enum AgentError {
         message: String,
         /// The guest errno, for `kind == "os"`.
         errno: Option<i32>,
+    },
+    /// A response line exceeded the client's limit ([`MAX_RESPONSE_LINE`] by default).
+    #[error("guest agent response line longer than {limit} bytes")]
+    ResponseTooLong {
+        /// The limit.
+        limit: u64,
+    },
+    /// `read_file` would collect more than the client's limit ([`MAX_READ_FILE`] by
+    /// default).
+    #[error("guest agent: {path} is larger than the {limit}-byte read limit")]
+    TooLarge {
+        /// The guest file.
+        path: String,
+        /// The limit.
+        limit: u64,
     },
     /// No connection or no response within the time limit.
     #[error("guest agent: timed out after {after:?} {what}")]
@@ -253,6 +275,41 @@ pub struct AgentClient {
     /// A response line being read when a call timed out (completed by a later call).
     partial: Vec<u8>,
     call_timeout: Option<Duration>,
+    max_line: u64,
+    max_read_file: u64,
+}
+
+/// The first look at a response: which request it answers and whether it succeeded, without
+/// building a JSON tree of the whole line (the payload is parsed once, into its own type).
+#[derive(Deserialize)]
+struct ResponseHead {
+    #[serde(default)]
+    id: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    ok: bool,
+    #[serde(default)]
+    error: Option<RemoteErrorBody>,
+}
+
+#[derive(Deserialize)]
+struct RemoteErrorBody {
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    errno: Option<i64>,
+}
+
+/// The `ok` payload of a response, as `T`.
+#[derive(Deserialize)]
+struct ResponseOk<T> {
+    ok: T,
+}
+
+/// A field that is present (whatever its value, `null` included).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
 }
 
 fn retryable(e: &io::Error) -> bool {
@@ -362,13 +419,36 @@ impl AgentClient {
                 text.trim_end()
             )));
         }
-        Ok(Attempt::Ok(AgentClient {
+        Ok(Attempt::Ok(AgentClient::new(reader, writer)))
+    }
+
+    fn new(reader: BufReader<UnixStream>, writer: UnixStream) -> Self {
+        AgentClient {
             reader,
             writer,
             next_id: 1,
             partial: Vec::new(),
             call_timeout: Some(DEFAULT_CALL_TIMEOUT),
-        }))
+            max_line: MAX_RESPONSE_LINE,
+            max_read_file: MAX_READ_FILE,
+        }
+    }
+
+    /// A client on a stream that already reached the agent (after the hybrid vsock
+    /// handshake, or any other transport to it).
+    pub fn from_stream(stream: UnixStream) -> Result<Self, AgentError> {
+        let writer = stream.try_clone()?;
+        Ok(AgentClient::new(BufReader::new(stream), writer))
+    }
+
+    /// Longest response line accepted (default [`MAX_RESPONSE_LINE`]).
+    pub fn set_max_response_line(&mut self, bytes: u64) {
+        self.max_line = bytes;
+    }
+
+    /// Most bytes [`AgentClient::read_file`] collects (default [`MAX_READ_FILE`]).
+    pub fn set_max_read_file(&mut self, bytes: u64) {
+        self.max_read_file = bytes;
     }
 
     /// Time limit of each call (None: wait forever). `exec` with its own timeout waits at
@@ -382,12 +462,12 @@ impl AgentClient {
         self.call_until(op, args, self.call_timeout)
     }
 
-    fn call_until(
+    fn call_until<T: DeserializeOwned>(
         &mut self,
         op: &str,
         args: Value,
         limit: Option<Duration>,
-    ) -> Result<Value, AgentError> {
+    ) -> Result<T, AgentError> {
         let id = self.next_id;
         self.next_id += 1;
         // A limit too large for Instant means no limit.
@@ -424,37 +504,36 @@ impl AgentClient {
                 }
                 Err(Some(e)) => return Err(e),
             };
-            let mut v: Value = serde_json::from_slice(&resp).map_err(|e| {
+            let not_json = |e: serde_json::Error| {
                 AgentError::Protocol(format!(
-                    "response to {op} (id {id}) is not JSON ({e}): {:?}",
+                    "response to {op} (id {id}) is not a response ({e}): {:?}",
                     String::from_utf8_lossy(&resp[..resp.len().min(200)])
                 ))
-            })?;
-            match v.get("id") {
-                Some(Value::Number(n)) if n.as_u64() == Some(id) => {}
+            };
+            let head: ResponseHead = serde_json::from_slice(&resp).map_err(not_json)?;
+            match head.id {
+                Some(n) if n == id => {}
                 // A late response to an earlier call that timed out: skip it.
-                Some(Value::Number(n)) if n.as_u64().is_some_and(|r| r < id) => continue,
+                Some(n) if n < id => continue,
                 // The agent could not read our request's id (never for requests we build).
-                Some(Value::Null) if v.get("error").is_some() => {}
+                None if head.error.is_some() => {}
                 other => {
                     return Err(AgentError::Protocol(format!(
                         "response id {other:?} does not match request id {id} (op {op})"
                     )))
                 }
             }
-            if let Some(ok) = v.get_mut("ok") {
-                return Ok(ok.take());
+            if head.ok {
+                let r: ResponseOk<T> = serde_json::from_slice(&resp)
+                    .map_err(|e| AgentError::Protocol(format!("unexpected {op} result: {e}")))?;
+                return Ok(r.ok);
             }
-            if let Some(e) = v.get("error") {
-                let text = |k: &str| e.get(k).and_then(Value::as_str).map(str::to_string);
+            if let Some(e) = head.error {
                 return Err(AgentError::Remote {
                     op: op.to_string(),
-                    kind: text("kind").unwrap_or_else(|| "unknown".into()),
-                    message: text("message").unwrap_or_default(),
-                    errno: e
-                        .get("errno")
-                        .and_then(Value::as_i64)
-                        .and_then(|n| i32::try_from(n).ok()),
+                    kind: e.kind.unwrap_or_else(|| "unknown".into()),
+                    message: e.message.unwrap_or_default(),
+                    errno: e.errno.and_then(|n| i32::try_from(n).ok()),
                 });
             }
             return Err(AgentError::Protocol(format!(
@@ -483,7 +562,7 @@ impl AgentClient {
                 .get_ref()
                 .set_read_timeout(left)
                 .map_err(|e| Some(e.into()))?;
-            let room = MAX_LINE.saturating_sub(self.partial.len() as u64);
+            let room = self.max_line.saturating_sub(self.partial.len() as u64);
             match (&mut self.reader)
                 .take(room)
                 .read_until(b'\n', &mut self.partial)
@@ -493,10 +572,13 @@ impl AgentClient {
                     line.pop();
                     return Ok(line);
                 }
-                Ok(_) if self.partial.len() as u64 >= MAX_LINE => {
-                    return Err(Some(AgentError::Protocol(format!(
-                        "response line longer than {MAX_LINE} bytes"
-                    ))))
+                Ok(_) if self.partial.len() as u64 >= self.max_line => {
+                    // Drop what was read; the rest of the line is still in the stream, so
+                    // this connection cannot be used any more.
+                    self.partial = Vec::new();
+                    return Err(Some(AgentError::ResponseTooLong {
+                        limit: self.max_line,
+                    }));
                 }
                 Ok(_) => {
                     return Err(Some(AgentError::Io(io::Error::new(
@@ -517,9 +599,7 @@ impl AgentClient {
     }
 
     fn call_as<T: DeserializeOwned>(&mut self, op: &str, args: Value) -> Result<T, AgentError> {
-        let v = self.call(op, args)?;
-        serde_json::from_value(v)
-            .map_err(|e| AgentError::Protocol(format!("unexpected {op} result: {e}")))
+        self.call_until(op, args, self.call_timeout)
     }
 
     /// Check the agent answers; returns its version.
@@ -558,9 +638,7 @@ impl AgentClient {
             (Some(c), Some(t)) => Some(c.max(t.saturating_add(Duration::from_secs(30)))),
             (c, _) => c,
         };
-        let v = self.call_until("exec", req.to_args(), limit)?;
-        let r: Raw = serde_json::from_value(v)
-            .map_err(|e| AgentError::Protocol(format!("unexpected exec result: {e}")))?;
+        let r: Raw = self.call_until("exec", req.to_args(), limit)?;
         let bytes = |text: String, b64: Option<String>| match b64 {
             Some(b) => b64::decode(&b)
                 .map_err(|e| AgentError::Protocol(format!("exec output: bad base64: {e}"))),
@@ -598,6 +676,16 @@ impl AgentClient {
             args["len"] = len.into();
         }
         let r: Raw = self.call_as("read_file", args)?;
+        if let Some(len) = len {
+            // Base64 of `len` bytes; anything longer is more than was asked for.
+            let max_b64 = len.saturating_add(2) / 3 * 4;
+            if r.data_b64.len() as u64 > max_b64 || r.len as u64 > len {
+                return Err(AgentError::Protocol(format!(
+                    "read_file {path}: asked for at most {len} bytes, got {}",
+                    r.len.max(r.data_b64.len() / 4 * 3)
+                )));
+            }
+        }
         let data = b64::decode(&r.data_b64)
             .map_err(|e| AgentError::Protocol(format!("read_file {path}: bad base64: {e}")))?;
         if data.len() != r.len {
@@ -615,11 +703,27 @@ impl AgentClient {
         })
     }
 
-    /// Read a whole file (in [`CHUNK`]-sized requests).
+    /// Read a whole file (in [`CHUNK`]-sized requests), at most the client's read limit
+    /// ([`MAX_READ_FILE`] by default; [`AgentError::TooLarge`] beyond it, whatever the guest
+    /// says about `eof` or the file's size).
     pub fn read_file(&mut self, path: &str) -> Result<Vec<u8>, AgentError> {
+        let limit = self.max_read_file;
+        let too_large = || AgentError::TooLarge {
+            path: path.to_string(),
+            limit,
+        };
         let mut out = Vec::new();
         loop {
-            let c = self.read_file_range(path, out.len() as u64, Some(CHUNK as u64))?;
+            let left = limit - out.len() as u64;
+            // One byte more than allowed tells "exactly at the limit" from "beyond it".
+            let ask = left.saturating_add(1).min(CHUNK as u64);
+            let c = self.read_file_range(path, out.len() as u64, Some(ask))?;
+            if c.size > limit {
+                return Err(too_large());
+            }
+            if c.data.len() as u64 > left {
+                return Err(too_large());
+            }
             out.extend_from_slice(&c.data);
             if c.eof || c.data.is_empty() {
                 return Ok(out);
@@ -1145,5 +1249,147 @@ mod tests {
         let _ = std::fs::remove_file(&p);
         result.unwrap();
         assert!(status.success());
+    }
+}
+
+#[cfg(test)]
+mod hostile_agent_tests {
+    //! A hostile agent on the other end of a `UnixStream` pair: the client's memory and time
+    //! stay bounded whatever it sends.
+    use super::*;
+    use std::thread::JoinHandle;
+
+    /// Runs `serve(request, writer)` for each request line the client sends.
+    fn hostile(
+        mut serve: impl FnMut(&Value, &mut UnixStream) -> io::Result<()> + Send + 'static,
+    ) -> (AgentClient, JoinHandle<usize>) {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut r = BufReader::new(theirs.try_clone().unwrap());
+            let mut w = theirs;
+            let mut n = 0;
+            let mut line = String::new();
+            while r.read_line(&mut line).unwrap_or(0) > 0 {
+                let v: Value = serde_json::from_str(&line).unwrap();
+                line.clear();
+                n += 1;
+                if serve(&v, &mut w).is_err() {
+                    break;
+                }
+            }
+            n
+        });
+        let mut c = AgentClient::from_stream(ours).unwrap();
+        c.set_call_timeout(Some(Duration::from_secs(20)));
+        (c, t)
+    }
+
+    #[test]
+    fn endless_response_line_is_cut_at_the_limit() {
+        let (mut c, t) = hostile(|req, w| {
+            write!(w, "{{\"id\": {}, \"ok\": {{\"version\": \"", req["id"])?;
+            let junk = vec![b'a'; 64 << 10];
+            loop {
+                w.write_all(&junk)?; // ends when the client hangs up
+            }
+        });
+        c.set_max_response_line(1 << 20);
+        match c.ping() {
+            Err(AgentError::ResponseTooLong { limit }) => assert_eq!(limit, 1 << 20),
+            other => panic!("expected ResponseTooLong, got {other:?}"),
+        }
+        assert!(c.partial.capacity() <= 1 << 20, "nothing kept");
+        drop(c);
+        assert_eq!(t.join().unwrap(), 1);
+    }
+
+    #[test]
+    fn default_line_limit_is_documented_value() {
+        let (c, _t) = hostile(|_, _| Ok(()));
+        assert_eq!(c.max_line, MAX_RESPONSE_LINE);
+        assert_eq!(c.max_read_file, MAX_READ_FILE);
+    }
+
+    /// Answers every `read_file` with the bytes asked for and `eof: false`, forever.
+    fn endless_file(req: &Value, w: &mut UnixStream) -> io::Result<()> {
+        let len = req["args"]["len"].as_u64().unwrap_or(4096) as usize;
+        let data = vec![7u8; len];
+        let resp = json!({"id": req["id"], "ok": {
+            "data_b64": b64::encode(&data), "sha256": "", "len": len, "size": 0, "eof": false}});
+        writeln!(w, "{resp}")
+    }
+
+    #[test]
+    fn endless_eof_false_stops_at_the_read_limit() {
+        let (mut c, t) = hostile(endless_file);
+        c.set_max_read_file(9 << 20);
+        match c.read_file("/dev/zero") {
+            Err(AgentError::TooLarge { path, limit }) => {
+                assert_eq!((path.as_str(), limit), ("/dev/zero", 9 << 20));
+            }
+            other => panic!("expected TooLarge, got {:?}", other.map(|v| v.len())),
+        }
+        drop(c);
+        // 4 MiB + 4 MiB, then the last 1 MiB and the one byte beyond it: three requests.
+        assert_eq!(t.join().unwrap(), 3);
+    }
+
+    #[test]
+    fn file_of_exactly_the_limit_is_read() {
+        let limit = 10_000u64;
+        let (mut c, t) = hostile(move |req, w| {
+            let off = req["args"]["offset"].as_u64().unwrap();
+            let len = req["args"]["len"].as_u64().unwrap();
+            let n = len.min(limit - off) as usize;
+            let resp = json!({"id": req["id"], "ok": {
+                "data_b64": b64::encode(&vec![1u8; n]), "sha256": "", "len": n,
+                "size": limit, "eof": off + n as u64 == limit}});
+            writeln!(w, "{resp}")
+        });
+        c.set_max_read_file(limit);
+        assert_eq!(c.read_file("/f").unwrap().len() as u64, limit);
+        drop(c);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn chunk_larger_than_asked_or_lying_size_refused() {
+        let (mut c, t) = hostile(|req, w| {
+            let len = req["args"]["len"].as_u64().unwrap() as usize + 100;
+            let resp = json!({"id": req["id"], "ok": {
+                "data_b64": b64::encode(&vec![0u8; len]), "sha256": "", "len": len,
+                "size": len, "eof": true}});
+            writeln!(w, "{resp}")
+        });
+        let e = c.read_file_range("/f", 0, Some(10)).unwrap_err();
+        assert!(matches!(e, AgentError::Protocol(_)), "{e}");
+        drop(c);
+        t.join().unwrap();
+        let (mut c, t) = hostile(|req, w| {
+            let resp = json!({"id": req["id"], "ok": {
+                "data_b64": "", "sha256": "", "len": 0, "size": u64::MAX, "eof": false}});
+            writeln!(w, "{resp}")
+        });
+        assert!(matches!(
+            c.read_file("/f"),
+            Err(AgentError::TooLarge { .. })
+        ));
+        drop(c);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn wrongly_typed_payloads_are_protocol_errors_not_panics() {
+        let (mut c, t) = hostile(|req, w| {
+            let resp = match req["op"].as_str() {
+                Some("ping") => json!({"id": req["id"], "ok": [1, 2, 3]}),
+                _ => json!({"id": req["id"], "error": {"kind": 5}}),
+            };
+            writeln!(w, "{resp}")
+        });
+        assert!(matches!(c.ping(), Err(AgentError::Protocol(_))));
+        assert!(matches!(c.sync(), Err(AgentError::Protocol(_))));
+        drop(c);
+        t.join().unwrap();
     }
 }

@@ -182,6 +182,20 @@ pub enum VmmError {
     /// `start` was called twice.
     #[error("the VM was already started")]
     AlreadyStarted,
+    /// The vCPU kick signal (`SIGRTMIN+offset`) already has a disposition the embedding process
+    /// set; Kestrel does not replace it. Keep that signal free for Kestrel.
+    #[error(
+        "the vCPU kick signal SIGRTMIN+{offset} ({signal}) already has {current} installed by \
+         this process; Kestrel will not replace it (leave that signal to Kestrel)"
+    )]
+    KickSignalInUse {
+        /// The signal number.
+        signal: i32,
+        /// Its offset from `SIGRTMIN` ([`crate::KICK_SIGNAL_OFFSET`]).
+        offset: i32,
+        /// What is installed: `SIG_IGN` or `a handler`.
+        current: &'static str,
+    },
     /// The VM has stopped; the request needs a running VM.
     #[error("the VM is not running")]
     NotRunning,

@@ -16,6 +16,24 @@ use kestrel_devices::legacy::SerialDevice;
 use crate::exit::ExitState;
 use crate::vcpu::{kick_signal, VcpuShared};
 
+/// pthreads of the vCPU threads whose loop may still run, by vCPU index. Each vCPU thread adds
+/// itself when it starts and removes itself (under this lock) right before its thread body
+/// returns, so every id in the list belongs to a live thread: kicks are sent under the lock
+/// ([`kick_vcpus`]) and can never reach a finished or joined thread.
+pub(crate) type VcpuThreads = Arc<Mutex<Vec<(u32, libc::pthread_t)>>>;
+
+/// Send the kick signal to vCPU `only` (or to every vCPU thread): it leaves `KVM_RUN`.
+pub(crate) fn kick_vcpus(threads: &Mutex<Vec<(u32, libc::pthread_t)>>, only: Option<u32>) {
+    let threads = threads.lock().unwrap_or_else(|p| p.into_inner());
+    for (id, t) in threads.iter() {
+        if only.is_none_or(|o| o == *id) {
+            // SAFETY: the thread is live: it removes itself from the list under this lock
+            // before its body returns (see `VcpuThreads`).
+            unsafe { libc::pthread_kill(*t, kick_signal()) };
+        }
+    }
+}
+
 /// Subscribers are shared with the VM object (which may inspect them).
 pub(crate) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -32,6 +50,7 @@ impl MutEventSubscriber for Control {
     }
     fn process(&mut self, _: Events, _: &mut EventOps) {
         let _ = self.exit.wake.read();
+        self.exit.faults.check_evloop();
     }
 }
 
@@ -128,7 +147,7 @@ pub(crate) fn run(
     mut em: EventManager<Subscriber>,
     exit: Arc<ExitState>,
     vcpus: Arc<VcpuShared>,
-    vcpu_threads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    vcpu_threads: VcpuThreads,
 ) {
     loop {
         let timeout = if exit.stopping() { 2 } else { -1 };
@@ -140,12 +159,17 @@ pub(crate) fn run(
             if vcpus.running.load(Ordering::SeqCst) == 0 {
                 break;
             }
-            let threads = vcpu_threads.lock().unwrap_or_else(|p| p.into_inner());
-            for t in threads.iter() {
-                // SAFETY: every pthread_t in the list belongs to a vCPU thread that is joined
-                // only after this loop has returned, so the id is valid here.
-                unsafe { libc::pthread_kill(*t, kick_signal()) };
-            }
+            kick_vcpus(&vcpu_threads, None);
         }
+    }
+}
+
+/// After the loop itself panicked (the VM is stopping): keep kicking the vCPU threads until
+/// all have left their loops, as the loop would have, for at most `limit`.
+pub(crate) fn kick_until_stopped(vcpus: &VcpuShared, vcpu_threads: &VcpuThreads, limit: Duration) {
+    let end = std::time::Instant::now() + limit;
+    while vcpus.running.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < end {
+        kick_vcpus(vcpu_threads, None);
+        std::thread::sleep(Duration::from_millis(2));
     }
 }

@@ -1,7 +1,7 @@
 //! How a VM stopped, and the shared state that records it.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -56,6 +56,14 @@ pub enum VmExit {
     TripleFault,
     /// The VM was stopped through the API.
     Stopped,
+    /// A vCPU or event-loop thread panicked (a Kestrel bug): the panic was contained at the
+    /// thread's boundary and the VM was stopped.
+    ThreadPanicked {
+        /// The thread's full name (`kestrel-<vm>-vcpu<N>`, `kestrel-<vm>-evloop`).
+        thread: String,
+        /// The panic message.
+        message: String,
+    },
     /// A vCPU failed.
     Failed {
         /// Which vCPU.
@@ -109,7 +117,70 @@ impl fmt::Display for VmExit {
             VmExit::Shutdown => write!(f, "guest power-off"),
             VmExit::TripleFault => write!(f, "guest triple fault (KVM_EXIT_SHUTDOWN)"),
             VmExit::Stopped => write!(f, "stopped by the API"),
+            VmExit::ThreadPanicked { thread, message } => {
+                write!(f, "thread {thread} panicked: {message}")
+            }
             VmExit::Failed { vcpu, fault } => write!(f, "vCPU {vcpu}: {fault}"),
+        }
+    }
+}
+
+/// Where [`crate::Vm::inject_panic`] raises a test panic.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ThreadClass {
+    /// The thread of vCPU `N`, between two `KVM_RUN`s.
+    Vcpu(u32),
+    /// The event-loop thread, outside any device handler.
+    EventLoop,
+    /// The event handler of the virtio device with this id (drive id, iface id, `vsock`,
+    /// `fs<N>`), on the event-loop thread.
+    Device(String),
+}
+
+/// Test-only panic injection of one VM (per VM: no process-global state). Costs one relaxed
+/// atomic load per vCPU loop pass and per control event.
+#[derive(Debug)]
+pub(crate) struct FaultInjector {
+    /// vCPU index to panic, or -1.
+    vcpu: AtomicI64,
+    evloop: AtomicBool,
+}
+
+impl Default for FaultInjector {
+    fn default() -> Self {
+        FaultInjector {
+            vcpu: AtomicI64::new(-1),
+            evloop: AtomicBool::new(false),
+        }
+    }
+}
+
+impl FaultInjector {
+    pub(crate) fn arm_vcpu(&self, id: u32) {
+        self.vcpu.store(i64::from(id), Ordering::SeqCst);
+    }
+
+    pub(crate) fn arm_evloop(&self) {
+        self.evloop.store(true, Ordering::SeqCst);
+    }
+
+    /// Panic on vCPU `id` if armed for it (once).
+    pub(crate) fn check_vcpu(&self, id: u32) {
+        if self.vcpu.load(Ordering::Relaxed) == i64::from(id)
+            && self
+                .vcpu
+                .compare_exchange(i64::from(id), -1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            panic!("injected panic on vCPU {id}");
+        }
+    }
+
+    /// Panic on the event loop if armed (once).
+    pub(crate) fn check_evloop(&self) {
+        if self.evloop.load(Ordering::Relaxed) && self.evloop.swap(false, Ordering::SeqCst) {
+            panic!("injected panic on the event loop");
         }
     }
 }
@@ -122,6 +193,8 @@ pub(crate) struct ExitState {
     stop: AtomicBool,
     /// Wakes the event-loop thread.
     pub(crate) wake: EventFd,
+    /// Test-only panic injection ([`crate::Vm::inject_panic`]).
+    pub(crate) faults: FaultInjector,
 }
 
 impl ExitState {
@@ -131,6 +204,7 @@ impl ExitState {
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
             wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            faults: FaultInjector::default(),
         })
     }
 
@@ -208,6 +282,31 @@ mod tests {
         assert_eq!(e.wait(None), Some(VmExit::Reset));
         assert!(e.stopping());
         assert_eq!(e.wake.read().unwrap(), 2);
+    }
+
+    #[test]
+    fn thread_panic_is_not_clean_and_names_thread_and_message() {
+        let x = VmExit::ThreadPanicked {
+            thread: "kestrel-vm-evloop".into(),
+            message: "boom".into(),
+        };
+        assert!(!x.is_clean());
+        assert_eq!(x.to_string(), "thread kestrel-vm-evloop panicked: boom");
+    }
+
+    #[test]
+    fn injected_panics_fire_once_where_armed() {
+        let f = FaultInjector::default();
+        f.check_vcpu(0);
+        f.check_evloop();
+        f.arm_vcpu(1);
+        f.check_vcpu(0);
+        let r = std::panic::catch_unwind(|| f.check_vcpu(1));
+        assert!(r.is_err());
+        f.check_vcpu(1);
+        f.arm_evloop();
+        assert!(std::panic::catch_unwind(|| f.check_evloop()).is_err());
+        f.check_evloop();
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `kestrel`: boot a microVM from a JSON config and stream its serial console.
 //!
 //! Exit status: 0 when the guest reboots or powers off (or the VM is stopped), 1 for a VMM or
-//! guest failure, 2 for a configuration error. Failures print one line on stderr.
+//! guest failure (a contained panic of a vCPU or event-loop thread included), 2 for a
+//! configuration error (`kestrel validate` included). Failures print one line on stderr.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +59,29 @@ fn load_config(path: Option<&PathBuf>) -> Result<VmConfig, kestrel_api::ConfigEr
     }
 }
 
+/// Debug builds only: `KESTREL_TEST_INJECT_PANIC=vcpu<N>|evloop|device:<id>` makes that
+/// thread or device handler panic right after start (tests of panic containment).
+#[cfg(debug_assertions)]
+fn inject_test_panic(vm: &Vm) {
+    use kestrel_vmm::ThreadClass;
+    let Ok(what) = std::env::var("KESTREL_TEST_INJECT_PANIC") else {
+        return;
+    };
+    let class = if what == "evloop" {
+        ThreadClass::EventLoop
+    } else if let Some(id) = what.strip_prefix("device:") {
+        ThreadClass::Device(id.to_string())
+    } else if let Some(n) = what.strip_prefix("vcpu").and_then(|n| n.parse().ok()) {
+        ThreadClass::Vcpu(n)
+    } else {
+        eprintln!("kestrel: KESTREL_TEST_INJECT_PANIC={what:?} not understood");
+        return;
+    };
+    if let Err(e) = vm.inject_panic(class) {
+        eprintln!("kestrel: cannot inject a panic: {e}");
+    }
+}
+
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("kestrel: {msg}");
     ExitCode::from(code)
@@ -77,7 +101,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
-    if let Err(e) = config.validate() {
+    if let Err(e) = config.validate_for_boot() {
         if cli.config.is_none() {
             return fail(
                 2,
@@ -102,6 +126,8 @@ fn main() -> ExitCode {
     if let Err(e) = vm.start() {
         return fail(1, e);
     }
+    #[cfg(debug_assertions)]
+    inject_test_panic(&vm);
     let exit = vm.wait();
     let m = vm.metrics();
     tracing::info!("VM metrics: {m:?}");

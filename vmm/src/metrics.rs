@@ -25,6 +25,8 @@ pub struct VmCounters {
     pub assist_xstate_load: AtomicU64,
     /// Extended-state requests refused (bad address or state from the guest).
     pub assist_xstate_errors: AtomicU64,
+    /// Device event handlers that panicked (each device then needs a reset).
+    pub device_panics: AtomicU64,
 }
 
 /// A copy of [`VmCounters`] at one moment, plus timings.
@@ -50,6 +52,9 @@ pub struct VmMetrics {
     pub assist_xstate_load: u64,
     /// Extended-state requests refused.
     pub assist_xstate_errors: u64,
+    /// Device event handlers that panicked (contained: the device went to
+    /// `DEVICE_NEEDS_RESET`, the VM kept running).
+    pub device_panics: u64,
     /// Bytes the guest wrote to the serial console.
     pub serial_tx_bytes: u64,
     /// Microseconds from the start of `Vm::create` to the end of it.
@@ -83,6 +88,7 @@ impl VmCounters {
             assist_xstate_save: g(&self.assist_xstate_save),
             assist_xstate_load: g(&self.assist_xstate_load),
             assist_xstate_errors: g(&self.assist_xstate_errors),
+            device_panics: g(&self.device_panics),
             ..Default::default()
         }
     }

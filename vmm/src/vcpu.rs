@@ -2,7 +2,7 @@
 //! a software (nested) KVM needs (docs/nested-kvm.md).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Once};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::memory::GuestMem;
@@ -12,7 +12,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryMmap};
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+use vmm_sys_util::signal::SIGRTMIN;
 
 use kestrel_devices::Bus;
 
@@ -33,17 +33,55 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     // Nothing to do: delivery alone makes KVM_RUN return EINTR.
 }
 
-/// Install the (empty) kick handler once per process.
+/// Install the (empty) kick handler, checked on every [`crate::Vm::start`]: the process-wide
+/// disposition of the kick signal must be the default (then Kestrel installs its handler) or
+/// Kestrel's own handler. A handler (or `SIG_IGN`) the embedding process installed is never
+/// replaced: the start fails with [`VmmError::KickSignalInUse`]. Nothing is cached, so a failed
+/// install is reported again on the next call, never as success.
 pub(crate) fn install_kick_handler() -> Result<(), VmmError> {
-    static ONCE: Once = Once::new();
-    let mut result = Ok(());
-    ONCE.call_once(|| {
-        result = register_signal_handler(kick_signal(), kick_handler).map_err(|e| VmmError::Io {
-            what: "installing the vCPU kick signal handler",
-            source: std::io::Error::from_raw_os_error(e.errno()),
+    // Serialises check-and-install between VMs started concurrently.
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let sig = kick_signal();
+    let ours = kick_handler as extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void)
+        as libc::sighandler_t;
+    let sys_err = |what| VmmError::Io {
+        what,
+        source: std::io::Error::last_os_error(),
+    };
+    // SAFETY: an all-zero `sigaction` is a valid value of the plain C struct.
+    let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: a query (null new action) of a valid signal number into a valid out-pointer.
+    if unsafe { libc::sigaction(sig, std::ptr::null(), &mut old) } != 0 {
+        return Err(sys_err("reading the vCPU kick signal's disposition"));
+    }
+    if old.sa_sigaction == ours {
+        return Ok(());
+    }
+    if old.sa_sigaction != libc::SIG_DFL {
+        return Err(VmmError::KickSignalInUse {
+            signal: sig,
+            offset: KICK_SIGNAL_OFFSET,
+            current: if old.sa_sigaction == libc::SIG_IGN {
+                "SIG_IGN"
+            } else {
+                "a handler"
+            },
         });
-    });
-    result
+    }
+    // SAFETY: an all-zero `sigaction` is a valid value of the plain C struct.
+    let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
+    new.sa_sigaction = ours;
+    // No SA_RESTART: the point of the kick is that KVM_RUN returns EINTR.
+    new.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: `new.sa_mask` is a valid sigset_t to initialise.
+    unsafe { libc::sigemptyset(&mut new.sa_mask) };
+    // SAFETY: installs an async-signal-safe handler (it does nothing) for a real-time signal
+    // whose disposition was just checked to be the default.
+    if unsafe { libc::sigaction(sig, &new, std::ptr::null_mut()) } != 0 {
+        return Err(sys_err("installing the vCPU kick signal handler"));
+    }
+    Ok(())
 }
 
 /// What every vCPU thread shares.
@@ -98,7 +136,7 @@ impl VcpuControl {
         *self.want_parked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn set_state(&self, s: VcpuRunState) {
+    pub(crate) fn set_state(&self, s: VcpuRunState) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = s;
         self.cv.notify_all();
     }
@@ -210,6 +248,7 @@ impl Vcpu {
             if !self.ctl.park_while_requested(&self.shared.exit) {
                 break;
             }
+            self.shared.exit.faults.check_vcpu(self.id);
             if self.id == 0 {
                 let _ = self.shared.first_run.set(Instant::now());
             }

@@ -2,7 +2,6 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
@@ -26,17 +25,22 @@ use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot;
-use crate::device_manager::DeviceManager;
+use crate::device_manager::{DeviceHandle, DeviceManager};
 use crate::error::{io_err, kvm_err, VmmError};
-use crate::evloop::{self, ConsoleInput, Control, Subscriber};
-use crate::exit::{ExitState, ResetTrigger, VmExit};
+use crate::evloop::{self, kick_vcpus, ConsoleInput, Control, Subscriber, VcpuThreads};
+use crate::exit::{ExitState, ResetTrigger, ThreadClass, VmExit};
 use crate::memory::{MemoryManager, PluggedRange};
 use crate::metrics::{VmCounters, VmMetrics};
 use crate::pvfpu;
-use crate::vcpu::{self, kick_signal, Vcpu, VcpuControl, VcpuRunState, VcpuShared};
+use crate::vcpu::{self, Vcpu, VcpuControl, VcpuRunState, VcpuShared};
 
 /// Address of the TSS KVM needs on Intel (three pages just below the IOAPIC... well below 4 GiB).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// How long [`Vm::stop`], [`Vm::wait`] and drop wait for the VM's threads to finish after the
+/// VM stopped. A thread still running then (stuck in a device backend, say) is detached and
+/// logged; it holds its own references and releases them when it ends.
+pub const STOP_JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a thread of the VM does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +73,6 @@ enum FsShare {
 struct VcpuSlot {
     id: u32,
     ctl: Arc<VcpuControl>,
-    pthread: Option<libc::pthread_t>,
 }
 
 struct Threads {
@@ -90,6 +93,7 @@ pub struct Vm {
     nets: Vec<(String, Arc<Mutex<Net>>)>,
     vsock: Option<Arc<Mutex<Vsock>>>,
     shares: Vec<FsShare>,
+    devices: Vec<DeviceHandle>,
     vcpu_slots: Mutex<Vec<VcpuSlot>>,
     /// Serialises hotplug operations.
     resize: Mutex<()>,
@@ -103,7 +107,7 @@ pub struct Vm {
     started: AtomicBool,
     threads: Mutex<Threads>,
     thread_info: Arc<Mutex<Vec<ThreadInfo>>>,
-    vcpu_pthreads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    vcpu_pthreads: VcpuThreads,
     created_at: Instant,
     create_us: u64,
     // Keeps the serial irqfd alive as long as KVM may signal through it.
@@ -132,7 +136,7 @@ impl Vm {
     /// boot vCPUs, and load the guest. No thread runs until [`Vm::start`]. On error everything
     /// created so far is released.
     pub fn create(config: &VmConfig) -> Result<Vm, VmmError> {
-        config.validate()?;
+        config.validate_for_boot()?;
         let sink: ConsoleSink = match config.serial.output {
             SerialOutput::Stdout => Box::new(std::io::stdout()),
             SerialOutput::None => Box::new(std::io::sink()),
@@ -156,7 +160,7 @@ impl Vm {
     /// `config.serial` says.
     pub fn create_with_console(config: &VmConfig, console: ConsoleSink) -> Result<Vm, VmmError> {
         let t0 = Instant::now();
-        config.validate()?;
+        config.validate_for_boot()?;
         let mc = &config.machine_config;
 
         let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
@@ -220,7 +224,9 @@ impl Vm {
             GuestCompat::Never => false,
         };
         // Virtio devices: root drive first so it is /dev/vda.
-        let mut dm = DeviceManager::new(guest_mem.clone()).map_err(VmmError::Device)?;
+        let counters = Arc::new(VmCounters::default());
+        let mut dm =
+            DeviceManager::new(guest_mem.clone(), counters.clone()).map_err(VmmError::Device)?;
         let mut extra_args = Vec::new();
         let mut drives = Vec::new();
         let mut order: Vec<&kestrel_api::DriveConfig> = config.drives.iter().collect();
@@ -341,7 +347,7 @@ impl Vm {
             pio,
             mmio: std::mem::take(&mut dm.mmio_bus),
             exit: exit.clone(),
-            counters: Arc::new(VmCounters::default()),
+            counters,
             running: AtomicUsize::new(0),
             first_run: std::sync::OnceLock::new(),
             pvfpu,
@@ -359,7 +365,6 @@ impl Vm {
             slots.push(VcpuSlot {
                 id,
                 ctl: ctl.clone(),
-                pthread: None,
             });
             vcpus.push(Vcpu {
                 id,
@@ -386,6 +391,7 @@ impl Vm {
             nets,
             vsock,
             shares,
+            devices: std::mem::take(&mut dm.handles),
             vcpu_slots: Mutex::new(slots),
             resize: Mutex::new(()),
             vm_fd,
@@ -449,9 +455,17 @@ impl Vm {
         let h = std::thread::Builder::new()
             .name(thread_name(&name))
             .spawn(move || {
-                register_thread(&info, tname, ThreadKind::EventLoop);
+                register_thread(&info, tname.clone(), ThreadKind::EventLoop);
                 let _ = tx.send(());
-                evloop::run(em, exit, shared, pthreads);
+                let (e, s, p) = (exit.clone(), shared.clone(), pthreads.clone());
+                if let Err(panic) = kestrel_devices::catch_panic(|| evloop::run(em, e, s, p)) {
+                    // The loop kicks vCPUs out of KVM_RUN when the VM stops: go on doing that.
+                    exit.report(VmExit::ThreadPanicked {
+                        thread: tname,
+                        message: panic.0,
+                    });
+                    evloop::kick_until_stopped(&shared, &pthreads, STOP_JOIN_TIMEOUT);
+                }
             })
             .map_err(|source| VmmError::Spawn { name, source })?;
         threads.evloop = Some(h);
@@ -493,33 +507,44 @@ impl Vm {
     ) -> Result<(), VmmError> {
         let name = format!("kestrel-{}-vcpu{}", self.name, v.id);
         let (info, id) = (self.thread_info.clone(), v.id);
+        let (shared, ctl, pthreads) = (
+            self.shared.clone(),
+            v.ctl.clone(),
+            self.vcpu_pthreads.clone(),
+        );
         let tname = name.clone();
         self.shared.running.fetch_add(1, Ordering::SeqCst);
         let r = std::thread::Builder::new()
             .name(thread_name(&name))
             .spawn(move || {
-                register_thread(&info, tname, ThreadKind::Vcpu(id));
+                // SAFETY: pthread_self has no preconditions.
+                let me = unsafe { libc::pthread_self() };
+                pthreads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((id, me));
+                register_thread(&info, tname.clone(), ThreadKind::Vcpu(id));
                 if let Some(tx) = ready {
                     let _ = tx.send(());
                 }
-                v.run_loop();
+                if let Err(panic) = kestrel_devices::catch_panic(|| v.run_loop()) {
+                    // What the loop does on its way out, then the VM stops with the reason.
+                    shared.exit.report(VmExit::ThreadPanicked {
+                        thread: tname,
+                        message: panic.0,
+                    });
+                    ctl.set_state(VcpuRunState::Exited);
+                    shared.running.fetch_sub(1, Ordering::SeqCst);
+                    let _ = shared.exit.wake.write(1);
+                }
+                // No kick may target this thread from now on (see `VcpuThreads`).
+                pthreads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .retain(|(i, _)| *i != id);
             });
         match r {
             Ok(h) => {
-                let pt = h.as_pthread_t();
-                self.vcpu_pthreads
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(pt);
-                if let Some(slot) = self
-                    .vcpu_slots
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter_mut()
-                    .find(|s| s.id == id)
-                {
-                    slot.pthread = Some(pt);
-                }
                 threads.vcpus.push(h);
                 Ok(())
             }
@@ -723,7 +748,6 @@ impl Vm {
             .push(VcpuSlot {
                 id,
                 ctl: ctl.clone(),
-                pthread: None,
             });
         let v = Vcpu {
             id,
@@ -753,14 +777,14 @@ impl Vm {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len() as u32;
-        let (ctl, pthread) = match self
+        let ctl = match self
             .vcpu_slots
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .find(|s| s.id == id)
         {
-            Some(s) if id != 0 => (s.ctl.clone(), s.pthread),
+            Some(s) if id != 0 => s.ctl.clone(),
             _ => {
                 return Err(VmmError::VcpuIndex {
                     id,
@@ -772,13 +796,7 @@ impl Vm {
         ctl.request(true);
         let deadline = Instant::now() + Duration::from_secs(5);
         while ctl.state() == VcpuRunState::Running && Instant::now() < deadline {
-            let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-            if let (Some(pt), false) = (pthread, self.exit.stopping()) {
-                // SAFETY: the thread is not joined while we hold the threads lock and the VM
-                // is not stopping (joins happen only under that lock after a stop).
-                unsafe { libc::pthread_kill(pt, kick_signal()) };
-            }
-            drop(threads);
+            kick_vcpus(&self.vcpu_pthreads, Some(id));
             ctl.wait_state(VcpuRunState::Parked, Duration::from_millis(10));
         }
         match ctl.state() {
@@ -895,27 +913,97 @@ impl Vm {
         self.exit.reason()
     }
 
+    /// Join every thread of the stopped VM, for at most [`STOP_JOIN_TIMEOUT`]: meanwhile the
+    /// vCPU threads are kicked out of `KVM_RUN` from here too (in case the event loop cannot).
+    /// Threads still running at the deadline are detached and logged.
     fn join_all(&self) {
         let mut t = self.threads.lock().unwrap_or_else(|p| p.into_inner());
-        // The event loop returns only after every vCPU thread has left its loop.
-        if let Some(h) = t.evloop.take() {
-            if h.join().is_err() {
-                tracing::error!("VM {}: event-loop thread panicked", self.name);
+        let deadline = Instant::now() + STOP_JOIN_TIMEOUT;
+        let all_done = |t: &Threads| {
+            t.evloop.as_ref().is_none_or(|h| h.is_finished())
+                && t.vcpus.iter().all(|h| h.is_finished())
+        };
+        let mut pause = Duration::from_micros(200);
+        while !all_done(&t) && Instant::now() < deadline {
+            if self.exit.stopping() {
+                kick_vcpus(&self.vcpu_pthreads, None);
             }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
         }
-        self.vcpu_pthreads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-        for h in t.vcpus.drain(..) {
-            if h.join().is_err() {
-                tracing::error!("VM {}: a vCPU thread panicked", self.name);
+        let finished_or_detach = |h: JoinHandle<()>, what: &str| {
+            if h.is_finished() {
+                // Thread bodies contain their panics, so this is Ok in practice.
+                if h.join().is_err() {
+                    tracing::error!("VM {}: the {what} thread panicked", self.name);
+                }
+            } else {
+                tracing::error!(
+                    "VM {}: the {what} thread did not finish within {STOP_JOIN_TIMEOUT:?}; \
+                     detached",
+                    self.name
+                );
             }
+        };
+        if let Some(h) = t.evloop.take() {
+            finished_or_detach(h, "event-loop");
+        }
+        for h in t.vcpus.drain(..) {
+            finished_or_detach(h, "vCPU");
         }
         self.thread_info
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+    }
+
+    /// Test-only fault injection: make `class` panic, to prove panics are contained (a vCPU
+    /// or the event loop: the VM stops with [`VmExit::ThreadPanicked`]; a device's handler:
+    /// the device needs a reset and the VM runs on). The panic fires once, at the next pass of
+    /// that thread's loop (vCPU `N` is kicked out of `KVM_RUN` for it) or at the device's next
+    /// event (one is signalled here).
+    #[doc(hidden)]
+    pub fn inject_panic(&self, class: ThreadClass) -> Result<(), VmmError> {
+        match class {
+            ThreadClass::Vcpu(id) => {
+                self.exit.faults.arm_vcpu(id);
+                kick_vcpus(&self.vcpu_pthreads, Some(id));
+            }
+            ThreadClass::EventLoop => {
+                self.exit.faults.arm_evloop();
+                self.exit
+                    .wake
+                    .write(1)
+                    .map_err(io_err("waking the event loop"))?;
+            }
+            ThreadClass::Device(id) => {
+                let d = self.device_handle(&id)?;
+                d.inject_panic.store(true, Ordering::SeqCst);
+                if let Some(e) = &d.notify {
+                    e.write(1).map_err(io_err("signalling a device event"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn device_handle(&self, id: &str) -> Result<&DeviceHandle, VmmError> {
+        self.devices
+            .iter()
+            .find(|d| d.id == id)
+            .ok_or_else(|| VmmError::NoSuchDevice(id.to_string()))
+    }
+
+    /// Whether virtio device `id` (drive id, iface id, `vsock`, `fs<N>`) reports
+    /// `DEVICE_NEEDS_RESET` to its driver (`None`: no such device).
+    pub fn device_needs_reset(&self, id: &str) -> Option<bool> {
+        let d = self.device_handle(id).ok()?;
+        let status = d
+            .transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status();
+        Some(status & kestrel_devices::virtio::status::DEVICE_NEEDS_RESET != 0)
     }
 
     /// Threads of the running VM with their Linux thread ids.
@@ -1015,6 +1103,68 @@ mod tests {
         assert_eq!(effective_max_vcpus(&c, 2, 8), 8);
         c.machine_config.max_vcpus = None;
         assert_eq!(effective_max_vcpus(&c, 512, 1024), MAX_SUPPORTED_VCPUS);
+    }
+
+    fn kick_disposition() -> libc::sighandler_t {
+        // SAFETY: an all-zero `sigaction` is a valid value of the plain C struct.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: a query (null new action) into a valid out-pointer.
+        assert_eq!(
+            unsafe { libc::sigaction(vcpu::kick_signal(), std::ptr::null(), &mut old) },
+            0
+        );
+        old.sa_sigaction
+    }
+
+    fn set_kick_disposition(h: libc::sighandler_t) {
+        // SAFETY: sets the disposition of a real-time signal nothing else in this test binary
+        // uses (no test here starts a VM); `h` is SIG_DFL, SIG_IGN or a valid handler.
+        unsafe { libc::signal(vcpu::kick_signal(), h) };
+    }
+
+    /// Process-global: the only test of this binary that touches the kick signal.
+    #[test]
+    fn kick_handler_never_replaces_the_embedders_and_a_failure_is_reported_every_time() {
+        extern "C" fn embedders_handler(_: libc::c_int) {}
+        let embedders = embedders_handler as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        set_kick_disposition(embedders);
+        for _ in 0..3 {
+            match vcpu::install_kick_handler() {
+                Err(e @ VmmError::KickSignalInUse { .. }) => {
+                    let VmmError::KickSignalInUse {
+                        signal, current, ..
+                    } = &e
+                    else {
+                        unreachable!()
+                    };
+                    assert_eq!((*signal, *current), (vcpu::kick_signal(), "a handler"));
+                    assert!(e.to_string().contains("SIGRTMIN+2"), "{e}");
+                }
+                other => panic!("expected KickSignalInUse, got {other:?}"),
+            }
+            assert_eq!(
+                kick_disposition(),
+                embedders,
+                "the embedder's handler stays"
+            );
+        }
+        set_kick_disposition(libc::SIG_IGN);
+        assert!(matches!(
+            vcpu::install_kick_handler(),
+            Err(VmmError::KickSignalInUse {
+                current: "SIG_IGN",
+                ..
+            })
+        ));
+        assert_eq!(kick_disposition(), libc::SIG_IGN);
+        // Free again: installed, and installing again is a no-op success.
+        set_kick_disposition(libc::SIG_DFL);
+        vcpu::install_kick_handler().unwrap();
+        let ours = kick_disposition();
+        assert_ne!(ours, libc::SIG_DFL);
+        vcpu::install_kick_handler().unwrap();
+        assert_eq!(kick_disposition(), ours);
+        set_kick_disposition(libc::SIG_DFL);
     }
 
     #[test]

@@ -195,6 +195,14 @@ impl MmioTransport {
         self.config_generation = self.config_generation.wrapping_add(1);
     }
 
+    /// The device failed outside the transport (its event handler panicked, caught by the
+    /// VMM): `DEVICE_NEEDS_RESET` until the driver resets the device, told with a
+    /// config-change interrupt.
+    pub fn set_needs_reset(&mut self) {
+        self.needs_reset = true;
+        self.interrupt.signal_config_change();
+    }
+
     /// The status register as the driver reads it.
     pub fn status(&self) -> u32 {
         let mut s = self.status;

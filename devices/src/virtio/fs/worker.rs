@@ -66,7 +66,14 @@ impl Worker {
             thread_tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
             let ctx = thread_slot.lock().ok().and_then(|mut s| s.take());
             if let Some(ctx) = ctx {
-                run(ctx, &thread_wake, &thread_stop);
+                // A panic ends this worker only: the device needs a reset (DEVICE_NEEDS_RESET).
+                let (tag, failed, irq) =
+                    (ctx.tag.clone(), ctx.failed.clone(), ctx.interrupt.clone());
+                if let Err(e) = crate::catch_panic(|| run(ctx, &thread_wake, &thread_stop)) {
+                    tracing::error!("virtio-fs {tag}: worker {e}; device needs a reset");
+                    failed.store(true, Ordering::SeqCst);
+                    irq.signal_config_change();
+                }
             }
         });
         match spawned {

@@ -1,0 +1,226 @@
+//! The `kestrel` binary's exit statuses: 2 with the field named on stderr for every
+//! configuration create would refuse (`kestrel validate` and a boot alike), 1 when a vCPU or
+//! event-loop thread panics (debug builds inject it with `KESTREL_TEST_INJECT_PANIC`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kestrel-cli-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A 64-bit ELF whose code is `jmp $` at 1 MiB (a guest that spins).
+fn spin_kernel() -> PathBuf {
+    let code = [0xebu8, 0xfe];
+    let mut e = Vec::new();
+    e.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    e.extend_from_slice(&2u16.to_le_bytes());
+    e.extend_from_slice(&0x3eu16.to_le_bytes());
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&0x10_0000u64.to_le_bytes()); // entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // phoff
+    e.extend_from_slice(&0u64.to_le_bytes());
+    e.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&7u32.to_le_bytes());
+    for v in [120u64, 0x10_0000, 0x10_0000, 2, 2, 0x1000] {
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    e.extend_from_slice(&code);
+    let p = scratch("k").join("spin.elf");
+    std::fs::write(&p, e).unwrap();
+    p
+}
+
+fn config_json(kernel: &Path, extra: &str) -> String {
+    format!(
+        r#"{{"boot-source": {{"kernel_image_path": "{}"}},
+            "machine-config": {{"vcpu_count": 2, "mem_size_mib": 32}},
+            "serial": {{"output": "none"}}{extra}}}"#,
+        kernel.display(),
+    )
+}
+
+fn write_config(tag: &str, json: &str) -> PathBuf {
+    let p = scratch("cfg").join(format!("{tag}.json"));
+    std::fs::write(&p, json).unwrap();
+    p
+}
+
+/// Run `kestrel` with `args`, killing it after 20 s (a hang fails the test).
+fn kestrel(args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kestrel"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("kestrel {args:?} did not finish in 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// `kestrel --config <cfg> validate` and `kestrel --config <cfg>` both exit 2 naming `field`.
+fn refused_with(cfg: &Path, field: &str) {
+    for validate in [true, false] {
+        let mut args = vec![std::ffi::OsStr::new("--config"), cfg.as_os_str()];
+        if validate {
+            args.push("validate".as_ref());
+        }
+        let out = kestrel(&args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{cfg:?} (validate: {validate}): {stderr}"
+        );
+        assert!(
+            stderr.contains(field),
+            "{cfg:?} (validate: {validate}): stderr does not name {field}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn valid_config_validates() {
+    let cfg = write_config("ok", &config_json(&spin_kernel(), ""));
+    let out = kestrel(
+        &["--config".as_ref(), cfg.as_os_str(), "validate".as_ref()],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+}
+
+#[test]
+fn special_files_as_config_exit_2_without_hanging() {
+    let fifo = scratch("fifo").join("config.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for p in [Path::new("/dev/zero"), &fifo, &scratch("dir")] {
+        for validate in [true, false] {
+            let mut args = vec![std::ffi::OsStr::new("--config"), p.as_os_str()];
+            if validate {
+                args.push("validate".as_ref());
+            }
+            let out = kestrel(&args, &[]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{p:?}: {stderr}");
+            assert!(stderr.contains("not a regular file"), "{p:?}: {stderr}");
+        }
+    }
+}
+
+#[test]
+fn control_characters_in_boot_args_exit_2() {
+    let k = spin_kernel();
+    let json = config_json(&k, "").replace(
+        r#""kernel_image_path""#,
+        r#""boot_args": "console=ttyS0\tpanic=1", "kernel_image_path""#,
+    );
+    refused_with(&write_config("tab", &json), "boot-source.boot_args");
+}
+
+#[test]
+fn directory_as_serial_path_exits_2() {
+    let json = config_json(&spin_kernel(), "").replace(
+        r#""serial": {"output": "none"}"#,
+        &format!(
+            r#""serial": {{"output": "file", "path": "{}"}}"#,
+            scratch("serialdir").display()
+        ),
+    );
+    refused_with(&write_config("serialdir", &json), "serial.path");
+}
+
+#[test]
+fn directories_as_kernel_and_drive_exit_2() {
+    let d = scratch("somedir");
+    refused_with(
+        &write_config("kdir", &config_json(&d, "")),
+        "boot-source.kernel_image_path",
+    );
+    let drive = format!(
+        r#", "drives": [{{"drive_id": "d0", "path_on_host": "{}", "is_root_device": false,
+            "is_read_only": true}}]"#,
+        d.display()
+    );
+    refused_with(
+        &write_config("ddir", &config_json(&spin_kernel(), &drive)),
+        "drives[0].path_on_host",
+    );
+    let initrd = config_json(&spin_kernel(), "").replace(
+        r#""kernel_image_path""#,
+        &format!(r#""initrd_path": "{}", "kernel_image_path""#, d.display()),
+    );
+    refused_with(&write_config("idir", &initrd), "boot-source.initrd_path");
+}
+
+#[test]
+fn non_kernel_file_exits_2() {
+    let p = scratch("nk").join("not-a-kernel");
+    std::fs::write(&p, "plain text").unwrap();
+    refused_with(
+        &write_config("nk", &config_json(&p, "")),
+        "boot-source.kernel_image_path",
+    );
+}
+
+#[test]
+fn overflowing_rate_limiter_exits_2() {
+    let img = scratch("rl").join("disk.img");
+    std::fs::write(&img, [0u8; 512]).unwrap();
+    let drive = format!(
+        r#", "drives": [{{"drive_id": "d0", "path_on_host": "{}", "is_root_device": false,
+            "is_read_only": true,
+            "rate_limiter": {{"bandwidth": {{"size": 1, "refill_time": {}}}}}}}]"#,
+        img.display(),
+        1u64 << 58
+    );
+    refused_with(
+        &write_config("rl", &config_json(&spin_kernel(), &drive)),
+        "drives[0].rate_limiter.bandwidth.refill_time",
+    );
+}
+
+#[test]
+fn thread_panics_exit_1_naming_the_thread() {
+    if !Path::new("/dev/kvm").exists() {
+        eprintln!("skipped: no /dev/kvm");
+        return;
+    }
+    let cfg = write_config("panic", &config_json(&spin_kernel(), ""));
+    for (what, thread) in [
+        ("vcpu1", "kestrel-vm-vcpu1"),
+        ("evloop", "kestrel-vm-evloop"),
+    ] {
+        let out = kestrel(
+            &["--config".as_ref(), cfg.as_os_str()],
+            &[("KESTREL_TEST_INJECT_PANIC", what)],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+        assert!(
+            stderr.contains(&format!("thread {thread} panicked: injected panic")),
+            "{what}: {stderr}"
+        );
+    }
+}
