@@ -392,6 +392,26 @@ fn drain_queue(
     result
 }
 
+/// Log a warning when one share may hold as many descriptors as the process may open at all
+/// (`RLIMIT_NOFILE`, soft): the cap would not protect the rest of the process.
+fn warn_if_above_fd_limit(tag: &str, max_open_handles: u32) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit; getrlimit writes only it.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if u64::from(max_open_handles) >= lim.rlim_cur {
+        tracing::warn!(
+            "virtio-fs {tag}: max_open_handles {max_open_handles} is not below the process's \
+             RLIMIT_NOFILE ({}): the guest could use up every descriptor",
+            lim.rlim_cur
+        );
+    }
+}
+
 /// An in-process virtio-fs device serving a host directory.
 pub struct Fs {
     tag: String,
@@ -440,6 +460,7 @@ impl Fs {
             allow_setid: config.allow_setid,
             allow_devices: config.allow_devices,
         };
+        warn_if_above_fd_limit(&config.tag, config.max_open_handles);
         let server = server::build(&opts)?;
         let nq = 1 + usize::from(config.num_queues);
         Ok(Fs {

@@ -13,14 +13,14 @@
 //!   removes a name; `PassthroughFs` turns `..` at the root into `.`.
 //! - `PassthroughFs` opens only regular files and directories (anything else is `EBADF`), so a
 //!   device node, FIFO or socket in the share never gives the guest host device access; on top
-//!   of that [`SharePolicy`] refuses MKNOD of character and block devices (`EPERM`), so a guest
-//!   running as root cannot plant device nodes that host users could later open.
+//!   of that [`SharePolicy`] refuses MKNOD of character and block devices (`EPERM`) unless the
+//!   share has `allow_devices`, so a guest running as root cannot plant device nodes that host
+//!   users could later open.
 //! - [`SharePolicy`] makes a read-only share refuse every mutating request with `EROFS`, and
 //!   caps the buffer sizes the guest asks for in GETXATTR/LISTXATTR/READDIR.
 //! - Unless the share allows it (`allow_setid`), [`SharePolicy`] strips `S_ISUID`/`S_ISGID`
 //!   from the modes of CREATE, MKNOD, MKDIR and SETATTR and refuses SETXATTR of
 //!   `security.capability` (`EPERM`): nothing the guest makes grants privileges on the host.
-//!   Unless `allow_devices`, MKNOD of character and block devices is refused (`EPERM`).
 //! - [`SharePolicy`] counts the host descriptors the share holds for the guest: one `O_PATH`
 //!   descriptor per inode the guest has looked up and not forgotten (PassthroughFs keeps one per
 //!   inode), one per open file or directory handle. At `max_open_handles`, a LOOKUP that would
