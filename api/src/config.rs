@@ -1373,6 +1373,17 @@ pub const MAX_FS_QUEUE_SIZE: u16 = 1024;
 pub const DEFAULT_FS_NUM_QUEUES: u16 = 1;
 /// Default virtio-fs queue size.
 pub const DEFAULT_FS_QUEUE_SIZE: u16 = 256;
+/// Default cap on the host descriptors one in-process share holds for the guest (inodes the
+/// guest has looked up, one `O_PATH` descriptor each, plus open file and directory handles).
+/// A guest kernel forgets cached inodes under memory pressure and on `drop_caches`, so it runs
+/// fine against a cap; 4096 per share keeps a VM with a few shares far below a container
+/// runtime's `RLIMIT_NOFILE` (containerd: 1048576). An embedder with the common soft limit of
+/// 1024 must set a lower value.
+pub const DEFAULT_FS_MAX_OPEN_HANDLES: u32 = 4096;
+/// Smallest `max_open_handles`: the root and a few files must stay usable.
+pub const MIN_FS_MAX_OPEN_HANDLES: u32 = 16;
+/// Largest `max_open_handles` (the kernel's default `fs.nr_open`).
+pub const MAX_FS_MAX_OPEN_HANDLES: u32 = 1 << 20;
 
 /// How much the guest may cache of an in-process virtio-fs share (virtiofsd's `--cache`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -1396,6 +1407,10 @@ fn default_fs_num_queues() -> u16 {
 
 fn default_fs_queue_size() -> u16 {
     DEFAULT_FS_QUEUE_SIZE
+}
+
+fn default_fs_max_open_handles() -> u32 {
+    DEFAULT_FS_MAX_OPEN_HANDLES
 }
 
 /// One entry of Kestrel's `fs` section: a virtio-fs device the guest mounts with
@@ -1438,6 +1453,23 @@ pub struct FsConfig {
     /// far more on network storage) do not delay the VM's other devices. `shared_dir` only.
     #[serde(default)]
     pub worker_threads: bool,
+    /// Most host descriptors the share holds for the guest: inodes it has looked up (one
+    /// `O_PATH` descriptor each) plus open file and directory handles. At the cap, LOOKUP of a
+    /// new inode (and MKDIR, MKNOD, SYMLINK, LINK) fails with `ENFILE` and OPEN, OPENDIR and
+    /// CREATE with `EMFILE`; FORGET and RELEASE free slots. 16 to 1048576, default 4096.
+    /// `shared_dir` only.
+    #[serde(default = "default_fs_max_open_handles")]
+    pub max_open_handles: u32,
+    /// Let the guest create setuid/setgid files and directories (CREATE, MKNOD, MKDIR,
+    /// SETATTR modes) and set `security.capability`. Off: the bits are stripped and the
+    /// attribute refused (`EPERM`), so no host user can gain privileges from a file the guest
+    /// made. `shared_dir` only.
+    #[serde(default)]
+    pub allow_setid: bool,
+    /// Let the guest create character and block device nodes (MKNOD; the VMM also needs
+    /// `CAP_MKNOD`). Off: `EPERM`. FIFOs and sockets are always allowed. `shared_dir` only.
+    #[serde(default)]
+    pub allow_devices: bool,
 }
 
 impl FsConfig {
@@ -1453,6 +1485,9 @@ impl FsConfig {
             num_queues: DEFAULT_FS_NUM_QUEUES,
             queue_size: DEFAULT_FS_QUEUE_SIZE,
             worker_threads: false,
+            max_open_handles: DEFAULT_FS_MAX_OPEN_HANDLES,
+            allow_setid: false,
+            allow_devices: false,
         }
     }
 
@@ -1523,6 +1558,21 @@ impl FsConfig {
                 if self.worker_threads {
                     return Err(daemon_option("worker_threads", "--thread-pool-size"));
                 }
+                if self.max_open_handles != DEFAULT_FS_MAX_OPEN_HANDLES {
+                    return Err(daemon_option("max_open_handles", "--rlimit-nofile"));
+                }
+                for (name, set) in [
+                    ("allow_setid", self.allow_setid),
+                    ("allow_devices", self.allow_devices),
+                ] {
+                    if set {
+                        return Err(ConfigError::invalid(
+                            field(name),
+                            "is a rule of the in-process server (shared_dir); the vhost-user \
+                             daemon applies its own: leave it at its default with socket",
+                        ));
+                    }
+                }
             }
         }
         if self.num_queues == 0 || self.num_queues > MAX_FS_REQUEST_QUEUES {
@@ -1540,6 +1590,15 @@ impl FsConfig {
                 format!(
                     "{} is not a power of two up to {MAX_FS_QUEUE_SIZE}",
                     self.queue_size
+                ),
+            ));
+        }
+        if !(MIN_FS_MAX_OPEN_HANDLES..=MAX_FS_MAX_OPEN_HANDLES).contains(&self.max_open_handles) {
+            return Err(ConfigError::invalid(
+                field("max_open_handles"),
+                format!(
+                    "{} is outside {MIN_FS_MAX_OPEN_HANDLES} to {MAX_FS_MAX_OPEN_HANDLES}",
+                    self.max_open_handles
                 ),
             ));
         }
@@ -1859,6 +1918,19 @@ mod fs_tests {
         let (f, m) = err(&with(vec![c]));
         assert_eq!(f, "fs[0].worker_threads");
         assert!(m.contains("--thread-pool-size"), "{m}");
+        let mut c = base.clone();
+        c.max_open_handles = 100;
+        let (f, m) = err(&with(vec![c]));
+        assert_eq!(f, "fs[0].max_open_handles");
+        assert!(m.contains("--rlimit-nofile"), "{m}");
+        let mut c = base.clone();
+        c.allow_setid = true;
+        let (f, m) = err(&with(vec![c]));
+        assert_eq!(f, "fs[0].allow_setid");
+        assert!(m.contains("in-process"), "{m}");
+        let mut c = base.clone();
+        c.allow_devices = true;
+        assert_eq!(err(&with(vec![c])).0, "fs[0].allow_devices");
         // Queue geometry is Kestrel's (the guest sees it), so it stays allowed.
         let mut c = base;
         c.num_queues = 2;
@@ -1890,6 +1962,47 @@ mod fs_tests {
             assert_eq!(f, "fs[0].queue_size", "{s}");
             assert!(m.contains("power of two"), "{m}");
         }
+    }
+
+    #[test]
+    fn fs_max_open_handles_limits_and_share_rules() {
+        let mut c = FsConfig::shared_dir("a", some_dir());
+        assert_eq!(c.max_open_handles, DEFAULT_FS_MAX_OPEN_HANDLES);
+        assert!(!c.allow_setid && !c.allow_devices);
+        for n in [MIN_FS_MAX_OPEN_HANDLES, 4096, MAX_FS_MAX_OPEN_HANDLES] {
+            c.max_open_handles = n;
+            with(vec![c.clone()]).validate().unwrap();
+        }
+        for n in [0, MIN_FS_MAX_OPEN_HANDLES - 1, MAX_FS_MAX_OPEN_HANDLES + 1] {
+            c.max_open_handles = n;
+            let (f, m) = err(&with(vec![c.clone()]));
+            assert_eq!(f, "fs[0].max_open_handles");
+            assert!(m.contains(&n.to_string()), "{m}");
+        }
+        // JSON: defaults when absent, values when given, unknown spellings refused.
+        let json = |entry: &str| {
+            format!(
+                r#"{{"boot-source": {{"kernel_image_path": "/k"}},
+                "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}},
+                "fs": [{entry}]}}"#
+            )
+        };
+        let cfg = VmConfig::from_json(&json(
+            r#"{"tag": "a", "shared_dir": "/", "max_open_handles": 64,
+                "allow_setid": true, "allow_devices": true}"#,
+        ))
+        .unwrap();
+        assert_eq!(cfg.fs[0].max_open_handles, 64);
+        assert!(cfg.fs[0].allow_setid && cfg.fs[0].allow_devices);
+        let cfg = VmConfig::from_json(&json(r#"{"tag": "a", "shared_dir": "/"}"#)).unwrap();
+        assert_eq!(cfg.fs[0].max_open_handles, DEFAULT_FS_MAX_OPEN_HANDLES);
+        assert!(!cfg.fs[0].allow_setid && !cfg.fs[0].allow_devices);
+        let e = VmConfig::from_json(&json(
+            r#"{"tag": "a", "shared_dir": "/", "allow_suid": true}"#,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("unknown field `allow_suid`"), "{e}");
     }
 
     #[test]

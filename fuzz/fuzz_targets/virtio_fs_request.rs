@@ -1,16 +1,24 @@
 //! virtio-fs request handling (in-process FUSE server) on guest-controlled rings.
 //!
-//! The input is laid out in guest memory as one split virtqueue plus its buffers:
+//! The input is laid out in 16 MiB of guest memory as one split virtqueue plus its buffers:
 //!
 //! | input bytes                  | guest memory                                         |
 //! |------------------------------|------------------------------------------------------|
 //! | `[0]`                        | control: queue size `1 << (b & 7 + 1)` (2..=256),    |
 //! |                              | bit 3 event idx, bit 4 read-only share, bit 5 the    |
 //! |                              | chains go to the high-priority queue (else request   |
-//! |                              | queue 1), bit 6 xattr on                             |
+//! |                              | queue 1), bit 6 xattr on, bit 7 every other queue    |
+//! |                              | shares the same descriptor table and available ring  |
 //! | next `16 * size`             | descriptor table at `DESC`, verbatim                 |
 //! | next `6 + 2 * size`          | available ring at `AVAIL`, verbatim                  |
 //! | the rest                     | buffers at `BUF` (FUSE requests, reply space)        |
+//!
+//! The device has the high-priority queue and three request queues. Descriptors may point
+//! anywhere in the 16 MiB and alias each other, so a chain's byte count can be far larger
+//! than guest memory (256 descriptors of 16 MiB: 4 GiB); with bit 7 the same chains are
+//! served again from every queue (a guest may publish one chain on several queues), each
+//! queue with its own used ring. A FUSE server that allocated what such a chain adds up to
+//! hits libFuzzer's malloc/RSS limit, which counts as a crash.
 //!
 //! The device serves a small temporary directory (recreated for every input: `f` with data,
 //! `d/` with a file, `l` a symlink to /etc/passwd). Files are capped at 4 MiB with
@@ -30,11 +38,18 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-const MEM_SIZE: usize = 0x1_0000;
+const MEM_SIZE: usize = 16 << 20;
 const DESC: u64 = 0x0;
 const AVAIL: u64 = 0x1000;
 const USED: u64 = 0x2000;
 const BUF: u64 = 0x3000;
+/// Request queues besides the high-priority queue.
+const REQUEST_QUEUES: u16 = 3;
+/// All queues: the high-priority queue first.
+const NUM_QUEUES: usize = 1 + REQUEST_QUEUES as usize;
+/// Queue `i`'s own rings (an empty ring, or the used ring of a mirrored queue) are at
+/// `OWN_RINGS + i * 0x1000`, at the top of guest memory.
+const OWN_RINGS: u64 = MEM_SIZE as u64 - 0x1_0000;
 const MAX_FILE: u64 = 4 << 20;
 
 /// The share's parent directory (process-wide, set up once).
@@ -75,13 +90,14 @@ fuzz_target!(|data: &[u8]| {
     let read_only = control & 0x10 != 0;
     let queue_index = if control & 0x20 != 0 { 0 } else { 1 };
     let xattr = control & 0x40 != 0;
+    let mirror = control & 0x80 != 0;
 
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let desc_len = 16 * usize::from(size);
     let avail_len = 6 + 2 * usize::from(size);
     let (desc, rest) = rest.split_at(desc_len.min(rest.len()));
     let (avail, bufs) = rest.split_at(avail_len.min(rest.len()));
-    let bufs = &bufs[..bufs.len().min(MEM_SIZE - BUF as usize)];
+    let bufs = &bufs[..bufs.len().min(OWN_RINGS as usize - BUF as usize)];
     mem.write_slice(desc, GuestAddress(DESC)).unwrap();
     mem.write_slice(avail, GuestAddress(AVAIL)).unwrap();
     mem.write_slice(bufs, GuestAddress(BUF)).unwrap();
@@ -90,6 +106,7 @@ fuzz_target!(|data: &[u8]| {
     config.read_only = read_only;
     config.xattr = xattr;
     config.cache = FsCache::Auto;
+    config.num_queues = REQUEST_QUEUES;
     let mut fs = Fs::new(&config).unwrap();
     let mut features = fs.avail_features();
     if !event_idx {
@@ -97,23 +114,27 @@ fuzz_target!(|data: &[u8]| {
     }
     fs.set_acked_features(features);
 
-    // The fuzzed queue, and a valid empty ring for the other one.
+    // The fuzzed queue; the others either serve the same chains (bit 7, each with its own
+    // used ring) or are valid empty rings.
     let mut queues = Vec::new();
-    for i in 0..2 {
+    for i in 0..NUM_QUEUES {
+        let own = OWN_RINGS + i as u64 * 0x1000;
         let mut q = Queue::new(256).unwrap();
-        if i == queue_index {
+        if i == queue_index || mirror {
             q.try_set_size(size).unwrap();
             q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
             q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
-            q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+            let used = if i == queue_index { USED } else { own };
+            q.try_set_used_ring_address(GuestAddress(used)).unwrap();
         } else {
-            // An empty ring at the end of memory (avail idx 0).
+            // An empty ring (avail idx 0).
             q.try_set_size(2).unwrap();
-            q.try_set_desc_table_address(GuestAddress(0xf000)).unwrap();
-            q.try_set_avail_ring_address(GuestAddress(0xf100)).unwrap();
-            q.try_set_used_ring_address(GuestAddress(0xf200)).unwrap();
-            mem.write_slice(&[0u8; 0x300], GuestAddress(0xf000))
+            q.try_set_desc_table_address(GuestAddress(own)).unwrap();
+            q.try_set_avail_ring_address(GuestAddress(own + 0x100))
                 .unwrap();
+            q.try_set_used_ring_address(GuestAddress(own + 0x200))
+                .unwrap();
+            mem.write_slice(&[0u8; 0x300], GuestAddress(own)).unwrap();
         }
         q.set_event_idx(event_idx);
         q.set_ready(true);
@@ -128,6 +149,12 @@ fuzz_target!(|data: &[u8]| {
     fs.process_queue(queue_index);
     // Again: a second notification on the same ring must be just as safe.
     fs.process_queue(queue_index);
+    // Every queue, in the order the control byte picks (the mirrored ones serve the same
+    // chains again).
+    let start = usize::from(control) % NUM_QUEUES;
+    for k in 0..NUM_QUEUES {
+        fs.process_queue((start + k) % NUM_QUEUES);
+    }
     fs.process_all();
     let m = fs.metrics();
     assert_eq!(m.panics, 0, "the FUSE server panicked on this input");

@@ -46,6 +46,9 @@ fn share(tag: &str, dir: &Path) -> FsConfig {
         num_queues: 1,
         queue_size: 256,
         worker_threads: false,
+        max_open_handles: kestrel_api::DEFAULT_FS_MAX_OPEN_HANDLES,
+        allow_setid: false,
+        allow_devices: false,
     }
 }
 

@@ -14,6 +14,14 @@
 //! (features, config space, activation, which only stores the queues and wakes the loop) and
 //! [`MutEventSubscriber`] on the event loop (queue processing).
 //!
+//! Request size: a chain with more than [`MAX_REQUEST_BYTES`] readable or writable bytes is
+//! refused before the FUSE server sees it (an `ENOMEM` reply when its header and reply space
+//! allow one, else used length 0; [`FsMetrics::oversized_chains`]). Descriptors may alias one
+//! guest buffer, so without this a guest could make fuse-backend-rs allocate what the
+//! descriptors add up to (FUSE_IOCTL copies `in_size` bytes: GiBs from a few KiB of memory).
+//! FUSE_IOCTL itself is answered `ENOTTY` here ([`FsMetrics::refused_ioctls`]): the share
+//! supports no ioctl, and the server would allocate its input before finding that out.
+//!
 //! Guest errors: a chain the FUSE transport cannot use (a buffer outside guest memory or across
 //! regions, lengths that overflow) completes with used length 0 and is counted in
 //! [`FsMetrics::malformed_chains`]; a FUSE message the server cannot decode completes with used
@@ -35,13 +43,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use fuse_backend_rs::abi::fuse_abi::OutHeader;
+use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
+use fuse_backend_rs::api::server::MAX_BUFFER_SIZE;
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use kestrel_api::FsConfig;
 use thiserror::Error;
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use self::server::{FuseServer, ShareOptions};
@@ -64,6 +73,16 @@ pub const MAX_REQUEST_QUEUES: u16 = kestrel_api::MAX_FS_REQUEST_QUEUES;
 pub const MAX_QUEUE_SIZE: u16 = kestrel_api::MAX_FS_QUEUE_SIZE;
 /// `VIRTIO_RING_F_INDIRECT_DESC`: the guest may put a request's buffers in an indirect table.
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// Room for the headers of a FUSE request or reply next to its data: the request header
+/// (40 bytes) and the largest per-opcode header (WRITE: 40 bytes), or a reply header (16) and
+/// its fixed part, with room to spare. fuse-backend-rs allows the same (`BUFFER_HEADER_SIZE`).
+pub const REQUEST_HEADER_ROOM: u32 = 4096;
+/// Largest number of readable (request) or writable (reply) bytes in one chain: 1 MiB +
+/// 4 KiB. FUSE_INIT negotiates `max_pages` = 256 (`MAX_REQ_PAGES`), so `max_write` and the
+/// largest READ are 256 pages = 1 MiB (fuse-backend-rs's `MAX_BUFFER_SIZE`, which its server
+/// also enforces on the header's `len`); SETXATTR values are at most 64 KiB and names 255
+/// bytes. A Linux guest never sends a longer chain.
+pub const MAX_REQUEST_BYTES: u32 = MAX_BUFFER_SIZE + REQUEST_HEADER_ROOM;
 /// Most chains handled per queue notification before yielding the event loop.
 const BATCH_LIMIT: usize = 256;
 
@@ -134,6 +153,10 @@ pub struct FsMetrics {
     pub panics: u64,
     /// Used-ring interrupts raised.
     pub interrupts: u64,
+    /// Chains refused for more than [`MAX_REQUEST_BYTES`] readable or writable bytes.
+    pub oversized_chains: u64,
+    /// FUSE_IOCTL requests answered `ENOTTY` without reaching the server.
+    pub refused_ioctls: u64,
 }
 
 /// The config space for `tag` and `num_request_queues`.
@@ -177,6 +200,69 @@ enum Outcome {
     Panicked,
 }
 
+/// Readable and writable bytes of `chain` (each descriptor counted as often as it appears).
+fn chain_lengths(chain: &DescriptorChain<&GuestMemoryMmap>) -> (u64, u64) {
+    chain.clone().fold((0, 0), |(r, w), d| {
+        let len = u64::from(d.len());
+        if d.is_write_only() {
+            (r, w.saturating_add(len))
+        } else {
+            (r.saturating_add(len), w)
+        }
+    })
+}
+
+/// The request header at the start of the chain's readable bytes (it may span descriptors),
+/// or `None` when they are too short or outside guest memory.
+fn peek_header(
+    mem: &GuestMemoryMmap,
+    chain: &DescriptorChain<&GuestMemoryMmap>,
+) -> Option<InHeader> {
+    let mut h = InHeader::default();
+    let buf = h.as_mut_slice();
+    let mut got = 0;
+    for d in chain.clone().readable() {
+        if got == buf.len() {
+            break;
+        }
+        let n = (d.len() as usize).min(buf.len() - got);
+        mem.read_slice(&mut buf[got..got + n], d.addr()).ok()?;
+        got += n;
+    }
+    (got == buf.len()).then_some(h)
+}
+
+/// Answer the request of `chain` with `errno` without the FUSE server: the reply header goes
+/// to `reply_at` (the first writable descriptor, when it can hold one). FORGET and
+/// BATCH_FORGET get no reply, nor does a chain without a readable header.
+fn reply_error(
+    mem: &GuestMemoryMmap,
+    header: Option<&InHeader>,
+    reply_at: Option<vm_memory::GuestAddress>,
+    errno: i32,
+    metrics: &mut FsMetrics,
+) -> Outcome {
+    let (Some(h), Some(at)) = (header, reply_at) else {
+        return Outcome::Done(0);
+    };
+    if h.opcode == Opcode::Forget as u32 || h.opcode == Opcode::BatchForget as u32 {
+        return Outcome::Done(0);
+    }
+    let len = std::mem::size_of::<OutHeader>() as u32;
+    let out = OutHeader {
+        len,
+        error: -errno,
+        unique: h.unique,
+    };
+    match mem.write_obj(out, at) {
+        Ok(()) => {
+            metrics.error_replies += 1;
+            Outcome::Done(len)
+        }
+        Err(_) => Outcome::Done(0),
+    }
+}
+
 /// Serve one chain with `server`. Returns the used length (the reply's length).
 fn serve_chain(
     server: &FuseServer,
@@ -191,6 +277,22 @@ fn serve_chain(
         .next()
         .filter(|d| d.len() as usize >= std::mem::size_of::<OutHeader>())
         .map(|d| d.addr());
+    let header = peek_header(mem, &chain);
+    // Before anything sized by the chain is built or allocated.
+    let (readable, writable) = chain_lengths(&chain);
+    let max = u64::from(MAX_REQUEST_BYTES);
+    if readable > max || writable > max {
+        tracing::debug!(
+            "virtio-fs: chain of {readable} readable and {writable} writable bytes refused \
+             (limit {max})"
+        );
+        metrics.oversized_chains += 1;
+        return reply_error(mem, header.as_ref(), reply_at, libc::ENOMEM, metrics);
+    }
+    if header.is_some_and(|h| h.opcode == Opcode::Ioctl as u32) {
+        metrics.refused_ioctls += 1;
+        return reply_error(mem, header.as_ref(), reply_at, libc::ENOTTY, metrics);
+    }
     let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
         Ok(r) => r,
         Err(e) => {
@@ -248,6 +350,8 @@ impl FsMetrics {
         self.queue_errors += o.queue_errors;
         self.panics += o.panics;
         self.interrupts += o.interrupts;
+        self.oversized_chains += o.oversized_chains;
+        self.refused_ioctls += o.refused_ioctls;
     }
 }
 
@@ -286,6 +390,26 @@ fn drain_queue(
         metrics.queue_errors += 1;
     }
     result
+}
+
+/// Log a warning when one share may hold as many descriptors as the process may open at all
+/// (`RLIMIT_NOFILE`, soft): the cap would not protect the rest of the process.
+fn warn_if_above_fd_limit(tag: &str, max_open_handles: u32) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit; getrlimit writes only it.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if u64::from(max_open_handles) >= lim.rlim_cur {
+        tracing::warn!(
+            "virtio-fs {tag}: max_open_handles {max_open_handles} is not below the process's \
+             RLIMIT_NOFILE ({}): the guest could use up every descriptor",
+            lim.rlim_cur
+        );
+    }
 }
 
 /// An in-process virtio-fs device serving a host directory.
@@ -332,7 +456,11 @@ impl Fs {
             read_only: config.read_only,
             cache: config.cache,
             xattr: config.xattr,
+            max_open_handles: config.max_open_handles,
+            allow_setid: config.allow_setid,
+            allow_devices: config.allow_devices,
         };
+        warn_if_above_fd_limit(&config.tag, config.max_open_handles);
         let server = server::build(&opts)?;
         let nq = 1 + usize::from(config.num_queues);
         Ok(Fs {

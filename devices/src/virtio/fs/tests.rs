@@ -634,12 +634,20 @@ fn fuse_operations(workers: bool) {
     drop(s.tmp);
 }
 
+/// A `Name:  value` line of `/proc/thread-self/status`.
+fn proc_status(name: &str) -> String {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in /proc/thread-self/status"))
+        .trim()
+        .to_string()
+}
+
+/// The umask, read without changing it (this thread shares it with the whole process).
 fn current_umask() -> u32 {
-    // SAFETY: umask swaps the process mask; it is put back at once.
-    let old = unsafe { libc::umask(0o022) };
-    // SAFETY: as above.
-    unsafe { libc::umask(old) };
-    old
+    u32::from_str_radix(&proc_status("Umask"), 8).unwrap()
 }
 
 #[test]
@@ -1593,4 +1601,472 @@ fn vhost_user_fs_against_virtiofsd() {
     assert_eq!(e.attr.size, 19);
     assert_eq!(d.dev.lock().unwrap().metrics().activations, 2);
     d.dev.lock().unwrap().update_memory().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hardening: request sizes, descriptor cap, umask, setid and device nodes
+
+/// Peak resident memory of the process, KiB.
+fn peak_rss_kib() -> u64 {
+    let v = proc_status("VmHWM");
+    v.trim_end_matches("kB").trim().parse().unwrap()
+}
+
+/// The reply header at `REPLY_BUF`.
+fn reply_header(mem: &GuestMemoryMmap) -> OutHeader {
+    mem.read_obj(GuestAddress(REPLY_BUF)).unwrap()
+}
+
+/// A FUSE_IOCTL request header and `IoctlIn` asking for `in_size` input bytes.
+fn ioctl_request(unique: u64, in_size: u32) -> Vec<u8> {
+    let io = fuse_backend_rs::abi::fuse_abi::IoctlIn {
+        fh: 0,
+        flags: 0,
+        cmd: 0x5401,
+        arg: 0,
+        in_size,
+        out_size: 0,
+    };
+    let h = InHeader {
+        len: 40 + 32,
+        opcode: Opcode::Ioctl as u32,
+        unique,
+        nodeid: ROOT_ID,
+        ..Default::default()
+    };
+    [h.as_slice(), io.as_slice()].concat()
+}
+
+#[test]
+fn request_limit_covers_the_largest_legal_request() {
+    let mut s = Share::new();
+    let init = s.d.init_again_after_destroy();
+    // What INIT negotiates fits: a WRITE of max_write bytes plus its two headers, and a READ
+    // reply of max_pages pages plus its header.
+    assert_eq!(init.max_write, MAX_BUFFER_SIZE);
+    assert_eq!(u32::from(init.max_pages) * 4096, MAX_BUFFER_SIZE);
+    assert!(init.max_write + 40 + 40 <= MAX_REQUEST_BYTES);
+    const { assert!(MAX_BUFFER_SIZE + 16 <= MAX_REQUEST_BYTES) };
+    assert_eq!(
+        REPLY_LEN, MAX_REQUEST_BYTES,
+        "the driver's reply space is the limit"
+    );
+    // And is served.
+    let (c, fh) = s.d.create(ROOT_ID, "big", libc::O_RDWR, 0o644).unwrap();
+    let data = vec![0x5au8; init.max_write as usize];
+    assert_eq!(s.d.write(c.nodeid, fh, 0, &data), Ok(init.max_write));
+    let back = s.d.read(c.nodeid, fh, 0, init.max_write).unwrap();
+    assert_eq!(back.len(), data.len());
+    assert_eq!(s.metrics().oversized_chains, 0);
+}
+
+#[test]
+fn oversized_aliasing_chain_refused_before_the_server() {
+    let mut s = Share::new();
+    let rss_before = peak_rss_kib();
+    // FUSE_IOCTL with in_size 3 GiB, its input "backed" by 249 descriptors that all alias the
+    // same 12 MiB of guest memory: the server would allocate and fill 3 GiB.
+    let req = ioctl_request(77, 3 << 30);
+    s.d.mem.write_slice(&req, GuestAddress(REQ_BUF)).unwrap();
+    let ring = &s.d.rings[1];
+    ring.set_desc(&s.d.mem, 0, REQ_BUF, req.len() as u32, VRING_DESC_F_NEXT, 1);
+    for i in 1..250u16 {
+        ring.set_desc(&s.d.mem, i, REQ_BUF, 12 << 20, VRING_DESC_F_NEXT, i + 1);
+    }
+    ring.set_desc(&s.d.mem, 250, REPLY_BUF, 4096, VRING_DESC_F_WRITE, 0);
+    s.d.rings[1].publish(&s.d.mem, 0);
+    assert_eq!(s.d.complete(1), (0, 16));
+    let h = reply_header(&s.d.mem);
+    assert_eq!((h.error, h.unique, h.len), (-libc::ENOMEM, 77, 16));
+    let m = s.metrics();
+    assert_eq!(m.oversized_chains, 1, "{m:?}");
+    assert_eq!(m.failed_requests + m.panics + m.queue_errors, 0, "{m:?}");
+    // Nothing near the chain's size was allocated.
+    let grown_mib = peak_rss_kib().saturating_sub(rss_before) / 1024;
+    assert!(grown_mib < 256, "peak RSS grew by {grown_mib} MiB");
+
+    // A FORGET that large gets no reply at all; the device keeps working.
+    let forget = InHeader {
+        len: 48,
+        opcode: Opcode::Forget as u32,
+        unique: 78,
+        nodeid: ROOT_ID,
+        ..Default::default()
+    };
+    s.d.mem
+        .write_slice(forget.as_slice(), GuestAddress(REQ_BUF))
+        .unwrap();
+    s.d.rings[1].set_desc(&s.d.mem, 0, REQ_BUF, 40, VRING_DESC_F_NEXT, 1);
+    s.d.rings[1].publish(&s.d.mem, 0);
+    assert_eq!(s.d.complete(1), (0, 0));
+    assert_eq!(s.metrics().oversized_chains, 2);
+    std::fs::write(s.dir.join("f"), b"x").unwrap();
+    assert!(s.d.lookup(ROOT_ID, "f").is_ok());
+}
+
+#[test]
+fn oversized_reply_space_refused() {
+    let mut s = Share::new();
+    std::fs::write(s.dir.join("f"), b"data").unwrap();
+    let e = s.d.lookup(ROOT_ID, "f").unwrap();
+    let fh = s.d.open(e.nodeid, libc::O_RDONLY).unwrap();
+    // READ of 4 GiB - 1 into 200 writable descriptors aliasing 8 MiB.
+    let h = InHeader {
+        len: 40 + 40,
+        opcode: Opcode::Read as u32,
+        unique: 5,
+        nodeid: e.nodeid,
+        ..Default::default()
+    };
+    let ri = ReadIn {
+        fh,
+        size: u32::MAX,
+        ..Default::default()
+    };
+    let req = [h.as_slice(), ri.as_slice()].concat();
+    s.d.mem.write_slice(&req, GuestAddress(REQ_BUF)).unwrap();
+    s.d.rings[1].set_desc(&s.d.mem, 0, REQ_BUF, 80, VRING_DESC_F_NEXT, 1);
+    for i in 1..=200u16 {
+        let (flags, next) = if i < 200 {
+            (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, i + 1)
+        } else {
+            (VRING_DESC_F_WRITE, 0)
+        };
+        s.d.rings[1].set_desc(&s.d.mem, i, REPLY_BUF, 8 << 20, flags, next);
+    }
+    s.d.rings[1].publish(&s.d.mem, 0);
+    assert_eq!(s.d.complete(1), (0, 16));
+    assert_eq!(reply_header(&s.d.mem).error, -libc::ENOMEM);
+    assert_eq!(s.metrics().oversized_chains, 1);
+    // One byte over the limit is refused too; at the limit it is served.
+    let ri = ReadIn {
+        fh,
+        size: 4,
+        ..Default::default()
+    };
+    for (reply_len, oversized) in [(MAX_REQUEST_BYTES + 1, 2), (MAX_REQUEST_BYTES, 2)] {
+        let h = InHeader {
+            len: 80,
+            opcode: Opcode::Read as u32,
+            unique: 6,
+            nodeid: e.nodeid,
+            ..Default::default()
+        };
+        s.d.submit(1, &[h.as_slice(), ri.as_slice()], reply_len);
+        let (_, len) = s.d.complete(1);
+        assert_eq!(s.metrics().oversized_chains, oversized, "{reply_len}");
+        if reply_len == MAX_REQUEST_BYTES {
+            assert_eq!(len, 16 + 4);
+            assert_eq!(reply_header(&s.d.mem).error, 0);
+        } else {
+            assert_eq!(reply_header(&s.d.mem).error, -libc::ENOMEM);
+        }
+    }
+}
+
+#[test]
+fn ioctl_answered_enotty_without_the_server() {
+    let mut s = Share::new();
+    // The header split over two descriptors, 16 bytes of input present: the server would
+    // allocate and answer ENOSYS (no ioctl in PassthroughFs); the device answers ENOTTY.
+    let req = ioctl_request(9, 16);
+    let (a, b) = req.split_at(20);
+    s.d.submit(1, &[a, b, &[0u8; 16]], 4096);
+    assert_eq!(s.d.complete(1), (0, 16));
+    let h = reply_header(&s.d.mem);
+    assert_eq!((h.error, h.unique), (-libc::ENOTTY, 9));
+    let m = s.metrics();
+    assert_eq!((m.refused_ioctls, m.oversized_chains), (1, 0), "{m:?}");
+}
+
+/// Descriptors of this process that refer to `dir` or something below it.
+fn fds_under(dir: &Path) -> usize {
+    let dir = dir.canonicalize().unwrap();
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(&dir)))
+        .count()
+}
+
+impl Driver<Fs> {
+    fn forget(&mut self, nodeid: u64, nlookup: u64) {
+        let f = fuse_backend_rs::abi::fuse_abi::ForgetIn { nlookup };
+        let r = self.fuse_on(HIPRIO_QUEUE, Opcode::Forget, nodeid, &[f.as_slice()]);
+        assert_eq!(r.used_len, 0);
+    }
+
+    fn opendir(&mut self, nodeid: u64) -> Result<u64, i32> {
+        let o = OpenIn {
+            flags: libc::O_RDONLY as u32,
+            fuse_flags: 0,
+        };
+        let r = self.fuse(Opcode::Opendir, nodeid, &[o.as_slice()]);
+        if r.hdr.error != 0 {
+            return Err(r.errno());
+        }
+        Ok(r.obj::<OpenOut>().fh)
+    }
+
+    /// READDIRPLUS of `fh`: the reply's body, or the errno.
+    fn readdirplus(&mut self, nodeid: u64, fh: u64) -> Result<Vec<u8>, i32> {
+        let ri = ReadIn {
+            fh,
+            size: 4096,
+            ..Default::default()
+        };
+        let r = self.fuse(Opcode::Readdirplus, nodeid, &[ri.as_slice()]);
+        if r.hdr.error != 0 {
+            return Err(r.errno());
+        }
+        Ok(r.body)
+    }
+
+    /// FUSE_DESTROY, then INIT again (a new session on the same server).
+    fn init_again_after_destroy(&mut self) -> InitOut {
+        let r = self.fuse(Opcode::Destroy, 0, &[]);
+        assert!(r.hdr.error == 0 || r.used_len == 0, "{r:?}");
+        self.init()
+    }
+}
+
+#[test]
+fn open_handles_capped_per_share() {
+    const CAP: u32 = 32;
+    let mut s = Share::with(|c| c.max_open_handles = CAP);
+    for i in 0..200 {
+        std::fs::write(s.dir.join(format!("f{i}")), b"x").unwrap();
+    }
+    std::fs::create_dir(s.dir.join("sub")).unwrap();
+    for name in ["a", "b", "c"] {
+        std::fs::write(s.dir.join("sub").join(name), b"x").unwrap();
+    }
+    let base = fds_under(&s.dir);
+    // A flood of LOOKUPs of new inodes stops at the cap with ENFILE.
+    let mut ids = Vec::new();
+    for i in 0..200 {
+        match s.d.lookup(ROOT_ID, &format!("f{i}")) {
+            Ok(e) => ids.push(e.nodeid),
+            Err(e) => assert_eq!(e, libc::ENFILE, "f{i}"),
+        }
+    }
+    assert_eq!(ids.len(), CAP as usize);
+    assert!(
+        fds_under(&s.dir) <= base + CAP as usize,
+        "{}",
+        fds_under(&s.dir)
+    );
+    // Inodes already held can still be looked up (no new descriptor); OPEN, OPENDIR and
+    // CREATE get EMFILE, MKDIR ENFILE, and nothing is made on the host.
+    assert_eq!(s.d.lookup(ROOT_ID, "f0").map(|e| e.nodeid), Ok(ids[0]));
+    assert_eq!(s.d.open(ids[0], libc::O_RDONLY), Err(libc::EMFILE));
+    assert_eq!(s.d.opendir(ROOT_ID), Err(libc::EMFILE));
+    assert_eq!(
+        s.d.create(ROOT_ID, "new", libc::O_RDWR, 0o644).map(|_| ()),
+        Err(libc::EMFILE)
+    );
+    assert!(!s.dir.join("new").exists());
+    let mk = MkdirIn {
+        mode: 0o755,
+        umask: 0,
+    };
+    assert_eq!(
+        s.d.errno_of(Opcode::Mkdir, ROOT_ID, &[mk.as_slice(), &cstr("dir")]),
+        libc::ENFILE
+    );
+    assert!(!s.dir.join("dir").exists());
+
+    // FORGET frees slots (f0 was looked up twice): then OPEN floods stop at the cap.
+    s.d.forget(ids[0], 2);
+    for &id in &ids[1..8] {
+        s.d.forget(id, 1);
+    }
+    let mut handles = Vec::new();
+    for _ in 0..100 {
+        match s.d.open(ids[8], libc::O_RDONLY) {
+            Ok(fh) => handles.push(fh),
+            Err(e) => assert_eq!(e, libc::EMFILE),
+        }
+    }
+    assert_eq!(handles.len(), 8);
+    assert!(fds_under(&s.dir) <= base + CAP as usize);
+    // RELEASE frees a slot; a RELEASE naming the wrong inode frees nothing.
+    let r = ReleaseIn {
+        fh: handles[0],
+        ..Default::default()
+    };
+    assert_eq!(
+        s.d.errno_of(Opcode::Release, ids[9], &[r.as_slice()]),
+        libc::EBADF
+    );
+    assert_eq!(s.d.open(ids[8], libc::O_RDONLY), Err(libc::EMFILE));
+    s.d.release(ids[8], handles.remove(0));
+    handles.push(s.d.open(ids[8], libc::O_RDONLY).unwrap());
+    assert_eq!(s.d.open(ids[8], libc::O_RDONLY), Err(libc::EMFILE));
+
+    // READDIRPLUS looks entries up too: at the cap with nothing listable it is ENFILE, not
+    // an empty (end-of-directory) listing.
+    for fh in handles.drain(..2) {
+        s.d.release(ids[8], fh);
+    }
+    let sub = s.d.lookup(ROOT_ID, "sub").unwrap().nodeid;
+    let dh = s.d.opendir(sub).unwrap();
+    assert_eq!(s.d.readdirplus(sub, dh), Err(libc::ENFILE));
+    assert!(fds_under(&s.dir) <= base + CAP as usize);
+
+    // DESTROY gives everything back; the next session has the whole cap again.
+    s.d.init_again_after_destroy();
+    assert_eq!(fds_under(&s.dir), base);
+    let n = (0..200)
+        .filter(|i| s.d.lookup(ROOT_ID, &format!("f{i}")).is_ok())
+        .count();
+    assert_eq!(n, CAP as usize);
+    // A device reset closes everything too.
+    s.d.dev.lock().unwrap().reset();
+    assert_eq!(fds_under(&s.dir), base);
+}
+
+#[test]
+fn readdirplus_lists_under_the_cap() {
+    let mut s = Share::with(|c| c.max_open_handles = 16);
+    for i in 0..40 {
+        std::fs::write(s.dir.join(format!("f{i:02}")), b"x").unwrap();
+    }
+    let base = fds_under(&s.dir);
+    let dh = s.d.opendir(ROOT_ID).unwrap();
+    // The first page lists only what fits under the cap (15 inodes beside the handle).
+    // (A 4 KiB page holds 25 entries of 160 bytes; the cap stops it earlier.)
+    let body = s.d.readdirplus(ROOT_ID, dh).unwrap();
+    assert!(!body.is_empty());
+    assert!(fds_under(&s.dir) <= base + 16, "{}", fds_under(&s.dir));
+    // Exactly the listed inodes are held: looking them up again works, any other is ENFILE.
+    let mut held = 0;
+    for i in 0..40 {
+        match s.d.lookup(ROOT_ID, &format!("f{i:02}")) {
+            Ok(_) => held += 1,
+            Err(e) => assert_eq!(e, libc::ENFILE),
+        }
+    }
+    assert_eq!(held, 15);
+}
+
+#[test]
+fn process_umask_never_changes() {
+    if current_umask() == 0 {
+        // SAFETY: umask only sets the process mask (0 would hide a flip to 0).
+        unsafe { libc::umask(0o022) };
+    }
+    let before = current_umask();
+    assert_ne!(before, 0);
+    // The helper runs its closure with a private umask.
+    let inside = server::with_private_umask(|| {
+        // SAFETY: umask only sets the calling thread's (private) mask.
+        unsafe { libc::umask(0o077) };
+        Ok(current_umask())
+    })
+    .unwrap();
+    assert_eq!((inside, current_umask()), (0o077, before));
+
+    let tmp = TmpDir::new("kfs");
+    let config = FsConfig::shared_dir("u", &tmp.0);
+    let (mut d, queues) = Driver::new(Fs::new(&config).unwrap(), guest_memory());
+    assert_eq!(current_umask(), before, "device creation");
+    d.activate(queues);
+    for round in 0..10 {
+        d.init();
+        assert_eq!(current_umask(), before, "INIT, round {round}");
+        // FUSE_DESTROY re-imports the root in fuse-backend-rs (umask(0) there).
+        d.init_again_after_destroy();
+        assert_eq!(current_umask(), before, "DESTROY, round {round}");
+        assert!(d.lookup(ROOT_ID, ".").is_ok());
+        d.dev.lock().unwrap().reset();
+        assert_eq!(current_umask(), before, "reset, round {round}");
+        d.reactivate();
+        assert_eq!(current_umask(), before, "activate, round {round}");
+    }
+}
+
+/// The host's mode bits of `p`.
+fn host_mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode()
+}
+
+#[test]
+fn setid_bits_stripped_unless_allowed() {
+    let setid = libc::S_ISUID | libc::S_ISGID;
+    let mut s = Share::with(|c| c.xattr = true);
+    // CREATE, MKNOD (regular file), MKDIR: the bits never reach the host.
+    let (c, _) = s.d.create(ROOT_ID, "c", libc::O_RDWR, 0o6755).unwrap();
+    assert_eq!(c.attr.mode & setid, 0);
+    assert_eq!(host_mode(&s.dir.join("c")) & setid, 0);
+    let n = s.d.mknod(ROOT_ID, "n", libc::S_IFREG | 0o4755, 0).unwrap();
+    assert_eq!(n.attr.mode & setid, 0);
+    assert_eq!(host_mode(&s.dir.join("n")) & setid, 0);
+    let mk = MkdirIn {
+        mode: 0o2775,
+        umask: 0,
+    };
+    let r =
+        s.d.fuse(Opcode::Mkdir, ROOT_ID, &[mk.as_slice(), &cstr("d")]);
+    assert_eq!(r.obj::<EntryOut>().attr.mode & setid, 0);
+    assert_eq!(host_mode(&s.dir.join("d")) & libc::S_ISGID, 0);
+    // SETATTR (chmod u+s): the rest of the mode applies, the bits do not.
+    let chmod = SetattrIn {
+        valid: FATTR_MODE,
+        mode: libc::S_IFREG | 0o4711,
+        ..Default::default()
+    };
+    let a = s.d.setattr(c.nodeid, chmod).unwrap();
+    assert_eq!(a.attr.mode & 0o7777, 0o711);
+    assert_eq!(host_mode(&s.dir.join("c")) & 0o7777, 0o711);
+    // File capabilities are as good as setuid.
+    let sx = fuse_backend_rs::abi::fuse_abi::SetxattrIn { size: 4, flags: 0 };
+    let r = s.d.fuse(
+        Opcode::Setxattr,
+        c.nodeid,
+        &[sx.as_slice(), &cstr("security.capability"), b"\x01\0\0\x02"],
+    );
+    assert_eq!(r.errno(), libc::EPERM);
+
+    // With allow_setid the guest's mode stands.
+    let mut s = Share::with(|c| c.allow_setid = true);
+    let (c, _) = s.d.create(ROOT_ID, "c", libc::O_RDWR, 0o4755).unwrap();
+    assert_eq!(host_mode(&s.dir.join("c")) & libc::S_ISUID, libc::S_ISUID);
+    let a = s.d.setattr(c.nodeid, chmod).unwrap();
+    assert_eq!(a.attr.mode & libc::S_ISUID, libc::S_ISUID);
+}
+
+#[test]
+fn device_nodes_only_with_allow_devices() {
+    let mut s = Share::new();
+    for kind in [libc::S_IFCHR, libc::S_IFBLK] {
+        let r =
+            s.d.mknod(ROOT_ID, "dev", kind | 0o600, libc::makedev(1, 3) as u32);
+        assert_eq!(r.map(|_| ()), Err(libc::EPERM));
+        assert!(!s.dir.join("dev").exists());
+    }
+    // FIFOs and sockets are fine.
+    for (name, kind) in [("fifo", libc::S_IFIFO), ("sock", libc::S_IFSOCK)] {
+        let e = s.d.mknod(ROOT_ID, name, kind | 0o600, 0).unwrap();
+        assert_eq!(e.attr.mode & libc::S_IFMT, kind);
+    }
+    if !is_root() {
+        eprintln!("skipped the allow_devices half: mknod of a device needs root");
+        return;
+    }
+    let mut s = Share::with(|c| c.allow_devices = true);
+    let e =
+        s.d.mknod(
+            ROOT_ID,
+            "null",
+            libc::S_IFCHR | 0o600,
+            libc::makedev(1, 3) as u32,
+        )
+        .unwrap();
+    assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFCHR);
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(s.dir.join("null"))
+        .unwrap()
+        .file_type()
+        .is_char_device());
 }
