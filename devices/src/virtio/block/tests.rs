@@ -19,6 +19,7 @@ use super::*;
 use crate::bus::BusDevice;
 use crate::rate_limiter::test_util::{bucket, FakeClock};
 use crate::virtio::mmio::MmioTransport;
+use crate::virtio::test_util::{assert_pass_bounded, with_refilling_guest};
 use crate::virtio::{status, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING};
 
 const MEM_SIZE: usize = 0x20_0000;
@@ -948,4 +949,25 @@ fn rate_limited_queue_resumes_from_its_timer_on_the_event_loop() {
         assert_eq!(s.driver.read(DATA + k * 0x1000, 512), vec![k as u8; 512]);
     }
     assert_eq!(block.lock().unwrap().metrics().rate_limited, 3);
+}
+
+#[test]
+fn queue_kept_full_is_served_in_bounded_passes() {
+    let mut s = setup();
+    // GET_ID requests sharing one header, data buffer and status byte.
+    for _ in 0..80 {
+        s.driver
+            .request(0, VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, true)]);
+    }
+    let mem = s.driver.m().clone();
+    let block = &mut s.block;
+    assert_pass_bounded(BATCH_LIMIT, || {
+        while block.queue_events()[0].read().is_ok() {}
+        let used = with_refilling_guest(&mem, DESC, QUEUE_SIZE, 20 * BATCH_LIMIT, || {
+            block.process_queue()
+        });
+        // A re-armed queue event brings the event loop back for the rest.
+        (used, block.queue_events()[0].read().is_ok())
+    });
+    assert!(s.block.metrics().get_id_ops >= BATCH_LIMIT as u64);
 }

@@ -33,6 +33,9 @@ pub const MAX_HANDSHAKES: usize = 128;
 /// Most control packets (resets of unknown or refused connections) waiting for rx buffers.
 /// While the backlog is full the tx queue is not processed.
 pub const MAX_PENDING_CTRL: usize = 256;
+/// Most host clients accepted per event-loop pass (the listener is level-triggered: the rest
+/// are accepted on the next pass).
+pub const ACCEPT_BATCH: usize = 32;
 /// Longest `CONNECT <port>\n` line accepted.
 pub const MAX_CONNECT_LINE: usize = 32;
 
@@ -353,7 +356,7 @@ impl Muxer {
     }
 
     fn accept_all(&mut self, ops: &mut EventOps, now: Instant) {
-        loop {
+        for _ in 0..ACCEPT_BATCH {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.handshakes.len() >= MAX_HANDSHAKES

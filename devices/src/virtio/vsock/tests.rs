@@ -17,7 +17,8 @@ use super::muxer::{ConnKey, LOCAL_PORT_BASE};
 use super::packet::{op, Header, HDR_SIZE, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_STREAM};
 use super::*;
 use crate::virtio::test_util::{
-    on_event_loop, pump, Ring, TmpDir, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
+    assert_pass_bounded, on_event_loop, pump, with_refilling_guest, Ring, TmpDir,
+    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
 };
 
 const CID: u64 = 3;
@@ -1051,4 +1052,28 @@ fn duplicate_request_resets_the_connection() {
     g.send(ghdr(op::REQUEST, 900, 60), &[]);
     g.expect(op::RST);
     assert!(g.dev().muxer.conn_state(key).is_none());
+}
+
+#[test]
+fn tx_queue_kept_full_is_served_in_bounded_passes() {
+    let mut g = Guest::new(0);
+    g.pump();
+    // RSTs for unknown connections: consumed and ignored, so nothing else runs.
+    for i in 0..100 {
+        g.send(ghdr(op::RST, 5000 + i, 52), &[]);
+    }
+    let (em, mem, kick) = (&mut g.em, &g.mem, &g.evts[TX_QUEUE]);
+    assert_pass_bounded(TX_BATCH, || {
+        while kick.read().is_ok() {}
+        kick.write(1).unwrap();
+        let used = with_refilling_guest(mem, 0x1_0000, QSIZE, 50 * TX_BATCH, || {
+            // One pass: only the tx kick is pending.
+            assert_eq!(em.run_with_timeout(0).unwrap(), 1);
+        });
+        (used, kick.read().is_ok())
+    });
+    // The rest is served on later passes.
+    g.evts[TX_QUEUE].write(1).unwrap();
+    g.pump();
+    assert!(g.metrics().packets_from_guest > TX_BATCH as u64);
 }
