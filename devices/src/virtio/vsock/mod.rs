@@ -27,6 +27,7 @@
 pub mod connection;
 pub mod muxer;
 pub mod packet;
+pub mod registry;
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -81,6 +82,20 @@ pub enum VsockError {
         /// The error from bind / setup.
         #[source]
         source: io::Error,
+    },
+    /// The path is `<other>_<digits>` of another vsock device's listener in this process, or
+    /// that listener is `<path>_<digits>`: one guest could reach the other's host socket.
+    #[error(
+        "vsock uds_path {} collides with the listener {} of another vsock device: a guest \
+         connecting to host port P reaches <uds_path>_P",
+        path.display(),
+        other.display()
+    )]
+    PathCollision {
+        /// The path asked for.
+        path: PathBuf,
+        /// The registered listener it collides with.
+        other: PathBuf,
     },
     /// An `EventFd` could not be created.
     #[error(transparent)]
@@ -187,6 +202,12 @@ impl Vsock {
     /// Live connections.
     pub fn connection_count(&self) -> usize {
         self.muxer.connection_count()
+    }
+
+    /// Guest payload held for Unix peers that have not read it yet (at most
+    /// [`muxer::MAX_BUFFERED_BYTES`]).
+    pub fn buffered_bytes(&self) -> usize {
+        self.muxer.buffered_bytes()
     }
 
     /// Process both queues until neither makes progress or a queue used up its per-pass
