@@ -8,12 +8,16 @@
 //!   `OK <hostport>\n` and the stream is relayed both ways; when nobody listens in the guest
 //!   (or the program's line is malformed, too long or late) the stream is closed without `OK`.
 //! - guest → host: a guest connection to CID 2 port `P` is forwarded to a Unix listener at
-//!   `<uds_path>_P`; without one the guest's connect fails (RST).
+//!   `<uds_path>_P`; without one the guest's connect fails (RST). A target that is a vsock
+//!   listener of this process (another VM's `uds_path`) is refused too, and a `uds_path` that
+//!   collides with another listener through this rule is refused at creation ([`registry`]).
 //!
 //! Flow control follows virtio 1.2 §5.10.6.3 per connection ([`connection`]): the guest never
 //! gets more than its advertised credit and a Unix peer that writes faster than the guest reads
 //! is simply not read; guest payload is buffered up to [`connection::CONN_BUF_ALLOC`] per
 //! connection for a Unix peer that reads slowly, and a guest that exceeds its credit is reset.
+//! Per VM: at most [`muxer::MAX_CONNECTIONS`] connections and [`muxer::MAX_BUFFERED_BYTES`]
+//! buffered; per event-loop pass at most [`TX_BATCH`] / [`RX_BATCH`] chains.
 //!
 //! Threads: [`Vsock::activate`] (vCPU thread) only stores the queues and kicks the event loop;
 //! all queue and socket work happens in the [`MutEventSubscriber`] implementation on the VM's

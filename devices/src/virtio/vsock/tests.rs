@@ -1223,3 +1223,33 @@ fn guest_cannot_reach_another_vsock_listener() {
     g.send(ghdr(op::REQUEST, 2002, 55), &[]);
     g.expect(op::RESPONSE);
 }
+
+#[test]
+fn rx_kept_busy_is_served_in_bounded_passes() {
+    let mut g = Guest::new(QSIZE);
+    let l = UnixListener::bind(muxer::port_path(&g.uds(), 61)).unwrap();
+    let mut req = ghdr(op::REQUEST, 3000, 61);
+    req.buf_alloc = u32::MAX;
+    g.send(req, &[]);
+    g.expect(op::RESPONSE);
+    let (s, _) = l.accept().unwrap();
+    // A Unix peer that writes as fast as it can until the connection goes away.
+    let writer = std::thread::spawn(move || {
+        let mut s = s;
+        let buf = vec![7u8; 64 * 1024];
+        while s.write_all(&buf).is_ok() {}
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let (em, mem, evts) = (&mut g.em, &g.mem, &g.evts);
+    assert_pass_bounded(RX_BATCH, || {
+        for e in evts {
+            while e.read().is_ok() {}
+        }
+        let used = with_refilling_guest(mem, 0, QSIZE, 50 * RX_BATCH, || {
+            em.run_with_timeout(0).unwrap();
+        });
+        (used, evts[RX_QUEUE].read().is_ok())
+    });
+    drop(g);
+    writer.join().unwrap();
+}
