@@ -4,7 +4,7 @@
 //!
 //! Everything here runs on the event-loop thread with the subscriber's `EventOps` at hand, so
 //! streams are added to, changed in and removed from the epoll set as soon as their
-//! connection's needs change ([`Muxer::settle`]); a stream leaves the set before it is closed.
+//! connection's needs change (`Muxer::settle`); a stream leaves the set before it is closed.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsString;
