@@ -57,6 +57,8 @@ pub struct VmMetrics {
     pub device_panics: u64,
     /// Bytes the guest wrote to the serial console.
     pub serial_tx_bytes: u64,
+    /// Serial console bytes dropped because the console sink did not keep up (or failed).
+    pub serial_dropped_bytes: u64,
     /// Microseconds from the start of `Vm::create` to the end of it.
     pub create_us: u64,
     /// Microseconds from the start of `Vm::create` to the boot vCPU's first `KVM_RUN`.

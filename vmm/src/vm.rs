@@ -62,7 +62,8 @@ pub struct ThreadInfo {
     pub kind: ThreadKind,
 }
 
-/// Where the serial console writes.
+/// Where the serial console writes (from the event loop: it should return `WouldBlock` rather
+/// than block, see `kestrel_devices::legacy::NonBlockingWriter`).
 pub type ConsoleSink = Box<dyn Write + Send>;
 
 enum FsShare {
@@ -138,7 +139,15 @@ impl Vm {
     pub fn create(config: &VmConfig) -> Result<Vm, VmmError> {
         config.validate_for_boot()?;
         let sink: ConsoleSink = match config.serial.output {
-            SerialOutput::Stdout => Box::new(std::io::stdout()),
+            // Never blocks the event loop on a full pipe, and leaves stdout's flags alone.
+            SerialOutput::Stdout => Box::new(
+                kestrel_devices::legacy::NonBlockingWriter::stdout().map_err(|source| {
+                    VmmError::SerialOutput {
+                        path: "stdout".into(),
+                        source,
+                    }
+                })?,
+            ),
             SerialOutput::None => Box::new(std::io::sink()),
             SerialOutput::File => {
                 let path = config.serial.path.clone().unwrap_or_default();
@@ -432,6 +441,16 @@ impl Vm {
         for sub in std::mem::take(&mut *self.subscribers.lock().unwrap_or_else(|p| p.into_inner()))
         {
             em.add_subscriber(sub);
+        }
+        // Serial output is queued by the vCPUs and written to the console by the loop.
+        if let Some(out) = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take_output()
+            .map_err(io_err("creating the serial output drainer"))?
+        {
+            em.add_subscriber(Arc::new(Mutex::new(out)));
         }
         if self.forward_stdin {
             let input = ConsoleInput::new(self.serial.clone(), libc::STDIN_FILENO)
@@ -1038,11 +1057,10 @@ impl Vm {
             .first_run
             .get()
             .map(|t| t.duration_since(self.created_at).as_micros() as u64);
-        m.serial_tx_bytes = self
-            .serial
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .tx_bytes();
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        m.serial_tx_bytes = serial.tx_bytes();
+        m.serial_dropped_bytes = serial.output_dropped();
+        drop(serial);
         m
     }
 

@@ -7,4 +7,7 @@ mod serial;
 
 pub use cmos::{Cmos, CMOS_PORT_BASE, CMOS_PORT_LEN};
 pub use i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
-pub use serial::{EventFdTrigger, SerialDevice, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN};
+pub use serial::{
+    EventFdTrigger, NonBlockingWriter, SerialDevice, SerialOutput, COM1_IRQ, COM1_PORT_BASE,
+    COM1_PORT_LEN, SERIAL_DRAIN_BATCH, SERIAL_OUT_BUF, SERIAL_RETRY,
+};

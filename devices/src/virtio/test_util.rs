@@ -160,3 +160,84 @@ pub(crate) fn pump<S: MutEventSubscriber>(em: &mut EventManager<S>) {
     }
     panic!("event loop never went idle");
 }
+
+/// Run `pass` (one event-loop pass of a device) while another thread plays a hostile guest
+/// that keeps the split ring at `base` (layout of [`Ring`], `size` entries) as full as the
+/// device allows: it publishes the heads of the last `size` available entries over and over
+/// (the same heads again; a driver may do that — never-written slots read as head 0, which
+/// must be a chain too), keeping the available index `size` entries ahead of
+/// the used index. It stops after `max_republish` chains, so a device without a per-pass limit
+/// ends (and fails the caller's check) instead of spinning forever. Returns how many chains
+/// the device used during `pass`.
+pub(crate) fn with_refilling_guest(
+    mem: &GuestMemoryMmap,
+    base: u64,
+    size: u16,
+    max_republish: usize,
+    pass: impl FnOnce(),
+) -> usize {
+    use std::sync::atomic::AtomicBool;
+    let avail = base + 0x1000;
+    let used = base + 0x2000;
+    let used_before: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+    let avail_before: u16 = mem.read_obj(GuestAddress(avail + 2)).unwrap();
+    let heads: Vec<u16> = (1..=size)
+        .map(|i| {
+            let slot = u64::from(avail_before.wrapping_sub(i) % size);
+            mem.read_obj(GuestAddress(avail + 4 + 2 * slot)).unwrap()
+        })
+        .collect();
+    let stop = AtomicBool::new(false);
+    let running = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let guest = s.spawn(|| {
+            let mut avail_idx = avail_before;
+            let mut republished = 0usize;
+            while !stop.load(Ordering::SeqCst) && republished < max_republish {
+                let used_idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+                while avail_idx.wrapping_sub(used_idx) < size && republished < max_republish {
+                    let slot = u64::from(avail_idx % size);
+                    let head = heads[republished % heads.len()];
+                    mem.write_obj(head, GuestAddress(avail + 4 + 2 * slot))
+                        .unwrap();
+                    avail_idx = avail_idx.wrapping_add(1);
+                    std::sync::atomic::fence(Ordering::SeqCst);
+                    mem.write_obj(avail_idx, GuestAddress(avail + 2)).unwrap();
+                    republished += 1;
+                }
+                running.store(true, Ordering::SeqCst);
+                std::hint::spin_loop();
+            }
+            running.store(true, Ordering::SeqCst);
+        });
+        // The pass starts once the guest is publishing.
+        while !running.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        pass();
+        stop.store(true, Ordering::SeqCst);
+        guest.join().unwrap();
+    });
+    let used_after: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap();
+    usize::from(used_after.wrapping_sub(used_before))
+}
+
+/// Check a per-pass batch limit: `pass` runs one event-loop pass against a guest that keeps
+/// the queue full ([`with_refilling_guest`]) and returns (chains used, whether the queue was
+/// re-armed for the next pass). Every pass must stay within `limit`, and a pass that reached it
+/// must have re-armed the queue. Passes are repeated until one reaches the limit (the guest
+/// thread may be descheduled and let a pass drain the ring first).
+pub(crate) fn assert_pass_bounded(limit: usize, mut pass: impl FnMut() -> (usize, bool)) {
+    for _ in 0..50 {
+        let (used, rearmed) = pass();
+        assert!(used <= limit, "one pass used {used} chains, limit {limit}");
+        if used == limit {
+            assert!(
+                rearmed,
+                "the pass reached its limit but did not re-arm the queue"
+            );
+            return;
+        }
+    }
+    panic!("no pass reached the limit of {limit}: the guest thread never kept up");
+}

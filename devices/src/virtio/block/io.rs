@@ -41,6 +41,11 @@ pub struct DiskFile {
     punch_hole: bool,
     /// `fallocate(ZERO_RANGE)` is worth trying (cleared on the first EOPNOTSUPP).
     zero_range: bool,
+    /// `fdatasync` calls made (requests, swaps, drop).
+    flushes: u64,
+    /// Tests: make the next flushes fail with this error.
+    #[cfg(test)]
+    pub(crate) fail_flush: Option<io::ErrorKind>,
 }
 
 impl DiskFile {
@@ -89,6 +94,9 @@ impl DiskFile {
             is_block_device,
             punch_hole,
             zero_range: !read_only,
+            flushes: 0,
+            #[cfg(test)]
+            fail_flush: None,
         })
     }
 
@@ -155,8 +163,18 @@ impl DiskFile {
     }
 
     /// Make completed writes durable (`fdatasync`).
-    pub fn flush(&self) -> Result<(), DiskError> {
+    pub fn flush(&mut self) -> Result<(), DiskError> {
+        self.flushes += 1;
+        #[cfg(test)]
+        if let Some(kind) = self.fail_flush {
+            return Err(io::Error::from(kind).into());
+        }
         Ok(self.file.sync_data()?)
+    }
+
+    /// `fdatasync` calls made so far.
+    pub fn flushes(&self) -> u64 {
+        self.flushes
     }
 
     /// Deallocate `[offset, offset + len)` if the file system can; otherwise do nothing (a
@@ -239,6 +257,20 @@ impl DiskFile {
             done += n;
         }
         Ok(())
+    }
+}
+
+impl Drop for DiskFile {
+    /// A writable image is flushed before its file is closed, so what the guest wrote is on
+    /// stable storage however the drive goes away (VM dropped, slot emptied or swapped). An error
+    /// can only be logged here; [`super::Block::swap_backing`] flushes first and reports it.
+    fn drop(&mut self) {
+        if self.read_only {
+            return;
+        }
+        if let Err(e) = self.flush() {
+            tracing::warn!("{}: flush before close failed: {e}", self.path.display());
+        }
     }
 }
 
@@ -453,9 +485,13 @@ mod tests {
         assert!(file[1000..3000].iter().all(|&b| b == 0));
         assert!(file[3000..].iter().all(|&b| b == 0x55));
         // Read-only: no fallocate probing, flush still works.
-        let ro = DiskFile::open(t.as_path(), true).unwrap();
+        let mut ro = DiskFile::open(t.as_path(), true).unwrap();
         assert!(!ro.supports_punch_hole() && !ro.is_block_device());
         ro.flush().unwrap();
+        assert_eq!(ro.flushes(), 1);
+        // A flush that fails when the image is closed is logged, never a panic.
+        disk.fail_flush = Some(ErrorKind::Other);
+        drop(disk);
     }
 
     #[test]

@@ -114,6 +114,16 @@ pub enum BlockError {
     /// The serial is longer than 20 bytes or not printable ASCII.
     #[error("serial {0:?} must be at most {SERIAL_LEN} bytes of printable ASCII")]
     InvalidSerial(String),
+    /// The current image could not be flushed before it was swapped out or detached; it stays
+    /// attached.
+    #[error("cannot flush disk image {} before replacing it: {source}", path.display())]
+    Flush {
+        /// The image.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::DiskError,
+    },
     /// An `EventFd` could not be created.
     #[error(transparent)]
     EventFd(#[from] EventFdError),
@@ -158,6 +168,8 @@ pub struct BlockMetrics {
     pub config_changes: u64,
     /// Times the rate limiter made a request wait.
     pub rate_limited: u64,
+    /// Images flushed (`fdatasync`) before being swapped out or detached.
+    pub backing_flushes: u64,
 }
 
 /// The device state the request handler works on (separate from the queue).
@@ -321,9 +333,20 @@ impl Block {
     /// driver is running, a config-change interrupt tells the guest to re-read the capacity. The
     /// features stay those negotiated for the slot: a read-only file in a read-write slot fails
     /// writes with `VIRTIO_BLK_S_IOERR`.
+    ///
+    /// A writable current image is flushed (`fdatasync`) before it is replaced or detached;
+    /// when that fails the swap is refused with [`BlockError::Flush`] and the image stays (the
+    /// image is flushed again when it is finally closed, see [`io::DiskFile`]'s `Drop`).
     pub fn swap_backing(&mut self, path: Option<&Path>, read_only: bool) -> Result<(), BlockError> {
         let read_only = read_only || self.slot_read_only;
         let disk = open_backing(path, read_only)?;
+        if let Some(old) = self.backend.disk.as_mut().filter(|d| !d.read_only()) {
+            old.flush().map_err(|source| BlockError::Flush {
+                path: old.path().to_path_buf(),
+                source,
+            })?;
+            self.backend.metrics.backing_flushes += 1;
+        }
         tracing::info!(
             "block {}: backing {} -> {} ({} sectors{})",
             self.drive_id,
@@ -489,7 +512,7 @@ impl Backend {
                 (VIRTIO_BLK_S_OK, 0)
             }
             Request::Flush => {
-                if let Some(disk) = &self.disk {
+                if let Some(disk) = self.disk.as_mut() {
                     if !disk.read_only() {
                         if let Err(e) = disk.flush() {
                             tracing::warn!("virtio-blk: flush failed: {e}");

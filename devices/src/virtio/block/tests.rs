@@ -19,6 +19,7 @@ use super::*;
 use crate::bus::BusDevice;
 use crate::rate_limiter::test_util::{bucket, FakeClock};
 use crate::virtio::mmio::MmioTransport;
+use crate::virtio::test_util::{assert_pass_bounded, with_refilling_guest};
 use crate::virtio::{status, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING};
 
 const MEM_SIZE: usize = 0x20_0000;
@@ -948,4 +949,62 @@ fn rate_limited_queue_resumes_from_its_timer_on_the_event_loop() {
         assert_eq!(s.driver.read(DATA + k * 0x1000, 512), vec![k as u8; 512]);
     }
     assert_eq!(block.lock().unwrap().metrics().rate_limited, 3);
+}
+
+#[test]
+fn queue_kept_full_is_served_in_bounded_passes() {
+    let mut s = setup();
+    // GET_ID requests sharing one header, data buffer and status byte.
+    for _ in 0..80 {
+        s.driver
+            .request(0, VIRTIO_BLK_T_GET_ID, 0, &[(DATA, 20, true)]);
+    }
+    let mem = s.driver.m().clone();
+    let block = &mut s.block;
+    assert_pass_bounded(BATCH_LIMIT, || {
+        while block.queue_events()[0].read().is_ok() {}
+        let used = with_refilling_guest(&mem, DESC, QUEUE_SIZE, 20 * BATCH_LIMIT, || {
+            block.process_queue()
+        });
+        // A re-armed queue event brings the event loop back for the rest.
+        (used, block.queue_events()[0].read().is_ok())
+    });
+    assert!(s.block.metrics().get_id_ops >= BATCH_LIMIT as u64);
+}
+
+#[test]
+fn swap_and_detach_flush_the_image_first_and_report_errors() {
+    let mut s = setup();
+    s.driver.write(DATA, &[0xab; 512]);
+    s.driver
+        .request(0, VIRTIO_BLK_T_OUT, 1, &[(DATA, 512, false)]);
+    s.block.process_queue();
+    assert_eq!(s.driver.status(0), OK);
+    let first = s.image.take().unwrap();
+    // Swapped out: flushed first.
+    let second = image();
+    s.block.swap_backing(Some(second.as_path()), false).unwrap();
+    assert_eq!(s.block.metrics().backing_flushes, 1);
+    assert_eq!(file_bytes(&first, 512, 512), vec![0xab; 512]);
+    // A failing flush refuses the detach, names the image and keeps it attached.
+    s.block.backend.disk.as_mut().unwrap().fail_flush = Some(std::io::ErrorKind::Other);
+    let err = s.block.swap_backing(None, false).unwrap_err();
+    assert!(matches!(err, BlockError::Flush { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&second.as_path().display().to_string()),
+        "{err}"
+    );
+    assert_eq!(s.block.path(), Some(second.as_path()));
+    assert_eq!(s.block.capacity(), SECTORS);
+    assert_eq!(s.block.metrics().backing_flushes, 1);
+    // Once the flush works the detach goes through.
+    s.block.backend.disk.as_mut().unwrap().fail_flush = None;
+    s.block.swap_backing(None, false).unwrap();
+    assert_eq!(s.block.metrics().backing_flushes, 2);
+    assert_eq!(s.block.path(), None);
+    // An empty slot or a read-only image has nothing to flush.
+    s.block.swap_backing(Some(first.as_path()), true).unwrap();
+    s.block.swap_backing(None, false).unwrap();
+    assert_eq!(s.block.metrics().backing_flushes, 2);
 }

@@ -26,10 +26,13 @@ use super::packet::{
 };
 
 /// Receive buffer we advertise per connection (`buf_alloc`): the most guest payload we hold
-/// for a Unix peer that reads slowly.
-pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
-/// A credit update is sent once the guest believes less than this is free.
-pub const CREDIT_UPDATE_THRESHOLD: u32 = 64 * 1024;
+/// for a Unix peer that reads slowly. With [`super::muxer::MAX_CONNECTIONS`] connections this
+/// bounds what one VM can make the host buffer to [`super::muxer::MAX_BUFFERED_BYTES`]; a guest
+/// that sends beyond it is reset.
+pub const CONN_BUF_ALLOC: u32 = 64 * 1024;
+/// A credit update is sent once the guest believes less than this is free (and we really
+/// have at least this much free again).
+pub const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
 
 /// The host side of a connection.
 pub trait ConnStream {
@@ -837,21 +840,21 @@ mod tests {
     fn credit_update_when_guest_view_low_and_space_returns() {
         let now = Instant::now();
         let mut c = established(0, 4096);
-        // The peer reads nothing: the guest fills 200 KiB of our 256.
-        let data = vec![5u8; 50 * 1024];
+        // The peer reads nothing: the guest fills 56 KiB of our 64.
+        let data = vec![5u8; 14 * 1024];
         for _ in 0..4 {
             c.recv_pkt(&guest(op::RW, data.len() as u32, 4096, 0), &data, now)
                 .unwrap();
         }
         assert!(!c.has_rx(), "no update while space is really short");
-        // The peer drains 100 KiB: the guest view (56 KiB free) is low, real free is 156 KiB.
-        c.stream.write_room = 100 * 1024;
+        // The peer drains 20 KiB: the guest view (8 KiB free) is low, real free is 28 KiB.
+        c.stream.write_room = 20 * 1024;
         c.on_writable(now);
-        assert_eq!(c.buffered(), 100 * 1024);
+        assert_eq!(c.buffered(), 36 * 1024);
         assert!(c.has_rx());
         let h = c.next_pkt(&mut [0u8; 16]).unwrap();
         assert_eq!(h.op, op::CREDIT_UPDATE);
-        assert_eq!(h.fwd_cnt, 100 * 1024);
+        assert_eq!(h.fwd_cnt, 20 * 1024);
         assert_eq!(h.buf_alloc, CONN_BUF_ALLOC);
         assert!(!c.has_rx());
     }

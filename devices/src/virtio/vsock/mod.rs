@@ -8,12 +8,16 @@
 //!   `OK <hostport>\n` and the stream is relayed both ways; when nobody listens in the guest
 //!   (or the program's line is malformed, too long or late) the stream is closed without `OK`.
 //! - guest → host: a guest connection to CID 2 port `P` is forwarded to a Unix listener at
-//!   `<uds_path>_P`; without one the guest's connect fails (RST).
+//!   `<uds_path>_P`; without one the guest's connect fails (RST). A target that is a vsock
+//!   listener of this process (another VM's `uds_path`) is refused too, and a `uds_path` that
+//!   collides with another listener through this rule is refused at creation ([`registry`]).
 //!
 //! Flow control follows virtio 1.2 §5.10.6.3 per connection ([`connection`]): the guest never
 //! gets more than its advertised credit and a Unix peer that writes faster than the guest reads
 //! is simply not read; guest payload is buffered up to [`connection::CONN_BUF_ALLOC`] per
 //! connection for a Unix peer that reads slowly, and a guest that exceeds its credit is reset.
+//! Per VM: at most [`muxer::MAX_CONNECTIONS`] connections and [`muxer::MAX_BUFFERED_BYTES`]
+//! buffered; per event-loop pass at most [`TX_BATCH`] / [`RX_BATCH`] chains.
 //!
 //! Threads: [`Vsock::activate`] (vCPU thread) only stores the queues and kicks the event loop;
 //! all queue and socket work happens in the [`MutEventSubscriber`] implementation on the VM's
@@ -27,6 +31,7 @@
 pub mod connection;
 pub mod muxer;
 pub mod packet;
+pub mod registry;
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -58,6 +63,12 @@ pub const TX_QUEUE: usize = 1;
 /// Index of the event queue (unused: the device sends no events).
 pub const EVENT_QUEUE: usize = 2;
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+/// Most tx chains handled per event-loop pass (each carries at most
+/// [`packet::MAX_PKT_DATA`]); the rest waits for the next pass (the tx queue event is re-armed),
+/// so a guest that keeps the tx queue full cannot keep the event loop to itself.
+pub const TX_BATCH: usize = 64;
+/// Most rx chains filled per event-loop pass (the rx queue event is re-armed for the rest).
+pub const RX_BATCH: usize = 64;
 /// How log lines name the device.
 const LOG_NAME: DeviceName<'static> = DeviceName::new("vsock", "");
 
@@ -75,6 +86,20 @@ pub enum VsockError {
         /// The error from bind / setup.
         #[source]
         source: io::Error,
+    },
+    /// The path is `<other>_<digits>` of another vsock device's listener in this process, or
+    /// that listener is `<path>_<digits>`: one guest could reach the other's host socket.
+    #[error(
+        "vsock uds_path {} collides with the listener {} of another vsock device: a guest \
+         connecting to host port P reaches <uds_path>_P",
+        path.display(),
+        other.display()
+    )]
+    PathCollision {
+        /// The path asked for.
+        path: PathBuf,
+        /// The registered listener it collides with.
+        other: PathBuf,
     },
     /// An `EventFd` could not be created.
     #[error(transparent)]
@@ -183,7 +208,16 @@ impl Vsock {
         self.muxer.connection_count()
     }
 
-    /// Process both queues until neither makes progress; signal the guest once.
+    /// Guest payload held for Unix peers that have not read it yet (at most
+    /// [`muxer::MAX_BUFFERED_BYTES`]).
+    pub fn buffered_bytes(&self) -> usize {
+        self.muxer.buffered_bytes()
+    }
+
+    /// Process both queues until neither makes progress or a queue used up its per-pass
+    /// budget ([`TX_BATCH`], [`RX_BATCH`]); signal the guest once. A queue that used up its
+    /// budget has its queue event re-armed: the loop comes back to it after the other events
+    /// (and a stop request) had their turn.
     fn process_queues(&mut self, ops: &mut EventOps) {
         if self.needs_reset {
             return;
@@ -192,36 +226,47 @@ impl Vsock {
             return;
         };
         let mem = active.mem.memory();
-        let mut used_rx = false;
-        let mut used_tx = false;
+        let mut tx_budget = TX_BATCH;
+        let mut rx_budget = RX_BATCH;
         loop {
-            let tx = Self::process_tx(
+            Self::process_tx(
                 &mem,
                 active,
                 &mut self.muxer,
                 &mut self.scratch,
                 self.cid,
                 &mut self.needs_reset,
+                &mut tx_budget,
                 ops,
             );
             // The tx queue stops while the control backlog is full.
             let tx_held_back = self.muxer.ctrl_full();
-            let rx = Self::process_rx(
+            let rx_used = Self::process_rx(
                 &mem,
                 active,
                 &mut self.muxer,
                 &mut self.scratch,
                 &mut self.needs_reset,
+                &mut rx_budget,
                 ops,
             );
-            used_tx |= tx;
-            used_rx |= rx;
             // Another round only if the rx side drained a backlog that held tx back.
-            if !(tx_held_back && rx) || self.needs_reset {
+            if !(tx_held_back && rx_used > 0) || self.needs_reset || tx_budget == 0 {
                 break;
             }
         }
-        for (used, q) in [(used_rx, RX_QUEUE), (used_tx, TX_QUEUE)] {
+        for (budget, q) in [(tx_budget, TX_QUEUE), (rx_budget, RX_QUEUE)] {
+            if budget == 0 && !self.needs_reset {
+                if let Err(e) = self.queue_evts[q].write(1) {
+                    tracing::warn!("vsock: cannot re-arm queue {q}: {e}");
+                }
+            }
+        }
+        let used = [
+            (rx_budget < RX_BATCH, RX_QUEUE),
+            (tx_budget < TX_BATCH, TX_QUEUE),
+        ];
+        for (used, q) in used {
             if !used {
                 continue;
             }
@@ -236,7 +281,9 @@ impl Vsock {
         }
     }
 
-    /// Consume the tx queue. Returns whether any chain was used.
+    /// Consume the tx queue, at most `budget` chains (decremented per chain used). Returns
+    /// how many chains were used.
+    #[allow(clippy::too_many_arguments)]
     fn process_tx(
         mem: &GuestMemoryMmap,
         active: &mut Active<Vec<Queue>>,
@@ -244,11 +291,12 @@ impl Vsock {
         scratch: &mut [u8],
         cid: u64,
         needs_reset: &mut bool,
+        budget: &mut usize,
         ops: &mut EventOps,
-    ) -> bool {
+    ) -> usize {
         let queue = &mut active.queues[TX_QUEUE];
-        let mut used = false;
-        while !muxer.ctrl_full() {
+        let mut used = 0;
+        while !muxer.ctrl_full() && *budget > 0 {
             let chain = match queue.iter(mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => {
@@ -274,23 +322,26 @@ impl Vsock {
                 *needs_reset = true;
                 break;
             }
-            used = true;
+            used += 1;
+            *budget -= 1;
         }
         used
     }
 
-    /// Fill rx buffers while packets are waiting. Returns whether any chain was used.
+    /// Fill rx buffers while packets are waiting, at most `budget` chains (decremented per
+    /// chain used). Returns how many chains were used.
     fn process_rx(
         mem: &GuestMemoryMmap,
         active: &mut Active<Vec<Queue>>,
         muxer: &mut Muxer,
         scratch: &mut [u8],
         needs_reset: &mut bool,
+        budget: &mut usize,
         ops: &mut EventOps,
-    ) -> bool {
+    ) -> usize {
         let queue = &mut active.queues[RX_QUEUE];
-        let mut used = false;
-        while muxer.has_rx() {
+        let mut used = 0;
+        while muxer.has_rx() && *budget > 0 {
             let chain = match queue.iter(mem) {
                 Ok(mut it) => it.next(),
                 Err(e) => {
@@ -336,7 +387,8 @@ impl Vsock {
                 *needs_reset = true;
                 break;
             }
-            used = true;
+            used += 1;
+            *budget -= 1;
         }
         used
     }

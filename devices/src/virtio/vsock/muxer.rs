@@ -4,7 +4,7 @@
 //!
 //! Everything here runs on the event-loop thread with the subscriber's `EventOps` at hand, so
 //! streams are added to, changed in and removed from the epoll set as soon as their
-//! connection's needs change ([`Muxer::settle`]); a stream leaves the set before it is closed.
+//! connection's needs change (`Muxer::settle`); a stream leaves the set before it is closed.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ffi::OsString;
@@ -18,21 +18,34 @@ use std::time::{Duration, Instant};
 use event_manager::{EventOps, EventSet, Events};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::connection::{ConnStream, ConnTimeouts, Connection, RecvError};
+use super::connection::{ConnStream, ConnTimeouts, Connection, RecvError, CONN_BUF_ALLOC};
 use super::packet::{op, Header, HOST_CID, TYPE_STREAM};
 use super::{VsockError, VsockMetrics};
 
 /// Host ports handed to host-initiated connections start here (below are the ports guests
 /// usually connect to on the host).
 pub const LOCAL_PORT_BASE: u32 = 1 << 30;
-/// Most connections at once (each may hold [`super::connection::CONN_BUF_ALLOC`] of guest
-/// payload).
-pub const MAX_CONNECTIONS: usize = 1024;
-/// Most host clients that connected but have not finished their `CONNECT` line.
-pub const MAX_HANDSHAKES: usize = 128;
+/// Most connections of one VM at once, both directions, host clients still in their
+/// handshake included (each holds one host fd). Beyond it a guest `REQUEST` is answered with
+/// `RST` and a host client is closed without `OK`.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Most guest payload one VM can make the host hold for Unix peers that read slowly: each
+/// connection advertises [`CONN_BUF_ALLOC`] of credit and a guest that sends beyond its credit
+/// is reset, so the bound holds by construction (checked at compile time). Host → guest bytes
+/// are never buffered: a host socket is read only into an rx buffer the guest posted and only
+/// while the guest has credit, so a full guest leaves the host writer blocked (backpressure),
+/// never bytes dropped.
+pub const MAX_BUFFERED_BYTES: usize = 16 << 20;
+const _: () = assert!(MAX_CONNECTIONS * CONN_BUF_ALLOC as usize <= MAX_BUFFERED_BYTES);
+/// Most host clients that connected but have not finished their `CONNECT` line (each also
+/// counts against [`MAX_CONNECTIONS`]). Each must finish within [`Timeouts::handshake`].
+pub const MAX_HANDSHAKES: usize = 64;
 /// Most control packets (resets of unknown or refused connections) waiting for rx buffers.
 /// While the backlog is full the tx queue is not processed.
 pub const MAX_PENDING_CTRL: usize = 256;
+/// Most host clients accepted per event-loop pass (the listener is level-triggered: the rest
+/// are accepted on the next pass).
+pub const ACCEPT_BATCH: usize = 32;
 /// Longest `CONNECT <port>\n` line accepted.
 pub const MAX_CONNECT_LINE: usize = 32;
 
@@ -56,6 +69,24 @@ impl Default for Timeouts {
                 close: Duration::from_secs(2),
             },
             listener_retry: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Table sizes of one muxer ([`MAX_CONNECTIONS`], [`MAX_HANDSHAKES`]; smaller in tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most connections (host handshakes included).
+    pub connections: usize,
+    /// Most host clients in their handshake.
+    pub handshakes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: MAX_CONNECTIONS,
+            handshakes: MAX_HANDSHAKES,
         }
     }
 }
@@ -222,6 +253,7 @@ pub struct Muxer {
     guest_cid: u64,
     uds_path: PathBuf,
     listener: UnixListener,
+    _registration: super::registry::Registration,
     listener_watched: bool,
     listener_retry_at: Option<Instant>,
     timer: TimerFd,
@@ -233,17 +265,18 @@ pub struct Muxer {
     rxq: VecDeque<ConnKey>,
     next_port: u32,
     pub(crate) timeouts: Timeouts,
+    pub(crate) limits: Limits,
     pub(crate) metrics: VsockMetrics,
 }
 
 impl Muxer {
     /// Bind the listener at `uds_path` (which must not exist).
     pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Self, VsockError> {
+        let (listener, registration) = super::registry::bind(uds_path)?;
         let bind_err = |source| VsockError::Bind {
             path: uds_path.to_path_buf(),
             source,
         };
-        let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
         let muxer_err = |e: io::Error| {
             let _ = std::fs::remove_file(uds_path);
             e
@@ -261,6 +294,7 @@ impl Muxer {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
             listener,
+            _registration: registration,
             listener_watched: false,
             listener_retry_at: None,
             timer,
@@ -272,6 +306,7 @@ impl Muxer {
             rxq: VecDeque::new(),
             next_port: LOCAL_PORT_BASE,
             timeouts: Timeouts::default(),
+            limits: Limits::default(),
             metrics: VsockMetrics::default(),
         })
     }
@@ -284,6 +319,12 @@ impl Muxer {
     /// Live connections (including ones waiting for the guest's answer or a final RST).
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Guest payload held for Unix peers that have not read it yet (at most
+    /// [`MAX_BUFFERED_BYTES`]).
+    pub fn buffered_bytes(&self) -> usize {
+        self.conns.values().map(|e| e.conn.buffered()).sum()
     }
 
     /// Start watching the listener and the timer.
@@ -353,11 +394,11 @@ impl Muxer {
     }
 
     fn accept_all(&mut self, ops: &mut EventOps, now: Instant) {
-        loop {
+        for _ in 0..ACCEPT_BATCH {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.handshakes.len() >= MAX_HANDSHAKES
-                        || self.handshakes.len() + self.conns.len() >= MAX_CONNECTIONS
+                    if self.handshakes.len() >= self.limits.handshakes
+                        || self.handshakes.len() + self.conns.len() >= self.limits.connections
                     {
                         tracing::debug!("vsock: too many host connections; closing a new one");
                         self.metrics.conns_refused += 1;
@@ -451,7 +492,7 @@ impl Muxer {
             self.metrics.conns_refused += 1;
             return;
         };
-        if !active || self.conns.len() >= MAX_CONNECTIONS {
+        if !active || self.conns.len() >= self.limits.connections {
             tracing::debug!("vsock: CONNECT {port} refused (driver not ready or table full)");
             self.metrics.conns_refused += 1;
             return;
@@ -625,12 +666,26 @@ impl Muxer {
     }
 
     fn guest_connect(&mut self, key: ConnKey, hdr: &Header, ops: &mut EventOps) {
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() + self.handshakes.len() >= self.limits.connections {
+            tracing::debug!(
+                "vsock: guest connect to {}: too many connections",
+                hdr.dst_port
+            );
             self.metrics.conns_refused += 1;
             self.push_ctrl(rst_reply(hdr));
             return;
         }
         let path = port_path(&self.uds_path, hdr.dst_port);
+        if super::registry::is_listener(&path) {
+            // Another VM's (or this VM's) own host socket: never a forwarding target.
+            tracing::debug!(
+                "vsock: guest connect to {} refused: it is a vsock device's listener",
+                path.display()
+            );
+            self.metrics.conns_refused += 1;
+            self.push_ctrl(rst_reply(hdr));
+            return;
+        }
         match connect_nonblocking(&path) {
             Ok(stream) => {
                 let conn = Connection::new_peer(UnixConn(stream), hdr, self.timeouts.conn);

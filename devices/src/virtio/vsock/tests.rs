@@ -17,7 +17,8 @@ use super::muxer::{ConnKey, LOCAL_PORT_BASE};
 use super::packet::{op, Header, HDR_SIZE, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_STREAM};
 use super::*;
 use crate::virtio::test_util::{
-    on_event_loop, pump, Ring, TmpDir, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
+    assert_pass_bounded, on_event_loop, pump, with_refilling_guest, Ring, TmpDir,
+    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
 };
 
 const CID: u64 = 3;
@@ -28,6 +29,8 @@ const RX_STRIDE: u64 = 0x2000;
 const RX_DATA: u32 = 4096;
 const TX_BUF_BASE: u64 = 0x40_0000;
 const TX_STRIDE: u64 = 0x1_1000;
+/// The receive buffer the test guest advertises (Linux's default).
+const GUEST_BUF_ALLOC: u32 = 256 * 1024;
 
 fn ghdr(op: u16, src_port: u32, dst_port: u32) -> Header {
     Header {
@@ -39,7 +42,7 @@ fn ghdr(op: u16, src_port: u32, dst_port: u32) -> Header {
         type_: TYPE_STREAM,
         op,
         flags: 0,
-        buf_alloc: CONN_BUF_ALLOC,
+        buf_alloc: GUEST_BUF_ALLOC,
         fwd_cnt: 0,
     }
 }
@@ -268,7 +271,7 @@ impl Guest {
         assert_eq!(req.dst_port, port);
         let local = req.src_port;
         let mut resp = ghdr(op::RESPONSE, port, local);
-        resp.buf_alloc = CONN_BUF_ALLOC;
+        resp.buf_alloc = GUEST_BUF_ALLOC;
         self.send(resp, &[]);
         c.set_nonblocking(true).unwrap();
         let line = self.read_client(&mut c, format!("OK {local}\n").len());
@@ -454,8 +457,8 @@ fn host_connect_request_response_ok_and_data_both_ways() {
     }
     assert_eq!(got, msg);
 
-    // Guest -> host, in 16 KiB packets (within the 256 KiB credit: the client reads later).
-    let msg = pattern(200 * 1024, 7);
+    // Guest -> host, in 16 KiB packets (within the 64 KiB credit: the client reads later).
+    let msg = pattern(CONN_BUF_ALLOC as usize, 7);
     for chunk in msg.chunks(16 * 1024) {
         g.send(ghdr(op::RW, 52, local), chunk);
         g.pump();
@@ -464,7 +467,7 @@ fn host_connect_request_response_ok_and_data_both_ways() {
     assert_eq!(back, msg);
     let m = g.metrics();
     assert_eq!(m.bytes_to_guest, 100 * 1024);
-    assert_eq!(m.bytes_from_guest, 200 * 1024);
+    assert_eq!(m.bytes_from_guest, u64::from(CONN_BUF_ALLOC));
     assert_eq!(m.packets_dropped, 0);
 }
 
@@ -1051,4 +1054,202 @@ fn duplicate_request_resets_the_connection() {
     g.send(ghdr(op::REQUEST, 900, 60), &[]);
     g.expect(op::RST);
     assert!(g.dev().muxer.conn_state(key).is_none());
+}
+
+#[test]
+fn tx_queue_kept_full_is_served_in_bounded_passes() {
+    let mut g = Guest::new(0);
+    g.pump();
+    // RSTs for unknown connections: consumed and ignored, so nothing else runs.
+    for i in 0..100 {
+        g.send(ghdr(op::RST, 5000 + i, 52), &[]);
+    }
+    let (em, mem, kick) = (&mut g.em, &g.mem, &g.evts[TX_QUEUE]);
+    assert_pass_bounded(TX_BATCH, || {
+        while kick.read().is_ok() {}
+        kick.write(1).unwrap();
+        let used = with_refilling_guest(mem, 0x1_0000, QSIZE, 50 * TX_BATCH, || {
+            // One pass: only the tx kick is pending.
+            assert_eq!(em.run_with_timeout(0).unwrap(), 1);
+        });
+        (used, kick.read().is_ok())
+    });
+    // The rest is served on later passes.
+    g.evts[TX_QUEUE].write(1).unwrap();
+    g.pump();
+    assert!(g.metrics().packets_from_guest > TX_BATCH as u64);
+}
+
+#[test]
+fn connection_cap_refuses_with_rst_and_buffered_bytes_stay_bounded() {
+    let mut g = Guest::new(64);
+    g.dev().muxer.limits = muxer::Limits {
+        connections: 4,
+        handshakes: 2,
+    };
+    let _l = UnixListener::bind(muxer::port_path(&g.uds(), 60)).unwrap();
+    // Four guest connections whose Unix peers never read (never even accepted).
+    for p in 0..4 {
+        g.send(ghdr(op::REQUEST, 1000 + p, 60), &[]);
+        g.expect(op::RESPONSE);
+    }
+    // The fifth is refused with RST, and so is a host client.
+    g.send(ghdr(op::REQUEST, 1004, 60), &[]);
+    let (rst, _) = g.expect(op::RST);
+    assert_eq!(rst.dst_port, 1004);
+    let mut c = UnixStream::connect(g.uds()).unwrap();
+    c.write_all(b"CONNECT 52\n").unwrap();
+    g.expect_client_eof(&mut c);
+    assert_eq!(g.metrics().conns_refused, 2);
+
+    // The guest fills every connection: the socket takes what it can, the device holds at
+    // most CONN_BUF_ALLOC more per connection.
+    let chunk = vec![0x5a; 16 * 1024];
+    for p in 0..4 {
+        let before = g.dev().buffered_bytes();
+        loop {
+            let mine = g.dev().buffered_bytes() - before;
+            if mine + chunk.len() > CONN_BUF_ALLOC as usize {
+                break;
+            }
+            g.send(ghdr(op::RW, 1000 + p, 60), &chunk);
+            g.pump();
+            g.collect();
+            // Credit updates only (the socket took the first bytes): no reset.
+            while let Some((h, _)) = g.got.pop_front() {
+                assert_eq!(h.op, op::CREDIT_UPDATE, "{h:?}");
+            }
+        }
+    }
+    let total = g.dev().buffered_bytes();
+    assert!(total <= 4 * CONN_BUF_ALLOC as usize, "{total}");
+    assert!(
+        total > 4 * (CONN_BUF_ALLOC as usize - chunk.len()),
+        "{total}"
+    );
+    // Beyond its credit a connection is reset and its buffer freed.
+    g.send(ghdr(op::RW, 1000, 60), &chunk);
+    let (rst, _) = g.expect(op::RST);
+    assert_eq!(rst.dst_port, 1000);
+    assert_eq!(g.metrics().credit_violations, 1);
+    assert!(g.dev().buffered_bytes() <= 3 * CONN_BUF_ALLOC as usize);
+    // A slot is free again.
+    g.send(ghdr(op::REQUEST, 1005, 60), &[]);
+    g.expect(op::RESPONSE);
+    // The per-VM bound the defaults give.
+    assert!(muxer::MAX_CONNECTIONS * CONN_BUF_ALLOC as usize <= muxer::MAX_BUFFERED_BYTES);
+}
+
+#[test]
+fn pending_handshakes_are_bounded_in_number_and_time() {
+    let t = muxer::Timeouts {
+        handshake: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let mut g = Guest::with_timeouts(8, Some(t));
+    g.dev().muxer.limits.handshakes = 2;
+    let start = Instant::now();
+    let mut silent = UnixStream::connect(g.uds()).unwrap();
+    // A client trickling its line byte by byte gets no more time.
+    let mut slow = UnixStream::connect(g.uds()).unwrap();
+    slow.write_all(b"CONN").unwrap();
+    g.pump();
+    // A third pending handshake is closed at once.
+    let mut third = UnixStream::connect(g.uds()).unwrap();
+    g.expect_client_eof(&mut third);
+    assert!(start.elapsed() < Duration::from_millis(250));
+    assert_eq!(g.metrics().conns_refused, 1);
+    slow.set_nonblocking(true).unwrap();
+    let mut tail = b"ECT 52".iter();
+    g.pump_until("the handshake deadline", |g| {
+        if let Some(b) = tail.next() {
+            let _ = slow.write(std::slice::from_ref(b));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        g.metrics().conns_refused == 3
+    });
+    assert!(start.elapsed() >= Duration::from_millis(290));
+    g.expect_client_eof(&mut silent);
+    g.expect_client_eof(&mut slow);
+    // The slots are free again.
+    let (_c, _) = g.host_connect(52);
+}
+
+#[test]
+fn uds_path_prefix_collisions_are_refused() {
+    let dir = TmpDir::new("kvs");
+    let a = Vsock::new(3, &dir.0.join("a.vsock")).unwrap();
+    // Another VM at <a>_<port>: a's guest could reach its main socket.
+    let err = Vsock::new(4, &dir.0.join("a.vsock_52")).unwrap_err();
+    assert!(matches!(err, VsockError::PathCollision { .. }), "{err}");
+    assert!(err.to_string().contains("a.vsock"), "{err}");
+    assert!(!dir.0.join("a.vsock_52").exists());
+    // Same directory spelled differently.
+    let err = Vsock::new(4, &dir.0.join(".").join("a.vsock_7")).unwrap_err();
+    assert!(matches!(err, VsockError::PathCollision { .. }), "{err}");
+    // The other order: a device whose <path>_<port> is an existing listener.
+    let b = Vsock::new(5, &dir.0.join("b.vsock_52")).unwrap();
+    let err = Vsock::new(6, &dir.0.join("b.vsock")).unwrap_err();
+    assert!(matches!(err, VsockError::PathCollision { .. }), "{err}");
+    // Not a port suffix: fine.
+    let c = Vsock::new(7, &dir.0.join("a.vsock2")).unwrap();
+    let d = Vsock::new(8, &dir.0.join("a.vsock_x")).unwrap();
+    // Once a device is gone its name is free.
+    drop(a);
+    let e = Vsock::new(9, &dir.0.join("a.vsock_52")).unwrap();
+    drop((b, c, d, e));
+}
+
+#[test]
+fn guest_cannot_reach_another_vsock_listener() {
+    let mut g = Guest::new(8);
+    let other_dir = TmpDir::new("kvs");
+    let other_path = other_dir.0.join("other.sock");
+    let _other = Vsock::new(4, &other_path).unwrap();
+    // <uds>_53 leads to the other VM's listener (a symlink, or a hard link, placed there).
+    std::os::unix::fs::symlink(&other_path, muxer::port_path(&g.uds(), 53)).unwrap();
+    g.send(ghdr(op::REQUEST, 2000, 53), &[]);
+    let (rst, _) = g.expect(op::RST);
+    assert_eq!((rst.src_port, rst.dst_port), (53, 2000));
+    assert_eq!(g.metrics().conns_refused, 1);
+    assert_eq!(g.metrics().conns_opened, 0);
+    // Nor its own listener.
+    std::os::unix::fs::symlink(g.uds(), muxer::port_path(&g.uds(), 54)).unwrap();
+    g.send(ghdr(op::REQUEST, 2001, 54), &[]);
+    g.expect(op::RST);
+    assert_eq!(g.dev().connection_count(), 0);
+    // An ordinary listener at <uds>_55 still works.
+    let _l = UnixListener::bind(muxer::port_path(&g.uds(), 55)).unwrap();
+    g.send(ghdr(op::REQUEST, 2002, 55), &[]);
+    g.expect(op::RESPONSE);
+}
+
+#[test]
+fn rx_kept_busy_is_served_in_bounded_passes() {
+    let mut g = Guest::new(QSIZE);
+    let l = UnixListener::bind(muxer::port_path(&g.uds(), 61)).unwrap();
+    let mut req = ghdr(op::REQUEST, 3000, 61);
+    req.buf_alloc = u32::MAX;
+    g.send(req, &[]);
+    g.expect(op::RESPONSE);
+    let (s, _) = l.accept().unwrap();
+    // A Unix peer that writes as fast as it can until the connection goes away.
+    let writer = std::thread::spawn(move || {
+        let mut s = s;
+        let buf = vec![7u8; 64 * 1024];
+        while s.write_all(&buf).is_ok() {}
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    let (em, mem, evts) = (&mut g.em, &g.mem, &g.evts);
+    assert_pass_bounded(RX_BATCH, || {
+        for e in evts {
+            while e.read().is_ok() {}
+        }
+        let used = with_refilling_guest(mem, 0, QSIZE, 50 * RX_BATCH, || {
+            em.run_with_timeout(0).unwrap();
+        });
+        (used, evts[RX_QUEUE].read().is_ok())
+    });
+    drop(g);
+    writer.join().unwrap();
 }
