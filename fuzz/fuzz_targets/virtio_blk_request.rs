@@ -6,11 +6,16 @@
 //! |------------------------------|------------------------------------------------------|
 //! | `[0]`                        | control: queue size `1 << (b & 7 + 1)` (2..=256),    |
 //! |                              | bit 3 event idx, bit 4 read-only drive, bit 5 empty  |
-//! |                              | slot, bit 6 ack discard/write-zeroes                 |
+//! |                              | slot, bit 6 ack discard/write-zeroes, bit 7 aliasing:|
+//! |                              | the used ring on top of the descriptor table and the |
+//! |                              | buffers mirrored at `HIGH` (2 MiB region at 1 MiB)   |
 //! | next `16 * size`             | descriptor table at `DESC`, verbatim                 |
 //! | next `6 + 2 * size`          | available ring at `AVAIL`, verbatim (flags, idx,     |
 //! |                              | ring, used_event)                                    |
 //! | the rest                     | buffers at `BUF` (headers, data, discard ranges)     |
+//!
+//! Guest memory is 64 KiB at 0 plus 2 MiB at `HIGH` (a hole between), so descriptors may point
+//! into either region, into the hole, across a region's end, or at the rings themselves.
 //!
 //! The block device (over a small in-memory image) is activated on that queue and runs it:
 //! chain parsing, request execution, used-ring updates and notifications. Nothing is asserted
@@ -34,6 +39,8 @@ const DESC: u64 = 0x0;
 const AVAIL: u64 = 0x1000;
 const USED: u64 = 0x2000;
 const BUF: u64 = 0x3000;
+const HIGH: u64 = 0x10_0000;
+const HIGH_SIZE: usize = 0x20_0000;
 const IMAGE_SIZE: usize = 64 * 512;
 
 /// DISCARD (13) and WRITE_ZEROES (14).
@@ -64,8 +71,13 @@ fuzz_target!(|data: &[u8]| {
     let read_only = control & 0x10 != 0;
     let empty = control & 0x20 != 0;
     let ack_discard = control & 0x40 != 0;
+    let alias = control & 0x80 != 0;
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        (GuestAddress(0), MEM_SIZE),
+        (GuestAddress(HIGH), HIGH_SIZE),
+    ])
+    .unwrap();
     let desc_len = 16 * usize::from(size);
     let avail_len = 6 + 2 * usize::from(size);
     let (desc, rest) = rest.split_at(desc_len.min(rest.len()));
@@ -74,6 +86,9 @@ fuzz_target!(|data: &[u8]| {
     mem.write_slice(desc, GuestAddress(DESC)).unwrap();
     mem.write_slice(avail, GuestAddress(AVAIL)).unwrap();
     mem.write_slice(bufs, GuestAddress(BUF)).unwrap();
+    if alias {
+        mem.write_slice(bufs, GuestAddress(HIGH)).unwrap();
+    }
 
     let config = DriveConfig {
         drive_id: "fuzz".into(),
@@ -95,7 +110,8 @@ fuzz_target!(|data: &[u8]| {
     q.try_set_size(size).unwrap();
     q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
     q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
-    q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+    q.try_set_used_ring_address(GuestAddress(if alias { DESC } else { USED }))
+        .unwrap();
     q.set_event_idx(event_idx);
     q.set_ready(true);
 

@@ -14,6 +14,10 @@
 //! | next `6 + 2 * size`  | available ring at `AVAIL`, verbatim (flags, idx, ring, event)    |
 //! | the rest             | buffers at `BUF` (headers, frames)                               |
 //!
+//! Guest memory is 128 KiB at 0 plus 2 MiB at `HIGH` (a hole between), holding a copy of the
+//! buffers, so descriptors may point into either region, into the hole, across a region's end,
+//! or at the rings (the RX and TX queues also share their descriptor table and avail ring).
+//!
 //! The TX queue uses that ring; with bit 7 the RX queue uses the same descriptor table and
 //! available ring (with its own used ring), so the same chains are also parsed as receive
 //! buffers, and the backend offers one frame (a header from the buffers' first bytes, then
@@ -42,6 +46,8 @@ const AVAIL: u64 = 0x1000;
 const TX_USED: u64 = 0x2000;
 const RX_USED: u64 = 0x3000;
 const BUF: u64 = 0x4000;
+const HIGH: u64 = 0x10_0000;
+const HIGH_SIZE: usize = 0x20_0000;
 
 /// CSUM (0), HOST_TSO4 (11), HOST_TSO6 (12), HOST_ECN (13).
 const HOST_OFFLOADS: u64 = 1 | (1 << 11) | (1 << 12) | (1 << 13);
@@ -123,7 +129,11 @@ fuzz_target!(|data: &[u8]| {
     let no_backend = control & 0x40 != 0;
     let run_rx = control & 0x80 != 0;
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        (GuestAddress(0), MEM_SIZE),
+        (GuestAddress(HIGH), HIGH_SIZE),
+    ])
+    .unwrap();
     let desc_len = 16 * usize::from(size);
     let avail_len = 6 + 2 * usize::from(size);
     let (desc, rest) = rest.split_at(desc_len.min(rest.len()));
@@ -132,6 +142,7 @@ fuzz_target!(|data: &[u8]| {
     mem.write_slice(desc, GuestAddress(DESC)).unwrap();
     mem.write_slice(avail, GuestAddress(AVAIL)).unwrap();
     mem.write_slice(bufs, GuestAddress(BUF)).unwrap();
+    mem.write_slice(bufs, GuestAddress(HIGH)).unwrap();
 
     let mut net = Net::new(&NetConfig {
         iface_id: "fuzz".into(),

@@ -8,11 +8,16 @@
 //! | `[0]`                        | control: tx queue size `1 << (b & 7 + 1)` (2..=256), |
 //! |                              | bit 3 no rx buffers, bit 4 a host listener at        |
 //! |                              | `<uds>_1`, bit 5 rx ring from the input, bit 6 reset |
-//! |                              | the device afterwards                                |
+//! |                              | the device afterwards, bit 7 aliasing: the tx used   |
+//! |                              | ring on the tx descriptor table, the rx used ring in |
+//! |                              | the rx buffers, the buffers mirrored at `HIGH`       |
 //! | next `16 * size`             | tx descriptor table at `TX_DESC`, verbatim           |
 //! | next `6 + 2 * size`          | tx available ring at `TX_AVAIL`, verbatim            |
 //! | bit 5: next `16 * 16 + 38`   | rx descriptor table and available ring, verbatim     |
 //! | the rest                     | buffers at `BUF` (headers, payloads)                 |
+//!
+//! Guest memory is 128 KiB at 0 plus 2 MiB at `HIGH` (a hole between), so descriptors may
+//! point into either region, into the hole, across a region's end, or at the rings.
 //!
 //! Without bit 5 the rx queue holds 16 well-formed buffers (unless bit 3), so the device's
 //! replies (RST, RESPONSE, credit updates, data from the host listener) are written too. The
@@ -46,6 +51,8 @@ const EV_AVAIL: u64 = 0x3500;
 const EV_USED: u64 = 0x3600;
 const BUF: u64 = 0x4000;
 const RX_BUF: u64 = 0x1_8000;
+const HIGH: u64 = 0x10_0000;
+const HIGH_SIZE: usize = 0x20_0000;
 const RX_SIZE: u16 = 16;
 const RX_BUF_LEN: u32 = 0x800;
 const VRING_DESC_F_WRITE: u16 = 2;
@@ -85,8 +92,13 @@ fuzz_target!(|data: &[u8]| {
     let listener = control & 0x10 != 0;
     let rx_from_input = control & 0x20 != 0;
     let reset = control & 0x40 != 0;
+    let alias = control & 0x80 != 0;
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        (GuestAddress(0), MEM_SIZE),
+        (GuestAddress(HIGH), HIGH_SIZE),
+    ])
+    .unwrap();
     let take = |rest: &[u8], n: usize| -> (Vec<u8>, usize) {
         let n = n.min(rest.len());
         (rest[..n].to_vec(), n)
@@ -121,6 +133,14 @@ fuzz_target!(|data: &[u8]| {
     let bufs = &rest[off..];
     let bufs = &bufs[..bufs.len().min(RX_BUF as usize - BUF as usize)];
     mem.write_slice(bufs, GuestAddress(BUF)).unwrap();
+    if alias {
+        mem.write_slice(bufs, GuestAddress(HIGH)).unwrap();
+    }
+    let (tx_used, rx_used) = if alias {
+        (TX_DESC, RX_BUF)
+    } else {
+        (TX_USED, RX_USED)
+    };
 
     let _ = std::fs::create_dir_all(dir());
     let uds = dir().join("v.sock");
@@ -139,8 +159,8 @@ fuzz_target!(|data: &[u8]| {
     em.add_subscriber(dev.clone());
 
     let queues = vec![
-        queue(RX_SIZE, RX_DESC, RX_AVAIL, RX_USED),
-        queue(size, TX_DESC, TX_AVAIL, TX_USED),
+        queue(RX_SIZE, RX_DESC, RX_AVAIL, rx_used),
+        queue(size, TX_DESC, TX_AVAIL, tx_used),
         queue(RX_SIZE, EV_DESC, EV_AVAIL, EV_USED),
     ];
     let irq = Arc::new(VirtioInterrupt::new(

@@ -677,8 +677,9 @@ impl AgentClient {
         }
         let r: Raw = self.call_as("read_file", args)?;
         if let Some(len) = len {
-            // Base64 of `len` bytes; anything longer is more than was asked for.
-            let max_b64 = len.saturating_add(2) / 3 * 4;
+            // Base64 of `len` bytes; anything longer is more than was asked for. (`len` is the
+            // caller's: any u64, so no arithmetic here may overflow.)
+            let max_b64 = len.div_ceil(3).saturating_mul(4);
             if r.data_b64.len() as u64 > max_b64 || r.len as u64 > len {
                 return Err(AgentError::Protocol(format!(
                     "read_file {path}: asked for at most {len} bytes, got {}",
@@ -1282,6 +1283,27 @@ mod hostile_agent_tests {
         let mut c = AgentClient::from_stream(ours).unwrap();
         c.set_call_timeout(Some(Duration::from_secs(20)));
         (c, t)
+    }
+
+    #[test]
+    fn read_file_range_takes_any_length() {
+        let (mut c, t) = hostile(|req, w| {
+            writeln!(
+                w,
+                "{{\"id\": {}, \"ok\": {{\"data_b64\": \"aGVsbG8=\", \"sha256\": \"\", \"len\": 5, \"size\": 5, \"eof\": true}}}}",
+                req["id"]
+            )
+        });
+        for len in [u64::MAX, u64::MAX - 1, u64::MAX / 3 * 2, 5] {
+            let chunk = c.read_file_range("/f", u64::MAX, Some(len)).unwrap();
+            assert_eq!(chunk.data, b"hello");
+        }
+        assert!(matches!(
+            c.read_file_range("/f", 0, Some(4)),
+            Err(AgentError::Protocol(_))
+        ));
+        drop(c);
+        assert_eq!(t.join().unwrap(), 5);
     }
 
     #[test]
