@@ -150,6 +150,36 @@ pub struct KestrelOptions {
     /// §10). Default: true. Turning it off is only useful to measure what it fixes.
     #[serde(default = "default_true", skip_serializing_if = "is_true")]
     pub xstate_assist: bool,
+    /// The seccomp filters Kestrel installs on each thread it spawns (vCPUs, event loop,
+    /// virtio-fs workers; never on the caller's threads): `"errno"` (a forbidden call fails with
+    /// `EPERM` on that thread), `"kill"` (a forbidden call kills the process with `SIGSYS`) or
+    /// `"off"`. Absent: `errno` in the library (it must not kill the process embedding it),
+    /// `kill` in the `kestrel` binary. See docs/design.md, "Seccomp".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<SeccompMode>,
+}
+
+/// What a seccomp filter of a Kestrel thread does with a system call that is not on its
+/// thread class's list (`kestrel.seccomp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SeccompMode {
+    /// The call fails with `EPERM` on that thread; the process goes on. The library's default.
+    Errno,
+    /// The whole process is killed (`SECCOMP_RET_KILL_PROCESS`, seen as `SIGSYS`). The
+    /// `kestrel` binary's default; for a process that is only Kestrel.
+    Kill,
+    /// No filter.
+    Off,
+}
+
+impl KestrelOptions {
+    /// The seccomp mode in force: the configured one, else `default` (what the embedding
+    /// program chose: [`SeccompMode::Errno`] for the library, [`SeccompMode::Kill`] for the
+    /// `kestrel` binary).
+    pub fn seccomp_or(&self, default: SeccompMode) -> SeccompMode {
+        self.seccomp.unwrap_or(default)
+    }
 }
 
 fn default_true() -> bool {
@@ -166,6 +196,7 @@ impl Default for KestrelOptions {
             name: None,
             guest_compat: GuestCompat::default(),
             xstate_assist: true,
+            seccomp: None,
         }
     }
 }
