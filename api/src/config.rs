@@ -715,6 +715,52 @@ mod tests {
     }
 
     #[test]
+    fn seccomp_switch_parses_defaults_to_absent_and_round_trips() {
+        let base = format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}},
+               "machine-config": {{"vcpu_count": 1, "mem_size_mib": 128}}"#,
+            kernel_file().display()
+        );
+        let with = |kestrel: &str| VmConfig::from_json(&format!("{base}, {kestrel}}}"));
+        let absent = VmConfig::from_json(&format!("{base}}}")).unwrap();
+        assert_eq!(absent.kestrel.seccomp, None);
+        assert_eq!(
+            absent.kestrel.seccomp_or(SeccompMode::Errno),
+            SeccompMode::Errno
+        );
+        assert_eq!(
+            absent.kestrel.seccomp_or(SeccompMode::Kill),
+            SeccompMode::Kill
+        );
+        assert!(!serde_json::to_string(&absent).unwrap().contains("seccomp"));
+        for (text, mode) in [
+            ("errno", SeccompMode::Errno),
+            ("kill", SeccompMode::Kill),
+            ("off", SeccompMode::Off),
+        ] {
+            let c = with(&format!(r#""kestrel": {{"seccomp": "{text}"}}"#)).unwrap();
+            assert_eq!(c.kestrel.seccomp, Some(mode));
+            // The configured mode wins over the program's default.
+            assert_eq!(c.kestrel.seccomp_or(SeccompMode::Kill), mode);
+            c.validate().unwrap();
+            let back = VmConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
+            assert_eq!(back.kestrel.seccomp, Some(mode));
+        }
+        // The other kestrel fields are untouched by it.
+        let c =
+            with(r#""kestrel": {"name": "a", "seccomp": "off", "xstate_assist": false}"#).unwrap();
+        assert_eq!(c.kestrel.name.as_deref(), Some("a"));
+        assert!(!c.kestrel.xstate_assist);
+        for bad in [
+            r#""seccomp": "trap""#,
+            r#""seccomp": true"#,
+            r#""seccomp": 1"#,
+        ] {
+            assert!(with(&format!(r#""kestrel": {{{bad}}}"#)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn firecracker_shape_parses() {
         let json = format!(
             r#"{{

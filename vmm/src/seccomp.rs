@@ -372,3 +372,72 @@ fn compile(class: FilterClass, mismatch: SeccompAction) -> Result<BpfProgram, se
     )?;
     Ok(filter.try_into()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLASSES: [FilterClass; 3] = [
+        FilterClass::Vcpu,
+        FilterClass::EventLoop,
+        FilterClass::FsWorker,
+    ];
+
+    #[test]
+    fn every_mode_builds_and_off_builds_nothing() {
+        assert!(Filters::build(SeccompMode::Off).unwrap().is_none());
+        for mode in [SeccompMode::Errno, SeccompMode::Kill] {
+            let f = Filters::build(mode).unwrap().expect("filters");
+            for class in CLASSES {
+                assert!(!f.program(class).is_empty(), "{class}");
+            }
+        }
+    }
+
+    #[test]
+    fn lists_hold_what_each_class_needs_and_nothing_it_must_not() {
+        let has = |class, nr| rules(class).unwrap().contains_key(&nr);
+        for class in CLASSES {
+            for nr in [
+                libc::SYS_futex,
+                libc::SYS_write,
+                libc::SYS_exit,
+                libc::SYS_munmap,
+            ] {
+                assert!(has(class, nr), "{class} needs {nr}");
+            }
+            for nr in [
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_ptrace,
+                libc::SYS_mount,
+                libc::SYS_unshare,
+                libc::SYS_setns,
+                libc::SYS_kill,
+                libc::SYS_exit_group,
+                libc::SYS_init_module,
+                libc::SYS_bpf,
+            ] {
+                assert!(!has(class, nr), "{class} must not get {nr}");
+            }
+        }
+        // Only the event loop spawns threads (fs workers) and makes sockets.
+        for nr in [libc::SYS_clone3, libc::SYS_socket] {
+            assert!(has(FilterClass::EventLoop, nr));
+            assert!(!has(FilterClass::Vcpu, nr));
+            assert!(!has(FilterClass::FsWorker, nr));
+        }
+        // A worker runs under the event loop's filter too: everything it may do, the loop may.
+        let evloop = rules(FilterClass::EventLoop).unwrap();
+        for nr in rules(FilterClass::FsWorker).unwrap().keys() {
+            assert!(
+                evloop.contains_key(nr),
+                "fs worker syscall {nr} not on the event loop"
+            );
+        }
+        // The vCPU's ioctls are KVM's vCPU requests and the TAP's, argument-checked.
+        assert!(!rules(FilterClass::Vcpu).unwrap()[&libc::SYS_ioctl].is_empty());
+        assert_eq!(vcpu_ioctls()[0], 0xae80, "KVM_RUN");
+        assert_eq!(vcpu_ioctls()[1], 0x8090_ae81, "KVM_GET_REGS");
+    }
+}
