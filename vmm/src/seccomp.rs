@@ -143,6 +143,7 @@ const COMMON: &[i64] = &[
     libc::SYS_exit,
     libc::SYS_fstat,
     libc::SYS_futex,
+    libc::SYS_getcwd,
     libc::SYS_getpid,
     libc::SYS_getrandom,
     libc::SYS_gettid,
