@@ -17,9 +17,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_root
 command -v strace >/dev/null || install_packages strace
 
-OUT="${1:-/tmp/kestrel-seccomp-trace}"
-shift || true
-[ "${1:-}" = "--" ] && shift
+OUT=/tmp/kestrel-seccomp-trace
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then
+    OUT="$1"
+    shift
+fi
+if [ "${1:-}" = "--" ]; then
+    shift
+fi
 FILTERS=("$@")
 if [ "${#FILTERS[@]}" -eq 0 ]; then
     FILTERS=(block_and_vsock_through_the_agent virtio_fs_in_process tap_networking

@@ -113,10 +113,7 @@ impl Filters {
 /// Install `prog` on the calling thread only.
 pub fn install(class: FilterClass, prog: &BpfProgram) -> Result<(), SeccompError> {
     seccompiler::apply_filter(prog)
-        .map_err(|e| SeccompError::Install {
-            class,
-            source: seccompiler::Error::from(e),
-        })
+        .map_err(|e| SeccompError::Install { class, source: e })
         .inspect(|()| tracing::debug!("seccomp filter of the {class} thread installed"))
 }
 
@@ -259,6 +256,8 @@ const EVLOOP: &[i64] = &[
 
 /// `ioctl` requests on a TAP (devices/src/tap.rs): attach happens on the caller's thread,
 /// offloads at activation (a vCPU), persistence when a created TAP goes (the event loop).
+// `libc::Ioctl` is u64 on glibc and i32 on musl: the casts are for the latter.
+#[allow(clippy::unnecessary_cast)]
 const TAP_IOCTLS: &[u64] = &[
     libc::TUNSETIFF as u64,
     libc::TUNSETOFFLOAD as u64,
@@ -268,6 +267,7 @@ const TAP_IOCTLS: &[u64] = &[
 
 /// `ioctl` requests of the event loop and fs workers beyond [`TAP_IOCTLS`]: non-blocking and
 /// close-on-exec flags of sockets, and the inode-flag requests fuse-backend-rs passes through.
+#[allow(clippy::unnecessary_cast)]
 const FILE_IOCTLS: &[u64] = &[
     libc::FIONBIO as u64,
     libc::FIOCLEX as u64,
