@@ -25,6 +25,11 @@ pub(crate) fn set_nonblocking(fd: std::os::fd::RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Run first in the body of every thread a device spawns (an fs worker), on that thread: the
+/// VMM installs the thread's seccomp filter with it. An `Err` (what failed) ends the thread
+/// before it does any work; the device then needs a reset.
+pub type ThreadStartHook = std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// A panic caught at a thread or handler boundary ([`catch_panic`]): its message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("panicked: {0}")]

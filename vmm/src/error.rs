@@ -103,6 +103,9 @@ pub enum VmmError {
     /// The event loop could not be set up.
     #[error("event loop: {0:?}")]
     EventManager(event_manager::Error),
+    /// A seccomp filter could not be built or installed (the VM did not start).
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// A thread could not be spawned.
     #[error("cannot spawn thread {name}: {source}")]
     Spawn {

@@ -50,6 +50,7 @@ impl MutEventSubscriber for Control {
     }
     fn process(&mut self, _: Events, _: &mut EventOps) {
         let _ = self.exit.wake.read();
+        self.exit.faults.run_evloop_task();
         self.exit.faults.check_evloop();
     }
 }

@@ -145,6 +145,17 @@ pub(crate) struct FaultInjector {
     /// vCPU index to panic, or -1.
     vcpu: AtomicI64,
     evloop: AtomicBool,
+    /// Test-only: run once on the event-loop thread ([`crate::Vm::run_on_event_loop`]).
+    evloop_task: Mutex<Option<EvloopTask>>,
+}
+
+/// Work handed to the event-loop thread by a test.
+pub(crate) struct EvloopTask(pub(crate) Box<dyn FnOnce() + Send>);
+
+impl std::fmt::Debug for EvloopTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EvloopTask")
+    }
 }
 
 impl Default for FaultInjector {
@@ -152,6 +163,7 @@ impl Default for FaultInjector {
         FaultInjector {
             vcpu: AtomicI64::new(-1),
             evloop: AtomicBool::new(false),
+            evloop_task: Mutex::new(None),
         }
     }
 }
@@ -174,6 +186,22 @@ impl FaultInjector {
                 .is_ok()
         {
             panic!("injected panic on vCPU {id}");
+        }
+    }
+
+    pub(crate) fn set_evloop_task(&self, task: EvloopTask) {
+        *self.evloop_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+    }
+
+    /// Run the test task handed to the event loop, if any (on the event-loop thread).
+    pub(crate) fn run_evloop_task(&self) {
+        let task = self
+            .evloop_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(task) = task {
+            (task.0)();
         }
     }
 

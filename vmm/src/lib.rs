@@ -16,7 +16,8 @@
 //! ```
 //!
 //! Threads of one VM: one per vCPU (`kestrel-<vm>-vcpu<N>`) and one event loop
-//! (`kestrel-<vm>-evloop`). Dropping a [`Vm`] stops it and joins every thread; its fds and
+//! (`kestrel-<vm>-evloop`), each under its class's seccomp filter ([`seccomp`]; never the
+//! caller's threads). Dropping a [`Vm`] stops it and joins every thread; its fds and
 //! guest memory are released with it.
 
 pub mod agent;
@@ -29,6 +30,7 @@ mod memory;
 mod metrics;
 pub mod pvfpu;
 pub mod sandbox;
+pub mod seccomp;
 mod vcpu;
 mod vm;
 

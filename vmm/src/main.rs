@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use kestrel_api::VmConfig;
+use kestrel_api::{SeccompMode, VmConfig};
 use kestrel_vmm::{Vm, VmExit, VmmError};
 
 /// The default guest config, built by `resources/build-guest.sh` into the cache.
@@ -97,10 +97,13 @@ fn main() -> ExitCode {
         )
         .init();
 
-    let config = match load_config(cli.config.as_ref()) {
+    let mut config = match load_config(cli.config.as_ref()) {
         Ok(c) => c,
         Err(e) => return fail(2, e),
     };
+    // This process is only Kestrel: a thread that makes a call its filter forbids ends it
+    // (unless the config says otherwise). The library's default is EPERM.
+    config.kestrel.seccomp.get_or_insert(SeccompMode::Kill);
     if let Err(e) = config.validate_for_boot() {
         if cli.config.is_none() {
             return fail(

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
-use kestrel_api::{GuestCompat, SerialOutput, VmConfig, MAX_SUPPORTED_VCPUS};
+use kestrel_api::{GuestCompat, SeccompMode, SerialOutput, VmConfig, MAX_SUPPORTED_VCPUS};
 use kestrel_devices::legacy::{
     Cmos, SerialDevice, CMOS_PORT_BASE, CMOS_PORT_LEN, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
     I8042, I8042_PORT_BASE, I8042_PORT_LEN,
@@ -32,6 +32,7 @@ use crate::exit::{ExitState, ResetTrigger, ThreadClass, VmExit};
 use crate::memory::{MemoryManager, PluggedRange};
 use crate::metrics::{VmCounters, VmMetrics};
 use crate::pvfpu;
+use crate::seccomp::{self, FilterClass, Filters, SeccompError};
 use crate::vcpu::{self, Vcpu, VcpuControl, VcpuRunState, VcpuShared};
 
 /// Address of the TSS KVM needs on Intel (three pages just below the IOAPIC... well below 4 GiB).
@@ -111,6 +112,8 @@ pub struct Vm {
     vcpu_pthreads: VcpuThreads,
     created_at: Instant,
     create_us: u64,
+    /// Seccomp filters of the VM's threads (`None`: off).
+    seccomp: Option<Filters>,
     // Keeps the serial irqfd alive as long as KVM may signal through it.
     _serial_irq: EventFd,
 }
@@ -171,6 +174,7 @@ impl Vm {
         let t0 = Instant::now();
         config.validate_for_boot()?;
         let mc = &config.machine_config;
+        let seccomp = Filters::build(config.kestrel.seccomp_or(SeccompMode::Errno))?;
 
         let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
         let api = kvm.get_api_version();
@@ -295,6 +299,13 @@ impl Vm {
                     source,
                 })?;
                 d.set_worker_name_prefix(&format!("kestrel-{}-{id}", config.name()));
+                d.set_worker_start_hook(seccomp.as_ref().map(|f| {
+                    let prog = f.program(FilterClass::FsWorker).clone();
+                    let hook: kestrel_devices::ThreadStartHook = Arc::new(move || {
+                        seccomp::install(FilterClass::FsWorker, &prog).map_err(|e| e.to_string())
+                    });
+                    hook
+                }));
                 let d = Arc::new(Mutex::new(d));
                 dm.add_virtio(&vm_fd, &id, d.clone())
                     .map_err(VmmError::Device)?;
@@ -419,6 +430,7 @@ impl Vm {
             vcpu_pthreads: Arc::new(Mutex::new(Vec::new())),
             created_at: t0,
             create_us,
+            seccomp,
             _serial_irq: serial_irq,
         })
     }
@@ -458,7 +470,8 @@ impl Vm {
             em.add_subscriber(Arc::new(Mutex::new(input)));
         }
 
-        let (ready_tx, ready_rx) = mpsc::channel::<()>();
+        // Each thread reports whether its seccomp filter is in place.
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), SeccompError>>();
         let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
 
         // Event loop first: it is the one that kicks vCPUs when the VM stops.
@@ -471,11 +484,18 @@ impl Vm {
             ready_tx.clone(),
         );
         let tname = name.clone();
+        let filters = self.seccomp.clone();
         let h = std::thread::Builder::new()
             .name(thread_name(&name))
             .spawn(move || {
                 register_thread(&info, tname.clone(), ThreadKind::EventLoop);
-                let _ = tx.send(());
+                let filtered = seccomp::install_opt(filters.as_ref(), FilterClass::EventLoop);
+                let unfiltered = filtered.is_err();
+                let _ = tx.send(filtered);
+                if unfiltered {
+                    // start() fails and stops the VM.
+                    return;
+                }
                 let (e, s, p) = (exit.clone(), shared.clone(), pthreads.clone());
                 if let Err(panic) = kestrel_devices::catch_panic(|| evloop::run(em, e, s, p)) {
                     // The loop kicks vCPUs out of KVM_RUN when the VM stops: go on doing that.
@@ -494,7 +514,7 @@ impl Vm {
             std::mem::take(&mut *self.pending_vcpus.lock().unwrap_or_else(|p| p.into_inner()));
         let mut spawn_error = None;
         for v in vcpus {
-            match self.spawn_vcpu(v, &mut threads, Some(ready_tx.clone())) {
+            match self.spawn_vcpu(v, &mut threads, ready_tx.clone()) {
                 Ok(()) => expected += 1,
                 Err(e) => {
                     spawn_error = Some(e);
@@ -504,8 +524,12 @@ impl Vm {
         }
         drop(ready_tx);
         for _ in 0..expected {
-            if ready_rx.recv().is_err() {
-                break;
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    spawn_error.get_or_insert(e.into());
+                }
+                Err(_) => break,
             }
         }
         drop(threads);
@@ -522,7 +546,7 @@ impl Vm {
         &self,
         v: Vcpu,
         threads: &mut Threads,
-        ready: Option<mpsc::Sender<()>>,
+        ready: mpsc::Sender<Result<(), SeccompError>>,
     ) -> Result<(), VmmError> {
         let name = format!("kestrel-{}-vcpu{}", self.name, v.id);
         let (info, id) = (self.thread_info.clone(), v.id);
@@ -532,6 +556,7 @@ impl Vm {
             self.vcpu_pthreads.clone(),
         );
         let tname = name.clone();
+        let filters = self.seccomp.clone();
         self.shared.running.fetch_add(1, Ordering::SeqCst);
         let r = std::thread::Builder::new()
             .name(thread_name(&name))
@@ -543,10 +568,15 @@ impl Vm {
                     .unwrap_or_else(|p| p.into_inner())
                     .push((id, me));
                 register_thread(&info, tname.clone(), ThreadKind::Vcpu(id));
-                if let Some(tx) = ready {
-                    let _ = tx.send(());
-                }
-                if let Err(panic) = kestrel_devices::catch_panic(|| v.run_loop()) {
+                let filtered = seccomp::install_opt(filters.as_ref(), FilterClass::Vcpu);
+                let unfiltered = filtered.is_err();
+                let _ = ready.send(filtered);
+                if unfiltered {
+                    // Never runs the guest; start()/plug_vcpu() report the error.
+                    ctl.set_state(VcpuRunState::Exited);
+                    shared.running.fetch_sub(1, Ordering::SeqCst);
+                    let _ = shared.exit.wake.write(1);
+                } else if let Err(panic) = kestrel_devices::catch_panic(|| v.run_loop()) {
                     // What the loop does on its way out, then the VM stops with the reason.
                     shared.exit.report(VmExit::ThreadPanicked {
                         thread: tname,
@@ -779,9 +809,11 @@ impl Vm {
         if self.exit.stopping() {
             return Err(VmmError::NotRunning);
         }
-        self.spawn_vcpu(v, &mut threads, Some(tx))?;
+        self.spawn_vcpu(v, &mut threads, tx)?;
         drop(threads);
-        let _ = rx.recv_timeout(Duration::from_secs(5));
+        if let Ok(Err(e)) = rx.recv_timeout(Duration::from_secs(5)) {
+            return Err(e.into());
+        }
         tracing::info!("VM {}: vCPU {id} created", self.name);
         Ok(())
     }
@@ -1004,6 +1036,20 @@ impl Vm {
             }
         }
         Ok(())
+    }
+
+    /// Test-only: run `task` once on the event-loop thread (under its seccomp filter), at the
+    /// loop's next pass (it is woken here). Proves what the filter stops.
+    #[doc(hidden)]
+    pub fn run_on_event_loop(&self, task: Box<dyn FnOnce() + Send>) -> Result<(), VmmError> {
+        self.ensure_running()?;
+        self.exit
+            .faults
+            .set_evloop_task(crate::exit::EvloopTask(task));
+        self.exit
+            .wake
+            .write(1)
+            .map_err(io_err("waking the event loop"))
     }
 
     fn device_handle(&self, id: &str) -> Result<&DeviceHandle, VmmError> {

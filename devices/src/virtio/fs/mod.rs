@@ -435,6 +435,8 @@ pub struct Fs {
     /// Serve request queues on worker threads.
     worker_threads: bool,
     worker_name_prefix: String,
+    /// Run first on each worker thread.
+    worker_start_hook: Option<crate::ThreadStartHook>,
     /// One slot per queue (the high-priority queue always stays on the event loop).
     workers: Vec<Option<worker::Worker>>,
 }
@@ -481,6 +483,7 @@ impl Fs {
             metrics: Arc::new(Mutex::new(FsMetrics::default())),
             worker_threads: config.worker_threads,
             worker_name_prefix: "kestrel-fs".to_string(),
+            worker_start_hook: None,
             workers: (0..nq).map(|_| None).collect(),
         })
     }
@@ -594,6 +597,7 @@ impl Fs {
                 server: server.clone(),
                 metrics: self.metrics.clone(),
                 failed: self.failed.clone(),
+                start_hook: self.worker_start_hook.clone(),
             };
             match worker::Worker::spawn(name, ctx) {
                 Ok(w) => {
@@ -632,6 +636,12 @@ impl Fs {
     /// `<prefix>-q<N>`, and Linux keeps 15 bytes of a thread name).
     pub fn set_worker_name_prefix(&mut self, prefix: &str) {
         self.worker_name_prefix = prefix.to_string();
+    }
+
+    /// What each worker thread runs first, on itself (the VMM installs the worker's seccomp
+    /// filter with it). When it fails the worker does no work and the device needs a reset.
+    pub fn set_worker_start_hook(&mut self, hook: Option<crate::ThreadStartHook>) {
+        self.worker_start_hook = hook;
     }
 
     /// Handle every queue (after activation: notifications may have arrived before it).

@@ -2070,3 +2070,34 @@ fn device_nodes_only_with_allow_devices() {
         .file_type()
         .is_char_device());
 }
+
+#[test]
+fn worker_start_hook_runs_first_on_the_worker_and_its_failure_needs_reset() {
+    let tmp = TmpDir::new("kfs");
+    let mut config = FsConfig::shared_dir("kestrel", &tmp.0);
+    config.worker_threads = true;
+    let mut dev = Fs::new(&config).unwrap();
+    dev.set_worker_name_prefix("hooked");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    dev.set_worker_start_hook(Some(Arc::new(move || {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        seen2.lock().unwrap().push(name);
+        Err("no filter for you".to_string())
+    })));
+    let (mut d, queues) = Driver::new(dev, guest_memory());
+    d.activate(queues);
+    let deadline = Instant::now() + WAIT;
+    while !d.dev.lock().unwrap().needs_reset() {
+        d.em.run_with_timeout(1).unwrap();
+        assert!(
+            Instant::now() < deadline,
+            "a failed hook did not fail the device"
+        );
+    }
+    assert_eq!(*seen.lock().unwrap(), vec!["hooked-q1".to_string()]);
+    assert_ne!(
+        d.interrupt.status() & crate::virtio::INTERRUPT_CONFIG_CHANGE,
+        0
+    );
+}

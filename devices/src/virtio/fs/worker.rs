@@ -29,6 +29,8 @@ pub(super) struct WorkerContext {
     pub server: Arc<FuseServer>,
     pub metrics: Arc<Mutex<FsMetrics>>,
     pub failed: Arc<AtomicBool>,
+    /// Run first on the thread (the VMM's seccomp filter).
+    pub start_hook: Option<crate::ThreadStartHook>,
 }
 
 /// A running worker thread.
@@ -66,6 +68,18 @@ impl Worker {
             thread_tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
             let ctx = thread_slot.lock().ok().and_then(|mut s| s.take());
             if let Some(ctx) = ctx {
+                if let Some(hook) = &ctx.start_hook {
+                    if let Err(e) = hook() {
+                        tracing::error!(
+                            "virtio-fs {}: worker {} not started ({e}); device needs a reset",
+                            ctx.tag,
+                            ctx.index
+                        );
+                        ctx.failed.store(true, Ordering::SeqCst);
+                        ctx.interrupt.signal_config_change();
+                        return;
+                    }
+                }
                 // A panic ends this worker only: the device needs a reset (DEVICE_NEEDS_RESET).
                 let (tag, failed, irq) =
                     (ctx.tag.clone(), ctx.failed.clone(), ctx.interrupt.clone());
