@@ -75,8 +75,7 @@ impl Worker {
                             ctx.tag,
                             ctx.index
                         );
-                        ctx.failed.store(true, Ordering::SeqCst);
-                        ctx.interrupt.signal_config_change();
+                        needs_reset(&ctx.failed, &ctx.interrupt);
                         return;
                     }
                 }
@@ -85,8 +84,7 @@ impl Worker {
                     (ctx.tag.clone(), ctx.failed.clone(), ctx.interrupt.clone());
                 if let Err(e) = crate::catch_panic(|| run(ctx, &thread_wake, &thread_stop)) {
                     tracing::error!("virtio-fs {tag}: worker {e}; device needs a reset");
-                    failed.store(true, Ordering::SeqCst);
-                    irq.signal_config_change();
+                    needs_reset(&failed, &irq);
                 }
             }
         });
@@ -141,6 +139,12 @@ impl Drop for Worker {
     }
 }
 
+/// The device failed: it reports DEVICE_NEEDS_RESET and tells the driver (config change).
+fn needs_reset(failed: &AtomicBool, interrupt: &VirtioInterrupt) {
+    failed.store(true, Ordering::SeqCst);
+    interrupt.signal_config_change();
+}
+
 fn run(mut ctx: WorkerContext, wake: &EventFd, stop: &AtomicBool) {
     loop {
         if let Err(e) = wake.read() {
@@ -177,8 +181,7 @@ fn run(mut ctx: WorkerContext, wake: &EventFd, stop: &AtomicBool) {
                 ctx.tag,
                 ctx.index
             );
-            ctx.failed.store(true, Ordering::SeqCst);
-            ctx.interrupt.signal_config_change();
+            needs_reset(&ctx.failed, &ctx.interrupt);
         }
     }
 }
