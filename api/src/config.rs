@@ -136,7 +136,7 @@ pub enum GuestCompat {
 }
 
 /// Kestrel's `kestrel` section: host-side options.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KestrelOptions {
     /// A short name used in thread names (`kestrel-<name>-vcpu0`) and logs. Default: `vm`.
@@ -147,9 +147,10 @@ pub struct KestrelOptions {
     pub guest_compat: GuestCompat,
     /// With the software-KVM switches on: serve the guest kernel's paravirtual extended-state
     /// switch (`kestrel.pvfpu`, so guest tasks do not share AVX registers; docs/nested-kvm.md
-    /// §10). Default: false (experimental: with it on, the real-guest probe test did not
-    /// finish yet; see docs/nested-kvm.md).
-    #[serde(default, skip_serializing_if = "is_false")]
+    /// §10). Default: true. Only ever in effect on a software KVM; hardware KVM guests use
+    /// XSAVE and never ask for it. Turning it off brings back the shared AVX state (random
+    /// guest crashes); it exists to measure that and the assist's cost.
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
     pub xstate_assist: bool,
     /// The seccomp filters Kestrel installs on each thread it spawns (vCPUs, event loop,
     /// virtio-fs workers; never on the caller's threads): `"errno"` (a forbidden call fails with
@@ -183,8 +184,23 @@ impl KestrelOptions {
     }
 }
 
-fn is_false(b: &bool) -> bool {
-    !*b
+impl Default for KestrelOptions {
+    fn default() -> Self {
+        Self {
+            name: None,
+            guest_compat: GuestCompat::default(),
+            xstate_assist: true,
+            seccomp: None,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 impl VmConfig {
@@ -710,6 +726,10 @@ mod tests {
         let with = |kestrel: &str| VmConfig::from_json(&format!("{base}, {kestrel}}}"));
         let absent = VmConfig::from_json(&format!("{base}}}")).unwrap();
         assert_eq!(absent.kestrel.seccomp, None);
+        assert!(
+            absent.kestrel.xstate_assist,
+            "the assist is on unless turned off"
+        );
         assert_eq!(
             absent.kestrel.seccomp_or(SeccompMode::Errno),
             SeccompMode::Errno

@@ -2,7 +2,7 @@
 //!
 //! Runs as PID 1 of the guest (exec'd by /init once /proc, /sys and /dev are mounted), reaps
 //! every zombie, and serves line-delimited JSON requests on AF_VSOCK port 1024, one thread per
-//! connection.
+//! connection (at most 64 at once).
 //!
 //! Debug mode: with `KESTREL_AGENT_UNIX=<path>` it listens on that Unix socket instead (for
 //! tests on the host). There, a connection may start with the hybrid-vsock handshake line
@@ -21,6 +21,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use proto::After;
@@ -173,16 +174,14 @@ fn main() {
     serve_all(&listener, debug)
 }
 
-impl Listener {
-    fn raw_fd(&self) -> i32 {
-        match self {
-            Listener::Vsock(fd) => fd.as_raw_fd(),
-            Listener::Unix(l) => l.as_raw_fd(),
-        }
-    }
-}
 
-/// One client connection of the single-threaded server.
+/// Most connections served at once; one more is closed right after accept. Each costs a
+/// thread (small stack) and, while it runs an op, that op's buffers.
+const MAX_CONNS: usize = 64;
+/// Stack of a connection thread: ops keep their buffers on the heap.
+const CONN_STACK: usize = 256 << 10;
+
+/// One client connection, served by its own thread.
 struct Conn {
     file: File,
     buf: Vec<u8>,
@@ -191,96 +190,55 @@ struct Conn {
     first: bool,
 }
 
-/// Write all of `data` to a non-blocking socket, waiting for room with poll.
-fn write_all_nb(f: &mut File, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match f.write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let mut p = libc::pollfd {
-                    fd: f.as_raw_fd(),
-                    events: libc::POLLOUT,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd.
-                unsafe { libc::poll(&mut p, 1, 1000) };
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Serve every connection from one thread with poll(2), one request at a time.
+/// Accept connections and serve each on its own thread, at most [`MAX_CONNS`] at once.
 ///
-/// One thread on purpose: on the software (nested) KVM of the project's CI machines, user
-/// threads switching on a vCPU can lose their FS base (TLS), which corrupts a multi-threaded
-/// heap (docs/nested-kvm.md). A long request (exec, stream ops) delays the others; idle
-/// connections cost nothing.
+/// A long request (exec, stream ops) on one connection never delays another. Threads are
+/// safe in the guest also on a software (nested) KVM: there the VMM switches each task's
+/// AVX state with the guest kernel (docs/nested-kvm.md §10).
 fn serve_all(listener: &Listener, debug: bool) -> ! {
-    let mut conns: Vec<Conn> = Vec::new();
-    let mut chunk = vec![0u8; 256 << 10];
+    static ACTIVE: AtomicUsize = AtomicUsize::new(0);
     loop {
-        let mut fds = Vec::with_capacity(conns.len() + 1);
-        fds.push(libc::pollfd {
-            fd: listener.raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        });
-        for c in &conns {
-            fds.push(libc::pollfd {
-                fd: c.file.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-        }
-        // SAFETY: `fds` is a valid array of pollfd of the given length.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-        if r < 0 {
-            continue;
-        }
-        if fds[0].revents != 0 {
-            match listener.accept() {
-                Ok(f) => {
-                    // SAFETY: fcntl on our own fd.
-                    unsafe {
-                        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
-                        libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
-                    }
-                    conns.push(Conn {
-                        file: f,
-                        buf: Vec::new(),
-                        discarding: false,
-                        first: true,
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => say(&format!("accept: {e}")),
-            }
-        }
-        let mut closed = Vec::new();
-        for (k, pfd) in fds.iter().enumerate().skip(1) {
-            if pfd.revents == 0 {
+        let file = match listener.accept() {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                say(&format!("accept: {e}"));
+                // EMFILE and the like: give the system a moment instead of spinning.
+                std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
-            let idx = k - 1;
-            if !serve_readable(&mut conns[idx], &mut chunk, debug) {
-                closed.push(idx);
-            }
+        };
+        if ACTIVE.fetch_add(1, Ordering::SeqCst) >= MAX_CONNS {
+            ACTIVE.fetch_sub(1, Ordering::SeqCst);
+            say(&format!("more than {MAX_CONNS} connections; closing the new one"));
+            continue;
         }
-        for idx in closed.into_iter().rev() {
-            conns.swap_remove(idx);
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .stack_size(CONN_STACK)
+            .spawn(move || {
+                let mut c = Conn {
+                    file,
+                    buf: Vec::new(),
+                    discarding: false,
+                    first: true,
+                };
+                serve_conn(&mut c, debug);
+                ACTIVE.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            ACTIVE.fetch_sub(1, Ordering::SeqCst);
+            say(&format!("cannot start a connection thread: {e}"));
         }
     }
 }
 
-/// Read what the connection has and answer every complete line. False: close it.
-fn serve_readable(c: &mut Conn, chunk: &mut [u8], debug: bool) -> bool {
+/// Read requests until the peer closes, answering every complete line in order.
+fn serve_conn(c: &mut Conn, debug: bool) {
+    let mut chunk = vec![0u8; 64 << 10];
     loop {
-        match c.file.read(chunk) {
-            Ok(0) => return false,
+        match c.file.read(&mut chunk) {
+            Ok(0) => return,
             Ok(n) => {
                 let mut data = &chunk[..n];
                 while let Some(nl) = data.iter().position(|&b| b == b'\n') {
@@ -290,14 +248,14 @@ fn serve_readable(c: &mut Conn, chunk: &mut [u8], debug: bool) -> bool {
                         c.discarding = false;
                         c.buf.clear();
                         if !respond(c, (proto::too_long_response(MAX_LINE), None), debug) {
-                            return false;
+                            return;
                         }
                         continue;
                     }
                     c.buf.extend_from_slice(part);
                     let line = std::mem::take(&mut c.buf);
                     if !handle(c, &line, debug) {
-                        return false;
+                        return;
                     }
                 }
                 if !c.discarding {
@@ -309,8 +267,7 @@ fn serve_readable(c: &mut Conn, chunk: &mut [u8], debug: bool) -> bool {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-            Err(_) => return false,
+            Err(_) => return,
         }
     }
 }
@@ -323,7 +280,7 @@ fn handle(c: &mut Conn, line: &[u8], debug: bool) -> bool {
             ok.extend_from_slice(port.trim_ascii());
             ok.push(b'\n');
             c.first = false;
-            return write_all_nb(&mut c.file, &ok).is_ok();
+            return c.file.write_all(&ok).is_ok();
         }
     }
     c.first = false;
@@ -336,7 +293,7 @@ fn handle(c: &mut Conn, line: &[u8], debug: bool) -> bool {
 fn respond(c: &mut Conn, resp: (Vec<u8>, Option<After>), debug: bool) -> bool {
     let (mut bytes, after) = resp;
     bytes.push(b'\n');
-    if write_all_nb(&mut c.file, &bytes).is_err() {
+    if c.file.write_all(&bytes).is_err() {
         return false;
     }
     if let Some(After::Shutdown { reboot }) = after {

@@ -350,8 +350,8 @@ fn block_and_vsock_through_the_agent() {
     assert!(e.to_string().contains("connect"), "{e}");
     drop(agent);
 
-    // 16 concurrent connections, each moving its own data through the agent (no processes:
-    // see docs/nested-kvm.md on user-space context switches on this machine's KVM).
+    // 16 concurrent connections, each moving its own data through the agent (one agent thread
+    // per connection).
     let uds2 = uds.clone();
     let handles: Vec<_> = (0..16)
         .map(|i| {

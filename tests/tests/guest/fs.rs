@@ -158,7 +158,6 @@ fn virtio_fs_in_process_read_only_and_vhost_user() {
     // 500 files read and checked in the guest (the agent hashes each file it reads through
     // the share; no process per file).
     let t = Instant::now();
-    // One process, no pipeline: fewer guest context switches (docs/nested-kvm.md).
     let (code, out) = sh_merged(&mut a, "cd /mnt/s && find ./tree -type f");
     assert_eq!(code, 0, "{out}");
     let listed: std::collections::BTreeSet<&str> = out.lines().collect();

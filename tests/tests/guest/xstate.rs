@@ -67,7 +67,6 @@ fn probe(agent: &mut AgentClient, procs: u32, rounds: u32) -> (String, [u64; 4],
 }
 
 #[test]
-#[ignore = "experimental: with the assist on the probe did not finish in 630 s (issue 14)"]
 fn guest_tasks_keep_their_own_vector_registers() {
     let (c, _dir) = config("xstate", true);
     let (vm, cap) = create_captured(&c);
