@@ -174,7 +174,6 @@ fn main() {
     serve_all(&listener, debug)
 }
 
-
 /// Most connections served at once; one more is closed right after accept. Each costs a
 /// thread (small stack) and, while it runs an op, that op's buffers.
 const MAX_CONNS: usize = 64;
@@ -210,7 +209,9 @@ fn serve_all(listener: &Listener, debug: bool) -> ! {
         };
         if ACTIVE.fetch_add(1, Ordering::SeqCst) >= MAX_CONNS {
             ACTIVE.fetch_sub(1, Ordering::SeqCst);
-            say(&format!("more than {MAX_CONNS} connections; closing the new one"));
+            say(&format!(
+                "more than {MAX_CONNS} connections; closing the new one"
+            ));
             continue;
         }
         let spawned = std::thread::Builder::new()

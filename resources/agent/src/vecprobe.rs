@@ -4,9 +4,12 @@
 //! pattern unique to (worker, round) into one register of every class the CPU and XCR0 report
 //! usable -- xmm1 (SSE), ymm2 (AVX), zmm17 and opmask k1 (AVX-512) -- calls `sched_yield` in
 //! the same asm block, so another worker may run in between, and reads the registers back. A
-//! value that changed is a mismatch of its class. Prints one summary line:
+//! value that changed is a mismatch of its class. Then the probe itself runs ROUNDS rounds in
+//! which the system call is `kill(getpid(), SIGUSR1)` and the handler overwrites those
+//! registers: the interrupted code must get its own values back at `sigreturn` (`sig_bad`,
+//! mismatches of every class together). Prints one summary line:
 //!
-//! `vecprobe: xcr0=0xe7 procs=3 rounds=2000 usable=xmm,ymm,zmm,k xmm_bad=0 ymm_bad=0 zmm_bad=0 k_bad=0`
+//! `vecprobe: xcr0=0xe7 procs=3 rounds=2000 usable=xmm,ymm,zmm,k xmm_bad=0 ymm_bad=0 zmm_bad=0 k_bad=0 sig_bad=0`
 //!
 //! and exits 0 when every class had zero mismatches, 1 otherwise, 2 on a usage error.
 //! On a software KVM whose guest kernel runs with `noxsave`, ymm/zmm/k mismatch unless the
@@ -18,6 +21,22 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 
 const SYS_SCHED_YIELD: u64 = 24;
+const SYS_KILL: u64 = 62;
+
+/// The system call a round makes between loading and reading back the registers.
+#[derive(Clone, Copy)]
+struct Call {
+    nr: u64,
+    a0: u64,
+    a1: u64,
+}
+
+/// `sched_yield()`: another worker may run in between.
+const YIELD: Call = Call {
+    nr: SYS_SCHED_YIELD,
+    a0: 0,
+    a1: 0,
+};
 
 #[derive(Clone, Copy, Default)]
 struct Usable {
@@ -61,7 +80,7 @@ fn pattern<const N: usize>(seed: u64) -> [u8; N] {
     out
 }
 
-fn round_sse(src: &[u8; 16]) -> [u8; 16] {
+fn round_sse(src: &[u8; 16], call: Call) -> [u8; 16] {
     let mut dst = [0u8; 16];
     // SAFETY: reads 16 bytes at src and writes 16 at dst (both valid); the syscall clobbers
     // rax, rcx, r11, which are declared; xmm1 is declared clobbered.
@@ -72,7 +91,9 @@ fn round_sse(src: &[u8; 16]) -> [u8; 16] {
             "movdqu [{d}], xmm1",
             s = in(reg) src.as_ptr(),
             d = in(reg) dst.as_mut_ptr(),
-            inout("rax") SYS_SCHED_YIELD => _,
+            inout("rax") call.nr => _,
+            in("rdi") call.a0,
+            in("rsi") call.a1,
             out("rcx") _, out("r11") _, out("xmm1") _,
             options(nostack),
         )
@@ -81,7 +102,7 @@ fn round_sse(src: &[u8; 16]) -> [u8; 16] {
 }
 
 #[target_feature(enable = "avx")]
-unsafe fn round_avx(src: &[u8; 32]) -> [u8; 32] {
+unsafe fn round_avx(src: &[u8; 32], call: Call) -> [u8; 32] {
     let mut dst = [0u8; 32];
     // SAFETY: the caller checked AVX is usable; 32 bytes read at src and written at dst; the
     // syscall's clobbers and ymm2 are declared.
@@ -93,7 +114,9 @@ unsafe fn round_avx(src: &[u8; 32]) -> [u8; 32] {
             "vzeroupper",
             s = in(reg) src.as_ptr(),
             d = in(reg) dst.as_mut_ptr(),
-            inout("rax") SYS_SCHED_YIELD => _,
+            inout("rax") call.nr => _,
+            in("rdi") call.a0,
+            in("rsi") call.a1,
             out("rcx") _, out("r11") _, out("ymm2") _,
             options(nostack),
         )
@@ -102,7 +125,7 @@ unsafe fn round_avx(src: &[u8; 32]) -> [u8; 32] {
 }
 
 #[target_feature(enable = "avx512f")]
-unsafe fn round_avx512(src: &[u8; 64], k: u16) -> ([u8; 64], u16) {
+unsafe fn round_avx512(src: &[u8; 64], k: u16, call: Call) -> ([u8; 64], u16) {
     let mut dst = [0u8; 64];
     let kout: u32;
     // SAFETY: the caller checked AVX-512 is usable; 64 bytes read at src and written at dst;
@@ -119,7 +142,9 @@ unsafe fn round_avx512(src: &[u8; 64], k: u16) -> ([u8; 64], u16) {
             d = in(reg) dst.as_mut_ptr(),
             ki = in(reg) u32::from(k),
             ko = out(reg) kout,
-            inout("rax") SYS_SCHED_YIELD => _,
+            inout("rax") call.nr => _,
+            in("rdi") call.a0,
+            in("rsi") call.a1,
             out("rcx") _, out("r11") _, out("zmm17") _, out("k1") _,
             options(nostack),
         )
@@ -127,21 +152,82 @@ unsafe fn round_avx512(src: &[u8; 64], k: u16) -> ([u8; 64], u16) {
     (dst, kout as u16)
 }
 
+/// What the SIGUSR1 handler may clobber (set once before the handler is installed).
+static CLOBBER: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+#[target_feature(enable = "avx")]
+unsafe fn clobber_avx() {
+    // SAFETY: AVX usable (checked before CLOBBER was set); only ymm2 changes, declared.
+    unsafe { asm!("vpcmpeqd ymm2, ymm2, ymm2", out("ymm2") _, options(nomem, nostack)) };
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn clobber_avx512() {
+    // SAFETY: AVX-512F usable (checked before CLOBBER was set); zmm17 and k1 declared.
+    unsafe {
+        asm!(
+            "vpternlogd zmm17, zmm17, zmm17, 0xff",
+            "kxnorw k1, k1, k1",
+            out("zmm17") _, out("k1") _,
+            options(nomem, nostack),
+        )
+    };
+}
+
+/// SIGUSR1 handler: overwrite the registers the probe round holds (all ones).
+extern "C" fn on_sigusr1(_: libc::c_int) {
+    let c = CLOBBER.load(std::sync::atomic::Ordering::Relaxed);
+    // SAFETY: the bits are set only for classes `usable` reported.
+    unsafe {
+        if c & 1 != 0 {
+            clobber_avx();
+        }
+        if c & 2 != 0 {
+            clobber_avx512();
+        }
+    }
+}
+
+/// Rounds in this process in which a signal handler that overwrites the registers runs between
+/// load and read-back (`kill(getpid(), SIGUSR1)`): the interrupted code's vector state must
+/// come back from the signal frame. Mismatches: xmm, ymm, zmm, k.
+fn signal_rounds(rounds: u64, u: Usable) -> Counts {
+    CLOBBER.store(
+        u8::from(u.avx) | (u8::from(u.avx512) << 1),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    // SAFETY: a zeroed sigaction with our handler; SIGUSR1 is ours in this process.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigusr1 as *const () as usize;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()) != 0 {
+            return [rounds; 4];
+        }
+    }
+    let call = Call {
+        nr: SYS_KILL,
+        a0: u64::from(std::process::id()),
+        a1: libc::SIGUSR1 as u64,
+    };
+    worker(0, rounds, u, call)
+}
+
 /// Mismatch counts: xmm, ymm, zmm, k.
 type Counts = [u64; 4];
 
-fn worker(id: u64, rounds: u64, u: Usable) -> Counts {
+fn worker(id: u64, rounds: u64, u: Usable, call: Call) -> Counts {
     let mut bad = [0u64; 4];
     for r in 0..rounds {
         let seed = (id << 40) ^ (r << 8) ^ 0x9e37_79b9;
         let p16 = pattern::<16>(seed);
-        if round_sse(&p16) != p16 {
+        if round_sse(&p16, call) != p16 {
             bad[0] += 1;
         }
         if u.avx {
             let p32 = pattern::<32>(seed ^ 1);
             // SAFETY: AVX checked in `usable`.
-            if unsafe { round_avx(&p32) } != p32 {
+            if unsafe { round_avx(&p32, call) } != p32 {
                 bad[1] += 1;
             }
         }
@@ -149,7 +235,7 @@ fn worker(id: u64, rounds: u64, u: Usable) -> Counts {
             let p64 = pattern::<64>(seed ^ 2);
             let k = (seed as u16) | 1;
             // SAFETY: AVX-512F checked in `usable`.
-            let (z, kb) = unsafe { round_avx512(&p64, k) };
+            let (z, kb) = unsafe { round_avx512(&p64, k, call) };
             if z != p64 {
                 bad[2] += 1;
             }
@@ -180,7 +266,7 @@ pub fn main(args: &[String]) -> i32 {
             (Ok(i), Ok(r)) => (i, r),
             _ => return 2,
         };
-        let bad = worker(id, rounds, usable(xcr0()));
+        let bad = worker(id, rounds, usable(xcr0()), YIELD);
         let _ = writeln!(
             std::io::stdout(),
             "{} {} {} {}",
@@ -249,6 +335,8 @@ pub fn main(args: &[String]) -> i32 {
             }
         }
     }
+    let sig = signal_rounds(rounds, u);
+    let sig_bad: u64 = sig.iter().sum();
     let mut classes = vec!["xmm"];
     if u.avx {
         classes.push("ymm");
@@ -258,7 +346,7 @@ pub fn main(args: &[String]) -> i32 {
     }
     let _ = writeln!(
         std::io::stdout(),
-        "vecprobe: xcr0={} procs={procs} rounds={rounds} usable={} xmm_bad={} ymm_bad={} zmm_bad={} k_bad={}",
+        "vecprobe: xcr0={} procs={procs} rounds={rounds} usable={} xmm_bad={} ymm_bad={} zmm_bad={} k_bad={} sig_bad={sig_bad}",
         x.map_or_else(|| "none".to_string(), |v| format!("{v:#x}")),
         classes.join(","),
         total[0],
@@ -266,7 +354,7 @@ pub fn main(args: &[String]) -> i32 {
         total[2],
         total[3],
     );
-    if failed || total.iter().any(|&n| n > 0) {
+    if failed || sig_bad > 0 || total.iter().any(|&n| n > 0) {
         1
     } else {
         0
