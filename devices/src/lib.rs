@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod rate_limiter;
+pub mod sigpipe;
 pub mod tap;
 pub mod virtio;
 

@@ -130,8 +130,9 @@ pub(crate) fn install_opt(
 
 /// Allowed without conditions on every Kestrel thread: Rust std and glibc (allocator, locks,
 /// thread exit, time when the vDSO falls back to the kernel), the tracing subscriber's writes,
-/// the panic path (message, backtrace symbolisation reads the executable) and the kick
-/// signal's handler returning.
+/// the panic path (message, backtrace symbolisation reads the executable), the kick
+/// signal's handler returning, and keeping `SIGPIPE` off the process (blocking it, and taking
+/// the one a failed pipe write raised off the thread: `kestrel_devices::sigpipe`).
 const COMMON: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_clock_gettime,
@@ -156,8 +157,10 @@ const COMMON: &[i64] = &[
     libc::SYS_read,
     libc::SYS_readlink,
     libc::SYS_restart_syscall,
+    libc::SYS_rt_sigpending,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigtimedwait,
     libc::SYS_sched_getaffinity,
     libc::SYS_sched_yield,
     libc::SYS_sigaltstack,

@@ -488,6 +488,9 @@ impl Vm {
         let h = std::thread::Builder::new()
             .name(thread_name(&name))
             .spawn(move || {
+                // Writes on this thread (console sinks, vsock, the embedder's tracing writer)
+                // must never SIGPIPE the process (kestrel_devices::sigpipe).
+                kestrel_devices::sigpipe::block_on_this_thread_or_log(&tname);
                 register_thread(&info, tname.clone(), ThreadKind::EventLoop);
                 let filtered = seccomp::install_opt(filters.as_ref(), FilterClass::EventLoop);
                 let unfiltered = filtered.is_err();
@@ -561,6 +564,7 @@ impl Vm {
         let r = std::thread::Builder::new()
             .name(thread_name(&name))
             .spawn(move || {
+                kestrel_devices::sigpipe::block_on_this_thread_or_log(&tname);
                 // SAFETY: pthread_self has no preconditions.
                 let me = unsafe { libc::pthread_self() };
                 pthreads

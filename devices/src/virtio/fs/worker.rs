@@ -63,7 +63,8 @@ impl Worker {
         // reachable for the error path through a slot.
         let slot = Arc::new(Mutex::new(Some(ctx)));
         let thread_slot = slot.clone();
-        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        let spawned = std::thread::Builder::new().name(name.clone()).spawn(move || {
+            crate::sigpipe::block_on_this_thread_or_log(&name);
             // SAFETY: gettid has no preconditions.
             thread_tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
             let ctx = thread_slot.lock().ok().and_then(|mut s| s.take());
