@@ -420,6 +420,10 @@ mod tests {
                 libc::SYS_write,
                 libc::SYS_exit,
                 libc::SYS_munmap,
+                // kestrel_devices::sigpipe on every thread.
+                libc::SYS_rt_sigprocmask,
+                libc::SYS_rt_sigpending,
+                libc::SYS_rt_sigtimedwait,
             ] {
                 assert!(has(class, nr), "{class} needs {nr}");
             }

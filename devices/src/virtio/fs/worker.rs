@@ -63,32 +63,34 @@ impl Worker {
         // reachable for the error path through a slot.
         let slot = Arc::new(Mutex::new(Some(ctx)));
         let thread_slot = slot.clone();
-        let spawned = std::thread::Builder::new().name(name.clone()).spawn(move || {
-            crate::sigpipe::block_on_this_thread_or_log(&name);
-            // SAFETY: gettid has no preconditions.
-            thread_tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
-            let ctx = thread_slot.lock().ok().and_then(|mut s| s.take());
-            if let Some(ctx) = ctx {
-                if let Some(hook) = &ctx.start_hook {
-                    if let Err(e) = hook() {
-                        tracing::error!(
-                            "virtio-fs {}: worker {} not started ({e}); device needs a reset",
-                            ctx.tag,
-                            ctx.index
-                        );
-                        needs_reset(&ctx.failed, &ctx.interrupt);
-                        return;
+        let spawned = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                crate::sigpipe::block_on_this_thread_or_log(&name);
+                // SAFETY: gettid has no preconditions.
+                thread_tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+                let ctx = thread_slot.lock().ok().and_then(|mut s| s.take());
+                if let Some(ctx) = ctx {
+                    if let Some(hook) = &ctx.start_hook {
+                        if let Err(e) = hook() {
+                            tracing::error!(
+                                "virtio-fs {}: worker {} not started ({e}); device needs a reset",
+                                ctx.tag,
+                                ctx.index
+                            );
+                            needs_reset(&ctx.failed, &ctx.interrupt);
+                            return;
+                        }
+                    }
+                    // A panic ends this worker only: the device needs a reset (DEVICE_NEEDS_RESET).
+                    let (tag, failed, irq) =
+                        (ctx.tag.clone(), ctx.failed.clone(), ctx.interrupt.clone());
+                    if let Err(e) = crate::catch_panic(|| run(ctx, &thread_wake, &thread_stop)) {
+                        tracing::error!("virtio-fs {tag}: worker {e}; device needs a reset");
+                        needs_reset(&failed, &irq);
                     }
                 }
-                // A panic ends this worker only: the device needs a reset (DEVICE_NEEDS_RESET).
-                let (tag, failed, irq) =
-                    (ctx.tag.clone(), ctx.failed.clone(), ctx.interrupt.clone());
-                if let Err(e) = crate::catch_panic(|| run(ctx, &thread_wake, &thread_stop)) {
-                    tracing::error!("virtio-fs {tag}: worker {e}; device needs a reset");
-                    needs_reset(&failed, &irq);
-                }
-            }
-        });
+            });
         match spawned {
             Ok(thread) => Ok(Worker {
                 wake,
