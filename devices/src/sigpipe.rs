@@ -3,8 +3,8 @@
 //! A write to a pipe or FIFO whose reader has gone, or to a stream socket whose peer has gone
 //! (without `MSG_NOSIGNAL`), fails with `EPIPE` *and* raises `SIGPIPE` on the writing thread.
 //! At its default disposition `SIGPIPE` terminates the whole process, and the process Kestrel
-//! lives in may well have left it there (a C or Go runtime, a Rust program built with
-//! `#[unix_sigpipe = "sig_dfl"]`). A closed console reader or a vsock peer that hangs up must
+//! lives in may well have left it there (a C runtime, or a Rust program that restored it).
+//! A closed console reader or a vsock peer that hangs up must
 //! be an error of that device, never the end of the runtime and every VM in it. So:
 //!
 //! - sockets are written with `MSG_NOSIGNAL` ([`send`]): vsock's host streams, the console
