@@ -48,6 +48,18 @@ check_kvm() {
     fi
 }
 
+# The guest agent (resources/agent) is its own workspace (the root Cargo.toml excludes it) and
+# runs in the guest as a static binary: cargo for it with the target and flags
+# resources/build-guest.sh builds it with (static glibc; CARGO_ENCODED_RUSTFLAGS beats any
+# RUSTFLAGS of the caller, --target keeps crt-static off proc-macros), in its own target dir.
+AGENT_TARGET=x86_64-unknown-linux-gnu
+agent_cargo() {
+    (cd "$ROOT/resources/agent" &&
+        CARGO_ENCODED_RUSTFLAGS=$'-Ctarget-feature=+crt-static\x1f-Crelocation-model=static' \
+        cargo "$1" --locked --target "$AGENT_TARGET" \
+            --target-dir "$KESTREL_CACHE/agent-test-target" "${@:2}")
+}
+
 build_guest() {
     log "building the guest kernel and initramfs (cached in $KESTREL_CACHE)"
     bash "$ROOT/resources/build-guest.sh" >/dev/null

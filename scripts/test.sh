@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run every test: formatting, lints, unit tests, KVM tests with tiny guests, real-guest tests
-# (block, vsock, network in a namespace, virtio-fs incl. virtiofsd, hotplug) and 60 s fuzz runs.
+# (block, vsock, network in a namespace, virtio-fs incl. virtiofsd, hotplug), the guest agent's
+# lints and unit tests (its own workspace, built static as for the guest) and 60 s fuzz runs.
 #   FUZZ_SECONDS=0 scripts/test.sh   # skip fuzzing
 source "$(dirname "$0")/common.sh"
 need_root
@@ -18,6 +19,10 @@ log "cargo clippy"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "cargo test"
 cargo test --workspace -- --test-threads=2
+log "guest agent: cargo fmt --check, clippy, test (static $AGENT_TARGET)"
+(cd "$ROOT/resources/agent" && cargo fmt -- --check)
+agent_cargo clippy --all-targets --quiet -- -D warnings
+agent_cargo test
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 if [ "$FUZZ_SECONDS" -gt 0 ]; then
     for t in $(ls "$ROOT/fuzz/fuzz_targets" | sed 's/\.rs$//'); do

@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod rate_limiter;
+pub mod sigpipe;
 pub mod tap;
 pub mod virtio;
 
@@ -29,6 +30,12 @@ pub(crate) fn set_nonblocking(fd: std::os::fd::RawFd) -> std::io::Result<()> {
 /// VMM installs the thread's seccomp filter with it. An `Err` (what failed) ends the thread
 /// before it does any work; the device then needs a reset.
 pub type ThreadStartHook = std::sync::Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Called by a device each time it contains a panic of its own (inside a backend it runs, or
+/// on a worker thread it spawned) and goes to `DEVICE_NEEDS_RESET`: the VMM counts it with
+/// the panics of event handlers (`VmMetrics::device_panics`). `devices` does not depend on
+/// the VMM, so the counter reaches the device as this closure.
+pub type DevicePanicHook = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 /// A panic caught at a thread or handler boundary ([`catch_panic`]): its message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -21,7 +21,6 @@
 use std::io::Write;
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
-use std::sync::Once;
 use std::time::Duration;
 
 use kestrel_vmm::agent::{AgentClient, ExecRequest};
@@ -47,13 +46,7 @@ const EDGES: [u64; 16] = [
 ];
 
 fuzz_target!(|data: &[u8]| {
-    static SIGPIPE: Once = Once::new();
-    // SAFETY: ignoring SIGPIPE installs no handler code; a write to a closed socket then fails
-    // with EPIPE instead of killing the fuzzer (libFuzzer's C main does not ignore it as Rust's
-    // does).
-    SIGPIPE.call_once(|| unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    });
+    kestrel_fuzz::ignore_sigpipe();
     let [control, o0, o1, o2, o3, responses @ ..] = data else {
         return;
     };

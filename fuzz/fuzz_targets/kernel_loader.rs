@@ -16,7 +16,6 @@
 
 use std::fs::File;
 use std::io::{Seek, SeekFrom, Write};
-use std::os::fd::FromRawFd;
 use std::sync::{Mutex, OnceLock};
 
 use kestrel_arch::layout;
@@ -33,14 +32,7 @@ const MEM_SIZE: usize = 64 * MIB;
 /// The kernel "file": one memfd, rewritten for every input.
 fn kernel_file() -> &'static Mutex<File> {
     static FILE: OnceLock<Mutex<File>> = OnceLock::new();
-    FILE.get_or_init(|| {
-        // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor (or
-        // -1); it touches no other memory.
-        let fd = unsafe { libc::memfd_create(c"kestrel-fuzz-kernel".as_ptr(), 0) };
-        assert!(fd >= 0, "memfd_create failed");
-        // SAFETY: `fd` is a fresh descriptor nothing else owns.
-        Mutex::new(unsafe { File::from_raw_fd(fd) })
-    })
+    FILE.get_or_init(|| Mutex::new(kestrel_fuzz::memfd(c"kestrel-fuzz-kernel")))
 }
 
 fn check(mem: &GuestMemoryMmap, r: &KernelLoaderResult) {

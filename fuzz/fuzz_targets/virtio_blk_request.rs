@@ -24,15 +24,16 @@
 #![no_main]
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use kestrel_api::DriveConfig;
 use kestrel_devices::virtio::block::Block;
-use kestrel_devices::virtio::{VirtioDevice, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
+use kestrel_devices::virtio::{VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
+use kestrel_fuzz::{
+    guest_memory, interrupt, memfd_image, queue, queue_size, split_ring, write_parts,
+};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::GuestMemoryAtomic;
 
 const MEM_SIZE: usize = 0x1_0000;
 const DESC: u64 = 0x0;
@@ -49,45 +50,26 @@ const DISCARD_WZ: u64 = (1 << 13) | (1 << 14);
 /// A 32 KiB image in a memfd (no file left behind), reached by its /proc path.
 fn image() -> &'static PathBuf {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor (or
-        // -1); it touches no other memory.
-        let fd = unsafe { libc::memfd_create(c"kestrel-fuzz-blk".as_ptr(), 0) };
-        assert!(fd >= 0, "memfd_create failed");
-        // SAFETY: `fd` is a descriptor we own; ftruncate takes no pointers.
-        let r = unsafe { libc::ftruncate(fd, IMAGE_SIZE as libc::off_t) };
-        assert_eq!(r, 0, "ftruncate failed");
-        // The descriptor stays open for the life of the process.
-        PathBuf::from(format!("/proc/self/fd/{fd}"))
-    })
+    IMAGE.get_or_init(|| memfd_image(c"kestrel-fuzz-blk", IMAGE_SIZE as u64))
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some((&control, rest)) = data.split_first() else {
         return;
     };
-    let size: u16 = 1 << ((control & 7) + 1);
+    let size = queue_size(control);
     let event_idx = control & 0x08 != 0;
     let read_only = control & 0x10 != 0;
     let empty = control & 0x20 != 0;
     let ack_discard = control & 0x40 != 0;
     let alias = control & 0x80 != 0;
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), MEM_SIZE),
-        (GuestAddress(HIGH), HIGH_SIZE),
-    ])
-    .unwrap();
-    let desc_len = 16 * usize::from(size);
-    let avail_len = 6 + 2 * usize::from(size);
-    let (desc, rest) = rest.split_at(desc_len.min(rest.len()));
-    let (avail, bufs) = rest.split_at(avail_len.min(rest.len()));
+    let mem = guest_memory(&[(0, MEM_SIZE), (HIGH, HIGH_SIZE)]);
+    let (desc, avail, bufs) = split_ring(rest, size);
     let bufs = &bufs[..bufs.len().min(MEM_SIZE - BUF as usize)];
-    mem.write_slice(desc, GuestAddress(DESC)).unwrap();
-    mem.write_slice(avail, GuestAddress(AVAIL)).unwrap();
-    mem.write_slice(bufs, GuestAddress(BUF)).unwrap();
+    write_parts(&mem, &[(desc, DESC), (avail, AVAIL), (bufs, BUF)]);
     if alias {
-        mem.write_slice(bufs, GuestAddress(HIGH)).unwrap();
+        write_parts(&mem, &[(bufs, HIGH)]);
     }
 
     let config = DriveConfig {
@@ -106,20 +88,10 @@ fuzz_target!(|data: &[u8]| {
     }
     block.set_acked_features(features);
 
-    let mut q = Queue::new(256).unwrap();
-    q.try_set_size(size).unwrap();
-    q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
-    q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
-    q.try_set_used_ring_address(GuestAddress(if alias { DESC } else { USED }))
-        .unwrap();
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-
-    let irq = Arc::new(VirtioInterrupt::new(
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-    ));
+    let used = if alias { DESC } else { USED };
+    let q = queue(size, DESC, AVAIL, used, event_idx);
     block
-        .activate(GuestMemoryAtomic::new(mem), irq, vec![q])
+        .activate(GuestMemoryAtomic::new(mem), interrupt(), vec![q])
         .unwrap();
     block.process_queue();
     // Again: a second notification on the same ring must be just as safe.

@@ -28,15 +28,17 @@
 #![no_main]
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use kestrel_api::{FsCache, FsConfig};
 use kestrel_devices::virtio::fs::Fs;
-use kestrel_devices::virtio::{VirtioDevice, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
+use kestrel_devices::virtio::{VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
+use kestrel_fuzz::{
+    guest_memory, interrupt, limit_file_size, queue, queue_size, scratch_dir, split_ring,
+    write_parts,
+};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::GuestMemoryAtomic;
 
 const MEM_SIZE: usize = 16 << 20;
 const DESC: u64 = 0x0;
@@ -56,26 +58,16 @@ const MAX_FILE: u64 = 4 << 20;
 fn base() -> &'static PathBuf {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     BASE.get_or_init(|| {
-        let lim = libc::rlimit {
-            rlim_cur: MAX_FILE,
-            rlim_max: MAX_FILE,
-        };
-        // SAFETY: `lim` is a valid rlimit; setrlimit reads only it.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &lim) }, 0);
-        // SAFETY: ignoring SIGXFSZ installs no handler code.
-        unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-        let d = std::env::temp_dir().join(format!("kestrel-fuzz-fs-{}", std::process::id()));
+        limit_file_size(MAX_FILE);
+        let d = scratch_dir("fs");
         std::fs::create_dir_all(&d).unwrap();
         d
     })
 }
 
-/// A fresh share for one input.
+/// A fresh share for one input: `f`, `d/inner` and a symlink `l` to /etc/passwd.
 fn fresh_share() -> PathBuf {
-    let share = base().join("share");
-    let _ = std::fs::remove_dir_all(&share);
-    std::fs::create_dir_all(share.join("d")).unwrap();
-    std::fs::write(share.join("f"), b"file data for the fuzzer").unwrap();
+    let share = kestrel_fuzz::fresh_share(base());
     std::fs::write(share.join("d/inner"), b"inner").unwrap();
     let _ = std::os::unix::fs::symlink("/etc/passwd", share.join("l"));
     share
@@ -85,22 +77,17 @@ fuzz_target!(|data: &[u8]| {
     let Some((&control, rest)) = data.split_first() else {
         return;
     };
-    let size: u16 = 1 << ((control & 7) + 1);
+    let size = queue_size(control);
     let event_idx = control & 0x08 != 0;
     let read_only = control & 0x10 != 0;
     let queue_index = if control & 0x20 != 0 { 0 } else { 1 };
     let xattr = control & 0x40 != 0;
     let mirror = control & 0x80 != 0;
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let desc_len = 16 * usize::from(size);
-    let avail_len = 6 + 2 * usize::from(size);
-    let (desc, rest) = rest.split_at(desc_len.min(rest.len()));
-    let (avail, bufs) = rest.split_at(avail_len.min(rest.len()));
+    let mem = guest_memory(&[(0, MEM_SIZE)]);
+    let (desc, avail, bufs) = split_ring(rest, size);
     let bufs = &bufs[..bufs.len().min(OWN_RINGS as usize - BUF as usize)];
-    mem.write_slice(desc, GuestAddress(DESC)).unwrap();
-    mem.write_slice(avail, GuestAddress(AVAIL)).unwrap();
-    mem.write_slice(bufs, GuestAddress(BUF)).unwrap();
+    write_parts(&mem, &[(desc, DESC), (avail, AVAIL), (bufs, BUF)]);
 
     let mut config = FsConfig::shared_dir("fuzz", fresh_share());
     config.read_only = read_only;
@@ -119,32 +106,17 @@ fuzz_target!(|data: &[u8]| {
     let mut queues = Vec::new();
     for i in 0..NUM_QUEUES {
         let own = OWN_RINGS + i as u64 * 0x1000;
-        let mut q = Queue::new(256).unwrap();
-        if i == queue_index || mirror {
-            q.try_set_size(size).unwrap();
-            q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
-            q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
+        queues.push(if i == queue_index || mirror {
             let used = if i == queue_index { USED } else { own };
-            q.try_set_used_ring_address(GuestAddress(used)).unwrap();
+            queue(size, DESC, AVAIL, used, event_idx)
         } else {
             // An empty ring (avail idx 0).
-            q.try_set_size(2).unwrap();
-            q.try_set_desc_table_address(GuestAddress(own)).unwrap();
-            q.try_set_avail_ring_address(GuestAddress(own + 0x100))
-                .unwrap();
-            q.try_set_used_ring_address(GuestAddress(own + 0x200))
-                .unwrap();
-            mem.write_slice(&[0u8; 0x300], GuestAddress(own)).unwrap();
-        }
-        q.set_event_idx(event_idx);
-        q.set_ready(true);
-        queues.push(q);
+            write_parts(&mem, &[(&[0u8; 0x300], own)]);
+            queue(2, own, own + 0x100, own + 0x200, event_idx)
+        });
     }
 
-    let irq = Arc::new(VirtioInterrupt::new(
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-    ));
-    fs.activate(GuestMemoryAtomic::new(mem), irq, queues)
+    fs.activate(GuestMemoryAtomic::new(mem), interrupt(), queues)
         .unwrap();
     fs.process_queue(queue_index);
     // Again: a second notification on the same ring must be just as safe.

@@ -45,39 +45,19 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kestrel_api::{DriveConfig, FsCache, FsConfig, NetConfig};
 use kestrel_devices::virtio::block::Block;
 use kestrel_devices::virtio::fs::Fs;
-use kestrel_devices::virtio::mmio::{
-    MmioTransport, CONFIG_SPACE_OFFSET, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
-};
+use kestrel_devices::virtio::mmio::{reg, MmioTransport, CONFIG_SPACE_OFFSET, MMIO_WINDOW_SIZE};
 use kestrel_devices::virtio::net::Net;
 use kestrel_devices::virtio::vsock::Vsock;
 use kestrel_devices::virtio::{
-    status, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    status, GuestMem, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use kestrel_devices::BusDevice;
+use kestrel_fuzz::{
+    fresh_share, guest_memory, ignore_sigpipe, interrupt, limit_file_size, memfd_image,
+    run_until_idle, scratch_dir,
+};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
-
-/// virtio-mmio v2 register offsets (virtio 1.2, 4.2.2).
-mod reg {
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const QUEUE_NOTIFY: u64 = super::QUEUE_NOTIFY_OFFSET;
-    pub const INTERRUPT_ACK: u64 = 0x064;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-}
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 const MIB: u64 = 1 << 20;
 const REGIONS: [(u64, u64); 3] = [(0, 2 * MIB), (3 * MIB, 2 * MIB), (6 * MIB, 2 * MIB)];
@@ -144,16 +124,7 @@ const STATUSES: [u32; 10] = [
 /// The block image: a memfd kept for the process's life, reached by its /proc path.
 fn image() -> &'static PathBuf {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor (or
-        // -1); it touches no other memory.
-        let fd = unsafe { libc::memfd_create(c"kestrel-fuzz-mmio-blk".as_ptr(), 0) };
-        assert!(fd >= 0, "memfd_create failed");
-        // SAFETY: `fd` is a descriptor we own; ftruncate takes no pointers.
-        let r = unsafe { libc::ftruncate(fd, IMAGE_SIZE as libc::off_t) };
-        assert_eq!(r, 0, "ftruncate failed");
-        PathBuf::from(format!("/proc/self/fd/{fd}"))
-    })
+    IMAGE.get_or_init(|| memfd_image(c"kestrel-fuzz-mmio-blk", IMAGE_SIZE as u64))
 }
 
 /// This process's scratch directory (vsock sockets, the fs share); files written through
@@ -161,29 +132,12 @@ fn image() -> &'static PathBuf {
 fn base() -> &'static PathBuf {
     static BASE: OnceLock<PathBuf> = OnceLock::new();
     BASE.get_or_init(|| {
-        let lim = libc::rlimit {
-            rlim_cur: MAX_FILE,
-            rlim_max: MAX_FILE,
-        };
-        // SAFETY: `lim` is a valid rlimit; setrlimit reads only it.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &lim) }, 0);
-        // SAFETY: ignoring SIGXFSZ and SIGPIPE installs no handler code.
-        unsafe {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-            libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-        }
-        let d = std::env::temp_dir().join(format!("kestrel-fuzz-mmio-{}", std::process::id()));
+        limit_file_size(MAX_FILE);
+        ignore_sigpipe();
+        let d = scratch_dir("mmio");
         std::fs::create_dir_all(&d).unwrap();
         d
     })
-}
-
-fn fresh_share() -> PathBuf {
-    let share = base().join("share");
-    let _ = std::fs::remove_dir_all(&share);
-    std::fs::create_dir_all(share.join("d")).unwrap();
-    std::fs::write(share.join("f"), b"file data for the fuzzer").unwrap();
-    share
 }
 
 /// Reads fuzz bytes; missing bytes read as zero.
@@ -228,10 +182,7 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Machine<D> {
         let dev = Arc::new(Mutex::new(dev));
         let mut em = EventManager::<Arc<Mutex<D>>>::new().unwrap();
         em.add_subscriber(dev.clone());
-        let irq = Arc::new(VirtioInterrupt::new(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        ));
-        let transport = MmioTransport::new(dev, irq, mem.clone());
+        let transport = MmioTransport::new(dev, interrupt(), mem.clone());
         let mut m = Machine {
             mem,
             transport,
@@ -243,11 +194,7 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Machine<D> {
     }
 
     fn run(&mut self) {
-        for _ in 0..8 {
-            if self.em.run_with_timeout(0).unwrap_or(0) == 0 {
-                break;
-            }
-        }
+        run_until_idle(&mut self.em, 8);
     }
 
     fn write(&mut self, offset: u64, v: u32) {
@@ -426,11 +373,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let read_only = control & 4 != 0;
     let _ = base();
-    let ranges: Vec<(GuestAddress, usize)> = REGIONS
-        .iter()
-        .map(|&(a, l)| (GuestAddress(a), l as usize))
-        .collect();
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap());
+    let mem = GuestMemoryAtomic::new(guest_memory(&REGIONS.map(|(a, l)| (a, l as usize))));
     let inp = Input(rest);
     match control % 4 {
         0 => {
@@ -456,7 +399,7 @@ fuzz_target!(|data: &[u8]| {
             let _ = std::fs::remove_file(&uds);
         }
         _ => {
-            let mut config = FsConfig::shared_dir("fuzz", fresh_share());
+            let mut config = FsConfig::shared_dir("fuzz", fresh_share(base()));
             config.read_only = read_only;
             config.cache = FsCache::Auto;
             Machine::new(Fs::new(&config).unwrap(), mem).drive(inp);

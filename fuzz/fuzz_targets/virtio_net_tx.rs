@@ -34,10 +34,12 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, SubscriberOps};
 use kestrel_api::NetConfig;
 use kestrel_devices::virtio::net::{Net, NetBackend};
-use kestrel_devices::virtio::{VirtioDevice, VirtioInterrupt, VIRTIO_RING_F_EVENT_IDX};
+use kestrel_devices::virtio::{VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
+use kestrel_fuzz::{
+    guest_memory, interrupt, queue, queue_size, run_until_idle, split_ring, write_parts,
+};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{GuestMemoryAtomic, VolatileSlice};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 0x2_0000;
@@ -106,43 +108,25 @@ impl NetBackend for Sink {
     }
 }
 
-fn queue(size: u16, used: u64, event_idx: bool) -> Queue {
-    let mut q = Queue::new(256).unwrap();
-    q.try_set_size(size).unwrap();
-    q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
-    q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
-    q.try_set_used_ring_address(GuestAddress(used)).unwrap();
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    q
-}
-
 fuzz_target!(|data: &[u8]| {
     let [control, rx_control, rest @ ..] = data else {
         return;
     };
     let (control, rx_control) = (*control, *rx_control);
-    let size: u16 = 1 << ((control & 7) + 1);
+    let size = queue_size(control);
     let event_idx = control & 0x08 != 0;
     let host_offloads = control & 0x10 != 0;
     let flaky = control & 0x20 != 0;
     let no_backend = control & 0x40 != 0;
     let run_rx = control & 0x80 != 0;
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), MEM_SIZE),
-        (GuestAddress(HIGH), HIGH_SIZE),
-    ])
-    .unwrap();
-    let desc_len = 16 * usize::from(size);
-    let avail_len = 6 + 2 * usize::from(size);
-    let (desc, rest) = rest.split_at(desc_len.min(rest.len()));
-    let (avail, bufs) = rest.split_at(avail_len.min(rest.len()));
+    let mem = guest_memory(&[(0, MEM_SIZE), (HIGH, HIGH_SIZE)]);
+    let (desc, avail, bufs) = split_ring(rest, size);
     let bufs = &bufs[..bufs.len().min(MEM_SIZE - BUF as usize)];
-    mem.write_slice(desc, GuestAddress(DESC)).unwrap();
-    mem.write_slice(avail, GuestAddress(AVAIL)).unwrap();
-    mem.write_slice(bufs, GuestAddress(BUF)).unwrap();
-    mem.write_slice(bufs, GuestAddress(HIGH)).unwrap();
+    write_parts(
+        &mem,
+        &[(desc, DESC), (avail, AVAIL), (bufs, BUF), (bufs, HIGH)],
+    );
 
     let mut net = Net::new(&NetConfig {
         iface_id: "fuzz".into(),
@@ -186,26 +170,19 @@ fuzz_target!(|data: &[u8]| {
         net.attach_backend(Box::new(sink)).unwrap();
     }
 
-    let irq = Arc::new(VirtioInterrupt::new(
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-    ));
     let queues = vec![
-        queue(size, RX_USED, event_idx),
-        queue(size, TX_USED, event_idx),
+        queue(size, DESC, AVAIL, RX_USED, event_idx),
+        queue(size, DESC, AVAIL, TX_USED, event_idx),
     ];
     let net = Arc::new(Mutex::new(net));
     let mut em = EventManager::<Arc<Mutex<Net>>>::new().unwrap();
     em.add_subscriber(net.clone());
     net.lock()
         .unwrap()
-        .activate(GuestMemoryAtomic::new(mem), irq, queues)
+        .activate(GuestMemoryAtomic::new(mem), interrupt(), queues)
         .unwrap();
     // Activation wakes the loop; a flaky backend keeps it busy for a few rounds.
-    for _ in 0..4 {
-        if em.run_with_timeout(0).unwrap() == 0 {
-            break;
-        }
-    }
+    run_until_idle(&mut em, 4);
     {
         let mut n = net.lock().unwrap();
         // A second notification on the same ring must be just as safe.
@@ -215,9 +192,5 @@ fuzz_target!(|data: &[u8]| {
         }
         let _ = n.metrics();
     }
-    for _ in 0..4 {
-        if em.run_with_timeout(0).unwrap() == 0 {
-            break;
-        }
-    }
+    run_until_idle(&mut em, 4);
 });

@@ -27,15 +27,17 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use event_manager::{EventManager, SubscriberOps};
 use kestrel_devices::virtio::vsock::{muxer, Vsock};
-use kestrel_devices::virtio::{VirtioDevice, VirtioInterrupt};
+use kestrel_devices::virtio::VirtioDevice;
+use kestrel_fuzz::{
+    guest_memory, ignore_sigpipe, interrupt, post_writable_buffers, queue, run_until_idle,
+    scratch_dir,
+};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::GuestMemoryAtomic;
 
 const MEM_SIZE: usize = 0x2_0000;
 const RX_DESC: u64 = 0x0;
@@ -50,32 +52,11 @@ const EV_USED: u64 = 0x3600;
 const RX_BUF: u64 = 0x8000;
 const RX_SIZE: u16 = 32;
 const RX_BUF_LEN: u32 = 0x800;
-const VRING_DESC_F_WRITE: u16 = 2;
 const MAX_CLIENTS: usize = 8;
 
 fn dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        std::env::temp_dir().join(format!("kestrel-fuzz-vsock-hs-{}", std::process::id()))
-    })
-}
-
-fn queue(size: u16, desc: u64, avail: u64, used: u64) -> Queue {
-    let mut q = Queue::new(256).unwrap();
-    q.try_set_size(size).unwrap();
-    q.try_set_desc_table_address(GuestAddress(desc)).unwrap();
-    q.try_set_avail_ring_address(GuestAddress(avail)).unwrap();
-    q.try_set_used_ring_address(GuestAddress(used)).unwrap();
-    q.set_ready(true);
-    q
-}
-
-fn run(em: &mut EventManager<Arc<Mutex<Vsock>>>) {
-    for _ in 0..16 {
-        if em.run_with_timeout(0).unwrap_or(0) == 0 {
-            break;
-        }
-    }
+    DIR.get_or_init(|| scratch_dir("vsock-hs"))
 }
 
 /// What the device must make of a client's stream: `Some(Some(port))` a valid line,
@@ -108,12 +89,7 @@ fn check_parse(line: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    static SIGPIPE: Once = Once::new();
-    // SAFETY: ignoring SIGPIPE installs no handler code; writes to a closed socket fail with
-    // EPIPE instead of killing the fuzzer.
-    SIGPIPE.call_once(|| unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
-    });
+    ignore_sigpipe();
     let Some((&control, mut rest)) = data.split_first() else {
         return;
     };
@@ -136,18 +112,8 @@ fuzz_target!(|data: &[u8]| {
         rest = &tail[n..];
     }
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    for i in 0..RX_SIZE {
-        let d = RX_DESC + 16 * u64::from(i);
-        let addr = RX_BUF + u64::from(i) * u64::from(RX_BUF_LEN);
-        mem.write_obj(addr, GuestAddress(d)).unwrap();
-        mem.write_obj(RX_BUF_LEN, GuestAddress(d + 8)).unwrap();
-        mem.write_obj(VRING_DESC_F_WRITE, GuestAddress(d + 12))
-            .unwrap();
-        mem.write_obj(i, GuestAddress(RX_AVAIL + 4 + 2 * u64::from(i)))
-            .unwrap();
-    }
-    mem.write_obj(RX_SIZE, GuestAddress(RX_AVAIL + 2)).unwrap();
+    let mem = guest_memory(&[(0, MEM_SIZE)]);
+    post_writable_buffers(&mem, RX_DESC, RX_AVAIL, RX_BUF, RX_SIZE, RX_BUF_LEN);
 
     let _ = std::fs::create_dir_all(dir());
     let uds = dir().join("v.sock");
@@ -157,19 +123,16 @@ fuzz_target!(|data: &[u8]| {
     em.add_subscriber(dev.clone());
     if !inactive {
         let queues = vec![
-            queue(RX_SIZE, RX_DESC, RX_AVAIL, RX_USED),
-            queue(2, TX_DESC, TX_AVAIL, TX_USED),
-            queue(2, EV_DESC, EV_AVAIL, EV_USED),
+            queue(RX_SIZE, RX_DESC, RX_AVAIL, RX_USED, false),
+            queue(2, TX_DESC, TX_AVAIL, TX_USED, false),
+            queue(2, EV_DESC, EV_AVAIL, EV_USED, false),
         ];
-        let irq = Arc::new(VirtioInterrupt::new(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-        ));
         dev.lock()
             .unwrap()
-            .activate(GuestMemoryAtomic::new(mem), irq, queues)
+            .activate(GuestMemoryAtomic::new(mem), interrupt(), queues)
             .unwrap();
     }
-    run(&mut em);
+    run_until_idle(&mut em, 16);
 
     let mut clients: Vec<Option<UnixStream>> = Vec::new();
     for s in &streams {
@@ -179,7 +142,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = (&c).write_all(&s[..first]);
         clients.push(Some(c));
         if split {
-            run(&mut em);
+            run_until_idle(&mut em, 16);
         }
     }
     for (c, s) in clients.iter_mut().zip(&streams) {
@@ -197,8 +160,8 @@ fuzz_target!(|data: &[u8]| {
             *c = None;
         }
     }
-    run(&mut em);
-    run(&mut em);
+    run_until_idle(&mut em, 16);
+    run_until_idle(&mut em, 16);
 
     if !close_early {
         let mut valid = 0;
@@ -230,7 +193,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if reset {
         dev.lock().unwrap().reset();
-        run(&mut em);
+        run_until_idle(&mut em, 16);
     }
     drop(clients);
     drop(em);

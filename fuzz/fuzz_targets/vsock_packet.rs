@@ -30,14 +30,15 @@ use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use kestrel_devices::virtio::vsock::{muxer, Vsock, RX_QUEUE, TX_QUEUE};
-use kestrel_devices::virtio::{VirtioDevice, VirtioInterrupt};
-use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
-
 use event_manager::{EventManager, SubscriberOps};
+use kestrel_devices::virtio::vsock::{muxer, Vsock, RX_QUEUE, TX_QUEUE};
+use kestrel_devices::virtio::VirtioDevice;
+use kestrel_fuzz::{
+    guest_memory, interrupt, post_writable_buffers, queue, queue_size, run_until_idle, scratch_dir,
+    split_ring, write_parts,
+};
+use libfuzzer_sys::fuzz_target;
+use vm_memory::GuestMemoryAtomic;
 
 const MEM_SIZE: usize = 0x2_0000;
 const TX_DESC: u64 = 0x0;
@@ -55,86 +56,38 @@ const HIGH: u64 = 0x10_0000;
 const HIGH_SIZE: usize = 0x20_0000;
 const RX_SIZE: u16 = 16;
 const RX_BUF_LEN: u32 = 0x800;
-const VRING_DESC_F_WRITE: u16 = 2;
 
 /// A private directory for this process's sockets (emptied after every input).
 fn dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        std::env::temp_dir().join(format!("kestrel-fuzz-vsock-{}", std::process::id()))
-    })
-}
-
-fn queue(size: u16, desc: u64, avail: u64, used: u64) -> Queue {
-    let mut q = Queue::new(256).unwrap();
-    q.try_set_size(size).unwrap();
-    q.try_set_desc_table_address(GuestAddress(desc)).unwrap();
-    q.try_set_avail_ring_address(GuestAddress(avail)).unwrap();
-    q.try_set_used_ring_address(GuestAddress(used)).unwrap();
-    q.set_ready(true);
-    q
-}
-
-fn run(em: &mut EventManager<Arc<Mutex<Vsock>>>) {
-    for _ in 0..32 {
-        if em.run_with_timeout(0).unwrap_or(0) == 0 {
-            break;
-        }
-    }
+    DIR.get_or_init(|| scratch_dir("vsock"))
 }
 
 fuzz_target!(|data: &[u8]| {
     let Some((&control, rest)) = data.split_first() else {
         return;
     };
-    let size: u16 = 1 << ((control & 7) + 1);
+    let size = queue_size(control);
     let no_rx = control & 0x08 != 0;
     let listener = control & 0x10 != 0;
     let rx_from_input = control & 0x20 != 0;
     let reset = control & 0x40 != 0;
     let alias = control & 0x80 != 0;
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), MEM_SIZE),
-        (GuestAddress(HIGH), HIGH_SIZE),
-    ])
-    .unwrap();
-    let take = |rest: &[u8], n: usize| -> (Vec<u8>, usize) {
-        let n = n.min(rest.len());
-        (rest[..n].to_vec(), n)
-    };
-    let mut off = 0;
-    let (desc, n) = take(&rest[off..], 16 * usize::from(size));
-    off += n;
-    let (avail, n) = take(&rest[off..], 6 + 2 * usize::from(size));
-    off += n;
-    mem.write_slice(&desc, GuestAddress(TX_DESC)).unwrap();
-    mem.write_slice(&avail, GuestAddress(TX_AVAIL)).unwrap();
+    let mem = guest_memory(&[(0, MEM_SIZE), (HIGH, HIGH_SIZE)]);
+    let (desc, avail, mut rest) = split_ring(rest, size);
+    write_parts(&mem, &[(desc, TX_DESC), (avail, TX_AVAIL)]);
     if rx_from_input {
-        let (rx_desc, n) = take(&rest[off..], 16 * usize::from(RX_SIZE));
-        off += n;
-        let (rx_avail, n) = take(&rest[off..], 6 + 2 * usize::from(RX_SIZE));
-        off += n;
-        mem.write_slice(&rx_desc, GuestAddress(RX_DESC)).unwrap();
-        mem.write_slice(&rx_avail, GuestAddress(RX_AVAIL)).unwrap();
+        let (rx_desc, rx_avail, tail) = split_ring(rest, RX_SIZE);
+        write_parts(&mem, &[(rx_desc, RX_DESC), (rx_avail, RX_AVAIL)]);
+        rest = tail;
     } else if !no_rx {
-        for i in 0..RX_SIZE {
-            let d = RX_DESC + 16 * u64::from(i);
-            let addr = RX_BUF + u64::from(i) * u64::from(RX_BUF_LEN);
-            mem.write_obj(addr, GuestAddress(d)).unwrap();
-            mem.write_obj(RX_BUF_LEN, GuestAddress(d + 8)).unwrap();
-            mem.write_obj(VRING_DESC_F_WRITE, GuestAddress(d + 12))
-                .unwrap();
-            mem.write_obj(i, GuestAddress(RX_AVAIL + 4 + 2 * u64::from(i)))
-                .unwrap();
-        }
-        mem.write_obj(RX_SIZE, GuestAddress(RX_AVAIL + 2)).unwrap();
+        post_writable_buffers(&mem, RX_DESC, RX_AVAIL, RX_BUF, RX_SIZE, RX_BUF_LEN);
     }
-    let bufs = &rest[off..];
-    let bufs = &bufs[..bufs.len().min(RX_BUF as usize - BUF as usize)];
-    mem.write_slice(bufs, GuestAddress(BUF)).unwrap();
+    let bufs = &rest[..rest.len().min(RX_BUF as usize - BUF as usize)];
+    write_parts(&mem, &[(bufs, BUF)]);
     if alias {
-        mem.write_slice(bufs, GuestAddress(HIGH)).unwrap();
+        write_parts(&mem, &[(bufs, HIGH)]);
     }
     let (tx_used, rx_used) = if alias {
         (TX_DESC, RX_BUF)
@@ -159,23 +112,20 @@ fuzz_target!(|data: &[u8]| {
     em.add_subscriber(dev.clone());
 
     let queues = vec![
-        queue(RX_SIZE, RX_DESC, RX_AVAIL, rx_used),
-        queue(size, TX_DESC, TX_AVAIL, tx_used),
-        queue(RX_SIZE, EV_DESC, EV_AVAIL, EV_USED),
+        queue(RX_SIZE, RX_DESC, RX_AVAIL, rx_used, false),
+        queue(size, TX_DESC, TX_AVAIL, tx_used, false),
+        queue(RX_SIZE, EV_DESC, EV_AVAIL, EV_USED, false),
     ];
-    let irq = Arc::new(VirtioInterrupt::new(
-        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-    ));
     dev.lock()
         .unwrap()
-        .activate(GuestMemoryAtomic::new(mem), irq, queues)
+        .activate(GuestMemoryAtomic::new(mem), interrupt(), queues)
         .unwrap();
     tx_evt.write(1).unwrap();
     rx_evt.write(1).unwrap();
-    run(&mut em);
+    run_until_idle(&mut em, 32);
     // A second notification on the same rings must be just as safe.
     tx_evt.write(1).unwrap();
-    run(&mut em);
+    run_until_idle(&mut em, 32);
     {
         let d = dev.lock().unwrap();
         let _ = d.metrics();
@@ -183,7 +133,7 @@ fuzz_target!(|data: &[u8]| {
     }
     if reset {
         dev.lock().unwrap().reset();
-        run(&mut em);
+        run_until_idle(&mut em, 32);
     }
     drop(em);
     drop(dev);

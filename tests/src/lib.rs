@@ -74,6 +74,224 @@ pub fn unsupported_mmio_instruction() -> (Vec<u8>, u64, Vec<u8>) {
     (c, TINY_LOAD_ADDR + 5, insn)
 }
 
+/// First virtio-mmio window (`kestrel_arch::layout::VIRTIO_MMIO_START`): virtio devices get
+/// 4 KiB windows from here in the order `Vm::create` adds them (drives, network interfaces,
+/// vsock, fs shares).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+
+/// Guest-physical page where [`mmio_writer`] builds the page directory that maps 3–4 GiB.
+pub const TINY_MMIO_PD: u32 = 0x20_0000;
+
+/// Code: a tiny driver. Maps the 32-bit MMIO hole (3–4 GiB, where the virtio-mmio windows,
+/// IOAPIC and LAPIC are; the boot page tables map only the first GiB) with 2 MiB pages through
+/// a page directory at [`TINY_MMIO_PD`], does each of `writes` (a 32-bit store of the value to
+/// the guest-physical address), then forever: does each of `repeat` and spins about `pause`
+/// PAUSE instructions.
+pub fn mmio_writer(writes: &[(u32, u32)], repeat: &[(u32, u32)], pause: u32) -> Vec<u8> {
+    let mut c = vec![
+        0x0f, 0x20, 0xd8, // mov rax, cr3
+        0x48, 0x25, 0x00, 0xf0, 0xff, 0xff, // and rax, -4096
+        0x48, 0x8b, 0x00, // mov rax, [rax]      (PML4[0]: the PDPT)
+        0x48, 0x25, 0x00, 0xf0, 0xff, 0xff, // and rax, -4096
+        0xc7, 0x40, 0x18, // mov dword [rax + 0x18], PD | present | writable (PDPT[3])
+    ];
+    c.extend_from_slice(&(TINY_MMIO_PD | 3).to_le_bytes());
+    c.extend_from_slice(&[0xc7, 0x40, 0x1c, 0, 0, 0, 0]); // mov dword [rax + 0x1c], 0
+    c.push(0xbf); // mov edi, PD
+    c.extend_from_slice(&TINY_MMIO_PD.to_le_bytes());
+    c.extend_from_slice(&[0xb8, 0x83, 0x00, 0x00, 0xc0]); // mov eax, 3 GiB | PS | RW | P
+    c.extend_from_slice(&[0xb9, 0x00, 0x02, 0x00, 0x00]); // mov ecx, 512
+    c.extend_from_slice(&[
+        0x89, 0x07, // fill: mov [rdi], eax
+        0xc7, 0x47, 0x04, 0, 0, 0, 0, // mov dword [rdi + 4], 0
+        0x48, 0x83, 0xc7, 0x08, // add rdi, 8
+        0x05, 0x00, 0x00, 0x20, 0x00, // add eax, 2 MiB
+        0xe2, 0xec, // loop fill
+        0x0f, 0x20, 0xd8, // mov rax, cr3
+        0x0f, 0x22, 0xd8, // mov cr3, rax (flush)
+    ]);
+    let store = |c: &mut Vec<u8>, (addr, value): (u32, u32)| {
+        c.push(0xbb); // mov ebx, addr (zero-extended)
+        c.extend_from_slice(&addr.to_le_bytes());
+        c.extend_from_slice(&[0xc7, 0x03]); // mov dword [rbx], value
+        c.extend_from_slice(&value.to_le_bytes());
+    };
+    for w in writes {
+        store(&mut c, *w);
+    }
+    let again = c.len();
+    for w in repeat {
+        store(&mut c, *w);
+    }
+    c.push(0xb9); // mov ecx, pause
+    c.extend_from_slice(&pause.max(1).to_le_bytes());
+    c.extend_from_slice(&[0xf3, 0x90, 0xe2, 0xfc]); // wait: pause; loop wait
+    c.push(0xe9); // jmp again (rel32)
+    let rel = again as i64 - (c.len() as i64 + 4);
+    c.extend_from_slice(&(rel as i32).to_le_bytes());
+    c
+}
+
+/// Where a split virtqueue's parts lie in guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingLayout {
+    /// Queue size (a power of two).
+    pub size: u16,
+    /// Descriptor table (16 bytes per entry).
+    pub desc: u64,
+    /// Available (driver) ring.
+    pub avail: u64,
+    /// Used (device) ring.
+    pub used: u64,
+}
+
+impl RingLayout {
+    /// A queue of `size` entries in the 16 KiB at `base` (descriptors, then the available ring
+    /// at +8 KiB, the used ring at +12 KiB).
+    pub fn at(base: u64, size: u16) -> Self {
+        assert!(size <= 256, "the rings must fit their 4 KiB slots");
+        RingLayout {
+            size,
+            desc: base,
+            avail: base + 0x2000,
+            used: base + 0x3000,
+        }
+    }
+}
+
+/// The register stores of a virtio-mmio driver bringing up the device whose window is at
+/// `base`: ACKNOWLEDGE, DRIVER, the driver features (`VIRTIO_F_VERSION_1` plus
+/// `features`), FEATURES_OK, every queue of `queues` (size, rings, ready), DRIVER_OK. For
+/// [`mmio_writer`].
+pub fn virtio_mmio_bring_up(base: u64, features: u64, queues: &[RingLayout]) -> Vec<(u32, u32)> {
+    use kestrel_devices::virtio::mmio::reg;
+    use kestrel_devices::virtio::{status, VIRTIO_F_VERSION_1};
+    let r = |off: u64| u32::try_from(base + off).expect("MMIO windows are below 4 GiB");
+    let features = features | VIRTIO_F_VERSION_1;
+    let mut w = vec![
+        (r(reg::STATUS), status::ACKNOWLEDGE),
+        (r(reg::STATUS), status::ACKNOWLEDGE | status::DRIVER),
+        (r(reg::DRIVER_FEATURES_SEL), 0),
+        (r(reg::DRIVER_FEATURES), features as u32),
+        (r(reg::DRIVER_FEATURES_SEL), 1),
+        (r(reg::DRIVER_FEATURES), (features >> 32) as u32),
+        (
+            r(reg::STATUS),
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        ),
+    ];
+    let split = |a: u64| (a as u32, (a >> 32) as u32);
+    for (i, q) in queues.iter().enumerate() {
+        w.push((r(reg::QUEUE_SEL), i as u32));
+        w.push((r(reg::QUEUE_NUM), u32::from(q.size)));
+        for (low, high, addr) in [
+            (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, q.desc),
+            (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, q.avail),
+            (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, q.used),
+        ] {
+            let (lo, hi) = split(addr);
+            w.push((r(low), lo));
+            w.push((r(high), hi));
+        }
+        w.push((r(reg::QUEUE_READY), 1));
+    }
+    w.push((
+        r(reg::STATUS),
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    ));
+    w
+}
+
+/// The store that notifies queue `queue` of the device whose window is at `base`.
+pub fn virtio_mmio_notify(base: u64, queue: u32) -> (u32, u32) {
+    let addr = base + kestrel_devices::virtio::mmio::QUEUE_NOTIFY_OFFSET;
+    (
+        u32::try_from(addr).expect("MMIO windows are below 4 GiB"),
+        queue,
+    )
+}
+
+/// The driver side of a split virtqueue, played by the host on guest memory while the
+/// guest runs (a tiny guest only notifies): chains go into the descriptor table and the
+/// available ring; the device's used ring is read back.
+#[derive(Debug)]
+pub struct HostDriverRing {
+    layout: RingLayout,
+    next_desc: u16,
+    avail_idx: u16,
+}
+
+/// A descriptor the device writes (`VIRTQ_DESC_F_WRITE`).
+pub const DESC_WRITE: u16 = 2;
+const DESC_NEXT: u16 = 1;
+
+impl HostDriverRing {
+    /// An empty ring at `layout` (its parts are zeroed in `mem`).
+    pub fn new(mem: &vm_memory::GuestMemoryMmap, layout: RingLayout) -> Self {
+        use vm_memory::{Bytes, GuestAddress};
+        let n = usize::from(layout.size);
+        for (addr, len) in [
+            (layout.desc, 16 * n),
+            (layout.avail, 6 + 2 * n),
+            (layout.used, 6 + 8 * n),
+        ] {
+            mem.write_slice(&vec![0u8; len], GuestAddress(addr))
+                .expect("ring inside guest memory");
+        }
+        HostDriverRing {
+            layout,
+            next_desc: 0,
+            avail_idx: 0,
+        }
+    }
+
+    /// Publish a chain of `(address, length, flags)` buffers (flags: [`DESC_WRITE`] or 0).
+    /// Descriptors are used round-robin, so at most `size` chains' worth may be in flight.
+    pub fn push(&mut self, mem: &vm_memory::GuestMemoryMmap, bufs: &[(u64, u32, u16)]) -> u16 {
+        use vm_memory::{Bytes, GuestAddress};
+        let size = self.layout.size;
+        let head = self.next_desc;
+        for (i, &(addr, len, flags)) in bufs.iter().enumerate() {
+            let d = self.next_desc;
+            let next = (d + 1) % size;
+            let last = i + 1 == bufs.len();
+            let at = self.layout.desc + 16 * u64::from(d);
+            let mut e = [0u8; 16];
+            e[0..8].copy_from_slice(&addr.to_le_bytes());
+            e[8..12].copy_from_slice(&len.to_le_bytes());
+            let f = flags | if last { 0 } else { DESC_NEXT };
+            e[12..14].copy_from_slice(&f.to_le_bytes());
+            e[14..16].copy_from_slice(&next.to_le_bytes());
+            mem.write_slice(&e, GuestAddress(at)).expect("descriptor");
+            self.next_desc = next;
+        }
+        let slot = self.layout.avail + 4 + 2 * u64::from(self.avail_idx % size);
+        mem.write_obj(head, GuestAddress(slot)).expect("avail slot");
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        // The index last: the device must see the entry before it.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        mem.write_obj(self.avail_idx, GuestAddress(self.layout.avail + 2))
+            .expect("avail idx");
+        head
+    }
+
+    /// The device's used index.
+    pub fn used_idx(&self, mem: &vm_memory::GuestMemoryMmap) -> u16 {
+        use vm_memory::{Bytes, GuestAddress};
+        mem.read_obj(GuestAddress(self.layout.used + 2))
+            .expect("used idx")
+    }
+
+    /// Used element `i` (of those the device has returned): (descriptor head, length).
+    pub fn used(&self, mem: &vm_memory::GuestMemoryMmap, i: u16) -> (u32, u32) {
+        use vm_memory::{Bytes, GuestAddress};
+        let at = self.layout.used + 4 + 8 * u64::from(i % self.layout.size);
+        let id: u32 = mem.read_obj(GuestAddress(at)).expect("used id");
+        let len: u32 = mem.read_obj(GuestAddress(at + 4)).expect("used len");
+        (id, len)
+    }
+}
+
 /// A per-process scratch directory (removed by the OS's tmp cleaning, not by tests).
 pub fn scratch_dir() -> PathBuf {
     let d = std::env::temp_dir().join(format!("kestrel-tests-{}", std::process::id()));
@@ -281,6 +499,29 @@ Swap:                  0 kB
             TINY_LOAD_ADDR
         );
         assert_eq!(&e[120..], &[0x90, 0xf4]);
+    }
+
+    #[test]
+    fn mmio_writer_stores_then_loops_back_to_the_repeated_stores() {
+        let c = mmio_writer(&[(0xd000_0070, 1)], &[(0xd000_0050, 2)], 5);
+        // ... mov ebx/mov [rbx] (repeated store), mov ecx, pause; loop, jmp rel32.
+        let again = c.len() - 5 - 4 - 5 - 11;
+        assert_eq!(&c[again..again + 5], &[0xbb, 0x50, 0x00, 0x00, 0xd0]);
+        assert_eq!(&c[again - 11..again - 6], &[0xbb, 0x70, 0x00, 0x00, 0xd0]);
+        let rel = i32::from_le_bytes(c[c.len() - 4..].try_into().unwrap());
+        assert_eq!(c.len() as i64 + i64::from(rel), again as i64);
+    }
+
+    #[test]
+    fn bring_up_ends_with_driver_ok_after_the_queues() {
+        let w = virtio_mmio_bring_up(0xd000_0000, 0, &[RingLayout::at(0x30_0000, 16)]);
+        assert_eq!(w.first(), Some(&(0xd000_0070, 1)));
+        assert_eq!(w.last(), Some(&(0xd000_0070, 0xf)));
+        assert!(w.contains(&(0xd000_0080, 0x30_0000)), "descriptor table");
+        assert!(
+            w.contains(&(0xd000_0024, 1)) && w.contains(&(0xd000_0020, 1)),
+            "VERSION_1"
+        );
     }
 
     #[test]

@@ -1,11 +1,11 @@
 //! Resource accounting across VM lifecycles, and panic containment (a panic on any Kestrel
-//! thread or device handler must neither hang nor leak). Every test here takes `SERIAL`, so
-//! no other test's threads or fds disturb the counts.
+//! thread, device handler or virtio-fs worker must neither hang nor leak). Every test here
+//! takes `SERIAL`, so no other test's threads or fds disturb the counts.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use kestrel_api::{DriveConfig, SerialOutput, VmConfig};
+use kestrel_api::{DriveConfig, FsConfig, SerialOutput, VmConfig};
 use kestrel_tests::*;
 use kestrel_vmm::{ThreadClass, ThreadKind, Vm, VmExit, STOP_JOIN_TIMEOUT};
 
@@ -143,6 +143,71 @@ fn device_handler_panic_fails_the_device_not_the_vm() {
     ));
     assert_eq!(vm.stop(), VmExit::Stopped);
     drop(vm);
+    assert_eq!(thread_count(), threads, "thread count changed");
+    assert_eq!(fd_count(), fds, "fd count changed");
+}
+
+#[test]
+fn fs_worker_panic_fails_the_device_not_the_vm() {
+    let _s = serial();
+    let share = scratch_dir().join("panic-share");
+    std::fs::create_dir_all(&share).unwrap();
+    // fs0 (the first virtio device) with a worker thread for its request queue; the guest
+    // brings it up (DRIVER_OK starts the worker) and spins. fs1 serves without workers.
+    let queues = [RingLayout::at(0x30_0000, 16), RingLayout::at(0x31_0000, 16)];
+    let code = mmio_writer(
+        &virtio_mmio_bring_up(VIRTIO_MMIO_BASE, 0, &queues),
+        &[],
+        1000,
+    );
+    let mut c = VmConfig::new(write_tiny_guest("fs-driver.elf", &code), 1, 32);
+    c.serial.output = SerialOutput::None;
+    c.kestrel.name = Some("fspanic".into());
+    let mut fs = FsConfig::shared_dir("share", &share);
+    fs.num_queues = 1;
+    fs.worker_threads = true;
+    c.fs.push(fs);
+    c.fs.push(FsConfig::shared_dir("plain", &share));
+    cycle(&c);
+    let (threads, fds) = (thread_count(), fd_count());
+    let t0 = Instant::now();
+    let vm = Vm::create(&c).unwrap();
+    vm.start().unwrap();
+    // Armed at once: the worker takes it on its first pass, whether it runs yet or not.
+    vm.inject_panic(ThreadClass::FsWorker("fs0".into()))
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while vm.metrics().device_panics == 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        vm.metrics().device_panics,
+        1,
+        "the worker's panic is counted"
+    );
+    assert_eq!(vm.fs_metrics("share").unwrap().panics, 1);
+    assert_eq!(vm.device_needs_reset("fs0"), Some(true));
+    assert_eq!(vm.device_needs_reset("fs1"), Some(false));
+    // The VM runs on.
+    assert_eq!(vm.wait_timeout(Duration::from_millis(300)), None);
+    assert_eq!(
+        vm.threads().len(),
+        2,
+        "the vCPU and the event loop still run"
+    );
+    assert!(matches!(
+        vm.inject_panic(ThreadClass::FsWorker("fs1".into())),
+        Err(kestrel_vmm::VmmError::NoFsWorkers(_))
+    ));
+    assert!(matches!(
+        vm.inject_panic(ThreadClass::FsWorker("nope".into())),
+        Err(kestrel_vmm::VmmError::NoSuchDevice(_))
+    ));
+    let t1 = Instant::now();
+    assert_eq!(vm.stop(), VmExit::Stopped);
+    drop(vm);
+    assert!(t1.elapsed() < Duration::from_secs(1), "stop/drop are quick");
+    assert!(t0.elapsed() < STOP_JOIN_TIMEOUT + Duration::from_secs(5));
     assert_eq!(thread_count(), threads, "thread count changed");
     assert_eq!(fd_count(), fds, "fd count changed");
 }

@@ -1,12 +1,15 @@
 //! Seccomp filters bind only the threads Kestrel spawns: a call the event loop's filter
 //! forbids fails there with EPERM (the library's default action) while the embedding process's
-//! own threads make the same call successfully; `kestrel.seccomp = "off"` lifts the filters.
+//! own threads make the same call successfully; `kestrel.seccomp = "off"` lifts the filters;
+//! every class refuses a new mount namespace but lets virtio-fs's root import unshare its
+//! file-system attributes.
 
 use std::sync::mpsc;
 use std::time::Duration;
 
 use kestrel_api::{SeccompMode, SerialOutput, VmConfig};
 use kestrel_tests::*;
+use kestrel_vmm::seccomp::{FilterClass, Filters};
 use kestrel_vmm::{ThreadKind, Vm};
 
 fn spin_config(name: &str) -> VmConfig {
@@ -99,4 +102,86 @@ fn seccomp_off_installs_no_filter() {
         assert_eq!(seccomp_status(t.tid), "0", "{} is not filtered", t.name);
     }
     vm.stop();
+}
+
+/// `unshare(flags)` on the calling thread: Ok or the errno.
+fn unshare(flags: libc::c_int) -> Result<(), i32> {
+    // SAFETY: unshare takes no pointers; it changes only what the calling thread shares.
+    if unsafe { libc::unshare(flags) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+/// What a thread may do about namespaces: (Seccomp status, a new mount namespace, the same
+/// with CLONE_FS, CLONE_FS alone, getppid).
+type UnshareResults = (
+    String,
+    Result<(), i32>,
+    Result<(), i32>,
+    Result<(), i32>,
+    Result<(), i32>,
+);
+
+/// Run the namespace calls on a new thread (its mount namespace, if it gets one, ends with
+/// it), after `setup`.
+fn unshare_on_new_thread(setup: impl FnOnce() + Send + 'static) -> UnshareResults {
+    std::thread::spawn(move || {
+        setup();
+        // SAFETY: gettid has no preconditions.
+        let status = seccomp_status(unsafe { libc::gettid() });
+        // SAFETY: getppid has no preconditions.
+        let ppid = if unsafe { libc::syscall(libc::SYS_getppid) } >= 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        };
+        (
+            status,
+            unshare(libc::CLONE_NEWNS),
+            unshare(libc::CLONE_NEWNS | libc::CLONE_FS),
+            unshare(libc::CLONE_FS),
+            ppid,
+        )
+    })
+    .join()
+    .expect("the thread ran")
+}
+
+#[test]
+fn every_class_refuses_a_mount_namespace_allows_clone_fs_and_leaves_the_caller_alone() {
+    let filters = Filters::build(SeccompMode::Errno)
+        .unwrap()
+        .expect("errno mode builds filters");
+    for class in [
+        FilterClass::Vcpu,
+        FilterClass::FsWorker,
+        FilterClass::EventLoop,
+    ] {
+        let f = filters.clone();
+        let got = unshare_on_new_thread(move || f.install(class).unwrap());
+        assert_eq!(
+            got,
+            (
+                "2".to_string(),
+                Err(libc::EPERM),
+                Err(libc::EPERM),
+                Ok(()),
+                Err(libc::EPERM)
+            ),
+            "{class} thread: (filter, CLONE_NEWNS, CLONE_NEWNS|CLONE_FS, CLONE_FS, getppid)"
+        );
+    }
+    // The caller's threads have no filter: the same calls succeed there (a new mount
+    // namespace needs CAP_SYS_ADMIN; these tests run as root, like the rest of tests/).
+    let got = unshare_on_new_thread(|| {});
+    assert_eq!(
+        got,
+        ("0".to_string(), Ok(()), Ok(()), Ok(()), Ok(())),
+        "unfiltered thread: (filter, CLONE_NEWNS, CLONE_NEWNS|CLONE_FS, CLONE_FS, getppid); \
+         run as root"
+    );
+    // SAFETY: gettid has no preconditions.
+    assert_eq!(seccomp_status(unsafe { libc::gettid() }), "0");
 }

@@ -22,6 +22,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -279,6 +280,21 @@ pub struct AgentClient {
     max_read_file: u64,
 }
 
+/// Writes to the agent's socket with `MSG_NOSIGNAL`: the client runs on the embedder's threads,
+/// where a guest (or agent) that hung up must be an error, never a `SIGPIPE` for the process.
+/// The socket's send timeout applies as for `write`.
+struct NoSigpipe<'a>(&'a UnixStream);
+
+impl Write for NoSigpipe<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        kestrel_devices::sigpipe::send(self.0.as_raw_fd(), buf, 0)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The first look at a response: which request it answers and whether it succeeded, without
 /// building a JSON tree of the whole line (the payload is parsed once, into its own type).
 #[derive(Deserialize)]
@@ -385,8 +401,7 @@ impl AgentClient {
             Ok(w) => w,
             Err(e) => return Err(fail(format!("socket setup: {e}"))),
         };
-        let mut w = &writer;
-        if let Err(e) = w.write_all(format!("CONNECT {port}\n").as_bytes()) {
+        if let Err(e) = NoSigpipe(&writer).write_all(format!("CONNECT {port}\n").as_bytes()) {
             return if retryable(&e) {
                 Ok(Attempt::Retry(format!("send CONNECT: {e}")))
             } else {
@@ -483,7 +498,7 @@ impl AgentClient {
             let left = at.saturating_duration_since(Instant::now());
             self.writer
                 .set_write_timeout(Some(left.max(Duration::from_millis(1))))?;
-            if let Err(e) = self.writer.write_all(&line) {
+            if let Err(e) = NoSigpipe(&self.writer).write_all(&line) {
                 return Err(match e.kind() {
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
                         timeout("sending the request", t)
@@ -493,7 +508,7 @@ impl AgentClient {
             }
         } else {
             self.writer.set_write_timeout(None)?;
-            self.writer.write_all(&line)?;
+            NoSigpipe(&self.writer).write_all(&line)?;
         }
         loop {
             let resp = match self.read_line(deadline) {

@@ -182,6 +182,10 @@ pub enum VmmError {
     /// No device with that id.
     #[error("no device with id {0:?}")]
     NoSuchDevice(String),
+    /// Panic injection into fs workers: the device serves no queue on worker threads (it is
+    /// not an in-process virtio-fs share, or `worker_threads` is off).
+    #[error("device {0:?} has no virtio-fs worker threads")]
+    NoFsWorkers(String),
     /// `start` was called twice.
     #[error("the VM was already started")]
     AlreadyStarted,

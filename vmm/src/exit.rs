@@ -136,6 +136,9 @@ pub enum ThreadClass {
     /// The event handler of the virtio device with this id (drive id, iface id, `vsock`,
     /// `fs<N>`), on the event-loop thread.
     Device(String),
+    /// A worker thread of the in-process virtio-fs device `fs<N>` (one with
+    /// `worker_threads`).
+    FsWorker(String),
 }
 
 /// Test-only panic injection of one VM (per VM: no process-global state). Costs one relaxed

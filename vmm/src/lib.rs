@@ -17,8 +17,9 @@
 //!
 //! Threads of one VM: one per vCPU (`kestrel-<vm>-vcpu<N>`) and one event loop
 //! (`kestrel-<vm>-evloop`), each under its class's seccomp filter ([`seccomp`]; never the
-//! caller's threads). Dropping a [`Vm`] stops it and joins every thread; its fds and
-//! guest memory are released with it.
+//! caller's threads) and with `SIGPIPE` blocked (`kestrel_devices::sigpipe`: no write of
+//! Kestrel's raises it, whatever the process's disposition). Dropping a [`Vm`] stops it and
+//! joins every thread; its fds and guest memory are released with it.
 
 pub mod agent;
 mod boot;

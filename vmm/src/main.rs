@@ -59,8 +59,9 @@ fn load_config(path: Option<&PathBuf>) -> Result<VmConfig, kestrel_api::ConfigEr
     }
 }
 
-/// Debug builds only: `KESTREL_TEST_INJECT_PANIC=vcpu<N>|evloop|device:<id>` makes that
-/// thread or device handler panic right after start (tests of panic containment).
+/// Debug builds only: `KESTREL_TEST_INJECT_PANIC=vcpu<N>|evloop|device:<id>|fs-worker:<id>`
+/// makes that thread, device handler or virtio-fs worker panic right after start (tests of
+/// panic containment).
 #[cfg(debug_assertions)]
 fn inject_test_panic(vm: &Vm) {
     use kestrel_vmm::ThreadClass;
@@ -71,6 +72,8 @@ fn inject_test_panic(vm: &Vm) {
         ThreadClass::EventLoop
     } else if let Some(id) = what.strip_prefix("device:") {
         ThreadClass::Device(id.to_string())
+    } else if let Some(id) = what.strip_prefix("fs-worker:") {
+        ThreadClass::FsWorker(id.to_string())
     } else if let Some(n) = what.strip_prefix("vcpu").and_then(|n| n.parse().ok()) {
         ThreadClass::Vcpu(n)
     } else {

@@ -25,7 +25,7 @@ pub struct VmCounters {
     pub assist_xstate_load: AtomicU64,
     /// Extended-state requests refused (bad address or state from the guest).
     pub assist_xstate_errors: AtomicU64,
-    /// Device event handlers that panicked (each device then needs a reset).
+    /// Panics devices contained (each device then needs a reset).
     pub device_panics: AtomicU64,
 }
 
@@ -52,8 +52,9 @@ pub struct VmMetrics {
     pub assist_xstate_load: u64,
     /// Extended-state requests refused.
     pub assist_xstate_errors: u64,
-    /// Device event handlers that panicked (contained: the device went to
-    /// `DEVICE_NEEDS_RESET`, the VM kept running).
+    /// Panics contained in a device — in its event handler, inside its backend (the FUSE
+    /// server) or on one of its worker threads (virtio-fs): the device went to
+    /// `DEVICE_NEEDS_RESET`, the VM kept running.
     pub device_panics: u64,
     /// Bytes the guest wrote to the serial console.
     pub serial_tx_bytes: u64,

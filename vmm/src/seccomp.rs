@@ -130,8 +130,9 @@ pub(crate) fn install_opt(
 
 /// Allowed without conditions on every Kestrel thread: Rust std and glibc (allocator, locks,
 /// thread exit, time when the vDSO falls back to the kernel), the tracing subscriber's writes,
-/// the panic path (message, backtrace symbolisation reads the executable) and the kick
-/// signal's handler returning.
+/// the panic path (message, backtrace symbolisation reads the executable), the kick
+/// signal's handler returning, and keeping `SIGPIPE` off the process (blocking it, and taking
+/// the one a failed pipe write raised off the thread: `kestrel_devices::sigpipe`).
 const COMMON: &[i64] = &[
     libc::SYS_brk,
     libc::SYS_clock_gettime,
@@ -156,8 +157,10 @@ const COMMON: &[i64] = &[
     libc::SYS_read,
     libc::SYS_readlink,
     libc::SYS_restart_syscall,
+    libc::SYS_rt_sigpending,
     libc::SYS_rt_sigprocmask,
     libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigtimedwait,
     libc::SYS_sched_getaffinity,
     libc::SYS_sched_yield,
     libc::SYS_sigaltstack,
@@ -230,7 +233,8 @@ const FS_WORKER: &[i64] = &[
 /// The event loop, beyond [`COMMON`] and [`FS_WORKER`] (it serves virtio-fs itself without
 /// workers, and its filter also binds the workers it spawns): epoll, eventfds, timerfds,
 /// block I/O, TAP, vsock's Unix sockets (`socket` only `AF_UNIX`), the kick (`tgkill`), and
-/// spawning fs workers (`clone3`/`clone` and what a new thread does before its own filter).
+/// spawning fs workers (the worker's wake-up `eventfd2`, `clone3`/`clone` and what a new
+/// thread does before its own filter).
 const EVLOOP: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_clone,
@@ -239,6 +243,7 @@ const EVLOOP: &[i64] = &[
     libc::SYS_epoll_ctl,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_wait,
+    libc::SYS_eventfd2,
     libc::SYS_getsockopt,
     libc::SYS_prctl,
     libc::SYS_readv,
@@ -303,6 +308,9 @@ fn vcpu_ioctls() -> Vec<u64> {
         ioc(r, 0xcf, std::mem::size_of::<kvm_xsave>()),           // KVM_GET_XSAVE2
     ]
 }
+
+/// `SECCOMP_SET_MODE_FILTER` (<linux/seccomp.h>).
+const SECCOMP_SET_MODE_FILTER: u32 = 1;
 
 fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, seccompiler::Error> {
     SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(Into::into)
@@ -373,6 +381,16 @@ fn rules(class: FilterClass) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompi
     }
     if class == FilterClass::EventLoop {
         m.insert(libc::SYS_socket, any_of(0, &[libc::AF_UNIX as u64])?);
+        // An fs worker the loop spawns installs its own filter on top of the loop's (which it
+        // inherited): `seccomp(SECCOMP_SET_MODE_FILTER, 0, ...)`. A filter only ever adds
+        // restrictions; flags 0 means no `TSYNC`, so it binds the calling thread alone.
+        m.insert(
+            libc::SYS_seccomp,
+            vec![SeccompRule::new(vec![
+                cond(0, SeccompCmpOp::Eq, u64::from(SECCOMP_SET_MODE_FILTER))?,
+                cond(1, SeccompCmpOp::Eq, 0)?,
+            ])?],
+        );
     }
     Ok(m)
 }
@@ -417,6 +435,10 @@ mod tests {
                 libc::SYS_write,
                 libc::SYS_exit,
                 libc::SYS_munmap,
+                // kestrel_devices::sigpipe on every thread.
+                libc::SYS_rt_sigprocmask,
+                libc::SYS_rt_sigpending,
+                libc::SYS_rt_sigtimedwait,
             ] {
                 assert!(has(class, nr), "{class} needs {nr}");
             }
@@ -434,8 +456,17 @@ mod tests {
                 assert!(!has(class, nr), "{class} must not get {nr}");
             }
         }
-        // Only the event loop spawns threads (fs workers) and makes sockets.
+        // Only the event loop makes sockets and spawns fs workers, which make a wake-up
+        // eventfd there and install their own filter.
         assert!(has(FilterClass::EventLoop, libc::SYS_socket));
+        assert!(has(FilterClass::EventLoop, libc::SYS_eventfd2));
+        assert!(!rules(FilterClass::EventLoop).unwrap()[&libc::SYS_seccomp].is_empty());
+        for class in [FilterClass::Vcpu, FilterClass::FsWorker] {
+            assert!(
+                !has(class, libc::SYS_seccomp),
+                "{class} installs no filters"
+            );
+        }
         assert!(!has(FilterClass::Vcpu, libc::SYS_socket));
         assert!(!has(FilterClass::FsWorker, libc::SYS_socket));
         // A worker runs under the event loop's filter too: everything it may do, the loop may.

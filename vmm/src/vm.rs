@@ -67,8 +67,10 @@ pub struct ThreadInfo {
 /// than block, see `kestrel_devices::legacy::NonBlockingWriter`).
 pub type ConsoleSink = Box<dyn Write + Send>;
 
+/// A virtio-fs share: in-process (device id `fs<N>`, tag, device) or vhost-user (tag,
+/// device).
 enum FsShare {
-    InProcess(String, Arc<Mutex<Fs>>),
+    InProcess(String, String, Arc<Mutex<Fs>>),
     VhostUser(String, Arc<Mutex<VhostUserFs>>),
 }
 
@@ -299,6 +301,10 @@ impl Vm {
                     source,
                 })?;
                 d.set_worker_name_prefix(&format!("kestrel-{}-{id}", config.name()));
+                let panics = counters.clone();
+                d.set_panic_hook(Some(Arc::new(move || {
+                    VmCounters::bump(&panics.device_panics)
+                })));
                 d.set_worker_start_hook(seccomp.as_ref().map(|f| {
                     let prog = f.program(FilterClass::FsWorker).clone();
                     let hook: kestrel_devices::ThreadStartHook = Arc::new(move || {
@@ -309,7 +315,7 @@ impl Vm {
                 let d = Arc::new(Mutex::new(d));
                 dm.add_virtio(&vm_fd, &id, d.clone())
                     .map_err(VmmError::Device)?;
-                shares.push(FsShare::InProcess(fc.tag.clone(), d));
+                shares.push(FsShare::InProcess(id, fc.tag.clone(), d));
             }
         }
         extra_args.extend(dm.cmdline.iter().cloned());
@@ -488,6 +494,9 @@ impl Vm {
         let h = std::thread::Builder::new()
             .name(thread_name(&name))
             .spawn(move || {
+                // Writes on this thread (console sinks, vsock, the embedder's tracing writer)
+                // must never SIGPIPE the process (kestrel_devices::sigpipe).
+                kestrel_devices::sigpipe::block_on_this_thread_or_log(&tname);
                 register_thread(&info, tname.clone(), ThreadKind::EventLoop);
                 let filtered = seccomp::install_opt(filters.as_ref(), FilterClass::EventLoop);
                 let unfiltered = filtered.is_err();
@@ -561,6 +570,7 @@ impl Vm {
         let r = std::thread::Builder::new()
             .name(thread_name(&name))
             .spawn(move || {
+                kestrel_devices::sigpipe::block_on_this_thread_or_log(&tname);
                 // SAFETY: pthread_self has no preconditions.
                 let me = unsafe { libc::pthread_self() };
                 pthreads
@@ -732,7 +742,7 @@ impl Vm {
     /// Counters of the in-process virtio-fs share `tag`.
     pub fn fs_metrics(&self, tag: &str) -> Option<kestrel_devices::virtio::fs::FsMetrics> {
         self.shares.iter().find_map(|s| match s {
-            FsShare::InProcess(t, d) if t == tag => {
+            FsShare::InProcess(_, t, d) if t == tag => {
                 Some(d.lock().unwrap_or_else(|p| p.into_inner()).metrics())
             }
             _ => None,
@@ -742,7 +752,7 @@ impl Vm {
     /// Whether share `tag` is served by an external vhost-user backend.
     pub fn fs_is_vhost_user(&self, tag: &str) -> Option<bool> {
         self.shares.iter().find_map(|s| match s {
-            FsShare::InProcess(t, _) if t == tag => Some(false),
+            FsShare::InProcess(_, t, _) if t == tag => Some(false),
             FsShare::VhostUser(t, _) if t == tag => Some(true),
             _ => None,
         })
@@ -1009,10 +1019,11 @@ impl Vm {
     }
 
     /// Test-only fault injection: make `class` panic, to prove panics are contained (a vCPU
-    /// or the event loop: the VM stops with [`VmExit::ThreadPanicked`]; a device's handler:
-    /// the device needs a reset and the VM runs on). The panic fires once, at the next pass of
-    /// that thread's loop (vCPU `N` is kicked out of `KVM_RUN` for it) or at the device's next
-    /// event (one is signalled here).
+    /// or the event loop: the VM stops with [`VmExit::ThreadPanicked`]; a device's handler or
+    /// a virtio-fs worker thread: the device needs a reset, `device_panics` counts it and the
+    /// VM runs on). The panic fires once, at the next pass of that thread's loop (vCPU `N` is
+    /// kicked out of `KVM_RUN` for it, fs workers are woken; a worker the device starts later
+    /// takes it if none runs yet) or at the device's next event (one is signalled here).
     #[doc(hidden)]
     pub fn inject_panic(&self, class: ThreadClass) -> Result<(), VmmError> {
         match class {
@@ -1026,6 +1037,23 @@ impl Vm {
                     .wake
                     .write(1)
                     .map_err(io_err("waking the event loop"))?;
+            }
+            ThreadClass::FsWorker(id) => {
+                let fs = self.shares.iter().find_map(|s| match s {
+                    FsShare::InProcess(i, _, d) if *i == id => Some(d),
+                    _ => None,
+                });
+                let Some(fs) = fs else {
+                    self.device_handle(&id)?;
+                    return Err(VmmError::NoFsWorkers(id));
+                };
+                if !fs
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .inject_worker_panic()
+                {
+                    return Err(VmmError::NoFsWorkers(id));
+                }
             }
             ThreadClass::Device(id) => {
                 let d = self.device_handle(&id)?;

@@ -318,10 +318,14 @@ impl Drop for SerialOutput {
 ///   (a new open file description of the same object);
 /// - a socket is written with `send(MSG_DONTWAIT | MSG_NOSIGNAL)`;
 /// - anything else (a regular file) is written through a duplicate descriptor.
+///
+/// A reader that went away is an error (`EPIPE`, counted by the drainer as dropped output),
+/// never a `SIGPIPE` for the process: pipes and FIFOs are written under
+/// [`crate::sigpipe::without_sigpipe`], sockets with `MSG_NOSIGNAL`.
 #[derive(Debug)]
 pub struct NonBlockingWriter {
     fd: OwnedFd,
-    socket: bool,
+    kind: libc::mode_t,
 }
 
 impl NonBlockingWriter {
@@ -348,7 +352,7 @@ impl NonBlockingWriter {
                 return Ok(NonBlockingWriter {
                     // SAFETY: `new` was just opened here and nothing else owns it.
                     fd: unsafe { OwnedFd::from_raw_fd(new) },
-                    socket: false,
+                    kind,
                 });
             }
             tracing::debug!(
@@ -359,7 +363,7 @@ impl NonBlockingWriter {
         }
         Ok(NonBlockingWriter {
             fd: fd.try_clone_to_owned()?,
-            socket: kind == libc::S_IFSOCK,
+            kind,
         })
     }
 
@@ -378,25 +382,20 @@ impl AsRawFd for NonBlockingWriter {
 impl Write for NonBlockingWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let fd = self.fd.as_raw_fd();
-        let r = if self.socket {
+        let write = || {
             // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the call; `fd` is owned
             // by `self`.
-            unsafe {
-                libc::send(
-                    fd,
-                    buf.as_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
+            let r = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+            if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as usize)
             }
-        } else {
-            // SAFETY: as above.
-            unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) }
         };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
+        match self.kind {
+            libc::S_IFSOCK => crate::sigpipe::send(fd, buf, libc::MSG_DONTWAIT),
+            libc::S_IFIFO => crate::sigpipe::without_sigpipe(write),
+            _ => write(),
         }
     }
 

@@ -38,8 +38,9 @@ pub const MMIO_VERSION: u32 = 2;
 /// `VendorID` Kestrel reports ("KSTR").
 pub const MMIO_VENDOR_ID: u32 = 0x4b53_5452;
 
-/// Register offsets (virtio 1.2 §4.2.2, table "MMIO Device Register Layout").
-mod reg {
+/// Register offsets (virtio 1.2 §4.2.2, table "MMIO Device Register Layout"), for drivers in
+/// tests, fuzz targets and tiny guests.
+pub mod reg {
     pub const MAGIC_VALUE: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;

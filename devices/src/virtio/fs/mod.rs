@@ -149,7 +149,9 @@ pub struct FsMetrics {
     pub malformed_chains: u64,
     /// Ring-level errors that put the device into `needs_reset`.
     pub queue_errors: u64,
-    /// Panics caught inside the FUSE server (the device then needs a reset).
+    /// Panics the device contained: inside the FUSE server, or anywhere on a worker thread
+    /// (the device then needs a reset). Each is also reported to the panic hook
+    /// ([`Fs::set_panic_hook`]).
     pub panics: u64,
     /// Used-ring interrupts raised.
     pub interrupts: u64,
@@ -392,6 +394,15 @@ fn drain_queue(
     result
 }
 
+/// Tell `hook` of the panics counted in `m` (one pass's counters).
+fn report_panics(m: &FsMetrics, hook: Option<&crate::DevicePanicHook>) {
+    if let Some(hook) = hook {
+        for _ in 0..m.panics {
+            hook();
+        }
+    }
+}
+
 /// Log a warning when one share may hold as many descriptors as the process may open at all
 /// (`RLIMIT_NOFILE`, soft): the cap would not protect the rest of the process.
 fn warn_if_above_fd_limit(tag: &str, max_open_handles: u32) {
@@ -437,6 +448,10 @@ pub struct Fs {
     worker_name_prefix: String,
     /// Run first on each worker thread.
     worker_start_hook: Option<crate::ThreadStartHook>,
+    /// Told of every panic the device contains.
+    panic_hook: Option<crate::DevicePanicHook>,
+    /// Test-only: the next pass of a worker thread panics ([`Fs::inject_worker_panic`]).
+    inject_worker_panic: Arc<AtomicBool>,
     /// One slot per queue (the high-priority queue always stays on the event loop).
     workers: Vec<Option<worker::Worker>>,
 }
@@ -484,6 +499,8 @@ impl Fs {
             worker_threads: config.worker_threads,
             worker_name_prefix: "kestrel-fs".to_string(),
             worker_start_hook: None,
+            panic_hook: None,
+            inject_worker_panic: Arc::new(AtomicBool::new(false)),
             workers: (0..nq).map(|_| None).collect(),
         })
     }
@@ -553,6 +570,7 @@ impl Fs {
         );
         self.server_used |= m.requests + m.hiprio_requests > 0;
         lock_metrics(&self.metrics).add(&m);
+        report_panics(&m, self.panic_hook.as_ref());
         match r {
             Ok(false) => {}
             Ok(true) => {
@@ -598,6 +616,8 @@ impl Fs {
                 metrics: self.metrics.clone(),
                 failed: self.failed.clone(),
                 start_hook: self.worker_start_hook.clone(),
+                panic_hook: self.panic_hook.clone(),
+                inject_panic: self.inject_worker_panic.clone(),
             };
             match worker::Worker::spawn(name, ctx) {
                 Ok(w) => {
@@ -642,6 +662,28 @@ impl Fs {
     /// filter with it). When it fails the worker does no work and the device needs a reset.
     pub fn set_worker_start_hook(&mut self, hook: Option<crate::ThreadStartHook>) {
         self.worker_start_hook = hook;
+    }
+
+    /// What the device calls each time it contains a panic (the VMM counts device panics
+    /// with it). Set before the device is activated.
+    pub fn set_panic_hook(&mut self, hook: Option<crate::DevicePanicHook>) {
+        self.panic_hook = hook;
+    }
+
+    /// Test-only fault injection: the next pass of one of this device's worker threads panics
+    /// (once; a worker started later takes it if none runs yet), to prove a worker's panic is
+    /// contained: the device needs a reset, the panic is counted, the VM runs on. `false` (and
+    /// nothing armed) when the device serves its queues without workers.
+    #[doc(hidden)]
+    pub fn inject_worker_panic(&self) -> bool {
+        if !self.worker_threads {
+            return false;
+        }
+        self.inject_worker_panic.store(true, Ordering::SeqCst);
+        for w in self.workers.iter().flatten() {
+            w.wake();
+        }
+        true
     }
 
     /// Handle every queue (after activation: notifications may have arrived before it).

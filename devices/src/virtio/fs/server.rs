@@ -175,6 +175,7 @@ pub fn with_private_umask<T: Send>(f: impl FnOnce() -> io::Result<T> + Send) -> 
         let thread = std::thread::Builder::new()
             .name("kestrel-fs-init".to_string())
             .spawn_scoped(scope, || {
+                crate::sigpipe::block_on_this_thread_or_log("kestrel-fs-init");
                 // SAFETY: unshare takes no pointers; CLONE_FS only gives the calling thread its
                 // own copy of root, cwd and umask.
                 if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {

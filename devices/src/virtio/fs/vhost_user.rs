@@ -218,6 +218,9 @@ impl VhostUserFs {
     ) -> Result<VhostUserFs, VhostUserFsError> {
         check_geometry(tag, num_queues, queue_size)?;
         let nq = 1 + usize::from(num_queues);
+        // The vhost crate sends through vmm-sys-util's `send_with_fds` (`sendmsg` with
+        // `MSG_NOSIGNAL`): a daemon that went away is an error, never a SIGPIPE, on the
+        // caller's threads (create, memory hotplug) as on a vCPU (activation).
         let mut frontend =
             Frontend::connect(socket, nq as u64).map_err(|source| VhostUserFsError::Connect {
                 path: socket.to_path_buf(),

@@ -16,7 +16,7 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::server::FuseServer;
-use super::{drain_queue, lock_metrics, FsMetrics};
+use super::{drain_queue, lock_metrics, report_panics, FsMetrics};
 use crate::virtio::{GuestMem, VirtioInterrupt};
 
 /// Everything a worker serves its queue with.
@@ -31,6 +31,10 @@ pub(super) struct WorkerContext {
     pub failed: Arc<AtomicBool>,
     /// Run first on the thread (the VMM's seccomp filter).
     pub start_hook: Option<crate::ThreadStartHook>,
+    /// Told of every panic the worker contains.
+    pub panic_hook: Option<crate::DevicePanicHook>,
+    /// Test-only: the next worker pass of the device panics (once, whichever worker takes it).
+    pub inject_panic: Arc<AtomicBool>,
 }
 
 /// A running worker thread.
@@ -63,31 +67,11 @@ impl Worker {
         // reachable for the error path through a slot.
         let slot = Arc::new(Mutex::new(Some(ctx)));
         let thread_slot = slot.clone();
-        let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            // SAFETY: gettid has no preconditions.
-            thread_tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
-            let ctx = thread_slot.lock().ok().and_then(|mut s| s.take());
-            if let Some(ctx) = ctx {
-                if let Some(hook) = &ctx.start_hook {
-                    if let Err(e) = hook() {
-                        tracing::error!(
-                            "virtio-fs {}: worker {} not started ({e}); device needs a reset",
-                            ctx.tag,
-                            ctx.index
-                        );
-                        needs_reset(&ctx.failed, &ctx.interrupt);
-                        return;
-                    }
-                }
-                // A panic ends this worker only: the device needs a reset (DEVICE_NEEDS_RESET).
-                let (tag, failed, irq) =
-                    (ctx.tag.clone(), ctx.failed.clone(), ctx.interrupt.clone());
-                if let Err(e) = crate::catch_panic(|| run(ctx, &thread_wake, &thread_stop)) {
-                    tracing::error!("virtio-fs {tag}: worker {e}; device needs a reset");
-                    needs_reset(&failed, &irq);
-                }
-            }
-        });
+        let spawned = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                thread_body(&name, &thread_slot, &thread_wake, &thread_stop, &thread_tid)
+            });
         match spawned {
             Ok(thread) => Ok(Worker {
                 wake,
@@ -139,6 +123,52 @@ impl Drop for Worker {
     }
 }
 
+/// A worker thread: blocks SIGPIPE, records its tid, takes its context, runs the start hook
+/// (the seccomp filter), then serves the queue until told to stop. A failing hook or a panic
+/// ends the thread and the device needs a reset; a panic is counted and reported.
+fn thread_body(
+    name: &str,
+    slot: &Mutex<Option<WorkerContext>>,
+    wake: &EventFd,
+    stop: &AtomicBool,
+    tid: &AtomicI32,
+) {
+    crate::sigpipe::block_on_this_thread_or_log(name);
+    // SAFETY: gettid has no preconditions.
+    tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+    let Some(ctx) = slot.lock().ok().and_then(|mut s| s.take()) else {
+        return;
+    };
+    if let Some(hook) = &ctx.start_hook {
+        if let Err(e) = hook() {
+            tracing::error!(
+                "virtio-fs {}: worker {} not started ({e}); device needs a reset",
+                ctx.tag,
+                ctx.index
+            );
+            needs_reset(&ctx.failed, &ctx.interrupt);
+            return;
+        }
+    }
+    // A panic ends this worker only: the device needs a reset (DEVICE_NEEDS_RESET), and it is
+    // counted.
+    let (tag, failed, irq, metrics, hook) = (
+        ctx.tag.clone(),
+        ctx.failed.clone(),
+        ctx.interrupt.clone(),
+        ctx.metrics.clone(),
+        ctx.panic_hook.clone(),
+    );
+    if let Err(e) = crate::catch_panic(|| run(ctx, wake, stop)) {
+        tracing::error!("virtio-fs {tag}: worker {e}; device needs a reset");
+        lock_metrics(&metrics).panics += 1;
+        if let Some(hook) = &hook {
+            hook();
+        }
+        needs_reset(&failed, &irq);
+    }
+}
+
 /// The device failed: it reports DEVICE_NEEDS_RESET and tells the driver (config change).
 fn needs_reset(failed: &AtomicBool, interrupt: &VirtioInterrupt) {
     failed.store(true, Ordering::SeqCst);
@@ -160,6 +190,14 @@ fn run(mut ctx: WorkerContext, wake: &EventFd, stop: &AtomicBool) {
         if stop.load(Ordering::SeqCst) {
             return;
         }
+        if ctx.inject_panic.load(Ordering::Relaxed)
+            && ctx.inject_panic.swap(false, Ordering::SeqCst)
+        {
+            panic!(
+                "injected panic on virtio-fs {} worker of queue {}",
+                ctx.tag, ctx.index
+            );
+        }
         if ctx.failed.load(Ordering::SeqCst) {
             continue;
         }
@@ -175,6 +213,7 @@ fn run(mut ctx: WorkerContext, wake: &EventFd, stop: &AtomicBool) {
             usize::MAX,
         );
         lock_metrics(&ctx.metrics).add(&m);
+        report_panics(&m, ctx.panic_hook.as_ref());
         if let Err(why) = r {
             tracing::warn!(
                 "virtio-fs {}: queue {} failed, device needs a reset: {why}",

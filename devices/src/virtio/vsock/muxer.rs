@@ -110,21 +110,7 @@ impl ConnStream for UnixConn {
     }
 
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the whole call and the fd
-        // is owned by `self.0`, which outlives the call.
-        let r = unsafe {
-            libc::send(
-                self.0.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
-        }
+        crate::sigpipe::send(self.0.as_raw_fd(), buf, 0)
     }
 
     fn shutdown_write(&mut self) -> io::Result<()> {

@@ -1,0 +1,347 @@
+//! No write Kestrel makes raises `SIGPIPE` in the process that embeds it.
+//!
+//! The embedding process may have `SIGPIPE` at its default action (terminate). This test
+//! binary runs itself again as a child with `SIGPIPE` reset to `SIG_DFL` (Rust's runtime
+//! ignores it, which would hide the bug) and unblocked; there a VM's serial console writes to a
+//! FIFO (the process's standard output, `serial.output = "stdout"`) whose reader closes while
+//! the guest keeps writing, and a vsock host peer stops reading while the guest sends to it.
+//! The child must survive (not be killed by signal 13), the serial output written after the
+//! close must be counted as dropped, and the vsock connection must end with a reset.
+
+use std::io::Read;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kestrel_api::{SerialOutput, VmConfig, VsockConfig};
+use kestrel_devices::virtio::vsock::packet::{op, Header, HDR_SIZE, HOST_CID, TYPE_STREAM};
+use kestrel_tests::*;
+use kestrel_vmm::{Vm, VmExit};
+use vm_memory::{Bytes, GuestAddress};
+
+const CHILD_ENV: &str = "KESTREL_TEST_SIGPIPE_CHILD";
+const TEST_NAME: &str = "no_write_of_kestrel_raises_sigpipe_in_the_embedding_process";
+
+#[test]
+fn no_write_of_kestrel_raises_sigpipe_in_the_embedding_process() {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        child();
+        return;
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let child = Command::new(exe)
+        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("re-run the test binary");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(120)) {
+        Ok(out) => out.expect("wait for the child"),
+        Err(_) => {
+            // SAFETY: kill takes no pointers; `pid` is the child this test started, not yet
+            // reaped (its waiter is still blocked).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            panic!("the child did not finish within 120 s");
+        }
+    };
+    let text = format!(
+        "--- stdout\n{}--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "SIGPIPE killed the embedding process\n{text}"
+    );
+    assert!(
+        out.status.success(),
+        "child failed: {:?}\n{text}",
+        out.status
+    );
+    assert!(text.contains("1 passed"), "the child ran no test\n{text}");
+}
+
+/// The embedder's `SIGPIPE` setup that makes the bug fatal: default action, not blocked.
+fn sigpipe_default_and_unblocked() {
+    // SAFETY: resets a disposition to the default (no handler code); this child process runs
+    // only this test.
+    let old = unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    assert_ne!(old, libc::SIG_ERR);
+    // SAFETY: an all-zero sigset_t is valid; the calls only touch `set`.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        assert_eq!(
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()),
+            0
+        );
+    }
+}
+
+fn child() {
+    sigpipe_default_and_unblocked();
+    let t0 = Instant::now();
+    serial_reader_closes();
+    eprintln!("serial part: {:?}", t0.elapsed());
+    let t1 = Instant::now();
+    vsock_peer_closes();
+    eprintln!("vsock part: {:?}", t1.elapsed());
+}
+
+/// Code: write `x` to COM1 forever.
+fn serial_flood() -> Vec<u8> {
+    vec![
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xb0, b'x', // mov al, 'x'
+        0xee, // out dx, al
+        0xeb, 0xfd, // jmp back to the out
+    ]
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "timed out after {timeout:?}: {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether thread `tid` of this process blocks SIGPIPE (`SigBlk` in its status).
+fn blocks_sigpipe(tid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .expect("SigBlk line");
+    mask & (1 << (libc::SIGPIPE - 1)) != 0
+}
+
+/// Create a VM whose `serial.output = "stdout"` while this process's standard output is
+/// `fd` (it is restored afterwards; Kestrel keeps its own descriptor of the FIFO).
+fn create_with_stdout(config: &VmConfig, fd: &OwnedFd) -> Vm {
+    // SAFETY: dup/dup2/close on descriptors this process owns; only this test runs here, and
+    // nothing prints while fd 1 is swapped.
+    unsafe {
+        let saved = libc::dup(1);
+        assert!(saved >= 0);
+        assert_eq!(libc::dup2(fd.as_raw_fd(), 1), 1);
+        let vm = Vm::create(config);
+        assert_eq!(libc::dup2(saved, 1), 1);
+        libc::close(saved);
+        vm.expect("create the VM")
+    }
+}
+
+fn serial_reader_closes() {
+    let dir = scratch_dir();
+    let fifo = dir.join("serial.fifo");
+    let _ = std::fs::remove_file(&fifo);
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `path` is NUL-terminated; the opens return new descriptors owned below.
+    let (reader, writer) = unsafe {
+        assert_eq!(libc::mkfifo(path.as_ptr(), 0o600), 0, "mkfifo");
+        let r = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK);
+        assert!(r >= 0, "open the FIFO for reading");
+        let w = libc::open(path.as_ptr(), libc::O_WRONLY);
+        assert!(w >= 0, "open the FIFO for writing");
+        (std::fs::File::from_raw_fd(r), OwnedFd::from_raw_fd(w))
+    };
+    let mut c = VmConfig::new(write_tiny_guest("flood.elf", &serial_flood()), 1, 32);
+    c.kestrel.name = Some("sigpipe-serial".into());
+    c.serial.output = SerialOutput::Stdout;
+    let vm = create_with_stdout(&c, &writer);
+    drop(writer);
+    vm.start().unwrap();
+
+    // Output arrives through the FIFO...
+    let mut got = 0usize;
+    let mut buf = [0u8; 4096];
+    let mut reader = reader;
+    wait_until(
+        "4 KiB of serial output in the FIFO",
+        Duration::from_secs(20),
+        || {
+            match reader.read(&mut buf) {
+                Ok(n) => {
+                    assert!(buf[..n].iter().all(|&b| b == b'x'));
+                    got += n;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("read the FIFO: {e}"),
+            }
+            got >= 4096
+        },
+    );
+    // ...until its reader goes away while the guest keeps writing: every write from now on
+    // fails with EPIPE (and, unless Kestrel prevents it, raises SIGPIPE).
+    drop(reader);
+    let closed_at = vm.metrics();
+    wait_until(
+        "serial output after the close counted as dropped",
+        Duration::from_secs(20),
+        || vm.metrics().serial_dropped_bytes >= closed_at.serial_dropped_bytes + 4096,
+    );
+    let m = vm.metrics();
+    assert!(m.serial_tx_bytes > closed_at.serial_tx_bytes, "{m:?}");
+    // Every thread of the VM blocks SIGPIPE; the test's own thread does not.
+    let threads = vm.threads();
+    assert_eq!(threads.len(), 2, "{threads:?}");
+    for t in &threads {
+        assert!(blocks_sigpipe(t.tid), "{} does not block SIGPIPE", t.name);
+    }
+    // SAFETY: gettid has no preconditions.
+    assert!(!blocks_sigpipe(unsafe { libc::gettid() }));
+    assert_eq!(
+        vm.wait_timeout(Duration::from_millis(100)),
+        None,
+        "still runs"
+    );
+    assert_eq!(vm.stop(), VmExit::Stopped);
+}
+
+/// Guest memory of the vsock part.
+const RX_RING: u64 = 0x30_0000;
+const TX_RING: u64 = 0x31_0000;
+const EV_RING: u64 = 0x32_0000;
+const RX_BUFS: u64 = 0x40_0000;
+const TX_BUFS: u64 = 0x50_0000;
+const GUEST_CID: u64 = 3;
+const GUEST_PORT: u32 = 1234;
+const HOST_PORT: u32 = 5000;
+
+fn header(op: u16, len: u32) -> Header {
+    Header {
+        src_cid: GUEST_CID,
+        dst_cid: HOST_CID,
+        src_port: GUEST_PORT,
+        dst_port: HOST_PORT,
+        len,
+        type_: TYPE_STREAM,
+        op,
+        flags: 0,
+        buf_alloc: 64 * 1024,
+        fwd_cnt: 0,
+    }
+}
+
+fn vsock_peer_closes() {
+    let dir = scratch_dir();
+    let uds = dir.join("sigpipe-v.sock");
+    let port_path = dir.join(format!("sigpipe-v.sock_{HOST_PORT}"));
+    for p in [&uds, &port_path] {
+        let _ = std::fs::remove_file(p);
+    }
+    let listener = UnixListener::bind(&port_path).unwrap();
+    listener.set_nonblocking(true).unwrap();
+
+    let (rx, tx, ev) = (
+        RingLayout::at(RX_RING, 16),
+        RingLayout::at(TX_RING, 16),
+        RingLayout::at(EV_RING, 16),
+    );
+    // The guest brings the device up, then notifies rx and tx every few milliseconds; the test
+    // plays the rest of the driver on guest memory.
+    let code = mmio_writer(
+        &virtio_mmio_bring_up(VIRTIO_MMIO_BASE, 0, &[rx, tx, ev]),
+        &[
+            virtio_mmio_notify(VIRTIO_MMIO_BASE, 0),
+            virtio_mmio_notify(VIRTIO_MMIO_BASE, 1),
+        ],
+        20_000,
+    );
+    let mut c = VmConfig::new(write_tiny_guest("vsock-driver.elf", &code), 1, 32);
+    c.kestrel.name = Some("sigpipe-vsock".into());
+    c.serial.output = SerialOutput::None;
+    c.vsock = Some(VsockConfig {
+        guest_cid: GUEST_CID as u32,
+        uds_path: uds.clone(),
+        vsock_id: None,
+    });
+    let vm = Vm::create(&c).unwrap();
+    let mem = vm.guest_memory();
+    let mut rx_ring = HostDriverRing::new(&mem, rx);
+    let mut tx_ring = HostDriverRing::new(&mem, tx);
+    HostDriverRing::new(&mem, ev);
+    for i in 0..8 {
+        let b = RX_BUFS + i * 0x2000;
+        rx_ring.push(
+            &mem,
+            &[
+                (b, HDR_SIZE as u32, DESC_WRITE),
+                (b + 0x1000, 0x1000, DESC_WRITE),
+            ],
+        );
+    }
+    // The guest connects to host port 5000 (the listener above).
+    let req = TX_BUFS;
+    mem.write_slice(&header(op::REQUEST, 0).to_bytes(), GuestAddress(req))
+        .unwrap();
+    tx_ring.push(&mem, &[(req, HDR_SIZE as u32, 0)]);
+    vm.start().unwrap();
+
+    let mut peer = None;
+    wait_until(
+        "the guest's connection reaches the listener",
+        Duration::from_secs(20),
+        || {
+            match listener.accept() {
+                Ok((s, _)) => peer = Some(s),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accept: {e}"),
+            }
+            peer.is_some()
+        },
+    );
+    let peer = peer.unwrap();
+    wait_until(
+        "the RESPONSE reaches the guest",
+        Duration::from_secs(20),
+        || rx_ring.used_idx(&mem) >= 1,
+    );
+    assert_eq!(vm.vsock_metrics().unwrap().conns_opened, 1);
+
+    // The host peer stops reading: the device's next write to it fails with EPIPE.
+    peer.shutdown(Shutdown::Read).unwrap();
+    for i in 0..4u64 {
+        let h = TX_BUFS + 0x1000 * (i + 1);
+        mem.write_slice(&header(op::RW, 16).to_bytes(), GuestAddress(h))
+            .unwrap();
+        mem.write_slice(&[b'v'; 16], GuestAddress(h + 0x800))
+            .unwrap();
+        tx_ring.push(&mem, &[(h, HDR_SIZE as u32, 0), (h + 0x800, 16, 0)]);
+    }
+    wait_until("the connection ends", Duration::from_secs(20), || {
+        vm.vsock_metrics().unwrap().conns_closed >= 1
+    });
+    // The guest is told with a reset.
+    let rst = (0..rx_ring.used_idx(&mem)).any(|i| {
+        let (id, _) = rx_ring.used(&mem, i);
+        let at = RX_BUFS + u64::from(id / 2) * 0x2000;
+        let mut b = [0u8; HDR_SIZE];
+        mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+        let h = Header::from_bytes(&b);
+        h.op == op::RST && h.dst_port == GUEST_PORT
+    });
+    assert!(rst, "the guest got no RST");
+    // And the peer's last close changes nothing either.
+    drop(peer);
+    assert_eq!(
+        vm.wait_timeout(Duration::from_millis(200)),
+        None,
+        "still runs"
+    );
+    assert_eq!(vm.stop(), VmExit::Stopped);
+}
