@@ -4,7 +4,11 @@
 //! `bench/soak.sh`; `KESTREL_SOAK_TABLE=1` prints the table here too. One test per binary, so
 //! no other test's threads disturb the counts (the device soak is `soak_devices.rs`).
 
-use kestrel_tests::soak::{tiny_soak, TINY_CYCLES};
+use kestrel_tests::soak::{tiny_soak, CountingAlloc, TINY_CYCLES};
+
+/// Counts the live Rust heap: it must be back to the same bytes and blocks after the cycles.
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
 
 #[test]
 fn thousand_tiny_cycles_leave_nothing_behind() {

@@ -6,7 +6,11 @@
 //! `scripts/install-virtiofsd.sh`); a missing one fails the test. Shares its cycles with
 //! `bench/soak.sh` (`kestrel_tests::soak`); `KESTREL_SOAK_TABLE=1` prints the table here too.
 
-use kestrel_tests::soak::{device_soak, DEVICE_CYCLES};
+use kestrel_tests::soak::{device_soak, CountingAlloc, DEVICE_CYCLES};
+
+/// Counts the live Rust heap: it must be back to the same bytes and blocks after the cycles.
+#[global_allocator]
+static ALLOC: CountingAlloc = CountingAlloc;
 
 #[test]
 fn twenty_cycles_with_every_device_kind_leave_nothing_behind() {
