@@ -100,9 +100,9 @@ fn logs(dir: &Path) -> String {
 
 #[test]
 fn kill_9_of_the_vmm_loses_no_acknowledged_record() {
-    let t0 = Instant::now();
     let g = guest_artifacts();
     let bin = kestrel_binary();
+    let t0 = Instant::now();
     let dir = scratch_dir().join("durability");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -259,7 +259,8 @@ fn kill_9_of_the_vmm_loses_no_acknowledged_record() {
     );
     eprintln!(
         "durability: booted in {booted:.0?}; {acked} records acknowledged ({KILL_AFTER} before \
-         SIGKILL, {} in flight), {:.1} records/s; {found} intact records in the file; test {:.0?}",
+         SIGKILL, {} in flight), {:.1} records/s; {found} intact records in the file; {:.0?} from \
+         the start of kestrel",
         acked - KILL_AFTER,
         KILL_AFTER as f64 / write_time.as_secs_f64().max(1e-9),
         t0.elapsed()
