@@ -57,12 +57,12 @@ fn swap_detach_and_drop_fdatasync_the_image_before_letting_go() {
 
     // The guest writes sector 2 of the first image.
     let mut s = Script::new();
-    let mut blk = s.device(0, 1);
+    let blk = s.device(0, 1);
     let mut hdr = 1u32.to_le_bytes().to_vec(); // VIRTIO_BLK_T_OUT
     hdr.extend_from_slice(&0u32.to_le_bytes());
     hdr.extend_from_slice(&2u64.to_le_bytes());
     let (h, d, st) = (s.buf(&hdr), s.buf(&[0xc3; 512]), s.out_buf(1));
-    s.chain(&mut blk, 0, &[h, d, st]);
+    s.chain(&blk, 0, &[h, d, st]);
     s.notify(&blk, 0);
     let kernel = dir.join("guest.elf");
     std::fs::write(&kernel, s.guest_elf()).unwrap();
@@ -74,14 +74,11 @@ fn swap_detach_and_drop_fdatasync_the_image_before_letting_go() {
         ..DriveConfig::default()
     });
     let vm = Vm::create(&cfg).unwrap();
-    s.apply(&*vm.guest_memory());
+    s.apply(&vm.guest_memory());
     vm.start().unwrap();
     let mem = vm.guest_memory();
-    assert!(Script::wait_done(&*mem, Duration::from_secs(20)));
-    assert_eq!(
-        Script::used(&blk, 0).wait(&*mem, 1, Duration::from_secs(20)),
-        1
-    );
+    assert!(Script::wait_done(&mem, Duration::from_secs(20)));
+    assert_eq!(s.used(&blk, 0).wait(&mem, 1, Duration::from_secs(20)), 1);
     drop(mem);
     assert_eq!(std::fs::read(&a).unwrap()[1024..1536], [0xc3; 512]);
     take_synced();
