@@ -12,7 +12,7 @@
 #   KESTREL_AGENT_BIN  static binary installed as /sbin/kestrel-agent in the initramfs (/init
 #                      execs it after the readiness line); its bytes are part of the input
 #                      hash. Unset: build resources/agent (cargo, static glibc) into
-#                      $KESTREL_CACHE/agent-target and use that; its sources (Cargo.toml,
+#                      $KESTREL_CACHE/agent-target/<checkout> and use that; its sources (Cargo.toml,
 #                      Cargo.lock, src/) and `rustc -V` are part of the input hash and cargo
 #                      runs only on a cache miss. Set but empty: no agent in the initramfs.
 #
@@ -292,7 +292,11 @@ check_config() {
 # target dir lives in the cache so the checkout stays clean; CARGO_ENCODED_RUSTFLAGS beats
 # any RUSTFLAGS/config of the caller, and --target keeps crt-static off proc-macros.
 build_agent() {
-	local tdir=$CACHE/agent-target
+	# One cargo target dir per checkout: cargo judges freshness by file times against the last
+	# build in its dir, not by which checkout that build came from, so a shared dir handed one
+	# checkout's agent to another checkout's initramfs (cached under the other's input hash).
+	local tdir
+	tdir=$CACHE/agent-target/$(printf '%s' "$AGENT_DIR" | sha256sum | cut -c1-16)
 	log "building the guest agent (resources/agent, static $AGENT_TARGET; log: $LOG)"
 	(cd "$AGENT_DIR" && q env -u CARGO_TARGET_DIR -u CARGO_BUILD_TARGET -u CARGO_BUILD_TARGET_DIR \
 		CARGO_ENCODED_RUSTFLAGS=$'-Ctarget-feature=+crt-static\x1f-Crelocation-model=static' \

@@ -51,13 +51,15 @@ check_kvm() {
 # The guest agent (resources/agent) is its own workspace (the root Cargo.toml excludes it) and
 # runs in the guest as a static binary: cargo for it with the target and flags
 # resources/build-guest.sh builds it with (static glibc; CARGO_ENCODED_RUSTFLAGS beats any
-# RUSTFLAGS of the caller, --target keeps crt-static off proc-macros), in its own target dir.
+# RUSTFLAGS of the caller, --target keeps crt-static off proc-macros), in its own target dir,
+# one per checkout (cargo's freshness check cannot tell checkouts apart; see build-guest.sh).
 AGENT_TARGET=x86_64-unknown-linux-gnu
 agent_cargo() {
+    local tdir
+    tdir="$KESTREL_CACHE/agent-test-target/$(printf '%s' "$ROOT" | sha256sum | cut -c1-16)"
     (cd "$ROOT/resources/agent" &&
         CARGO_ENCODED_RUSTFLAGS=$'-Ctarget-feature=+crt-static\x1f-Crelocation-model=static' \
-        cargo "$1" --locked --target "$AGENT_TARGET" \
-            --target-dir "$KESTREL_CACHE/agent-test-target" "${@:2}")
+        cargo "$1" --locked --target "$AGENT_TARGET" --target-dir "$tdir" "${@:2}")
 }
 
 build_guest() {

@@ -1,6 +1,9 @@
 //! Helpers for Kestrel's integration tests and benches: tiny hand-assembled guests packaged as
 //! ELF files, console capture, guest-artifact lookup, process resource counts.
 
+pub mod soak;
+pub mod virtio_script;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -14,6 +14,7 @@ mod exec;
 mod iobench;
 mod ops;
 mod proto;
+mod recwriter;
 mod stream;
 mod vecprobe;
 
@@ -133,6 +134,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("vecprobe") {
         std::process::exit(vecprobe::main(&args[2..]));
+    }
+    if args.get(1).map(String::as_str) == Some("recwriter") {
+        std::process::exit(recwriter::main(&args[2..]));
     }
     if std::env::var_os("PATH").is_none() {
         std::env::set_var("PATH", "/sbin:/bin:/usr/sbin:/usr/bin");

@@ -7,6 +7,7 @@
 
 mod boot;
 mod devices;
+mod durability;
 mod fs;
 mod hotplug;
 mod net;
