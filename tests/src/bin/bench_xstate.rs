@@ -174,7 +174,7 @@ fn guest_side(assist: bool, pipelines: u64) -> GuestRun {
 
 fn main() {
     let ops = u32::try_from(cli_arg("--ops", 20_000)).unwrap_or(u32::MAX);
-    let pipelines = cli_arg("--pipelines", 300);
+    let pipelines = cli_arg("--pipelines", 30);
     vmm_side(ops);
     if cli_arg("--guests", 1) == 0 {
         return;
