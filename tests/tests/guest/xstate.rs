@@ -22,9 +22,9 @@ const PIPELINE: &str =
 /// every fork and exec is emulated guest kernel work (one to three seconds per two-stage pipeline,
 /// docs/nested-kvm.md), so the suite runs fewer.
 /// See [`pipeline_counts`].
-const DEFAULT_SERIAL: u32 = 60;
+const DEFAULT_SERIAL: u32 = 40;
 /// See [`pipeline_counts`].
-const DEFAULT_PER_SHELL: u32 = 4;
+const DEFAULT_PER_SHELL: u32 = 3;
 
 fn pipeline_counts() -> (u32, u32) {
     let get = |k: &str, d: u32| {
@@ -74,7 +74,7 @@ fn probe(agent: &mut AgentClient, procs: u32, rounds: u32) -> (String, [u64; 5],
     let (_, out) = run(
         agent,
         &format!("/sbin/kestrel-agent vecprobe {procs} {rounds}"),
-        Duration::from_secs(600),
+        Duration::from_secs(1200),
     );
     let line = out
         .lines()
