@@ -6,12 +6,15 @@
 #
 # Runs under `strace -f -ff` (the filters' EPERM mode only makes a call fail, so a call the
 # lists lack still shows up in the trace):
-#   - the real-guest tests matching TEST_FILTER (default: block+vsock, virtio-fs, TAP
-#     networking, hotplug and the extended-state assist; one guest boot each, ~90 s per boot),
-#   - the virtio-fs unit test that serves requests on worker threads (no real guest uses them).
+#   - the real-guest tests matching TEST_FILTER (default: block+vsock, virtio-fs (its main share
+#     served on a worker thread), TAP networking, hotplug and the extended-state assist; one
+#     guest boot each, ~90 s per boot),
+#   - the virtio-fs unit test that serves requests on worker threads.
 # Each thread's trace is classified by the name the thread gives itself (PR_SET_NAME:
-# `k-<vm>-vcpu<N>`, `k-<vm>-evloop`, `<prefix>-q<N>` for fs workers) and only the calls made
-# after naming count (the filter is installed right after). Prints, per class, the syscalls with
+# `k-<vm>-vcpu<N>`, `k-<vm>-evloop`, `...-q<N>` for fs workers, `kestrel-fs-init` for the
+# short-lived thread virtio-fs imports a share's root on, under the filter of the thread that
+# started it) and only the calls made after naming count (the filter is installed right
+# after). Prints, per class, the syscalls with
 # their counts and the ioctl requests. Root, /dev/kvm and the guest in /var/cache/kestrel needed.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 need_root
@@ -58,7 +61,7 @@ python3 - "$OUT" <<'EOF'
 import collections, glob, re, sys
 out = sys.argv[1]
 classes = {"vcpu": re.compile(r"-vcpu\d+$"), "evloop": re.compile(r"-evloop$"),
-           "fs-worker": re.compile(r"-q\d+$")}
+           "fs-worker": re.compile(r"-q\d+$"), "fs-init": re.compile(r"-fs-init$")}
 calls = {c: collections.Counter() for c in classes}
 ioctls = {c: collections.Counter() for c in classes}
 threads = collections.Counter()

@@ -26,6 +26,27 @@ pub(crate) fn set_nonblocking(fd: std::os::fd::RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The name Linux keeps for a thread whose full name is `full`: at most 15 bytes
+/// (`TASK_COMM_LEN` - 1). Rust's `std` would keep the first 15 bytes, which for Kestrel's names
+/// (`kestrel-<vm>-vcpu3`, `kestrel-<vm>-fs0-q1`) drops what tells threads apart; here
+/// `kestrel-` becomes `k-` and then the tail is kept. Thread lists (`Vm::threads`) carry the
+/// full name.
+pub fn os_thread_name(full: &str) -> String {
+    const MAX: usize = 15;
+    if full.len() <= MAX {
+        return full.to_string();
+    }
+    let short = match full.strip_prefix("kestrel-") {
+        Some(rest) => format!("k-{rest}"),
+        None => full.to_string(),
+    };
+    let mut start = short.len().saturating_sub(MAX);
+    while !short.is_char_boundary(start) {
+        start += 1;
+    }
+    short[start..].to_string()
+}
+
 /// Run first in the body of every thread a device spawns (an fs worker), on that thread: the
 /// VMM installs the thread's seccomp filter with it. An `Err` (what failed) ends the thread
 /// before it does any work; the device then needs a reset.
@@ -80,5 +101,29 @@ mod panic_tests {
         );
         let e = catch_panic(|| std::panic::panic_any(5u8)).unwrap_err();
         assert!(e.0.contains("non-string"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod thread_name_tests {
+    use super::os_thread_name;
+
+    #[test]
+    fn os_thread_names_fit_and_keep_the_tail() {
+        assert_eq!(os_thread_name("kestrel-vm-vcpu0"), "k-vm-vcpu0");
+        assert_eq!(os_thread_name("kestrel-fs-fs0-q1"), "k-fs-fs0-q1");
+        assert_eq!(os_thread_name("kestrel-fs-q1"), "kestrel-fs-q1");
+        assert_eq!(os_thread_name("short"), "short");
+        assert_eq!(
+            os_thread_name("kestrel-averylongname-evloop"),
+            "longname-evloop"
+        );
+        assert_eq!(
+            os_thread_name("kestrel-averylongname-fs0-q1"),
+            "longname-fs0-q1"
+        );
+        // Never more than 15 bytes, never a split character.
+        let n = os_thread_name("kestrel-vmé-éé-fs10-q12");
+        assert!(n.len() <= 15 && n.ends_with("-fs10-q12"), "{n}");
     }
 }

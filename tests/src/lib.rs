@@ -424,6 +424,58 @@ pub fn vm_thread_cpu_ns(vm: &kestrel_vmm::Vm, vcpus: bool) -> u64 {
         .sum()
 }
 
+/// The value of `name:` in `/proc/self/task/<tid>/status` (`Seccomp`, `Seccomp_filters`...).
+pub fn task_status(tid: i32, name: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or("?")
+        .trim()
+        .to_string()
+}
+
+fn c_path(path: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes()).expect("no NUL in the path")
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// setxattr(2) on the host: `Err(errno)` on failure.
+pub fn host_setxattr(path: &Path, name: &str, value: &[u8]) -> Result<(), i32> {
+    let (p, n) = (c_path(path), std::ffi::CString::new(name).unwrap());
+    // SAFETY: NUL-terminated strings and a buffer of `value.len()` bytes, all live for the call.
+    let r = unsafe {
+        libc::setxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(errno())
+    }
+}
+
+/// getxattr(2) on the host (values up to 4 KiB): `Err(errno)` on failure.
+pub fn host_getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let (p, n) = (c_path(path), std::ffi::CString::new(name).unwrap());
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: NUL-terminated strings and a writable buffer of `buf.len()` bytes.
+    let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(errno());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
 /// Number of threads of this process.
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")

@@ -1,13 +1,16 @@
-//! Resource accounting across VM lifecycles, and panic containment (a panic on any Kestrel
-//! thread, device handler or virtio-fs worker must neither hang nor leak). Every test here
-//! takes `SERIAL`, so no other test's threads or fds disturb the counts.
+//! Resource accounting across VM lifecycles, panic containment (a panic on any Kestrel
+//! thread, device handler or virtio-fs worker must neither hang nor leak), and virtio-fs
+//! workers as threads of the VM (listed, filtered, ended with it). Every test here takes
+//! `SERIAL`, so no other test's threads or fds disturb the counts.
 
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kestrel_api::{DriveConfig, FsConfig, SerialOutput, VmConfig};
 use kestrel_tests::*;
 use kestrel_vmm::{ThreadClass, ThreadKind, Vm, VmExit, STOP_JOIN_TIMEOUT};
+use vm_memory::{Bytes, GuestAddress};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -208,6 +211,228 @@ fn fs_worker_panic_fails_the_device_not_the_vm() {
     drop(vm);
     assert!(t1.elapsed() < Duration::from_secs(1), "stop/drop are quick");
     assert!(t0.elapsed() < STOP_JOIN_TIMEOUT + Duration::from_secs(5));
+    assert_eq!(thread_count(), threads, "thread count changed");
+    assert_eq!(fd_count(), fds, "fd count changed");
+}
+
+/// A FUSE request: header (`fuse_in_header`, 40 bytes) and body.
+fn fuse_request(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(40 + body.len());
+    m.extend_from_slice(&(40 + body.len() as u32).to_le_bytes());
+    m.extend_from_slice(&opcode.to_le_bytes());
+    m.extend_from_slice(&unique.to_le_bytes());
+    m.extend_from_slice(&nodeid.to_le_bytes());
+    m.extend_from_slice(&[0; 16]); // uid, gid, pid, total_extlen, padding
+    m.extend_from_slice(body);
+    m
+}
+
+const FUSE_LOOKUP: u32 = 1;
+const FUSE_SETXATTR: u32 = 21;
+const FUSE_GETXATTR: u32 = 22;
+const FUSE_LISTXATTR: u32 = 23;
+const FUSE_REMOVEXATTR: u32 = 24;
+const FUSE_INIT: u32 = 26;
+
+#[test]
+fn fs_workers_are_listed_as_vm_threads_run_filtered_and_end_with_the_vm() {
+    let _s = serial();
+    let share = scratch_dir().join("threads-share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("f"), b"x").unwrap();
+    // fs0 with two request queues on worker threads; fs1 serves on the event loop. The guest
+    // brings fs0 up and keeps notifying both request queues; the test plays the rest of the
+    // driver: FUSE_INIT and a LOOKUP on queue 1, more requests on queue 2.
+    let rings = [
+        RingLayout::at(0x30_0000, 16),
+        RingLayout::at(0x31_0000, 16),
+        RingLayout::at(0x32_0000, 16),
+    ];
+    let code = mmio_writer(
+        &virtio_mmio_bring_up(VIRTIO_MMIO_BASE, 0, &rings),
+        &[
+            virtio_mmio_notify(VIRTIO_MMIO_BASE, 1),
+            virtio_mmio_notify(VIRTIO_MMIO_BASE, 2),
+        ],
+        20_000,
+    );
+    let mut c = VmConfig::new(write_tiny_guest("fs-threads.elf", &code), 1, 32);
+    c.serial.output = SerialOutput::None;
+    c.kestrel.name = Some("fsthr".into());
+    let mut fs = FsConfig::shared_dir("share", &share);
+    fs.num_queues = 2;
+    fs.worker_threads = true;
+    fs.xattr = true;
+    c.fs.push(fs);
+    c.fs.push(FsConfig::shared_dir("plain", &share));
+    cycle(&c);
+    let (threads, fds) = (thread_count(), fd_count());
+    let vm = Vm::create(&c).unwrap();
+    // Absent `kestrel.seccomp`: the library's default.
+    assert_eq!(c.kestrel.seccomp, None);
+    assert_eq!(vm.seccomp_mode(), kestrel_api::SeccompMode::Errno);
+    let mem = vm.guest_memory();
+    let mut q: Vec<HostDriverRing> = rings
+        .iter()
+        .map(|r| HostDriverRing::new(&mem, *r))
+        .collect();
+    // A request at `at`, its reply (header + 4 KiB) at `at + 0x1000`.
+    let push = |q: &mut HostDriverRing, at: u64, req: &[u8]| {
+        mem.write_slice(req, GuestAddress(at)).unwrap();
+        q.push(
+            &mem,
+            &[(at, req.len() as u32, 0), (at + 0x1000, 0x1000, DESC_WRITE)],
+        );
+    };
+    // FUSE 7.31 (virtio-fs), no flags.
+    let init = [7u32, 31, 0, 0].map(u32::to_le_bytes).concat();
+    push(&mut q[1], 0x40_0000, &fuse_request(FUSE_INIT, 1, 0, &init));
+    push(
+        &mut q[1],
+        0x40_2000,
+        &fuse_request(FUSE_LOOKUP, 2, 1, b"f\0"),
+    );
+    vm.start().unwrap();
+
+    // The guest's DRIVER_OK starts the workers; they list themselves.
+    let workers = |vm: &Vm| -> Vec<kestrel_vmm::ThreadInfo> {
+        vm.threads()
+            .into_iter()
+            .filter(|t| matches!(t.kind, ThreadKind::FsWorker { .. }))
+            .collect()
+    };
+    let end = Instant::now() + Duration::from_secs(20);
+    while workers(&vm).len() < 2 || q[1].used_idx(&mem) < 2 {
+        assert!(Instant::now() < end, "workers: {:?}", vm.threads());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The second queue's worker serves a LOOKUP and (the share has xattrs on, and so has the
+    // host file system, usually) set/get/list/remove of an xattr: each of those calls passes
+    // the worker's filter stacked on the event loop's.
+    let xattrs = match host_setxattr(&share.join("f"), "user.host", b"h") {
+        Err(libc::ENOTSUP) => {
+            eprintln!("NOTE: the host file system has no user xattrs; xattr requests skipped");
+            false
+        }
+        r => r.map(|()| true).unwrap(),
+    };
+    // fuse_entry_out.nodeid, after the reply header.
+    let node: u64 = mem.read_obj(GuestAddress(0x40_3000 + 16)).unwrap();
+    let name = b"user.kestrel\0";
+    let u32s = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let mut reqs = vec![fuse_request(FUSE_LOOKUP, 3, 1, b"f\0")];
+    if xattrs {
+        reqs.extend([
+            // fuse_setxattr_in {size, flags}, name, value.
+            fuse_request(
+                FUSE_SETXATTR,
+                4,
+                node,
+                &[&u32s(&[8, 0])[..], name, b"v-worker"].concat(),
+            ),
+            // fuse_getxattr_in {size, padding}, name.
+            fuse_request(
+                FUSE_GETXATTR,
+                5,
+                node,
+                &[&u32s(&[64, 0])[..], name].concat(),
+            ),
+            fuse_request(FUSE_LISTXATTR, 6, node, &u32s(&[256, 0])),
+            fuse_request(FUSE_REMOVEXATTR, 7, node, name),
+        ]);
+    }
+    let at = |k: usize| 0x41_0000 + 0x2000 * k as u64;
+    for (k, r) in reqs.iter().enumerate() {
+        push(&mut q[2], at(k), r);
+    }
+    while usize::from(q[2].used_idx(&mem)) < reqs.len() {
+        assert!(Instant::now() < end, "queue 2 not served");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Every reply is a success (out header: len, error, unique).
+    let reply = |at: u64| -> (i32, u64, Vec<u8>) {
+        let len: u32 = mem.read_obj(GuestAddress(at)).unwrap();
+        let error: i32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
+        let unique: u64 = mem.read_obj(GuestAddress(at + 8)).unwrap();
+        let mut data = vec![0u8; (len as usize).saturating_sub(16)];
+        mem.read_slice(&mut data, GuestAddress(at + 16)).unwrap();
+        (error, unique, data)
+    };
+    let replies = [(0x40_1000, 1), (0x40_3000, 2)]
+        .into_iter()
+        .chain((0..reqs.len()).map(|k| (at(k) + 0x1000, 3 + k as u64)));
+    for (addr, unique) in replies {
+        let (error, u, _) = reply(addr);
+        assert_eq!((error, u), (0, unique), "reply to request {unique}");
+    }
+    if xattrs {
+        assert_eq!(reply(at(2) + 0x1000).2, b"v-worker");
+        let mut names: Vec<Vec<u8>> = reply(at(3) + 0x1000)
+            .2
+            .split(|b| *b == 0)
+            .filter(|n| !n.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect();
+        names.sort();
+        assert_eq!(names, [&b"user.host"[..], b"user.kestrel"]);
+        assert_eq!(
+            host_getxattr(&share.join("f"), "user.kestrel"),
+            Err(libc::ENODATA),
+            "removed by the guest's request"
+        );
+    }
+    let m = vm.fs_metrics("share").unwrap();
+    let n = 2 + reqs.len() as u64;
+    assert_eq!((m.requests, m.worker_requests), (n, n), "{m:?}");
+    assert_eq!(vm.fs_metrics("plain").unwrap().worker_requests, 0);
+
+    let all = vm.threads();
+    let evloop = all
+        .iter()
+        .find(|t| t.kind == ThreadKind::EventLoop)
+        .unwrap();
+    let mut w = workers(&vm);
+    w.sort_by_key(|t| t.name.clone());
+    assert_eq!(
+        w.iter()
+            .map(|t| (t.kind, t.name.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            (
+                ThreadKind::FsWorker { share: 0, queue: 1 },
+                "kestrel-fsthr-fs0-q1"
+            ),
+            (
+                ThreadKind::FsWorker { share: 0, queue: 2 },
+                "kestrel-fsthr-fs0-q2"
+            ),
+        ],
+        "fs1 serves on the event loop: no workers"
+    );
+    for t in &w {
+        assert_ne!(t.tid, evloop.tid);
+        let comm = std::fs::read_to_string(format!("/proc/self/task/{}/comm", t.tid)).unwrap();
+        assert_eq!(comm.trim(), kestrel_devices::os_thread_name(&t.name));
+        assert_eq!(comm.trim(), t.name.replace("kestrel-", "k-"));
+        // The event loop's filter, inherited, and the worker's own.
+        assert_eq!(task_status(t.tid, "Seccomp"), "2", "{}", t.name);
+        assert_eq!(task_status(t.tid, "Seccomp_filters"), "2", "{}", t.name);
+    }
+    assert_eq!(task_status(evloop.tid, "Seccomp_filters"), "1");
+    assert_eq!(vm.metrics().device_panics, 0);
+    assert_eq!(vm.device_needs_reset("fs0"), Some(false));
+
+    // Stopping the VM ends its fs workers too: none listed, none left running.
+    assert_eq!(vm.stop(), VmExit::Stopped);
+    assert!(vm.threads().is_empty(), "{:?}", vm.threads());
+    let end = Instant::now() + Duration::from_secs(1);
+    for t in &w {
+        while Path::new(&format!("/proc/self/task/{}", t.tid)).exists() {
+            assert!(Instant::now() < end, "{} still runs after stop", t.name);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    drop(vm);
     assert_eq!(thread_count(), threads, "thread count changed");
     assert_eq!(fd_count(), fds, "fd count changed");
 }

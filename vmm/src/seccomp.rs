@@ -186,6 +186,11 @@ const VCPU: &[i64] = &[
 ];
 
 /// virtio-fs workers (the FUSE server, fuse-backend-rs passthrough), beyond [`COMMON`].
+/// PassthroughFs holds `O_PATH` descriptors, on which the `f*xattr` calls fail, so a share
+/// with `xattr` on uses the path calls on `/proc/self/fd/<fd>` (`getxattr`, `setxattr`,
+/// `listxattr`, `removexattr`). FUSE_DESTROY re-imports the root, with `umask(0)`, on a
+/// short-lived thread with its own file-system attributes (`unshare(CLONE_FS)`), which
+/// inherits this filter.
 const FS_WORKER: &[i64] = &[
     libc::SYS_copy_file_range,
     libc::SYS_dup,
@@ -207,8 +212,10 @@ const FS_WORKER: &[i64] = &[
     libc::SYS_getdents64,
     libc::SYS_getegid,
     libc::SYS_geteuid,
+    libc::SYS_getxattr,
     libc::SYS_ioctl,
     libc::SYS_linkat,
+    libc::SYS_listxattr,
     libc::SYS_mkdirat,
     libc::SYS_mknodat,
     libc::SYS_name_to_handle_at,
@@ -221,11 +228,14 @@ const FS_WORKER: &[i64] = &[
     libc::SYS_pwritev,
     libc::SYS_pwritev2,
     libc::SYS_readlinkat,
+    libc::SYS_removexattr,
     libc::SYS_renameat,
     libc::SYS_renameat2,
     libc::SYS_setresgid,
     libc::SYS_setresuid,
+    libc::SYS_setxattr,
     libc::SYS_symlinkat,
+    libc::SYS_umask,
     libc::SYS_unlinkat,
     libc::SYS_utimensat,
 ];
@@ -469,6 +479,20 @@ mod tests {
         }
         assert!(!has(FilterClass::Vcpu, libc::SYS_socket));
         assert!(!has(FilterClass::FsWorker, libc::SYS_socket));
+        // A share with xattrs on: PassthroughFs's path calls on /proc/self/fd/<fd> (its O_PATH
+        // descriptors refuse the f*xattr ones), on a worker and on the loop that serves fs
+        // queues without workers; FUSE_DESTROY's root import sets the umask of its own thread.
+        for class in [FilterClass::FsWorker, FilterClass::EventLoop] {
+            for nr in [
+                libc::SYS_getxattr,
+                libc::SYS_setxattr,
+                libc::SYS_listxattr,
+                libc::SYS_removexattr,
+                libc::SYS_umask,
+            ] {
+                assert!(has(class, nr), "{class} needs {nr}");
+            }
+        }
         // A worker runs under the event loop's filter too: everything it may do, the loop may.
         let evloop = rules(FilterClass::EventLoop).unwrap();
         for nr in rules(FilterClass::FsWorker).unwrap().keys() {

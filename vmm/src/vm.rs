@@ -15,7 +15,7 @@ use kestrel_devices::legacy::{
 };
 use kestrel_devices::virtio::block::Block;
 use kestrel_devices::virtio::fs::vhost_user::VhostUserFs;
-use kestrel_devices::virtio::fs::Fs;
+use kestrel_devices::virtio::fs::{Fs, FsWorkers};
 use kestrel_devices::virtio::net::Net;
 use kestrel_devices::virtio::vsock::Vsock;
 use kestrel_devices::Bus;
@@ -50,12 +50,22 @@ pub enum ThreadKind {
     Vcpu(u32),
     /// The event-loop thread.
     EventLoop,
+    /// A virtio-fs worker thread (`fs[].worker_threads`): share `config.fs[share]` (device id
+    /// `fs<share>`), request queue `queue` (1 and up).
+    FsWorker {
+        /// Index of the share in the config (`fs<share>`).
+        share: u32,
+        /// The request queue the thread serves.
+        queue: u16,
+    },
 }
 
 /// A thread of the VM, for runtimes that place threads into cgroups.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThreadInfo {
-    /// Thread name (`kestrel-<vm>-vcpu<N>` / `kestrel-<vm>-evloop`).
+    /// Thread name (`kestrel-<vm>-vcpu<N>` / `kestrel-<vm>-evloop` /
+    /// `kestrel-<vm>-fs<N>-q<Q>`); Linux keeps a 15-byte form
+    /// ([`kestrel_devices::os_thread_name`]: `k-<vm>-vcpu<N>`...).
     pub name: String,
     /// Linux thread id.
     pub tid: i32,
@@ -67,11 +77,21 @@ pub struct ThreadInfo {
 /// than block, see `kestrel_devices::legacy::NonBlockingWriter`).
 pub type ConsoleSink = Box<dyn Write + Send>;
 
-/// A virtio-fs share: in-process (device id `fs<N>`, tag, device) or vhost-user (tag,
-/// device).
+/// A virtio-fs share: in-process or vhost-user (tag, device).
 enum FsShare {
-    InProcess(String, String, Arc<Mutex<Fs>>),
+    InProcess(InProcessShare),
     VhostUser(String, Arc<Mutex<VhostUserFs>>),
+}
+
+/// An in-process virtio-fs share.
+struct InProcessShare {
+    /// Index in `VmConfig::fs`; the device id is `fs<index>`.
+    index: u32,
+    id: String,
+    tag: String,
+    dev: Arc<Mutex<Fs>>,
+    /// Its running worker threads (read without the device's lock).
+    workers: FsWorkers,
 }
 
 struct VcpuSlot {
@@ -116,6 +136,8 @@ pub struct Vm {
     create_us: u64,
     /// Seccomp filters of the VM's threads (`None`: off).
     seccomp: Option<Filters>,
+    /// What the filters do on a forbidden call (`kestrel.seccomp`, or the library's default).
+    seccomp_mode: SeccompMode,
     // Keeps the serial irqfd alive as long as KVM may signal through it.
     _serial_irq: EventFd,
 }
@@ -176,7 +198,8 @@ impl Vm {
         let t0 = Instant::now();
         config.validate_for_boot()?;
         let mc = &config.machine_config;
-        let seccomp = Filters::build(config.kestrel.seccomp_or(SeccompMode::Errno))?;
+        let seccomp_mode = config.kestrel.seccomp_or(SeccompMode::Errno);
+        let seccomp = Filters::build(seccomp_mode)?;
 
         let kvm = Kvm::new().map_err(VmmError::KvmOpen)?;
         let api = kvm.get_api_version();
@@ -312,10 +335,17 @@ impl Vm {
                     });
                     hook
                 }));
+                let workers = d.worker_threads();
                 let d = Arc::new(Mutex::new(d));
                 dm.add_virtio(&vm_fd, &id, d.clone())
                     .map_err(VmmError::Device)?;
-                shares.push(FsShare::InProcess(id, fc.tag.clone(), d));
+                shares.push(FsShare::InProcess(InProcessShare {
+                    index: i as u32,
+                    id,
+                    tag: fc.tag.clone(),
+                    dev: d,
+                    workers,
+                }));
             }
         }
         extra_args.extend(dm.cmdline.iter().cloned());
@@ -437,6 +467,7 @@ impl Vm {
             created_at: t0,
             create_us,
             seccomp,
+            seccomp_mode,
             _serial_irq: serial_irq,
         })
     }
@@ -492,7 +523,7 @@ impl Vm {
         let tname = name.clone();
         let filters = self.seccomp.clone();
         let h = std::thread::Builder::new()
-            .name(thread_name(&name))
+            .name(kestrel_devices::os_thread_name(&name))
             .spawn(move || {
                 // Writes on this thread (console sinks, vsock, the embedder's tracing writer)
                 // must never SIGPIPE the process (kestrel_devices::sigpipe).
@@ -568,7 +599,7 @@ impl Vm {
         let filters = self.seccomp.clone();
         self.shared.running.fetch_add(1, Ordering::SeqCst);
         let r = std::thread::Builder::new()
-            .name(thread_name(&name))
+            .name(kestrel_devices::os_thread_name(&name))
             .spawn(move || {
                 kestrel_devices::sigpipe::block_on_this_thread_or_log(&tname);
                 // SAFETY: pthread_self has no preconditions.
@@ -742,8 +773,8 @@ impl Vm {
     /// Counters of the in-process virtio-fs share `tag`.
     pub fn fs_metrics(&self, tag: &str) -> Option<kestrel_devices::virtio::fs::FsMetrics> {
         self.shares.iter().find_map(|s| match s {
-            FsShare::InProcess(_, t, d) if t == tag => {
-                Some(d.lock().unwrap_or_else(|p| p.into_inner()).metrics())
+            FsShare::InProcess(s) if s.tag == tag => {
+                Some(s.dev.lock().unwrap_or_else(|p| p.into_inner()).metrics())
             }
             _ => None,
         })
@@ -752,7 +783,7 @@ impl Vm {
     /// Whether share `tag` is served by an external vhost-user backend.
     pub fn fs_is_vhost_user(&self, tag: &str) -> Option<bool> {
         self.shares.iter().find_map(|s| match s {
-            FsShare::InProcess(_, t, _) if t == tag => Some(false),
+            FsShare::InProcess(s) if s.tag == tag => Some(false),
             FsShare::VhostUser(t, _) if t == tag => Some(true),
             _ => None,
         })
@@ -976,13 +1007,20 @@ impl Vm {
 
     /// Join every thread of the stopped VM, for at most [`STOP_JOIN_TIMEOUT`]: meanwhile the
     /// vCPU threads are kicked out of `KVM_RUN` from here too (in case the event loop cannot).
-    /// Threads still running at the deadline are detached and logged.
+    /// Threads still running at the deadline are detached and logged. virtio-fs workers are
+    /// told to end (after the request they serve) and waited for within the same deadline;
+    /// their devices join them when they drop.
     fn join_all(&self) {
         let mut t = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         let deadline = Instant::now() + STOP_JOIN_TIMEOUT;
+        // Asked again on every round: the loop may still start a worker until it has ended.
         let all_done = |t: &Threads| {
+            for s in self.in_process_shares() {
+                s.workers.stop_all();
+            }
             t.evloop.as_ref().is_none_or(|h| h.is_finished())
                 && t.vcpus.iter().all(|h| h.is_finished())
+                && self.in_process_shares().all(|s| s.workers.is_empty())
         };
         let mut pause = Duration::from_micros(200);
         while !all_done(&t) && Instant::now() < deadline {
@@ -1012,6 +1050,14 @@ impl Vm {
         for h in t.vcpus.drain(..) {
             finished_or_detach(h, "vCPU");
         }
+        for w in self.in_process_shares().flat_map(|s| s.workers.list()) {
+            tracing::error!(
+                "VM {}: virtio-fs worker {} did not finish within {STOP_JOIN_TIMEOUT:?}; \
+                 its device joins it when dropped",
+                self.name,
+                w.name
+            );
+        }
         self.thread_info
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -1040,7 +1086,7 @@ impl Vm {
             }
             ThreadClass::FsWorker(id) => {
                 let fs = self.shares.iter().find_map(|s| match s {
-                    FsShare::InProcess(i, _, d) if *i == id => Some(d),
+                    FsShare::InProcess(s) if s.id == id => Some(&s.dev),
                     _ => None,
                 });
                 let Some(fs) = fs else {
@@ -1099,12 +1145,40 @@ impl Vm {
         Some(status & kestrel_devices::virtio::status::DEVICE_NEEDS_RESET != 0)
     }
 
-    /// Threads of the running VM with their Linux thread ids.
+    /// Threads of the running VM with their Linux thread ids: the event loop, the vCPUs and the
+    /// virtio-fs worker threads that run now (a share's workers start when the guest's driver
+    /// brings the device up and are replaced at a device reset, so ask again after either).
+    /// Empty once the VM has stopped: its threads are joined, its fs workers ended.
     pub fn threads(&self) -> Vec<ThreadInfo> {
-        self.thread_info
+        let mut threads = self
+            .thread_info
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .clone();
+        for s in self.in_process_shares() {
+            threads.extend(s.workers.list().into_iter().map(|w| ThreadInfo {
+                name: w.name,
+                tid: w.tid,
+                kind: ThreadKind::FsWorker {
+                    share: s.index,
+                    queue: w.queue,
+                },
+            }));
+        }
+        threads
+    }
+
+    fn in_process_shares(&self) -> impl Iterator<Item = &InProcessShare> {
+        self.shares.iter().filter_map(|s| match s {
+            FsShare::InProcess(s) => Some(s),
+            FsShare::VhostUser(..) => None,
+        })
+    }
+
+    /// What the VM's seccomp filters do on a forbidden call: `kestrel.seccomp`, or when absent
+    /// the library's default, [`SeccompMode::Errno`] (`Off`: no filters).
+    pub fn seccomp_mode(&self) -> SeccompMode {
+        self.seccomp_mode
     }
 
     /// The VM's name.
@@ -1162,20 +1236,6 @@ fn register_thread(info: &Mutex<Vec<ThreadInfo>>, name: String, kind: ThreadKind
     info.lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(ThreadInfo { name, tid, kind });
-}
-
-/// Linux limits thread names to 15 bytes: `kestrel-` becomes `k-`, then the distinctive tail
-/// (`...-vcpu3`) is kept. [`ThreadInfo::name`] always holds the full name.
-fn thread_name(full: &str) -> String {
-    if full.len() <= 15 {
-        return full.to_string();
-    }
-    let short = match full.strip_prefix("kestrel-") {
-        Some(rest) => format!("k-{rest}"),
-        None => full.to_string(),
-    };
-    let skip = short.len().saturating_sub(15);
-    short.chars().skip(skip).collect()
 }
 
 #[cfg(test)]
@@ -1257,12 +1317,5 @@ mod tests {
         vcpu::install_kick_handler().unwrap();
         assert_eq!(kick_disposition(), ours);
         set_kick_disposition(libc::SIG_DFL);
-    }
-
-    #[test]
-    fn thread_names_fit() {
-        assert_eq!(thread_name("kestrel-vm-vcpu0"), "k-vm-vcpu0");
-        assert_eq!(thread_name("short"), "short");
-        assert!(thread_name("kestrel-averylongname-evloop").len() <= 15);
     }
 }

@@ -1,17 +1,19 @@
-//! virtio-fs in the real guest: an in-process share (fuse-backend-rs), a read-only share and a
-//! vhost-user share served by a real virtiofsd. One boot.
+//! virtio-fs in the real guest: an in-process share (fuse-backend-rs) served on a worker
+//! thread under the library's default seccomp filters, a read-only share served on the event
+//! loop and a vhost-user share served by a real virtiofsd. One boot.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kestrel_api::{FsCache, FsConfig, SerialOutput, VmConfig};
+use kestrel_api::{FsCache, FsConfig, SeccompMode, SerialOutput, VmConfig};
 use kestrel_tests::*;
 
 use super::{agent_vsock, create_captured, hex, sandbox, sh_merged};
 use kestrel_vmm::agent::AgentClient;
-use kestrel_vmm::VmExit;
+use kestrel_vmm::{ThreadKind, Vm, VmExit};
 use sha2::{Digest, Sha256};
 
 fn virtiofsd() -> PathBuf {
@@ -79,6 +81,205 @@ fn mutations(a: &mut AgentClient, mnt: &str, host: &Path) {
     assert_eq!((code, out.as_str()), (0, "changed on the host"));
 }
 
+/// The fs worker threads of `vm` listed for share `fs<share>`.
+fn fs_workers(vm: &Vm, share: u32) -> Vec<kestrel_vmm::ThreadInfo> {
+    vm.threads()
+        .into_iter()
+        .filter(|t| matches!(t.kind, ThreadKind::FsWorker { share: s, .. } if s == share))
+        .collect()
+}
+
+/// Machine code of a static x86_64 Linux program without libc (the guest's busybox has no
+/// xattr applets): `xattr-probe FILE` sets `user.kestrel` = `worker-xattr` on FILE, reads it
+/// back, lists FILE's names and removes it (setxattr, getxattr, listxattr, removexattr),
+/// writing `S`, `G<value>`, `L<names, NUL-separated>`, `R` to stdout; a failing call ends it
+/// with the errno as exit status. Assembled (GNU as, Intel syntax) from:
+///
+/// ```text
+/// _start: mov r12, [rsp+16]          # argv[1]
+///         lea r13, [rip+buf]         # 4 KiB of zeroes after the code (p_memsz)
+///         mov r14b, 'S'; call mark
+///         mov rdi, r12; lea rsi, [rip+name]; lea rdx, [rip+value]; mov r10d, 12
+///         xor r8d, r8d; mov eax, 188; syscall       # setxattr
+///         test rax, rax; js fail
+///         mov r14b, 'G'; call mark
+///         mov rdi, r12; lea rsi, [rip+name]; mov rdx, r13; mov r10d, 256
+///         mov eax, 191; syscall                     # getxattr
+///         test rax, rax; js fail; mov rdx, rax; call out
+///         mov r14b, 'L'; call mark
+///         mov rdi, r12; mov rsi, r13; mov edx, 256; mov eax, 194; syscall   # listxattr
+///         test rax, rax; js fail; mov rdx, rax; call out
+///         mov r14b, 'R'; call mark
+///         mov rdi, r12; lea rsi, [rip+name]; mov eax, 197; syscall          # removexattr
+///         test rax, rax; js fail
+///         xor edi, edi; jmp exit
+/// fail:   neg rax; mov edi, eax
+/// exit:   mov eax, 231; syscall                     # exit_group
+/// mark:   mov [r13+4095], r14b; lea rsi, [r13+4095]; mov edx, 1; jmp write1
+/// out:    mov rsi, r13
+/// write1: mov edi, 1; mov eax, 1; syscall; ret      # write(1, rsi, rdx)
+/// name:   .asciz "user.kestrel"
+/// value:  .ascii "worker-xattr"
+/// buf:
+/// ```
+const XATTR_PROBE_CODE: [u8; 252] = [
+    0x4c, 0x8b, 0x64, 0x24, 0x10, 0x4c, 0x8d, 0x2d, 0xf0, 0x00, 0x00, 0x00, 0x41, 0xb6, 0x53, 0xe8,
+    0xaa, 0x00, 0x00, 0x00, 0x4c, 0x89, 0xe7, 0x48, 0x8d, 0x35, 0xc5, 0x00, 0x00, 0x00, 0x48, 0x8d,
+    0x15, 0xcb, 0x00, 0x00, 0x00, 0x41, 0xba, 0x0c, 0x00, 0x00, 0x00, 0x45, 0x31, 0xc0, 0xb8, 0xbc,
+    0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x85, 0xc0, 0x78, 0x78, 0x41, 0xb6, 0x47, 0xe8, 0x7c, 0x00,
+    0x00, 0x00, 0x4c, 0x89, 0xe7, 0x48, 0x8d, 0x35, 0x97, 0x00, 0x00, 0x00, 0x4c, 0x89, 0xea, 0x41,
+    0xba, 0x00, 0x01, 0x00, 0x00, 0xb8, 0xbf, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x85, 0xc0, 0x78,
+    0x51, 0x48, 0x89, 0xc2, 0xe8, 0x6a, 0x00, 0x00, 0x00, 0x41, 0xb6, 0x4c, 0xe8, 0x4d, 0x00, 0x00,
+    0x00, 0x4c, 0x89, 0xe7, 0x4c, 0x89, 0xee, 0xba, 0x00, 0x01, 0x00, 0x00, 0xb8, 0xc2, 0x00, 0x00,
+    0x00, 0x0f, 0x05, 0x48, 0x85, 0xc0, 0x78, 0x2a, 0x48, 0x89, 0xc2, 0xe8, 0x43, 0x00, 0x00, 0x00,
+    0x41, 0xb6, 0x52, 0xe8, 0x26, 0x00, 0x00, 0x00, 0x4c, 0x89, 0xe7, 0x48, 0x8d, 0x35, 0x41, 0x00,
+    0x00, 0x00, 0xb8, 0xc5, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x85, 0xc0, 0x78, 0x04, 0x31, 0xff,
+    0xeb, 0x05, 0x48, 0xf7, 0xd8, 0x89, 0xc7, 0xb8, 0xe7, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x45, 0x88,
+    0xb5, 0xff, 0x0f, 0x00, 0x00, 0x49, 0x8d, 0xb5, 0xff, 0x0f, 0x00, 0x00, 0xba, 0x01, 0x00, 0x00,
+    0x00, 0xeb, 0x03, 0x4c, 0x89, 0xee, 0xbf, 0x01, 0x00, 0x00, 0x00, 0xb8, 0x01, 0x00, 0x00, 0x00,
+    0x0f, 0x05, 0xc3, 0x75, 0x73, 0x65, 0x72, 0x2e, 0x6b, 0x65, 0x73, 0x74, 0x72, 0x65, 0x6c, 0x00,
+    0x77, 0x6f, 0x72, 0x6b, 0x65, 0x72, 0x2d, 0x78, 0x61, 0x74, 0x74, 0x72,
+];
+
+/// [`XATTR_PROBE_CODE`] as an ELF executable: one RWX `PT_LOAD` of the whole file at
+/// 0x40_0000 (offset and address agree modulo the page size, as Linux wants) with 4 KiB of
+/// zeroes beyond it, entry right after the headers.
+fn xattr_probe_elf() -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    const HEADERS: u64 = 64 + 56;
+    let file_len = HEADERS + XATTR_PROBE_CODE.len() as u64;
+    let mut e = vec![0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86_64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&(BASE + HEADERS).to_le_bytes()); // e_entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
+    e.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    e.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        // e_ehsize, e_phentsize, e_phnum, e_shentsize, e_shnum, e_shstrndx
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&7u32.to_le_bytes()); // RWX
+    for v in [0, BASE, BASE, file_len, file_len + 0x1000, 0x1000] {
+        // p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    assert_eq!(e.len() as u64, HEADERS);
+    e.extend_from_slice(&XATTR_PROBE_CODE);
+    e
+}
+
+/// What the in-process share's worker serves beyond lookups and reads: large writes and reads
+/// both ways (checksummed), fsync/fdatasync, fallocate, links, chmod, utimes, a FIFO, a
+/// directory tree removed again, statfs, and — the host file system allowing user xattrs —
+/// exec from the share (the kernel reads `security.capability`) and set/get/list/remove of
+/// an xattr.
+fn worker_share_ops(a: &mut AgentClient, mnt: &str, host: &Path) {
+    // Host -> guest: 1.5 MiB (READs of up to 1 MiB each).
+    let mut big = vec![0u8; 3 << 19];
+    XorShift::new(5).fill(&mut big);
+    std::fs::write(host.join("host.bin"), &big).unwrap();
+    let d = a.sha256_file(&format!("{mnt}/host.bin")).unwrap();
+    assert_eq!(
+        d.sha256,
+        hex(&Sha256::digest(&big)),
+        "host.bin read in the guest"
+    );
+
+    // Guest -> host, and the rest of the file operations, in one exec.
+    let script = format!(
+        "set -e; mkdir {mnt}/w; cd {mnt}/w
+         dd if=/dev/urandom of=/tmp/g.bin bs=512k count=3 2>/dev/null
+         cp /tmp/g.bin guest.bin; sync guest.bin; sync -d guest.bin
+         fallocate -l 65536 falloc.bin
+         ln -s guest.bin sym; ln guest.bin hard; chmod 600 hard
+         touch -d '2001-02-03 04:05:06' guest.bin
+         mkfifo fifo
+         mkdir -p d/e; echo deep > d/e/f; mv d/e/f d/e/g; cat d/e/g
+         readlink sym; stat -c '%s %h %a %Y' guest.bin; ls | tr '\\n' ' '; echo
+         df -k {mnt} | tail -n 1 | wc -w
+         sha256sum /tmp/g.bin | cut -d ' ' -f 1"
+    );
+    let (code, out) = sh_merged(a, &script);
+    assert_eq!(code, 0, "{out}");
+    let w = host.join("w");
+    let guest_bin = std::fs::read(w.join("guest.bin")).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            "deep",
+            "guest.bin",
+            "1572864 2 600 981173106",
+            "d falloc.bin fifo guest.bin hard sym ",
+            "6",
+            hex(&Sha256::digest(&guest_bin)).as_str(),
+        ],
+        "guest view; the last line is the guest's checksum of what it wrote"
+    );
+    let m = std::fs::metadata(w.join("guest.bin")).unwrap();
+    assert_eq!(
+        (m.len(), m.nlink(), m.mode() & 0o777, m.mtime()),
+        (3 << 19, 2, 0o600, 981173106)
+    );
+    assert_eq!(
+        std::fs::metadata(w.join("falloc.bin")).unwrap().len(),
+        65536
+    );
+    assert_eq!(
+        std::fs::read_link(w.join("sym")).unwrap(),
+        Path::new("guest.bin")
+    );
+    assert!(std::fs::symlink_metadata(w.join("fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert_eq!(std::fs::read(w.join("d/e/g")).unwrap(), b"deep\n");
+    let (code, out) = sh_merged(a, &format!("rm -r {mnt}/w"));
+    assert_eq!(code, 0, "{out}");
+    assert!(!w.exists(), "the guest removed the tree");
+
+    // Exec from the share and xattrs.
+    let target = host.join("xattr-target");
+    std::fs::write(&target, b"x").unwrap();
+    match host_setxattr(&target, "user.from-host", b"h") {
+        Err(libc::ENOTSUP) => {
+            eprintln!("NOTE: the host file system has no user xattrs; xattr checks skipped");
+            return;
+        }
+        r => r.unwrap(),
+    }
+    a.write_file(
+        &format!("{mnt}/xattr-probe"),
+        &xattr_probe_elf(),
+        Some(0o755),
+    )
+    .unwrap();
+    let (code, out, err) = super::sh(a, &format!("{mnt}/xattr-probe {mnt}/xattr-target"));
+    // Exit status 0, or the errno of the failing call (after its letter).
+    assert_eq!(code, 0, "xattr probe: {out:?} {err}");
+    assert!(
+        out.starts_with("SGworker-xattrL") && out.ends_with('R'),
+        "{out:?} {err}"
+    );
+    let mut names: Vec<&str> = out["SGworker-xattrL".len()..out.len() - 1]
+        .split_terminator('\0')
+        .collect();
+    names.sort_unstable();
+    assert_eq!(names, ["user.from-host", "user.kestrel"], "{out:?}");
+    assert_eq!(
+        host_getxattr(&target, "user.kestrel"),
+        Err(libc::ENODATA),
+        "removed"
+    );
+    assert_eq!(
+        host_getxattr(&target, "user.from-host").as_deref(),
+        Ok(&b"h"[..])
+    );
+}
+
 #[test]
 fn virtio_fs_in_process_read_only_and_vhost_user() {
     let g = guest_artifacts();
@@ -130,6 +331,11 @@ fn virtio_fs_in_process_read_only_and_vhost_user() {
     c.boot_source.initrd_path = Some(g.initramfs);
     c.serial.output = SerialOutput::None;
     c.kestrel.name = Some("fs".into());
+    // The share the guest uses most is served on a worker thread (the high-priority queue
+    // stays on the event loop), with xattrs on; the read-only share is served on the loop.
+    let mut rw_share = share("share", &rw);
+    rw_share.worker_threads = true;
+    rw_share.xattr = true;
     let mut ro_share = share("roshare", &ro);
     ro_share.read_only = true;
     let vhu_share = FsConfig {
@@ -139,9 +345,12 @@ fn virtio_fs_in_process_read_only_and_vhost_user() {
         cache: FsCache::Auto,
         ..share("x", &vhu)
     };
-    c.fs = vec![share("share", &rw), ro_share, vhu_share];
+    c.fs = vec![rw_share, ro_share, vhu_share];
     c.vsock = agent_vsock(&uds);
+    // The library's default seccomp mode (`kestrel.seccomp` absent): errno.
+    assert_eq!(c.kestrel.seccomp, None);
     let (vm, cap) = create_captured(&c);
+    assert_eq!(vm.seccomp_mode(), SeccompMode::Errno);
     assert!(vm.guest_memory_is_shared(), "vhost-user needs memfd memory");
     let sb = sandbox(&c, vm, &cap);
     let mut a = sb.agent();
@@ -172,6 +381,7 @@ fn virtio_fs_in_process_read_only_and_vhost_user() {
     eprintln!("guest checksummed 500 files in {:?}", t.elapsed());
 
     mutations(&mut a, "/mnt/s", &rw);
+    worker_share_ops(&mut a, "/mnt/s", &rw);
 
     // Read-only share: reads work, writes fail with EROFS.
     let (code, out) = sh_merged(&mut a, "cat /mnt/ro/readme");
@@ -200,9 +410,48 @@ fn virtio_fs_in_process_read_only_and_vhost_user() {
     assert_eq!((code, out.as_str()), (0, "served by virtiofsd"));
     mutations(&mut a, "/mnt/v", &vhu);
 
-    let m = sb.vm().fs_metrics("share").unwrap();
+    // The worker really served the share: it is listed among the VM's threads, runs under
+    // two filters (the event loop's, inherited, and its own), and every request-queue chain
+    // went through it — none fell back to the loop.
+    let vm = sb.vm();
+    let workers = fs_workers(vm, 0);
+    assert_eq!(workers.len(), 1, "{:?}", vm.threads());
+    let w = &workers[0];
+    assert_eq!(
+        (w.kind, w.name.as_str()),
+        (
+            ThreadKind::FsWorker { share: 0, queue: 1 },
+            "kestrel-fs-fs0-q1"
+        )
+    );
+    assert_eq!(task_status(w.tid, "Seccomp"), "2");
+    assert_eq!(task_status(w.tid, "Seccomp_filters"), "2");
+    assert!(
+        fs_workers(vm, 1).is_empty(),
+        "roshare serves on the event loop"
+    );
+    // Unmounting sends FUSE_DESTROY, served on the worker (it re-imports the root).
+    let (code, out) = sh_merged(&mut a, "umount /mnt/s");
+    assert_eq!(code, 0, "{out}");
+    let m = vm.fs_metrics("share").unwrap();
     eprintln!("in-process share metrics: {m:?}");
     assert!(m.requests > 500, "{m:?}");
+    assert_eq!(m.worker_requests, m.requests, "{m:?}");
+    assert_eq!(
+        (
+            m.failed_requests,
+            m.malformed_chains,
+            m.queue_errors,
+            m.panics
+        ),
+        (0, 0, 0, 0),
+        "{m:?}"
+    );
+    let ro_m = vm.fs_metrics("roshare").unwrap();
+    assert!(ro_m.requests > 0 && ro_m.worker_requests == 0, "{ro_m:?}");
+    assert_eq!(vm.metrics().device_panics, 0);
+    assert_eq!(vm.device_needs_reset("fs0"), Some(false));
     drop(a);
     assert_eq!(sb.shutdown(Duration::from_secs(120)), Some(VmExit::Reset));
+    assert!(sb.vm().threads().is_empty(), "the worker ended with the VM");
 }

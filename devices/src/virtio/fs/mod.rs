@@ -37,6 +37,8 @@ pub mod server;
 pub mod vhost_user;
 mod worker;
 
+pub use worker::{FsWorkerThread, FsWorkers};
+
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -141,6 +143,9 @@ pub struct FsMetrics {
     pub requests: u64,
     /// Chains taken from the high-priority queue.
     pub hiprio_requests: u64,
+    /// Of `requests`, those served on worker threads (`worker_threads`); the rest were served
+    /// on the event loop (no workers, or a worker could not be started).
+    pub worker_requests: u64,
     /// Requests answered with a FUSE error (`OutHeader.error != 0`: ENOENT, EROFS, ...).
     pub error_replies: u64,
     /// FUSE messages the server could not decode or answer (completed with used length 0).
@@ -346,6 +351,7 @@ impl FsMetrics {
     fn add(&mut self, o: &FsMetrics) {
         self.requests += o.requests;
         self.hiprio_requests += o.hiprio_requests;
+        self.worker_requests += o.worker_requests;
         self.error_replies += o.error_replies;
         self.failed_requests += o.failed_requests;
         self.malformed_chains += o.malformed_chains;
@@ -454,6 +460,8 @@ pub struct Fs {
     inject_worker_panic: Arc<AtomicBool>,
     /// One slot per queue (the high-priority queue always stays on the event loop).
     workers: Vec<Option<worker::Worker>>,
+    /// The worker threads that run, as they list themselves.
+    running_workers: FsWorkers,
 }
 
 impl Fs {
@@ -502,6 +510,7 @@ impl Fs {
             panic_hook: None,
             inject_worker_panic: Arc::new(AtomicBool::new(false)),
             workers: (0..nq).map(|_| None).collect(),
+            running_workers: FsWorkers::default(),
         })
     }
 
@@ -619,7 +628,7 @@ impl Fs {
                 panic_hook: self.panic_hook.clone(),
                 inject_panic: self.inject_worker_panic.clone(),
             };
-            match worker::Worker::spawn(name, ctx) {
+            match worker::Worker::spawn(name, ctx, self.running_workers.clone()) {
                 Ok(w) => {
                     self.server_used = true;
                     // Chains that arrived before the thread existed.
@@ -647,13 +656,21 @@ impl Fs {
         }
     }
 
-    /// Thread ids of the running worker threads (for cgroup placement).
+    /// Thread ids of the worker threads the device started (0 for one that has not run yet;
+    /// one that ended stays until the device joins it at reset or drop).
     pub fn worker_tids(&self) -> Vec<i32> {
         self.workers.iter().flatten().map(|w| w.tid()).collect()
     }
 
+    /// The device's running worker threads, as a handle that stays valid for the device's life
+    /// and is read without the device's lock (the VMM lists them in `Vm::threads` for cgroup
+    /// placement, and stops them when the VM stops).
+    pub fn worker_threads(&self) -> FsWorkers {
+        self.running_workers.clone()
+    }
+
     /// Name prefix of the worker threads (default `kestrel-fs`; threads are named
-    /// `<prefix>-q<N>`, and Linux keeps 15 bytes of a thread name).
+    /// `<prefix>-q<N>`, and Linux keeps 15 bytes of it: [`crate::os_thread_name`]).
     pub fn set_worker_name_prefix(&mut self, prefix: &str) {
         self.worker_name_prefix = prefix.to_string();
     }

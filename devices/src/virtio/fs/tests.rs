@@ -532,8 +532,23 @@ fn fuse_operations(workers: bool) {
         let tid = dev.worker_tids()[0];
         let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap();
         assert_eq!(comm.trim(), "kestrel-fs-q1");
+        // The worker lists itself (the VMM's thread list reads this handle).
+        let listed = dev.worker_threads();
+        while listed.is_empty() {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            listed.list(),
+            vec![FsWorkerThread {
+                name: "kestrel-fs-q1".into(),
+                queue: 1,
+                tid
+            }]
+        );
     } else {
         assert!(s.d.dev.lock().unwrap().worker_tids().is_empty());
+        assert!(s.d.dev.lock().unwrap().worker_threads().is_empty());
     }
     std::fs::write(s.dir.join("hello.txt"), b"hello from the host").unwrap();
 
@@ -624,11 +639,14 @@ fn fuse_operations(workers: bool) {
         0
     );
     assert!(m.interrupts >= m.requests, "{m:?}");
+    assert_eq!(m.worker_requests, if workers { m.requests } else { 0 });
     if workers {
         // Reset joins the worker: its thread is gone afterwards.
         let tid = s.d.dev.lock().unwrap().worker_tids()[0];
+        let listed = s.d.dev.lock().unwrap().worker_threads();
         s.d.dev.lock().unwrap().reset();
         assert!(s.d.dev.lock().unwrap().worker_tids().is_empty());
+        assert!(listed.is_empty(), "a joined worker is no longer listed");
         assert!(!Path::new(&format!("/proc/self/task/{tid}")).exists());
     }
     drop(s.tmp);

@@ -19,6 +19,81 @@ use super::server::FuseServer;
 use super::{drain_queue, lock_metrics, report_panics, FsMetrics};
 use crate::virtio::{GuestMem, VirtioInterrupt};
 
+/// A virtio-fs worker thread whose body is running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsWorkerThread {
+    /// Full thread name, `<prefix>-q<N>`; Linux keeps [`crate::os_thread_name`] of it.
+    pub name: String,
+    /// The request queue it serves (1 and up: the high-priority queue 0 stays on the event
+    /// loop).
+    pub queue: u16,
+    /// Linux thread id.
+    pub tid: i32,
+}
+
+/// The running worker threads of one device, as a handle the VMM keeps
+/// ([`super::Fs::worker_threads`]). Each worker adds itself as the first thing in its body and
+/// removes itself as the last, so the list never names a thread that has ended (a worker that
+/// panicked or whose start hook failed is gone from it). Reading it or stopping the workers
+/// never takes the device's lock, so it never waits for a device that is busy.
+#[derive(Clone, Default)]
+pub struct FsWorkers(Arc<Mutex<Vec<Registered>>>);
+
+struct Registered {
+    info: FsWorkerThread,
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+}
+
+impl std::fmt::Debug for FsWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.list()).finish()
+    }
+}
+
+impl FsWorkers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Registered>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The worker threads running now.
+    pub fn list(&self) -> Vec<FsWorkerThread> {
+        self.lock().iter().map(|r| r.info.clone()).collect()
+    }
+
+    /// Whether no worker thread runs.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Tell every running worker to end once the request it serves (if any) is done, without
+    /// waiting for it: for a VM that has stopped (no queue is served again; the device's drop
+    /// joins the finished threads). Poll [`FsWorkers::is_empty`] to see them gone; calling
+    /// this again reaches workers started meanwhile and wakes no worker twice.
+    pub fn stop_all(&self) {
+        for r in self.lock().iter() {
+            if r.stop.swap(true, Ordering::SeqCst) {
+                continue;
+            }
+            if let Err(e) = r.wake.write(1) {
+                tracing::warn!("virtio-fs: cannot wake worker {}: {e}", r.info.name);
+            }
+        }
+    }
+}
+
+/// A worker's entry in [`FsWorkers`], removed when the thread body returns (or unwinds).
+struct Registration<'a> {
+    workers: &'a FsWorkers,
+    tid: i32,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.workers.lock().retain(|r| r.info.tid != self.tid);
+    }
+}
+
 /// Everything a worker serves its queue with.
 pub(super) struct WorkerContext {
     pub tag: String,
@@ -39,39 +114,42 @@ pub(super) struct WorkerContext {
 
 /// A running worker thread.
 pub(super) struct Worker {
-    wake: EventFd,
+    wake: Arc<EventFd>,
     stop: Arc<AtomicBool>,
     tid: Arc<AtomicI32>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Worker {
-    /// Start a thread named `name` serving `ctx.queue`. On failure the queue comes back.
+    /// Start a thread named `name` (Linux gets [`crate::os_thread_name`] of it) serving
+    /// `ctx.queue`; it lists itself in `workers` while it runs. On failure the queue comes
+    /// back.
     pub fn spawn(
         name: String,
         ctx: WorkerContext,
+        workers: FsWorkers,
     ) -> Result<Worker, (std::io::Error, Option<Queue>)> {
         // Blocking: the worker sleeps in read() until woken.
         let wake = match EventFd::new(0) {
-            Ok(e) => e,
-            Err(e) => return Err((e, Some(ctx.queue))),
-        };
-        let thread_wake = match wake.try_clone() {
-            Ok(e) => e,
+            Ok(e) => Arc::new(e),
             Err(e) => return Err((e, Some(ctx.queue))),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let tid = Arc::new(AtomicI32::new(0));
-        let (thread_stop, thread_tid) = (stop.clone(), tid.clone());
+        let ids = ThreadIds {
+            name: name.clone(),
+            queue: u16::try_from(ctx.index).unwrap_or(u16::MAX),
+            tid: tid.clone(),
+            workers,
+        };
+        let (thread_wake, thread_stop) = (wake.clone(), stop.clone());
         // The context moves into the thread only if the spawn succeeds; keep the queue
         // reachable for the error path through a slot.
         let slot = Arc::new(Mutex::new(Some(ctx)));
         let thread_slot = slot.clone();
         let spawned = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                thread_body(&name, &thread_slot, &thread_wake, &thread_stop, &thread_tid)
-            });
+            .name(crate::os_thread_name(&name))
+            .spawn(move || thread_body(&ids, &thread_slot, &thread_wake, &thread_stop));
         match spawned {
             Ok(thread) => Ok(Worker {
                 wake,
@@ -123,19 +201,41 @@ impl Drop for Worker {
     }
 }
 
-/// A worker thread: blocks SIGPIPE, records its tid, takes its context, runs the start hook
-/// (the seccomp filter), then serves the queue until told to stop. A failing hook or a panic
-/// ends the thread and the device needs a reset; a panic is counted and reported.
+/// Who a worker thread is, and where it lists itself.
+struct ThreadIds {
+    name: String,
+    queue: u16,
+    tid: Arc<AtomicI32>,
+    workers: FsWorkers,
+}
+
+/// A worker thread: blocks SIGPIPE, records its tid and lists itself (until it ends), takes its
+/// context, runs the start hook (the seccomp filter), then serves the queue until told to
+/// stop. A failing hook or a panic ends the thread and the device needs a reset; a panic is
+/// counted and reported.
 fn thread_body(
-    name: &str,
+    ids: &ThreadIds,
     slot: &Mutex<Option<WorkerContext>>,
-    wake: &EventFd,
-    stop: &AtomicBool,
-    tid: &AtomicI32,
+    wake: &Arc<EventFd>,
+    stop: &Arc<AtomicBool>,
 ) {
-    crate::sigpipe::block_on_this_thread_or_log(name);
+    crate::sigpipe::block_on_this_thread_or_log(&ids.name);
     // SAFETY: gettid has no preconditions.
-    tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+    let tid = unsafe { libc::gettid() };
+    ids.tid.store(tid, Ordering::SeqCst);
+    ids.workers.lock().push(Registered {
+        info: FsWorkerThread {
+            name: ids.name.clone(),
+            queue: ids.queue,
+            tid,
+        },
+        stop: stop.clone(),
+        wake: wake.clone(),
+    });
+    let _listed = Registration {
+        workers: &ids.workers,
+        tid,
+    };
     let Some(ctx) = slot.lock().ok().and_then(|mut s| s.take()) else {
         return;
     };
@@ -212,6 +312,7 @@ fn run(mut ctx: WorkerContext, wake: &EventFd, stop: &AtomicBool) {
             false,
             usize::MAX,
         );
+        m.worker_requests = m.requests;
         lock_metrics(&ctx.metrics).add(&m);
         report_panics(&m, ctx.panic_hook.as_ref());
         if let Err(why) = r {
