@@ -19,8 +19,8 @@ fn twenty_cycles_with_every_device_kind_leave_nothing_behind() {
     // The counts see a live VM: event loop, two vCPUs (one hot-plugged) and the in-process
     // share's worker; the vsock socket and the host-port listener; the TAP; virtiofsd.
     let (b, d) = (&r.before, &r.during);
-    // (vCPU and loop threads carry `k-<vm>-...`; a share's worker is `kestrel-<vm>-fs0-q1`,
-    // which Linux cuts to 15 bytes.)
+    // (Linux keeps 15 bytes of a thread name, so Kestrel's threads carry the short
+    // `k-<vm>-...` form: loop, vCPUs, and the share's worker `k-<vm>-fs0-q1`.)
     let kestrel: Vec<&String> = d
         .thread_names
         .iter()
@@ -28,7 +28,7 @@ fn twenty_cycles_with_every_device_kind_leave_nothing_behind() {
         .collect();
     assert_eq!(
         kestrel,
-        ["k-sd-evloop", "k-sd-vcpu0", "k-sd-vcpu1", "kestrel-sd-fs0-"],
+        ["k-sd-evloop", "k-sd-fs0-q1", "k-sd-vcpu0", "k-sd-vcpu1"],
         "{:?}",
         d.thread_names
     );
