@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,19 +15,6 @@ use super::{agent_vsock, create_captured, hex, sandbox, sh_merged};
 use kestrel_vmm::agent::AgentClient;
 use kestrel_vmm::{ThreadKind, Vm, VmExit};
 use sha2::{Digest, Sha256};
-
-fn virtiofsd() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(repo_root().join("scripts/install-virtiofsd.sh"))
-        .output()
-        .expect("run scripts/install-virtiofsd.sh");
-    assert!(
-        out.status.success(),
-        "virtiofsd install failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
 
 struct Daemon(Child);
 impl Drop for Daemon {
@@ -308,7 +295,7 @@ fn virtio_fs_in_process_read_only_and_vhost_user() {
     std::fs::write(ro.join("readme"), b"read only").unwrap();
 
     let sock = dir.join("vfsd.sock");
-    let bin = virtiofsd();
+    let bin = kestrel_tests::soak::virtiofsd();
     let _daemon = Daemon(
         Command::new(&bin)
             .arg(format!("--socket-path={}", sock.display()))
