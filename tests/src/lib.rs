@@ -384,6 +384,15 @@ pub fn guest_artifacts() -> GuestArtifacts {
     }
 }
 
+/// The guest agent's vsock device on `uds` (CID 3), as the real-guest tests and benches give it.
+pub fn agent_vsock(uds: &std::path::Path) -> Option<kestrel_api::VsockConfig> {
+    Some(kestrel_api::VsockConfig {
+        guest_cid: 3,
+        uds_path: uds.to_path_buf(),
+        vsock_id: None,
+    })
+}
+
 /// The agent's `stream_source` byte stream (xorshift64*, docs/agent-protocol.md).
 pub struct XorShift(u64);
 

@@ -11,7 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use kestrel_api::{DriveConfig, SerialOutput, VmConfig, VsockConfig};
+use kestrel_api::{DriveConfig, SerialOutput, VmConfig};
 use kestrel_tests::*;
 use kestrel_vmm::Sandbox;
 use serde_json::{json, Value};
@@ -88,11 +88,7 @@ fn main() {
         partuuid: None,
         rate_limiter: None,
     }];
-    c.vsock = Some(VsockConfig {
-        guest_cid: 3,
-        uds_path: uds.clone(),
-        vsock_id: None,
-    });
+    c.vsock = agent_vsock(&uds);
     let sb = Sandbox::boot(&c, Duration::from_secs(900)).expect("boot");
     let vm = sb.vm().clone();
     let mut a = sb.agent();

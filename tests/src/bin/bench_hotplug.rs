@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use kestrel_api::{SerialOutput, VmConfig, VsockConfig};
+use kestrel_api::{SerialOutput, VmConfig};
 use kestrel_tests::*;
 use kestrel_vmm::{Sandbox, Vm};
 
@@ -22,11 +22,7 @@ fn main() {
     c.machine_config.max_vcpus = Some(2);
     c.machine_config.max_mem_size_mib = Some(1024);
     c.serial.output = SerialOutput::None;
-    c.vsock = Some(VsockConfig {
-        guest_cid: 3,
-        uds_path: uds,
-        vsock_id: None,
-    });
+    c.vsock = agent_vsock(&uds);
     let vm = Vm::create(&c).expect("create");
     let sb = Sandbox::from_vm(&c, vm, Duration::from_secs(900)).expect("boot");
     println!(

@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kestrel_api::{FsCache, FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
+use kestrel_api::{FsCache, FsConfig, NetConfig, SerialOutput, VmConfig};
 use kestrel_tests::*;
 use kestrel_vmm::{Sandbox, Vm};
 use serde_json::json;
@@ -187,11 +187,7 @@ fn main() {
             ..fs_share("x", &vhu)
         },
     ];
-    c.vsock = Some(VsockConfig {
-        guest_cid: 3,
-        uds_path: dir.join("v.sock"),
-        vsock_id: None,
-    });
+    c.vsock = agent_vsock(&dir.join("v.sock"));
     let vm = Vm::create(&c).expect("create");
     if !fs_only {
         for args in [

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use kestrel_api::{SerialOutput, VmConfig, VsockConfig};
+use kestrel_api::{SerialOutput, VmConfig};
 use kestrel_tests::*;
 use kestrel_vmm::agent::ExecRequest;
 use kestrel_vmm::pvfpu::{self, Request};
@@ -121,11 +121,7 @@ fn guest_side(assist: bool, pipelines: u64) -> GuestRun {
     c.boot_source.initrd_path = Some(g.initramfs);
     c.serial.output = SerialOutput::None;
     c.kestrel.xstate_assist = assist;
-    c.vsock = Some(VsockConfig {
-        guest_cid: 3,
-        uds_path: uds,
-        vsock_id: None,
-    });
+    c.vsock = agent_vsock(&uds);
     let cap = Capture::default();
     let vm = Vm::create_with_console(&c, Box::new(cap.clone())).expect("create");
     let sb = Sandbox::from_vm(&c, vm, Duration::from_secs(900)).expect("boot");

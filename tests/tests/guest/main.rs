@@ -35,14 +35,7 @@ pub(crate) fn sh_merged(agent: &mut AgentClient, script: &str) -> (i32, String) 
     (code, out + &err)
 }
 
-/// The guest agent's vsock device on `uds` (CID 3).
-pub(crate) fn agent_vsock(uds: &std::path::Path) -> Option<kestrel_api::VsockConfig> {
-    Some(kestrel_api::VsockConfig {
-        guest_cid: 3,
-        uds_path: uds.to_path_buf(),
-        vsock_id: None,
-    })
-}
+pub(crate) use kestrel_tests::agent_vsock;
 
 /// A VM for `c` with its console captured.
 pub(crate) fn create_captured(
