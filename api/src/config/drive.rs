@@ -16,6 +16,32 @@ pub const MAX_DRIVE_SERIAL_LEN: usize = 20;
 /// Longest `partuuid` (a GPT UUID has 36 characters; an MBR one `xxxxxxxx-pp` 11).
 pub const MAX_PARTUUID_LEN: usize = 36;
 
+/// Whether the guest is offered a flush (Firecracker's `drives[].cache_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CacheType {
+    /// No flush is offered to the guest (`VIRTIO_BLK_F_FLUSH` off): the guest believes its
+    /// writes are stable once written, and the host's page cache decides when they reach the
+    /// disk. Firecracker's default; fast, but a host crash can lose what the guest thought
+    /// stable.
+    Unsafe,
+    /// Flush is offered and honoured: a guest flush (`fsync`, journal commits) is an
+    /// `fdatasync` of the image before it completes. Kestrel's default, unlike Firecracker's:
+    /// it is what Kestrel's virtio-blk always did, and a guest's `fsync` means what it says.
+    #[default]
+    Writeback,
+}
+
+/// How the drive's I/O is submitted on the host (Firecracker's `drives[].io_engine`). Kestrel
+/// uses blocking system calls: only `Sync` is accepted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IoEngine {
+    /// Blocking `pread`/`pwrite` (Firecracker's default and Kestrel's only engine).
+    #[default]
+    Sync,
+    /// io_uring. Not supported by Kestrel.
+    Async,
+}
+
 /// One entry of Firecracker's `drives`: a virtio-blk device over a raw image.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,22 +55,53 @@ pub struct DriveConfig {
     /// The guest's root file system (`root=/dev/vdX` or `root=PARTUUID=...`). At most one.
     #[serde(default)]
     pub is_root_device: bool,
-    /// Offer the drive read-only.
-    #[serde(default)]
+    /// Offer the drive read-only. Absent or `null`: read-write (Firecracker's `Option<bool>`).
+    #[serde(default, deserialize_with = "null_default")]
     pub is_read_only: bool,
     /// The virtio-blk serial (GET_ID): up to 20 bytes of printable ASCII. Default: `drive_id`.
     #[serde(default)]
     pub serial: Option<String>,
-    /// The root partition's PARTUUID, for `root=PARTUUID=`; only with `is_root_device`.
+    /// The root partition's PARTUUID, for `root=PARTUUID=`. Used only with `is_root_device`;
+    /// on another drive it is ignored, as in Firecracker.
     #[serde(default)]
     pub partuuid: Option<String>,
     /// Token buckets for the drive's requests: bandwidth counts the bytes read or written, ops
     /// counts every request. Changeable at run time (`Vm::update_drive_rate_limiter`).
     #[serde(default)]
     pub rate_limiter: Option<crate::RateLimiterConfig>,
+    /// Firecracker's `cache_type`: whether the guest is offered a flush. Default `Writeback`
+    /// (Firecracker's default is `Unsafe`; see [`CacheType`]).
+    #[serde(default)]
+    pub cache_type: CacheType,
+    /// Firecracker's `io_engine`. Only `Sync` (or absent/`null`) is supported.
+    #[serde(default)]
+    pub io_engine: Option<IoEngine>,
+    /// Firecracker's `socket`: a vhost-user-blk backend. Not supported: absent or `null` only.
+    #[serde(default)]
+    pub socket: Option<String>,
 }
 
 impl DriveConfig {
+    /// Whether the guest is offered `VIRTIO_BLK_F_FLUSH` (and its flushes are `fdatasync`s):
+    /// `cache_type` is `Writeback`.
+    pub fn offers_flush(&self) -> bool {
+        self.cache_type == CacheType::Writeback
+    }
+
+    /// Firecracker's fields Kestrel does not implement must hold their "not used" value.
+    fn check_firecracker_only(&self, i: usize) -> Result<(), ConfigError> {
+        if let Some(e) = self.io_engine.filter(|e| *e != IoEngine::Sync) {
+            return Err(ConfigError::not_supported(
+                format!("drives[{i}].io_engine"),
+                &e,
+            ));
+        }
+        if let Some(s) = &self.socket {
+            return Err(ConfigError::not_supported(format!("drives[{i}].socket"), s));
+        }
+        Ok(())
+    }
+
     /// Whether the drive starts without a file.
     pub fn is_empty_slot(&self) -> bool {
         self.path_on_host
@@ -68,6 +125,7 @@ impl VmConfig {
         let mut root: Option<usize> = None;
         for (i, d) in self.drives.iter().enumerate() {
             let field = |name: &str| format!("drives[{i}].{name}");
+            d.check_firecracker_only(i)?;
             let id = &d.drive_id;
             check_id(&field("drive_id"), id, MAX_DRIVE_ID_LEN)?;
             let earlier = self.drives[..i].iter().map(|o| o.drive_id.as_str());
@@ -111,14 +169,9 @@ impl VmConfig {
                     ));
                 }
             }
-            if let Some(partuuid) = &d.partuuid {
-                if !d.is_root_device {
-                    return Err(ConfigError::invalid(
-                        field("partuuid"),
-                        "is only used with is_root_device",
-                    ));
-                }
-                // It ends up on the kernel command line: keep it to what a PARTUUID can be.
+            // Only a root device's PARTUUID is used (it ends up on the kernel command line: keep
+            // it to what a PARTUUID can be); Firecracker ignores it on other drives.
+            if let Some(partuuid) = d.partuuid.as_ref().filter(|_| d.is_root_device) {
                 if partuuid.is_empty()
                     || partuuid.len() > MAX_PARTUUID_LEN
                     || !partuuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
@@ -354,10 +407,14 @@ mod drive_tests {
     }
 
     #[test]
-    fn partuuid_only_on_root() {
+    fn partuuid_checked_on_root_ignored_elsewhere() {
         let mut d = drive("a");
+        // Firecracker: "used only if the is_root_device field is true".
+        for ignored in ["0eaa91a0-01", "", "not a partuuid"] {
+            d.partuuid = Some(ignored.into());
+            with(vec![d.clone()]).validate().unwrap();
+        }
         d.partuuid = Some("0eaa91a0-01".into());
-        assert_eq!(err(&with(vec![d.clone()])).0, "drives[0].partuuid");
         d.is_root_device = true;
         with(vec![d.clone()]).validate().unwrap();
         for bad in ["", "0eaa91a0-01 init=/bin/sh", "zz"] {
@@ -368,6 +425,55 @@ mod drive_tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn firecracker_drive_fields() {
+        // Firecracker's own drive as its vm_config.json writes it.
+        let d: DriveConfig = serde_json::from_str(
+            r#"{"drive_id": "rootfs", "partuuid": null, "is_root_device": true,
+                "cache_type": "Unsafe", "is_read_only": null, "path_on_host": "r.ext4",
+                "io_engine": "Sync", "rate_limiter": null, "socket": null}"#,
+        )
+        .unwrap();
+        assert_eq!(d.cache_type, CacheType::Unsafe);
+        assert!(!d.offers_flush());
+        assert!(!d.is_read_only, "null is read-write");
+        assert_eq!(d.io_engine, Some(IoEngine::Sync));
+        // Kestrel's default keeps the flush it always offered.
+        let d: DriveConfig = serde_json::from_str(r#"{"drive_id": "a"}"#).unwrap();
+        assert_eq!(d.cache_type, CacheType::Writeback);
+        assert!(d.offers_flush());
+        assert_eq!(DriveConfig::default().cache_type, CacheType::Writeback);
+        let d: DriveConfig =
+            serde_json::from_str(r#"{"drive_id": "a", "cache_type": "Writeback"}"#).unwrap();
+        assert!(d.offers_flush());
+        for bad in [
+            r#"{"drive_id": "a", "cache_type": "writeback"}"#,
+            r#"{"drive_id": "a", "io_engine": "Uring"}"#,
+            r#"{"drive_id": "a", "is_read_only": "yes"}"#,
+        ] {
+            assert!(serde_json::from_str::<DriveConfig>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unsupported_drive_fields_refused_by_name() {
+        let mut d = drive("a");
+        d.io_engine = Some(IoEngine::Async);
+        let (f, m) = err(&with(vec![drive("z"), d.clone()]));
+        assert_eq!(f, "drives[1].io_engine");
+        assert_eq!(
+            m,
+            "Firecracker's `drives[1].io_engine` = `Async` is not supported by Kestrel"
+        );
+        d.io_engine = Some(IoEngine::Sync);
+        d.socket = Some("/run/vhost-user-blk.sock".into());
+        let (f, m) = err(&with(vec![d.clone()]));
+        assert_eq!(f, "drives[0].socket");
+        assert!(m.contains("`/run/vhost-user-blk.sock` is not supported"), "{m}");
+        d.socket = None;
+        with(vec![d]).validate().unwrap();
     }
 
     #[test]

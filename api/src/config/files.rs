@@ -117,3 +117,33 @@ pub(super) fn check_unique<'a>(
         None => Ok(()),
     }
 }
+
+/// A path Kestrel will open for writing, creating it when missing (logger and metrics
+/// outputs: a regular file, a FIFO or a character device). It must be non-empty; when it
+/// exists it must not be a directory; when it does not, its directory must exist. Opens
+/// nothing (opening a FIFO could block).
+pub(super) fn check_output_path(field: &str, path: &Path) -> Result<(), ConfigError> {
+    if path.as_os_str().is_empty() {
+        return Err(ConfigError::invalid(field, "must not be empty"));
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Err(ConfigError::invalid(
+            field,
+            format!("{} is a directory", path.display()),
+        )),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(d) if !d.is_dir() => Err(ConfigError::invalid(
+                    field,
+                    format!("directory {} does not exist", d.display()),
+                )),
+                _ => Ok(()),
+            }
+        }
+        Err(e) => Err(ConfigError::invalid(
+            field,
+            format!("cannot access {}: {e}", path.display()),
+        )),
+    }
+}

@@ -2,25 +2,33 @@
 //! section, each with its types, limits, validation and tests.
 
 mod boot;
+mod de;
 mod drive;
 mod files;
 mod fs;
 mod kestrel;
+mod logger;
 mod machine;
+mod metrics;
 mod net;
 mod serial;
 #[cfg(test)]
 mod tests;
+mod unsupported;
 mod vsock;
 
 pub use boot::*;
+use de::*;
 pub use drive::*;
 use files::*;
 pub use fs::*;
 pub use kestrel::*;
+pub use logger::*;
 pub use machine::*;
+pub use metrics::*;
 pub use net::*;
 pub use serial::*;
+pub use unsupported::*;
 pub use vsock::*;
 
 use std::path::{Path, PathBuf};
@@ -47,38 +55,95 @@ pub const CMDLINE_RESERVED_LEN: usize = 160;
 /// and a separator: 36, rounded up).
 pub const CMDLINE_RESERVED_PER_DEVICE: usize = 40;
 
-/// A whole VM: what the `kestrel` binary reads with `--config` and what a runtime passes to
-/// `kestrel_vmm::Vm::create`.
+/// A whole VM: what the `kestrel` binary reads with `--config` (or Firecracker's
+/// `--config-file`) and what a runtime passes to `kestrel_vmm::Vm::create`.
+///
+/// Every Firecracker section is accepted in Firecracker's shape. Sections and fields Kestrel
+/// does not implement mean "not used" when absent, `null`, empty or at Firecracker's default,
+/// and [`VmConfig::validate`] refuses any other value with [`ConfigError::NotSupported`].
+/// Sections that are lists or have defaults (`machine-config`, `drives`, ...) also take `null`
+/// for "absent".
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// Kernel, command line and initrd.
     #[serde(rename = "boot-source")]
     pub boot_source: BootSource,
-    /// vCPUs and memory.
-    #[serde(rename = "machine-config")]
+    /// vCPUs and memory. Absent or `null`: Firecracker's 1 vCPU and 128 MiB.
+    #[serde(
+        default,
+        rename = "machine-config",
+        deserialize_with = "null_default"
+    )]
     pub machine_config: MachineConfig,
     /// Firecracker's `drives`: virtio-blk devices, in order. A drive without a file is an empty
     /// slot a file can be attached to at run time.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub drives: Vec<DriveConfig>,
     /// Firecracker's `network-interfaces`: virtio-net devices over TAP devices, in order. An
     /// interface without `host_dev_name` is a hot-attach slot (link down until a TAP is
     /// attached at run time).
-    #[serde(default, rename = "network-interfaces")]
+    #[serde(
+        default,
+        rename = "network-interfaces",
+        deserialize_with = "null_default"
+    )]
     pub network_interfaces: Vec<NetConfig>,
     /// Firecracker's `vsock`: a virtio-vsock device with hybrid vsock over Unix sockets.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// Firecracker's `logger`: kept for the `kestrel` binary, which applies it (the library
+    /// logs through `tracing` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<LoggerConfig>,
+    /// Firecracker's `metrics`: kept for the `kestrel` binary, which writes them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
+    /// Firecracker's `balloon`. Not supported: absent or `null` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
+    /// Firecracker's `cpu-config` (custom CPU template). Not supported: absent, `null` or a
+    /// template that changes nothing.
+    #[serde(
+        default,
+        rename = "cpu-config",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_config: Option<CpuConfig>,
+    /// Firecracker's `entropy` (virtio-rng). Not supported: absent or `null` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entropy: Option<EntropyConfig>,
+    /// Firecracker's `memory-hotplug` (virtio-mem). Not supported: absent or `null` only
+    /// (Kestrel's memory hotplug is `machine-config.max_mem_size_mib`).
+    #[serde(
+        default,
+        rename = "memory-hotplug",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_hotplug: Option<MemoryHotplugConfig>,
+    /// Firecracker's `mmds-config`. Not supported: absent or `null` only.
+    #[serde(
+        default,
+        rename = "mmds-config",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<MmdsConfig>,
+    /// Firecracker's `pmem` (virtio-pmem). Not supported: absent, `null` or `[]` only.
+    #[serde(
+        default,
+        deserialize_with = "null_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub pmem: Vec<PmemConfig>,
     /// virtio-fs shares (Kestrel section), in order: each one is served in-process from a host
     /// directory (`shared_dir`) or by an external vhost-user daemon such as virtiofsd (`socket`).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub fs: Vec<FsConfig>,
     /// Where the guest's serial console goes (Kestrel section).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub serial: SerialConfig,
     /// Host-side knobs that are not about the guest (Kestrel section).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub kestrel: KestrelOptions,
 }
 
@@ -123,27 +188,31 @@ impl VmConfig {
         Self::from_json(&text)
     }
 
-    /// A minimal configuration: `vcpu_count` vCPUs, `mem_size_mib` MiB, the given kernel.
+    /// A minimal configuration: `vcpu_count` vCPUs, `mem_size_mib` MiB, the given kernel, and
+    /// the serial console on ([`CONSOLE_BOOT_ARGS`] as `boot_args`; a JSON document without
+    /// `boot_args` gets Firecracker's [`DEFAULT_BOOT_ARGS`] instead).
     pub fn new(kernel: impl Into<PathBuf>, vcpu_count: u32, mem_size_mib: u64) -> Self {
         VmConfig {
             boot_source: BootSource {
                 kernel_image_path: kernel.into(),
-                boot_args: None,
+                boot_args: Some(CONSOLE_BOOT_ARGS.to_string()),
                 initrd_path: None,
             },
-            machine_config: MachineConfig {
-                vcpu_count,
-                mem_size_mib,
-                smt: false,
-                max_vcpus: None,
-                max_mem_size_mib: None,
-            },
+            machine_config: MachineConfig::new(vcpu_count, mem_size_mib),
             serial: SerialConfig::default(),
             kestrel: KestrelOptions::default(),
             drives: Vec::new(),
             network_interfaces: Vec::new(),
             vsock: None,
             fs: Vec::new(),
+            logger: None,
+            metrics: None,
+            balloon: None,
+            cpu_config: None,
+            entropy: None,
+            memory_hotplug: None,
+            mmds_config: None,
+            pmem: Vec::new(),
         }
     }
 
@@ -159,6 +228,7 @@ impl VmConfig {
     /// KVM's vCPU limit, host memory, TAP devices and vhost-user daemons; and the kernel's
     /// format, which [`VmConfig::validate_for_boot`] adds.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_unsupported_sections()?;
         self.boot_source.validate()?;
         self.check_cmdline_room()?;
         self.check_initrd_fits()?;
@@ -167,6 +237,12 @@ impl VmConfig {
         self.kestrel.validate()?;
         if let Some(v) = &self.vsock {
             v.validate()?;
+        }
+        if let Some(l) = &self.logger {
+            l.validate()?;
+        }
+        if let Some(m) = &self.metrics {
+            m.validate()?;
         }
         self.validate_drives()?;
         self.validate_network_interfaces()?;
@@ -200,9 +276,7 @@ impl VmConfig {
 
     /// `boot_args` plus what Kestrel appends must fit the boot protocol's command line.
     fn check_cmdline_room(&self) -> Result<(), ConfigError> {
-        let Some(args) = &self.boot_source.boot_args else {
-            return Ok(());
-        };
+        let args = self.boot_source.boot_args_or_default();
         let reserved =
             CMDLINE_RESERVED_LEN + CMDLINE_RESERVED_PER_DEVICE * self.device_fields().len();
         let room = MAX_CMDLINE_LEN.saturating_sub(reserved);

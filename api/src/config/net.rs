@@ -38,6 +38,10 @@ pub struct NetConfig {
     /// Without it the TAP must already exist.
     #[serde(default)]
     pub create_tap: bool,
+    /// Firecracker's `mtu` (advertised with `VIRTIO_NET_F_MTU`). Not supported: absent or
+    /// `null` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u16>,
 }
 
 impl NetConfig {
@@ -136,6 +140,9 @@ impl VmConfig {
         let mut macs: Vec<[u8; 6]> = Vec::with_capacity(nets.len());
         for (i, n) in nets.iter().enumerate() {
             let field = |name: &str| format!("network-interfaces[{i}].{name}");
+            if let Some(mtu) = n.mtu {
+                return Err(ConfigError::not_supported(field("mtu"), &mtu));
+            }
             let id = &n.iface_id;
             check_id(&field("iface_id"), id, MAX_IFACE_ID_LEN)?;
             let earlier = nets[..i].iter().map(|o| o.iface_id.as_str());
@@ -287,6 +294,25 @@ mod net_tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing field `iface_id`"), "{e}");
+    }
+
+    #[test]
+    fn firecracker_nulls_and_mtu() {
+        let n: NetConfig = serde_json::from_str(
+            r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:c0:a8:00:02",
+                "rx_rate_limiter": null, "tx_rate_limiter": null, "mtu": null}"#,
+        )
+        .unwrap();
+        with(vec![n.clone()]).validate().unwrap();
+        assert_eq!(n.mtu, None);
+        let mut n = net("a");
+        n.mtu = Some(9000);
+        let (f, m) = err(&with(vec![n]));
+        assert_eq!(f, "network-interfaces[0].mtu");
+        assert_eq!(
+            m,
+            "Firecracker's `network-interfaces[0].mtu` = `9000` is not supported by Kestrel"
+        );
     }
 
     #[test]
