@@ -12,4 +12,3 @@ where
 {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
-

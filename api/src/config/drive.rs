@@ -471,7 +471,10 @@ mod drive_tests {
         d.socket = Some("/run/vhost-user-blk.sock".into());
         let (f, m) = err(&with(vec![d.clone()]));
         assert_eq!(f, "drives[0].socket");
-        assert!(m.contains("`/run/vhost-user-blk.sock` is not supported"), "{m}");
+        assert!(
+            m.contains("`/run/vhost-user-blk.sock` is not supported"),
+            "{m}"
+        );
         d.socket = None;
         with(vec![d]).validate().unwrap();
     }

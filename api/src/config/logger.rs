@@ -97,7 +97,10 @@ mod logger_tests {
                 "show_log_origin": true}"#,
         )
         .unwrap();
-        assert_eq!(l.log_path.as_deref(), Some(std::path::Path::new("/tmp/fc.log")));
+        assert_eq!(
+            l.log_path.as_deref(),
+            Some(std::path::Path::new("/tmp/fc.log"))
+        );
         assert_eq!(l.level, Some(LogLevel::Debug));
         assert_eq!((l.show_level, l.show_log_origin), (Some(true), Some(true)));
         l.validate().unwrap();

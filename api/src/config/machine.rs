@@ -109,7 +109,10 @@ impl MachineConfig {
             return Err(ConfigError::not_supported("machine-config.smt", &true));
         }
         if let Some(t) = self.cpu_template.filter(|t| *t != CpuTemplate::None) {
-            return Err(ConfigError::not_supported("machine-config.cpu_template", &t));
+            return Err(ConfigError::not_supported(
+                "machine-config.cpu_template",
+                &t,
+            ));
         }
         if self.track_dirty_pages {
             return Err(ConfigError::not_supported(

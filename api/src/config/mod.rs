@@ -70,11 +70,7 @@ pub struct VmConfig {
     #[serde(rename = "boot-source")]
     pub boot_source: BootSource,
     /// vCPUs and memory. Absent or `null`: Firecracker's 1 vCPU and 128 MiB.
-    #[serde(
-        default,
-        rename = "machine-config",
-        deserialize_with = "null_default"
-    )]
+    #[serde(default, rename = "machine-config", deserialize_with = "null_default")]
     pub machine_config: MachineConfig,
     /// Firecracker's `drives`: virtio-blk devices, in order. A drive without a file is an empty
     /// slot a file can be attached to at run time.

@@ -215,6 +215,210 @@ mod whole_document {
     }
 
     #[test]
+    fn unsupported_machine_config_fields_are_named_with_their_value() {
+        let mut cfg = valid();
+        cfg.machine_config.huge_pages = HugePages::Hugetlbfs2M;
+        let e = cfg.validate().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Firecracker's `machine-config.huge_pages` = `2M` is not supported by Kestrel"
+        );
+        assert_eq!(e.field(), Some("machine-config.huge_pages"));
+        cfg.machine_config.huge_pages = HugePages::Transparent;
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("= `Transparent`"));
+        cfg.machine_config.huge_pages = HugePages::None;
+        cfg.machine_config.track_dirty_pages = true;
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "Firecracker's `machine-config.track_dirty_pages` = `true` is not supported by Kestrel"
+        );
+        cfg.machine_config.track_dirty_pages = false;
+        cfg.machine_config.smt = true;
+        assert_eq!(
+            cfg.validate().unwrap_err().to_string(),
+            "Firecracker's `machine-config.smt` = `true` is not supported by Kestrel"
+        );
+        cfg.machine_config.smt = false;
+        cfg.machine_config.cpu_template = Some(CpuTemplate::T2S);
+        assert!(cfg.validate().unwrap_err().to_string().contains("= `T2S`"));
+        cfg.machine_config.cpu_template = Some(CpuTemplate::None);
+        cfg.validate().unwrap();
+        cfg.machine_config.gdb_socket_path = Some("/tmp/gdb.socket".into());
+        assert_eq!(field_of(&cfg), "machine-config.gdb_socket_path");
+    }
+
+    #[test]
+    fn firecracker_machine_config_defaults_and_spellings() {
+        let doc = |mc: &str| {
+            VmConfig::from_json(&format!(
+                r#"{{"boot-source": {{"kernel_image_path": "{}"}}{mc}}}"#,
+                kernel_file().display()
+            ))
+        };
+        for absent in ["", r#", "machine-config": null"#] {
+            let c = doc(absent).unwrap();
+            assert_eq!(c.machine_config, MachineConfig::default());
+            assert_eq!(
+                (c.machine_config.vcpu_count, c.machine_config.mem_size_mib),
+                (1, 128)
+            );
+            c.validate().unwrap();
+        }
+        let c = doc(
+            r#", "machine-config": {"vcpu_count": 2, "mem_size_mib": 512, "smt": false,
+                "cpu_template": "None", "track_dirty_pages": false, "huge_pages": "None"}"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.machine_config.cpu_template, Some(CpuTemplate::None));
+        let c = doc(
+            r#", "machine-config": {"vcpu_count": 2, "mem_size_mib": 512, "huge_pages": "2M"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.machine_config.huge_pages, HugePages::Hugetlbfs2M);
+        for bad in [
+            r#", "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "1G"}"#,
+            r#", "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "M5"}"#,
+            r#", "machine-config": {"vcpu_count": 1, "mem_size_mib": 128, "smt": null}"#,
+        ] {
+            assert!(doc(bad).is_err(), "{bad}");
+        }
+        // Round trip keeps the new fields.
+        let back = VmConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unsupported_sections_refused_and_empty_ones_accepted() {
+        let doc = |extra: &str| {
+            VmConfig::from_json(&format!(
+                r#"{{"boot-source": {{"kernel_image_path": "{}"}}, {extra}}}"#,
+                kernel_file().display()
+            ))
+            .unwrap()
+        };
+        for (extra, field) in [
+            (
+                r#""balloon": {"amount_mib": 0, "deflate_on_oom": false}"#,
+                "balloon",
+            ),
+            (r#""entropy": {}"#, "entropy"),
+            (
+                r#""memory-hotplug": {"total_size_mib": 1024}"#,
+                "memory-hotplug",
+            ),
+            (
+                r#""mmds-config": {"network_interfaces": []}"#,
+                "mmds-config",
+            ),
+            (r#""cpu-config": "/etc/fc/c3.json""#, "cpu-config"),
+            (
+                r#""cpu-config": {"kvm_capabilities": ["!56"]}"#,
+                "cpu-config",
+            ),
+            (
+                r#""pmem": [{"id": "p", "path_on_host": "f", "read_only": true}]"#,
+                "pmem[0]",
+            ),
+        ] {
+            let e = doc(extra).validate().unwrap_err();
+            assert!(
+                matches!(e, ConfigError::NotSupported { .. }),
+                "{extra}: {e}"
+            );
+            assert_eq!(e.field(), Some(field), "{extra}");
+        }
+        // A template that changes nothing is "not used".
+        doc(r#""cpu-config": {}"#).validate().unwrap();
+        doc(
+            r#""cpu-config": {"kvm_capabilities": [], "cpuid_modifiers": [], "msr_modifiers": []}"#,
+        )
+        .validate()
+        .unwrap();
+        doc(r#""pmem": []"#).validate().unwrap();
+        // Their shape is still Firecracker's: unknown fields and wrong types are errors.
+        for bad in [
+            r#""balloon": {"amount_mib": 1, "deflate_on_oom": false, "size": 2}"#,
+            r#""mmds-config": {"network_interfaces": ["eth0"], "ipv4_address": "not-an-ip"}"#,
+            r#""mmds-config": {"network_interfaces": ["eth0"], "version": "V3"}"#,
+            r#""memory-hotplug": {"block_size_mib": 2}"#,
+            r#""cpu-config": {"reg_modifiers": []}"#,
+            r#""logger": {"log_level": "Info"}"#,
+        ] {
+            let json = format!(r#"{{"boot-source": {{"kernel_image_path": "/k"}}, {bad}}}"#);
+            let e = VmConfig::from_json(&json).unwrap_err();
+            assert!(matches!(e, ConfigError::Parse(_)), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn not_supported_values_are_shown_short() {
+        let long = "x".repeat(200);
+        let e = ConfigError::not_supported("drives[0].socket", &long);
+        let msg = e.to_string();
+        assert!(msg.contains(&format!("`{}...`", "x".repeat(80))), "{msg}");
+        let e = ConfigError::not_supported("balloon", &serde_json::json!({"amount_mib": 1}));
+        assert_eq!(
+            e.to_string(),
+            "Firecracker's `balloon` = `{\"amount_mib\":1}` is not supported by Kestrel"
+        );
+        // Cut on a character boundary.
+        let e = ConfigError::not_supported("x", &"é".repeat(100));
+        assert!(e.to_string().contains(&format!("{}...", "é".repeat(80))));
+    }
+
+    #[test]
+    fn logger_and_metrics_kept_and_checked() {
+        let mut cfg = valid();
+        cfg.logger = Some(LoggerConfig {
+            log_path: Some("/nonexistent-dir/fc.log".into()),
+            ..LoggerConfig::default()
+        });
+        assert_eq!(field_of(&cfg), "logger.log_path");
+        cfg.logger = Some(LoggerConfig {
+            level: Some(LogLevel::Debug),
+            show_level: Some(true),
+            ..LoggerConfig::default()
+        });
+        cfg.metrics = Some(MetricsConfig {
+            metrics_path: "/nonexistent-dir/m".into(),
+            emit_id: false,
+            properties: None,
+        });
+        assert_eq!(field_of(&cfg), "metrics.metrics_path");
+        cfg.metrics.as_mut().unwrap().metrics_path = "metrics.fifo".into();
+        cfg.validate().unwrap();
+        let back = VmConfig::from_json(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back, cfg);
+    }
+
+    #[test]
+    fn new_keeps_the_serial_console() {
+        let cfg = valid();
+        assert_eq!(
+            cfg.boot_source.boot_args.as_deref(),
+            Some(CONSOLE_BOOT_ARGS)
+        );
+        assert_eq!(cfg.boot_source.boot_args_or_default(), CONSOLE_BOOT_ARGS);
+        // Nothing Firecracker-only is set, so nothing is serialized for it.
+        let json = serde_json::to_string(&cfg).unwrap();
+        for absent in [
+            "balloon",
+            "logger",
+            "metrics",
+            "pmem",
+            "cpu-config",
+            "mmds-config",
+        ] {
+            assert!(!json.contains(absent), "{absent}: {json}");
+        }
+    }
+
+    #[test]
     fn round_trip() {
         let mut cfg = valid();
         cfg.machine_config.max_vcpus = Some(4);
