@@ -91,7 +91,7 @@ fn is_true(b: &bool) -> bool {
 }
 
 impl KestrelOptions {
-    /// See [`VmConfig::validate`].
+    /// See [`crate::VmConfig::validate`].
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(name) = &self.name {
             check_id("kestrel.name", name, MAX_NAME_LEN)?;

@@ -25,7 +25,7 @@ pub struct VsockConfig {
 }
 
 impl VsockConfig {
-    /// See [`VmConfig::validate`]. The socket path is checked, not created.
+    /// See [`crate::VmConfig::validate`]. The socket path is checked, not created.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.guest_cid < 3 || self.guest_cid == u32::MAX {
             return Err(ConfigError::invalid(
