@@ -382,7 +382,10 @@ fn request_lines_the_agent_refuses() {
     assert!(matches!(e.error, RequestError::Json(_)));
     assert_eq!(e.error.kind(), kind::BAD_REQUEST);
     assert_eq!(refused("[1]").error, RequestError::NotObject);
-    assert_eq!(refused(r#"{"id": -1, "op": "ping"}"#).error, RequestError::Id);
+    assert_eq!(
+        refused(r#"{"id": -1, "op": "ping"}"#).error,
+        RequestError::Id
+    );
     let e = refused(r#"{"id": 3, "op": 5}"#);
     assert_eq!((e.id, e.error), (Some(3), RequestError::OpName));
     let e = refused(r#"{"id": 6, "op": "nope", "args": null}"#);
@@ -398,7 +401,9 @@ fn request_lines_the_agent_refuses() {
         "{}",
         e.error
     );
-    let e = refused(r#"{"id": 9, "op": "probe_memory", "args": {"addr": 1, "size": 1, "online_type": "up"}}"#);
+    let e = refused(
+        r#"{"id": 9, "op": "probe_memory", "args": {"addr": 1, "size": 1, "online_type": "up"}}"#,
+    );
     assert_eq!(e.error.kind(), kind::BAD_REQUEST);
 }
 
@@ -442,7 +447,10 @@ fn clients_read_what_older_agents_leave_out() {
     assert_eq!((e.kind.as_str(), e.message.as_str()), (kind::UNKNOWN, ""));
     assert!(serde_json::from_value::<ErrorBody>(json!({"kind": 5})).is_err());
     // `{}` results take any value; the others do not.
-    assert_eq!(serde_json::from_value::<Empty>(json!([1, 2])).unwrap(), Empty);
+    assert_eq!(
+        serde_json::from_value::<Empty>(json!([1, 2])).unwrap(),
+        Empty
+    );
     assert!(serde_json::from_value::<Pong>(json!([1, 2])).is_err());
     let head: ResponseHead = serde_json::from_value(json!({"id": 1, "ok": null})).unwrap();
     assert!(head.ok);

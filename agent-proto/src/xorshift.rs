@@ -47,7 +47,11 @@ mod tests {
             0x47e4_ce4b_896c_dd1d
         );
         let mut zero = XorShift::new(0);
-        assert_eq!(zero.next_u64(), 0x47e4_ce4b_896c_dd1d, "seed 0 behaves as 1");
+        assert_eq!(
+            zero.next_u64(),
+            0x47e4_ce4b_896c_dd1d,
+            "seed 0 behaves as 1"
+        );
         assert_eq!(zero.next_u64().to_le_bytes(), b[8..]);
     }
 

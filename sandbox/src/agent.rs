@@ -29,8 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kestrel_agent_proto::{
-    self as proto, b64, encode_raw_request, encode_request, ErrorBody, OkPayload, Op,
-    ResponseHead,
+    self as proto, b64, encode_raw_request, encode_request, ErrorBody, OkPayload, Op, ResponseHead,
 };
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -458,7 +457,11 @@ impl AgentClient {
     /// what the agent must refuse (unknown ops, malformed arguments) and for callers that
     /// want the JSON itself; everything else uses the typed methods or [`Self::request`].
     pub fn call(&mut self, op: &str, args: Value) -> Result<Value, AgentError> {
-        self.round_trip(op, |id| encode_raw_request(id, op, &args), self.call_timeout)
+        self.round_trip(
+            op,
+            |id| encode_raw_request(id, op, &args),
+            self.call_timeout,
+        )
     }
 
     /// One call: write the line `encode` makes for the next id, then read its response.
@@ -617,8 +620,9 @@ impl AgentClient {
         };
         let r = self.request_until(req.to_op(), limit)?;
         let bytes = |text: String, b64: Option<String>| match b64 {
-            Some(b) => b64::decode(&b)
-                .map_err(|e| AgentError::Protocol(format!("exec output: {e}"))),
+            Some(b) => {
+                b64::decode(&b).map_err(|e| AgentError::Protocol(format!("exec output: {e}")))
+            }
             None => Ok(text.into_bytes()),
         };
         Ok(ExecResult {

@@ -249,17 +249,17 @@ fn real_agent_over_unix_socket() {
             &ExecRequest::new(&["sh", "-c", "cat; printf '\\377'"]).stdin(vec![0u8, 1, 2]),
         )?;
         assert_eq!(r.stdout, vec![0, 1, 2, 0xff]);
-        let r = c.exec_with(
-            &ExecRequest::new(&["sleep", "30"]).timeout(Duration::from_millis(200)),
-        )?;
+        let r =
+            c.exec_with(&ExecRequest::new(&["sleep", "30"]).timeout(Duration::from_millis(200)))?;
         assert!(r.timed_out && r.signal == Some(9), "{r:?}");
 
-        let dir =
-            std::env::temp_dir().join(format!("kestrel-agent-real-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("kestrel-agent-real-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("data").to_string_lossy().into_owned();
         // Larger than one chunk, not a multiple of 3 or of the chunk size.
-        let data: Vec<u8> = (0..CHUNK + 12_345).map(|i| u8::try_from(i * 7 % 251).unwrap()).collect();
+        let data: Vec<u8> = (0..CHUNK + 12_345)
+            .map(|i| u8::try_from(i * 7 % 251).unwrap())
+            .collect();
         let d = c.write_file(&f, &data, Some(0o600))?;
         assert_eq!(d.size, data.len() as u64);
         assert_eq!(std::fs::read(&f).unwrap(), data);
