@@ -69,6 +69,24 @@ pub fn run(id: u64, request: Request) -> (Vec<u8>, Option<After>) {
     (line, None)
 }
 
+/// Lowercase hex SHA-256 and count of the bytes `r` yields until EOF, read `buf_len` at a time.
+pub fn hash_to_eof(mut r: impl Read, buf_len: usize) -> io::Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; buf_len];
+    let mut total = 0u64;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok((hex(&h.finalize()), total)),
+            Ok(n) => {
+                h.update(&buf[..n]);
+                total += len_u64(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Lowercase hex of a digest.
 pub fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
@@ -212,26 +230,10 @@ fn write_file(a: WriteFile) -> OpResult<FileDigest> {
 
 fn sha256_file(a: Sha256File) -> OpResult<FileDigest> {
     let (f, size) = open_at(&a.path, a.offset)?;
-    let mut r = f.take(a.len.unwrap_or(u64::MAX));
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                h.update(&buf[..n]);
-                total += len_u64(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(OpError::os(format!("read {}", a.path), e)),
-        }
-    }
-    Ok(FileDigest {
-        sha256: hex(&h.finalize()),
-        len: total,
-        size,
-    })
+    let r = f.take(a.len.unwrap_or(u64::MAX));
+    let (sha256, len) =
+        hash_to_eof(r, 1 << 20).map_err(|e| OpError::os(format!("read {}", a.path), e))?;
+    Ok(FileDigest { sha256, len, size })
 }
 
 fn mount_flag(name: &str) -> OpResult<libc::c_ulong> {
@@ -467,4 +469,53 @@ fn add_entropy(a: AddEntropy) -> OpResult<Entropy> {
     Ok(Entropy {
         credited_bits: bits,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_are_the_protocol_lines() {
+        let (line, after) = run(3, kestrel_agent_proto::Ping {}.into());
+        let want = format!(
+            r#"{{"id":3,"ok":{{"pong":true,"version":"{}"}}}}"#,
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(
+            (String::from_utf8(line).unwrap(), after.is_none()),
+            (want, true)
+        );
+        let (line, after) = run(4, kestrel_agent_proto::Shutdown { reboot: true }.into());
+        assert_eq!(line, br#"{"id":4,"ok":{}}"#);
+        assert!(matches!(after, Some(After::Shutdown { reboot: true })));
+        let missing = ReadFile {
+            path: "/nonexistent/x".into(),
+            ..ReadFile::default()
+        };
+        let (line, _) = run(5, missing.into());
+        let text = String::from_utf8(line).unwrap();
+        assert!(
+            text.starts_with(r#"{"id":5,"error":{"kind":"os","message":"open /nonexistent/x: "#)
+                && text.ends_with(r#","errno":2}}"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn hashes_to_eof_and_reads_modes() {
+        let (sha, len) = hash_to_eof(&b"abc"[..], 2).unwrap();
+        assert_eq!(
+            (sha.as_str(), len),
+            (
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+                3
+            )
+        );
+        assert_eq!(mode_bits(&FileMode::Bits(0o644)).unwrap(), 0o644);
+        assert_eq!(mode_bits(&FileMode::Octal("0o755".into())).unwrap(), 0o755);
+        assert_eq!(mode_bits(&FileMode::Octal("600".into())).unwrap(), 0o600);
+        assert!(mode_bits(&FileMode::Octal("9".into())).is_err());
+        assert!(mode_bits(&FileMode::Bits(0o10000)).is_err());
+    }
 }

@@ -4,14 +4,14 @@
 //! docs/agent-protocol.md) so the host can check it without the bytes crossing twice.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use kestrel_agent_proto::{kind, StreamSink, StreamSource, StreamStats, XorShift};
 use sha2::{Digest, Sha256};
 
-use crate::ops::{hex, len_u64, millis};
+use crate::ops::{hash_to_eof, hex, len_u64, millis};
 use crate::proto::{OpError, OpResult};
 use crate::vsock;
 
@@ -36,25 +36,12 @@ pub fn sink(a: StreamSink) -> OpResult<StreamStats> {
     if r <= 0 {
         return Err(OpError::new(kind::TIMEOUT, "no connection arrived"));
     }
-    let mut f = vsock::accept(&l).map_err(|e| OpError::os("accept", e))?;
+    let f = vsock::accept(&l).map_err(|e| OpError::os("accept", e))?;
     let t0 = Instant::now();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut total = 0u64;
-    loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                h.update(&buf[..n]);
-                total += len_u64(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(OpError::os("read", e)),
-        }
-    }
+    let (sha256, bytes) = hash_to_eof(f, 256 << 10).map_err(|e| OpError::os("read", e))?;
     Ok(StreamStats {
-        bytes: total,
-        sha256: hex(&h.finalize()),
+        bytes,
+        sha256,
         duration_ms: millis(t0),
     })
 }
