@@ -36,6 +36,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 pub use kestrel_agent_proto::{CpuSets, FileDigest, MemInfo, AGENT_PORT};
+
 /// Default time limit of one call (see [`AgentClient::set_call_timeout`]).
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Payload per `read_file` / `write_file` request made by the chunking helpers.

@@ -74,6 +74,31 @@ fn handshake_ping_and_ids() {
 }
 
 #[test]
+fn typed_requests_for_ops_without_a_method() {
+    let p = sock_path("typed");
+    let fake = fake_agent(&p, 0, |r| {
+        ok(
+            r,
+            json!({"bytes": 10, "sha256": "ab", "duration_ms": 1, "later": "ignored"}),
+        )
+    });
+    let mut c = AgentClient::connect(&p, AGENT_PORT, T).unwrap();
+    let sink = proto::StreamSink {
+        port: 5000,
+        ..Default::default()
+    };
+    let stats = c.request(sink).unwrap();
+    assert_eq!((stats.bytes, stats.sha256.as_str()), (10, "ab"));
+    drop(c);
+    let seen = fake.join().unwrap();
+    assert_eq!(
+        seen[0],
+        json!({"id": 1, "op": "stream_sink", "args": {"port": 5000}})
+    );
+    let _ = std::fs::remove_file(&p);
+}
+
+#[test]
 fn connect_retries_until_the_guest_listens() {
     let p = sock_path("retry");
     // The socket appears late, and the first two connections are refused by the guest.
