@@ -20,8 +20,10 @@
 //! caller's threads) and with `SIGPIPE` blocked (`kestrel_devices::sigpipe`: no write of
 //! Kestrel's raises it, whatever the process's disposition). Dropping a [`Vm`] stops it and
 //! joins every thread; its fds and guest memory are released with it.
+//!
+//! The guest-agent client and the sandbox API (a VM plus its agent, with vCPU and memory
+//! resizing) are in `kestrel-sandbox`; the `kestrel` binary is the `kestrel` package (`cli/`).
 
-pub mod agent;
 mod boot;
 mod device_manager;
 mod error;
@@ -30,7 +32,6 @@ mod exit;
 mod memory;
 mod metrics;
 pub mod pvfpu;
-pub mod sandbox;
 pub mod seccomp;
 mod vcpu;
 mod vm;
@@ -41,6 +42,5 @@ pub use error::VmmError;
 pub use exit::{ThreadClass, VcpuFault, VmExit};
 pub use memory::{GuestMem, MemoryError, PluggedRange};
 pub use metrics::VmMetrics;
-pub use sandbox::{Sandbox, SandboxError};
 pub use vcpu::{kick_signal, VcpuRunState, KICK_SIGNAL_OFFSET};
 pub use vm::{effective_max_vcpus, ConsoleSink, ThreadInfo, ThreadKind, Vm, STOP_JOIN_TIMEOUT};

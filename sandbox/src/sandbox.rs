@@ -16,11 +16,9 @@ use std::time::{Duration, Instant};
 use kestrel_api::VmConfig;
 use thiserror::Error;
 
-use crate::agent::{AgentClient, AgentError};
-use crate::{Vm, VmmError};
+use kestrel_vmm::{Vm, VmExit, VmmError};
 
-/// Guest port of the Kestrel agent.
-pub const AGENT_PORT: u32 = 1024;
+use crate::agent::{AgentClient, AgentError, AGENT_PORT};
 
 /// Sandbox failures.
 #[derive(Debug, Error)]
@@ -354,7 +352,7 @@ impl Sandbox {
     }
 
     /// Ask the guest to reboot and wait for the VM to stop.
-    pub fn shutdown(&self, timeout: Duration) -> Option<crate::VmExit> {
+    pub fn shutdown(&self, timeout: Duration) -> Option<VmExit> {
         let _ = self.agent().shutdown(false);
         self.vm.wait_timeout(timeout)
     }
