@@ -131,6 +131,10 @@ pub struct Sandbox {
 impl Sandbox {
     /// Create and start the VM, then wait (up to `agent_timeout`) for its guest agent.
     pub fn boot(config: &VmConfig, agent_timeout: Duration) -> Result<Sandbox, SandboxError> {
+        // Refused before any resource is created.
+        if config.vsock.is_none() {
+            return Err(SandboxError::NoVsock);
+        }
         let vm = Vm::create(config)?;
         Self::from_vm(config, vm, agent_timeout)
     }
@@ -386,14 +390,21 @@ mod tests {
 
     #[test]
     fn needs_vsock() {
-        let mut c = VmConfig::new("/nonexistent", 1, 64);
+        // Everything else valid (the test binary is an x86_64 ELF, as a kernel must be), no
+        // vsock section: refused as such, before the VM is created.
+        let kernel = std::env::current_exe().unwrap();
+        let mut c = VmConfig::new(&kernel, 1, 64);
         c.serial.output = kestrel_api::SerialOutput::None;
-        // Validation fails first on the missing kernel; with a valid kernel, the missing vsock
-        // would be reported. Check the error type directly.
-        assert!(matches!(
-            Sandbox::boot(&c, Duration::from_millis(1)),
-            Err(SandboxError::Vmm(VmmError::Config(_)))
-        ));
+        let e = Sandbox::boot(&c, Duration::from_millis(1)).err();
+        assert!(matches!(e, Some(SandboxError::NoVsock)), "{e:?}");
+        assert_eq!(
+            e.unwrap().to_string(),
+            "vsock: a sandbox needs a vsock device for its guest agent"
+        );
+    }
+
+    #[test]
+    fn resize_in_progress_message() {
         let e = SandboxError::ResizeInProgress.to_string();
         assert_eq!(e, "another resize is in progress");
     }
