@@ -1,15 +1,38 @@
-//! `kestrel`: boot a microVM from a JSON config and stream its serial console.
+//! `kestrel`: boot a microVM from a JSON config and stream its serial console, or serve
+//! Firecracker's REST API on a Unix socket (`--api-sock`) and boot what it configures.
 //!
 //! Exit status: 0 when the guest reboots or powers off (or the VM is stopped), 1 for a VMM or
 //! guest failure (a contained panic of a vCPU or event-loop thread included), 2 for a
 //! configuration error (`kestrel validate` included). Failures print one line on stderr.
+//!
+//! Modules: `http` (HTTP/1.1 parsing and responses), `server` (the API thread's poll loop),
+//! `api` (Firecracker's routes, bodies and messages), `controller` (pre-boot/post-boot state
+//! machine), `vmctl` (every call into the running VM), `logger` and `metrics` (Firecracker's
+//! `logger` and `metrics`).
 
-use std::path::PathBuf;
+mod api;
+mod controller;
+mod http;
+mod logger;
+mod metrics;
+mod server;
+mod vmctl;
+
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use kestrel_api::{SeccompMode, VmConfig};
-use kestrel_vmm::{Vm, VmExit, VmmError};
+use kestrel_api::{LogLevel, LoggerConfig, MetricsConfig, SeccompMode, ThreadNames, VmConfig};
+use kestrel_vmm::{Vm, VmmError};
+
+use crate::api::ApiError;
+use crate::controller::{Booter, Controller, DEFAULT_INSTANCE_ID};
+use crate::logger::Logger;
+use crate::metrics::{Metrics, FLUSH_PERIOD};
+use crate::vmctl::{Machine, VmMachine};
 
 /// The default guest config, built by `resources/build-guest.sh` into the cache.
 const DEFAULT_CONFIG: &str = include_str!("../../resources/configs/default.json");
@@ -22,17 +45,50 @@ const DEFAULT_CONFIG: &str = include_str!("../../resources/configs/default.json"
     long_about = "Boots the VM described by --config (Firecracker's --config-file shape plus \
                   Kestrel sections) and streams its serial console to stdout. Without --config \
                   it boots the default guest built by resources/build-guest.sh \
-                  (cache: $KESTREL_CACHE, default /var/cache/kestrel)."
+                  (cache: $KESTREL_CACHE, default /var/cache/kestrel). With --api-sock it serves \
+                  Firecracker's REST API on that Unix socket (docs/firecracker-api.md)."
 )]
 struct Cli {
-    /// VM configuration (JSON). `--config-file` is Firecracker's name for it: Firecracker's
-    /// config files validate and boot unchanged (docs/firecracker-config.md).
-    #[arg(long, visible_alias = "config-file", global = true)]
+    /// VM configuration (JSON), Firecracker's shape plus Kestrel sections
+    /// (docs/firecracker-config.md).
+    #[arg(long, global = true, conflicts_with = "config_file")]
     config: Option<PathBuf>,
-    /// Firecracker's flag to boot from `--config-file` without its API socket. Kestrel has no
-    /// API socket yet, so this is what it always does; accepted for Firecracker's command lines.
+    /// Firecracker's name for the configuration file: the same JSON, and Kestrel then names
+    /// vCPU threads as Firecracker does (`fc_vcpu <N>`) unless `kestrel.thread_names` says
+    /// otherwise.
+    #[arg(long, global = true)]
+    config_file: Option<PathBuf>,
+    /// Serve Firecracker's REST API on this Unix socket (HTTP/1.1). With a configuration file
+    /// the VM boots from it at once and the API serves the running VM.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Firecracker's flag: no API socket (the default unless --api-sock is given).
     #[arg(long)]
     no_api: bool,
+    /// Firecracker's instance id: in `GET /`, log lines and metrics (`emit_id`).
+    #[arg(long, default_value = DEFAULT_INSTANCE_ID)]
+    id: String,
+    /// Firecracker's logger flags: write Firecracker-style log lines to this file or FIFO.
+    #[arg(long, value_name = "PATH")]
+    log_path: Option<PathBuf>,
+    /// Log level of --log-path (Error, Warning, Info, Debug, Trace, Off; any case).
+    #[arg(long)]
+    level: Option<String>,
+    /// Only log from modules whose path starts with this.
+    #[arg(long)]
+    module: Option<String>,
+    /// Show the level in each log line.
+    #[arg(long)]
+    show_level: bool,
+    /// Show the source file and line in each log line.
+    #[arg(long)]
+    show_log_origin: bool,
+    /// Firecracker's metrics flag: write metrics lines to this file or FIFO.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
+    /// Largest API request body, in bytes (Firecracker's default: 51200).
+    #[arg(long, default_value_t = http::DEFAULT_MAX_BODY)]
+    http_api_max_payload_size: usize,
     /// Print the effective configuration and kernel command line on stderr before booting.
     #[arg(long)]
     verbose: bool,
@@ -44,6 +100,13 @@ struct Cli {
 enum Command {
     /// Check a configuration without creating anything.
     Validate,
+}
+
+impl Cli {
+    /// The configuration file, whichever flag named it.
+    fn config_path(&self) -> Option<&PathBuf> {
+        self.config.as_ref().or(self.config_file.as_ref())
+    }
 }
 
 fn cache_dir() -> String {
@@ -64,29 +127,16 @@ fn load_config(path: Option<&PathBuf>) -> Result<VmConfig, kestrel_api::ConfigEr
     }
 }
 
-/// Debug builds only: `KESTREL_TEST_INJECT_PANIC=vcpu<N>|evloop|device:<id>|fs-worker:<id>`
-/// makes that thread, device handler or virtio-fs worker panic right after start (tests of
-/// panic containment).
-#[cfg(debug_assertions)]
-fn inject_test_panic(vm: &Vm) {
-    use kestrel_vmm::ThreadClass;
-    let Ok(what) = std::env::var("KESTREL_TEST_INJECT_PANIC") else {
-        return;
-    };
-    let class = if what == "evloop" {
-        ThreadClass::EventLoop
-    } else if let Some(id) = what.strip_prefix("device:") {
-        ThreadClass::Device(id.to_string())
-    } else if let Some(id) = what.strip_prefix("fs-worker:") {
-        ThreadClass::FsWorker(id.to_string())
-    } else if let Some(n) = what.strip_prefix("vcpu").and_then(|n| n.parse().ok()) {
-        ThreadClass::Vcpu(n)
-    } else {
-        eprintln!("kestrel: KESTREL_TEST_INJECT_PANIC={what:?} not understood");
-        return;
-    };
-    if let Err(e) = vm.inject_panic(class) {
-        eprintln!("kestrel: cannot inject a panic: {e}");
+/// What the binary sets where the configuration is silent: seccomp filters that kill the
+/// process (it is only Kestrel; the library's default is EPERM), and Firecracker's vCPU thread
+/// names when driven through Firecracker's interfaces.
+fn binary_defaults(config: &mut VmConfig, firecracker: bool) {
+    config.kestrel.seccomp.get_or_insert(SeccompMode::Kill);
+    if firecracker {
+        config
+            .kestrel
+            .thread_names
+            .get_or_insert(ThreadNames::Firecracker);
     }
 }
 
@@ -95,55 +145,240 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KESTREL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+/// Firecracker's `--log-path`/`--level`/... and `--metrics-path` flags.
+fn apply_flags(cli: &Cli, logger: &Logger, metrics: &Metrics) -> Result<(), String> {
+    if cli.log_path.is_some() || cli.level.is_some() {
+        let level: Option<LogLevel> = cli
+            .level
+            .as_ref()
+            .map(|l| serde_json::from_value(serde_json::Value::String(l.clone())))
+            .transpose()
+            .map_err(|e| format!("--level: {e}"))?;
+        let cfg = LoggerConfig {
+            log_path: cli.log_path.clone(),
+            level,
+            show_level: Some(cli.show_level),
+            show_log_origin: Some(cli.show_log_origin),
+            module: cli.module.clone(),
+        };
+        cfg.validate().map_err(|e| e.to_string())?;
+        logger.apply(&cfg).map_err(|e| format!("--log-path: {e}"))?;
+    }
+    if let Some(p) = &cli.metrics_path {
+        let cfg = MetricsConfig {
+            metrics_path: p.clone(),
+            emit_id: false,
+            properties: None,
+        };
+        cfg.validate().map_err(|e| e.to_string())?;
+        metrics.init(&cfg).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
 
-    let mut config = match load_config(cli.config.as_ref()) {
-        Ok(c) => c,
-        Err(e) => return fail(2, e),
-    };
-    // This process is only Kestrel: a thread that makes a call its filter forbids ends it
-    // (unless the config says otherwise). The library's default is EPERM.
-    config.kestrel.seccomp.get_or_insert(SeccompMode::Kill);
-    if let Err(e) = config.validate_for_boot() {
-        if cli.config.is_none() {
-            return fail(
-                2,
-                format!("{e} (the default guest is built by resources/build-guest.sh)"),
-            );
-        }
+/// The `logger` and `metrics` sections of a configuration file.
+fn apply_sections(config: &VmConfig, logger: &Logger, metrics: &Metrics) -> Result<(), String> {
+    if let Some(l) = &config.logger {
+        logger
+            .apply(l)
+            .map_err(|e| format!("logger.log_path: {e}"))?;
+    }
+    if let Some(m) = &config.metrics {
+        metrics.init(m).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    let logger = logger::init(&cli.id);
+    let metrics = Metrics::new(&cli.id);
+    if let Err(e) = apply_flags(&cli, &logger, &metrics) {
         return fail(2, e);
     }
     if let Some(Command::Validate) = cli.command {
-        println!("configuration is valid");
-        return ExitCode::SUCCESS;
+        return validate(&cli);
     }
+    match cli.api_sock.as_ref().filter(|_| !cli.no_api) {
+        Some(sock) => run_api(&cli, sock, &logger, &metrics, started),
+        None => run_config(&cli, &logger, &metrics),
+    }
+}
 
-    let vm = match Vm::create(&config) {
+/// `kestrel validate`.
+fn validate(cli: &Cli) -> ExitCode {
+    let mut config = match load_config(cli.config_path()) {
+        Ok(c) => c,
+        Err(e) => return fail(2, e),
+    };
+    binary_defaults(&mut config, cli.config_file.is_some());
+    match config.validate_for_boot() {
+        Ok(()) => {
+            println!("configuration is valid");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(2, e),
+    }
+}
+
+/// Load, check and complete the configuration file (or the default guest's): exit status 2
+/// on error.
+fn prepared_config(cli: &Cli) -> Result<VmConfig, ExitCode> {
+    let mut config = load_config(cli.config_path()).map_err(|e| fail(2, e))?;
+    binary_defaults(
+        &mut config,
+        cli.config_file.is_some() || cli.api_sock.is_some(),
+    );
+    if let Err(e) = config.validate_for_boot() {
+        if cli.config_path().is_none() {
+            return Err(fail(
+                2,
+                format!("{e} (the default guest is built by resources/build-guest.sh)"),
+            ));
+        }
+        return Err(fail(2, e));
+    }
+    Ok(config)
+}
+
+/// Create and start `config`'s VM: exit status 2 for a configuration error, 1 otherwise.
+fn start_vm(cli: &Cli, config: &VmConfig) -> Result<Arc<Vm>, ExitCode> {
+    let vm = match vmctl::boot(config) {
         Ok(vm) => vm,
-        Err(VmmError::Config(e)) => return fail(2, e),
-        Err(e) => return fail(1, e),
+        Err(VmmError::Config(e)) => return Err(fail(2, e)),
+        Err(e) => return Err(fail(1, e)),
     };
     if cli.verbose {
-        eprintln!("kestrel: kernel command line: {}", vm.cmdline());
-    }
-    if let Err(e) = vm.start() {
-        return fail(1, e);
+        eprintln!("kestrel: kernel command line: {}", vmctl::cmdline(&vm));
     }
     #[cfg(debug_assertions)]
-    inject_test_panic(&vm);
-    let exit = vm.wait();
-    let m = vm.metrics();
-    tracing::info!("VM metrics: {m:?}");
-    match exit {
-        VmExit::Reset | VmExit::Shutdown | VmExit::Stopped => ExitCode::SUCCESS,
-        other => fail(1, format!("guest stopped: {other}")),
+    vmctl::inject_test_panic(&vm);
+    Ok(vm)
+}
+
+/// Wait for the VM, writing metrics every minute and at the end; the exit status.
+fn finish(vm: &Vm, metrics: &Metrics) -> ExitCode {
+    let exit = vmctl::wait(vm, FLUSH_PERIOD, || metrics.flush());
+    tracing::info!("VM stopped: {exit}");
+    if vmctl::clean_exit(&exit) {
+        ExitCode::SUCCESS
+    } else {
+        fail(1, format!("guest stopped: {exit}"))
+    }
+}
+
+/// Boot from the configuration file (or the default guest) without an API socket.
+fn run_config(cli: &Cli, logger: &Logger, metrics: &Metrics) -> ExitCode {
+    let config = match prepared_config(cli) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(e) = apply_sections(&config, logger, metrics) {
+        return fail(2, e);
+    }
+    let vm = match start_vm(cli, &config) {
+        Ok(vm) => vm,
+        Err(code) => return code,
+    };
+    let machine: Arc<dyn Machine> = Arc::new(VmMachine(vm.clone()));
+    let cfg = config.clone();
+    metrics.set_source(Box::new(move || machine.counters(&cfg)));
+    finish(&vm, metrics)
+}
+
+/// Serve the API on `sock`; boot from the configuration file first when one is given.
+fn run_api(
+    cli: &Cli,
+    sock: &Path,
+    logger: &Logger,
+    metrics: &Arc<Metrics>,
+    started: Instant,
+) -> ExitCode {
+    let listener = match UnixListener::bind(sock) {
+        Ok(l) => l,
+        Err(e) => {
+            return fail(
+                1,
+                format!("cannot bind the API socket {}: {e}", sock.display()),
+            )
+        }
+    };
+    let _cleanup = RemoveOnDrop(sock.to_path_buf());
+    let (tx, rx) = mpsc::channel::<Arc<Vm>>();
+    let controller = if cli.config_path().is_some() {
+        let config = match prepared_config(cli) {
+            Ok(c) => c,
+            Err(code) => return code,
+        };
+        if let Err(e) = apply_sections(&config, logger, metrics) {
+            return fail(2, e);
+        }
+        let vm = match start_vm(cli, &config) {
+            Ok(vm) => vm,
+            Err(code) => return code,
+        };
+        let _ = tx.send(vm.clone());
+        let machine = Arc::new(VmMachine(vm));
+        Controller::running(&cli.id, logger.clone(), metrics.clone(), config, machine)
+    } else {
+        Controller::new(&cli.id, logger.clone(), metrics.clone(), api_booter(tx))
+    };
+    let server = match server::Server::new(listener, controller, cli.http_api_max_payload_size) {
+        Ok(s) => s,
+        Err(e) => return fail(1, format!("API socket {}: {e}", sock.display())),
+    };
+    record_startup(metrics, started);
+    let spawned = std::thread::Builder::new()
+        .name("fc_api".into())
+        .spawn(move || server.run());
+    if let Err(e) = spawned {
+        return fail(1, format!("cannot start the API thread: {e}"));
+    }
+    tracing::info!("API socket {} listening", sock.display());
+    // The API thread sends the VM once InstanceStart booted it; it never ends.
+    match rx.recv() {
+        Ok(vm) => finish(&vm, metrics),
+        Err(_) => fail(1, "the API thread ended"),
+    }
+}
+
+/// `InstanceStart`: boot the configuration the API built and hand the VM to the main thread.
+fn api_booter(tx: mpsc::Sender<Arc<Vm>>) -> Booter {
+    Box::new(move |config: &mut VmConfig| {
+        binary_defaults(config, true);
+        config.validate_for_boot()?;
+        let vm = vmctl::boot(config).map_err(|e| match e {
+            VmmError::Config(e) => ApiError::Config(e),
+            e => ApiError::Machine(e.into()),
+        })?;
+        let _ = tx.send(vm.clone());
+        Ok(Arc::new(VmMachine(vm)) as Arc<dyn Machine>)
+    })
+}
+
+/// Firecracker's `api_server.process_startup_time_us` and `_cpu_us`: from `main` to the API
+/// socket listening.
+fn record_startup(metrics: &Metrics, started: Instant) {
+    let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+    metrics.store("api_server", "process_startup_time_us", us);
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    if unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) } == 0 {
+        let cpu_us = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000
+            + u64::try_from(ts.tv_nsec).unwrap_or(0) / 1000;
+        metrics.store("api_server", "process_startup_time_cpu_us", cpu_us);
+    }
+}
+
+/// Removes the API socket when the process is done with it.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }

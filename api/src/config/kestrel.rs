@@ -22,6 +22,19 @@ pub enum GuestCompat {
     Never,
 }
 
+/// How the VM's vCPU threads are named (`kestrel.thread_names`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ThreadNames {
+    /// `kestrel-<name>-vcpu<N>` (Linux keeps `k-<name>-vcpu<N>`, at most 15 bytes). The
+    /// library's default.
+    Kestrel,
+    /// Firecracker's `fc_vcpu <N>`, for tools that find vCPU threads by that name (kata's
+    /// Firecracker driver puts them into cgroups that way). What the `kestrel` binary uses when
+    /// it is driven through Firecracker's interfaces (`--api-sock`, `--config-file`).
+    Firecracker,
+}
+
 /// Kestrel's `kestrel` section: host-side options.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,6 +59,11 @@ pub struct KestrelOptions {
     /// `kill` in the `kestrel` binary. See docs/design.md, "Seccomp".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seccomp: Option<SeccompMode>,
+    /// How vCPU threads are named: `"kestrel"` or `"firecracker"` (`fc_vcpu <N>`). Absent: the
+    /// embedding program's choice ([`ThreadNames::Kestrel`] for the library; the `kestrel`
+    /// binary picks `firecracker` when driven through `--api-sock` or `--config-file`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_names: Option<ThreadNames>,
 }
 
 /// What a seccomp filter of a Kestrel thread does with a system call that is not on its
@@ -69,6 +87,20 @@ impl KestrelOptions {
     pub fn seccomp_or(&self, default: SeccompMode) -> SeccompMode {
         self.seccomp.unwrap_or(default)
     }
+
+    /// The thread naming in force: the configured one, else [`ThreadNames::Kestrel`].
+    pub fn thread_names(&self) -> ThreadNames {
+        self.thread_names.unwrap_or(ThreadNames::Kestrel)
+    }
+
+    /// The name of vCPU `id`'s thread for a VM named `vm_name`: `kestrel-<vm>-vcpu<N>` or
+    /// `fc_vcpu <N>` (see [`ThreadNames`]).
+    pub fn vcpu_thread_name(&self, vm_name: &str, id: u32) -> String {
+        match self.thread_names() {
+            ThreadNames::Kestrel => format!("kestrel-{vm_name}-vcpu{id}"),
+            ThreadNames::Firecracker => format!("fc_vcpu {id}"),
+        }
+    }
 }
 
 impl Default for KestrelOptions {
@@ -78,6 +110,7 @@ impl Default for KestrelOptions {
             guest_compat: GuestCompat::default(),
             xstate_assist: true,
             seccomp: None,
+            thread_names: None,
         }
     }
 }
@@ -97,5 +130,27 @@ impl KestrelOptions {
             check_id("kestrel.name", name, MAX_NAME_LEN)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod kestrel_tests {
+    use super::*;
+
+    #[test]
+    fn thread_names_knob() {
+        let k: KestrelOptions = serde_json::from_str("{}").unwrap();
+        assert_eq!(k.thread_names, None);
+        assert_eq!(k.vcpu_thread_name("vm", 3), "kestrel-vm-vcpu3");
+        let k: KestrelOptions = serde_json::from_str(r#"{"thread_names": "firecracker"}"#).unwrap();
+        assert_eq!(k.thread_names(), ThreadNames::Firecracker);
+        assert_eq!(k.vcpu_thread_name("vm", 12), "fc_vcpu 12");
+        assert!(serde_json::to_string(&k)
+            .unwrap()
+            .contains(r#""thread_names":"firecracker""#));
+        assert!(!serde_json::to_string(&KestrelOptions::default())
+            .unwrap()
+            .contains("thread_names"));
+        assert!(serde_json::from_str::<KestrelOptions>(r#"{"thread_names": "fc"}"#).is_err());
     }
 }
