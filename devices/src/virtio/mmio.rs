@@ -15,10 +15,12 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::device::{queue_in_memory, RestoreError};
 use super::{
     status, ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -70,23 +72,48 @@ pub mod reg {
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
-/// Split-ring element sizes, for checking that a whole ring lies in guest memory.
-const DESC_SIZE: u64 = 16;
-const AVAIL_RING_META: u64 = 6;
-const AVAIL_ELEM: u64 = 2;
-const USED_RING_META: u64 = 6;
-const USED_ELEM: u64 = 8;
-
 /// What the driver wrote for one queue. Kept raw: the values are only checked at `DRIVER_OK`,
 /// so that a bad size or address refuses activation instead of being silently replaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct QueueRegs {
-    max_size: u16,
-    size: u32,
-    ready: bool,
-    desc: u64,
-    driver: u64,
-    device: u64,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRegs {
+    /// QueueNumMax: the device's largest size (not writable; checked on restore).
+    pub max_size: u16,
+    /// QueueNum as written.
+    pub size: u32,
+    /// QueueReady.
+    pub ready: bool,
+    /// QueueDescLow/High.
+    pub desc: u64,
+    /// QueueDriverLow/High (the available ring).
+    pub driver: u64,
+    /// QueueDeviceLow/High (the used ring).
+    pub device: u64,
+}
+
+/// The run-time state of a transport: every register the driver wrote, the ISR bits and the
+/// transport's own failure flag ([`MmioTransport::state`], [`MmioTransport::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    /// The status register (without the device's `DEVICE_NEEDS_RESET`).
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// Driver feature pages 0 and 1.
+    pub driver_features: u64,
+    /// The driver wrote a non-zero value to a feature page above 1.
+    pub driver_features_beyond: bool,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// Each queue's registers.
+    pub queues: Vec<QueueRegs>,
+    /// Activation had failed (or the event loop reported a device panic).
+    pub needs_reset: bool,
+    /// The transport's config-generation counter.
+    pub config_generation: u32,
+    /// InterruptStatus (the ISR bits not yet acknowledged).
+    pub interrupt_status: u32,
 }
 
 impl QueueRegs {
@@ -202,6 +229,58 @@ impl MmioTransport {
     pub fn set_needs_reset(&mut self) {
         self.needs_reset = true;
         self.interrupt.signal_config_change();
+    }
+
+    /// The run-time state to save (the device's own is saved by the device).
+    pub fn state(&self) -> MmioState {
+        MmioState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            driver_features_beyond: self.driver_features_beyond,
+            queue_sel: self.queue_sel,
+            queues: self.queues.clone(),
+            needs_reset: self.needs_reset,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+        }
+    }
+
+    /// Take over a saved state on a transport just created for the restored device: the
+    /// registers and ISR bits come back, and if the driver had the device running
+    /// (`DRIVER_OK`) the device is activated again with its restored queues
+    /// ([`VirtioDevice::activate_restored`]); if that fails the device reports
+    /// `DEVICE_NEEDS_RESET`, as a failed activation does. Refused (nothing changed) when the
+    /// queues do not match the device's.
+    pub fn restore(&mut self, state: &MmioState) -> Result<(), RestoreError> {
+        if state.queues.len() != self.queues.len() {
+            return Err(RestoreError::TransportQueues {
+                saved: state.queues.len(),
+                device: self.queues.len(),
+            });
+        }
+        for (saved, q) in state.queues.iter().zip(&self.queues) {
+            RestoreError::check("queue max size", saved.max_size, q.max_size)?;
+        }
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.driver_features_beyond = state.driver_features_beyond;
+        self.queue_sel = state.queue_sel;
+        self.queues.clone_from(&state.queues);
+        self.needs_reset = state.needs_reset;
+        self.config_generation = state.config_generation;
+        self.interrupt.restore_status(state.interrupt_status);
+        let running = self.status & (status::DRIVER_OK | status::FAILED) == status::DRIVER_OK;
+        if running && !self.needs_reset {
+            let r = lock(&self.device).activate_restored(self.mem.clone(), self.interrupt.clone());
+            if let Err(e) = r {
+                self.activation_failed(&e);
+            }
+        }
+        Ok(())
     }
 
     /// The status register as the driver reads it.
@@ -458,13 +537,18 @@ impl MmioTransport {
     /// device inactive with DEVICE_NEEDS_RESET set, and tells the driver with a config interrupt.
     fn driver_ok(&mut self) {
         if let Err(e) = self.activate() {
-            tracing::warn!(
-                "virtio-mmio: activation of device type {} failed: {e}",
-                self.device_type
-            );
-            self.needs_reset = true;
-            self.interrupt.signal_config_change();
+            self.activation_failed(&e);
         }
+    }
+
+    /// Activation failed: `DEVICE_NEEDS_RESET`, told with a config interrupt.
+    fn activation_failed(&mut self, e: &ActivateError) {
+        tracing::warn!(
+            "virtio-mmio: activation of device type {} failed: {e}",
+            self.device_type
+        );
+        self.needs_reset = true;
+        self.interrupt.signal_config_change();
     }
 
     fn activate(&mut self) -> Result<(), ActivateError> {
@@ -519,24 +603,7 @@ fn build_queue<M: GuestMemory>(regs: &QueueRegs, event_idx: bool, mem: &M) -> Op
         .ok()?;
     q.set_event_idx(event_idx);
     q.set_ready(true);
-    if !q.is_valid(mem) {
-        return None;
-    }
-    // `is_valid` checks where each ring ends; also require every byte of it to be backed by
-    // guest memory (a ring must not start in a hole).
-    // The ring sizes include the event-index fields (used_event / avail_event).
-    let n = u64::from(size);
-    let rings = [
-        (regs.desc, DESC_SIZE * n),
-        (regs.driver, AVAIL_RING_META + AVAIL_ELEM * n),
-        (regs.device, USED_RING_META + USED_ELEM * n),
-    ];
-    for (addr, len) in rings {
-        if !mem.check_range(GuestAddress(addr), usize::try_from(len).ok()?) {
-            return None;
-        }
-    }
-    Some(q)
+    queue_in_memory(&q, mem).then_some(q)
 }
 
 fn lock<'a>(

@@ -2,20 +2,24 @@
 //! memory built here; the device runs them against a temporary image.
 
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use event_manager::{EventManager, SubscriberOps};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempfile::TempFile;
 
+use super::handler::BATCH_LIMIT;
 use super::*;
+use crate::virtio::{ActivateError, GuestMem, VirtioDevice, VirtioInterrupt};
 use crate::bus::BusDevice;
 use crate::rate_limiter::test_util::{bucket, FakeClock};
 use crate::virtio::mmio::MmioTransport;
@@ -51,11 +55,7 @@ fn image() -> TempFile {
 }
 
 fn drive(path: Option<&Path>) -> BlockConfig {
-    BlockConfig {
-        drive_id: "disk0".into(),
-        path_on_host: path.map(Path::to_path_buf),
-        ..BlockConfig::default()
-    }
+    BlockConfig::new("disk0", path)
 }
 
 /// The guest side of the request queue.
@@ -287,7 +287,7 @@ fn features_and_config_space() {
 
     // Read-only: RO, no discard / write-zeroes.
     let mut cfg = drive(Some(t.as_path()));
-    cfg.is_read_only = true;
+    cfg.read_only = true;
     let ro = Block::new(&cfg).unwrap();
     let f = ro.avail_features();
     assert_ne!(f & feature(VIRTIO_BLK_F_RO), 0);
@@ -302,18 +302,20 @@ fn features_and_config_space() {
 fn new_rejects_bad_input() {
     let mut cfg = drive(Some(Path::new("/nonexistent/disk.img")));
     assert!(matches!(Block::new(&cfg), Err(BlockError::Open { .. })));
-    cfg.path_on_host = Some(std::env::temp_dir());
-    cfg.is_read_only = true;
+    cfg.path = Some(std::env::temp_dir());
+    cfg.read_only = true;
     assert!(matches!(Block::new(&cfg), Err(BlockError::NotADisk(_))));
-    let mut cfg = drive(None);
-    cfg.serial = Some("x".repeat(21));
+    let mut api = kestrel_api::DriveConfig {
+        drive_id: "disk0".into(),
+        serial: Some("x".repeat(21)),
+        ..kestrel_api::DriveConfig::default()
+    };
+    let e = BlockConfig::try_from(&api).unwrap_err();
+    assert!(matches!(e, BlockError::InvalidSerial(_)), "{e}");
+    assert!(e.to_string().starts_with("serial "), "{e}");
+    api.serial = Some("tab\there".into());
     assert!(matches!(
-        Block::new(&cfg),
-        Err(BlockError::InvalidSerial(_))
-    ));
-    cfg.serial = Some("tab\there".into());
-    assert!(matches!(
-        Block::new(&cfg),
+        BlockConfig::try_from(&api),
         Err(BlockError::InvalidSerial(_))
     ));
 }
@@ -532,7 +534,7 @@ fn ring_errors_need_a_reset() {
 fn read_only_drive_refuses_writes() {
     let t = image();
     let mut cfg = drive(Some(t.as_path()));
-    cfg.is_read_only = true;
+    cfg.read_only = true;
     let mut s = setup_with(cfg, Some(t), false);
     let t = s.image.take().unwrap();
     s.driver.write(DATA, &[0xee; 512]);
@@ -567,7 +569,7 @@ fn get_id_returns_the_serial() {
 
     let t = image();
     let mut cfg = drive(Some(t.as_path()));
-    cfg.serial = Some("SERIAL-0123456789ABC".into());
+    cfg.serial = Some(*b"SERIAL-0123456789ABC");
     let mut s = setup_with(cfg, Some(t), false);
     // A buffer larger than 20 bytes gets 20; a smaller one what fits.
     s.driver.write(DATA, &[0xff; 32]);
@@ -761,7 +763,7 @@ fn activation_and_reset() {
     b.activate(mem.clone(), irq(), vec![d.queue(false)])
         .unwrap();
     assert!(b.is_activated());
-    assert_eq!(b.activate_event().read().unwrap(), 1);
+    assert_eq!(b.wake_event().read().unwrap(), 1);
     // Before activation and after reset, notifications are ignored.
     b.reset();
     assert!(!b.is_activated());
@@ -920,10 +922,10 @@ fn rate_limited_queue_resumes_from_its_timer_on_the_event_loop() {
     let t = image();
     let mut config = drive(Some(t.as_path()));
     // One request per 50 ms.
-    config.rate_limiter = Some(RateLimiterConfig {
+    config.rate_limiter = RateLimiterConfig {
         bandwidth: None,
         ops: Some(bucket(1, None, 50)),
-    });
+    };
     let mut s = setup_with(config, Some(t), false);
     for k in 0..4u64 {
         s.driver
@@ -987,7 +989,7 @@ fn swap_and_detach_flush_the_image_first_and_report_errors() {
     assert_eq!(s.block.metrics().backing_flushes, 1);
     assert_eq!(file_bytes(&first, 512, 512), vec![0xab; 512]);
     // A failing flush refuses the detach, names the image and keeps it attached.
-    s.block.backend.disk.as_mut().unwrap().fail_flush = Some(std::io::ErrorKind::Other);
+    s.block.device.backend.disk.as_mut().unwrap().fail_flush = Some(std::io::ErrorKind::Other);
     let err = s.block.swap_backing(None, false).unwrap_err();
     assert!(matches!(err, BlockError::Flush { .. }), "{err}");
     assert!(
@@ -999,7 +1001,7 @@ fn swap_and_detach_flush_the_image_first_and_report_errors() {
     assert_eq!(s.block.capacity(), SECTORS);
     assert_eq!(s.block.metrics().backing_flushes, 1);
     // Once the flush works the detach goes through.
-    s.block.backend.disk.as_mut().unwrap().fail_flush = None;
+    s.block.device.backend.disk.as_mut().unwrap().fail_flush = None;
     s.block.swap_backing(None, false).unwrap();
     assert_eq!(s.block.metrics().backing_flushes, 2);
     assert_eq!(s.block.path(), None);

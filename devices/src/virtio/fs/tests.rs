@@ -21,6 +21,14 @@ use virtio_queue::Queue;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::*;
+use super::vhost_user::VhostUserFsConfig;
+
+/// An in-process device for a VM config's share (through the device's own config type).
+fn new_fs(config: &FsConfig) -> Result<Fs, FsError> {
+    Fs::new(&super::FsConfig::try_from(config)?)
+}
+use crate::virtio::{VirtioDevice, VirtioInterrupt};
+use vmm_sys_util::eventfd::EventFd;
 use crate::virtio::test_util::{
     on_event_loop, Ring, TmpDir, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
 };
@@ -390,7 +398,7 @@ fn guest_memory() -> GuestMemoryMmap {
 
 /// An activated in-process device over `config` (INIT not sent).
 fn driver_for(config: &FsConfig) -> Driver<Fs> {
-    let (mut d, queues) = Driver::new(Fs::new(config).unwrap(), guest_memory());
+    let (mut d, queues) = Driver::new(new_fs(config).unwrap(), guest_memory());
     d.activate(queues);
     d
 }
@@ -432,7 +440,7 @@ fn config_space_and_features() {
     let mut config = FsConfig::shared_dir("my-tag", &tmp.0);
     config.num_queues = 3;
     config.queue_size = 128;
-    let dev = Fs::new(&config).unwrap();
+    let dev = new_fs(&config).unwrap();
     assert_eq!(dev.device_type(), 26);
     assert_eq!(dev.queue_max_sizes(), &[128, 128, 128, 128]);
     assert_eq!(dev.queue_events().len(), 4);
@@ -462,30 +470,30 @@ fn config_space_and_features() {
 fn constructor_errors() {
     let tmp = TmpDir::new("kfs");
     let mut c = FsConfig::shared_dir("", &tmp.0);
-    assert!(matches!(Fs::new(&c), Err(FsError::InvalidTag(_))));
+    assert!(matches!(new_fs(&c), Err(FsError::InvalidTag(_))));
     c.tag = "x".repeat(37);
-    assert!(matches!(Fs::new(&c), Err(FsError::InvalidTag(_))));
+    assert!(matches!(new_fs(&c), Err(FsError::InvalidTag(_))));
     c.tag = "ok".into();
     c.num_queues = 0;
-    assert!(matches!(Fs::new(&c), Err(FsError::InvalidQueues { .. })));
+    assert!(matches!(new_fs(&c), Err(FsError::InvalidQueues { .. })));
     c.num_queues = 1;
     c.queue_size = 100;
-    assert!(matches!(Fs::new(&c), Err(FsError::InvalidQueues { .. })));
+    assert!(matches!(new_fs(&c), Err(FsError::InvalidQueues { .. })));
     c.queue_size = 256;
     c.shared_dir = Some(tmp.0.join("missing"));
-    let e = Fs::new(&c).err().unwrap();
+    let e = new_fs(&c).err().unwrap();
     assert!(matches!(e, FsError::SharedDir { .. }), "{e}");
     assert!(e.to_string().contains("missing"), "{e}");
     let v = FsConfig::vhost_user("ok", tmp.0.join("s.sock"));
-    assert!(matches!(Fs::new(&v), Err(FsError::NoSharedDir(_))));
+    assert!(matches!(new_fs(&v), Err(FsError::NoSharedDir(_))));
     c.shared_dir = Some(PathBuf::from(std::ffi::OsStr::from_bytes(b"/tmp/\xff")));
-    assert!(matches!(Fs::new(&c), Err(FsError::InvalidSharedDir(_))));
+    assert!(matches!(new_fs(&c), Err(FsError::InvalidSharedDir(_))));
 }
 
 #[test]
 fn wrong_queue_count_refused() {
     let tmp = TmpDir::new("kfs");
-    let mut dev = Fs::new(&FsConfig::shared_dir("t", &tmp.0)).unwrap();
+    let mut dev = new_fs(&FsConfig::shared_dir("t", &tmp.0)).unwrap();
     let mem = guest_memory();
     let (_, q) = Ring::new(&mem, RING_BASE, QSIZE);
     let irq = Arc::new(VirtioInterrupt::new(
@@ -1327,7 +1335,7 @@ fn second_init_without_reset_is_refused_and_reset_allows_it() {
 fn requests_before_activation_are_served_after_it() {
     let tmp = TmpDir::new("kfs");
     let config = FsConfig::shared_dir("t", &tmp.0);
-    let (mut d, queues) = Driver::new(Fs::new(&config).unwrap(), guest_memory());
+    let (mut d, queues) = Driver::new(new_fs(&config).unwrap(), guest_memory());
     // A kick before DRIVER_OK is ignored...
     d.kicks[1].write(1).unwrap();
     d.em.run_with_timeout(10).unwrap();
@@ -1534,7 +1542,13 @@ fn vhost_user_fs_against_virtiofsd() {
     let sock = tmp.0.join("vfsd.sock");
     let _daemon = spawn_virtiofsd(&bin, &sock, &share);
 
-    let dev = vhost_user::VhostUserFs::new(&sock, "vtag", 1, QSIZE).unwrap();
+    let dev = vhost_user::VhostUserFs::new(&VhostUserFsConfig {
+        tag: "vtag".into(),
+        socket: sock.clone(),
+        num_request_queues: 1,
+        queue_size: QSIZE,
+    })
+    .unwrap();
     assert_eq!(dev.device_type(), 26);
     assert_eq!(dev.queue_max_sizes(), &[QSIZE, QSIZE]);
     assert_ne!(dev.avail_features() & VIRTIO_F_VERSION_1, 0);
@@ -1987,7 +2001,7 @@ fn process_umask_never_changes() {
 
     let tmp = TmpDir::new("kfs");
     let config = FsConfig::shared_dir("u", &tmp.0);
-    let (mut d, queues) = Driver::new(Fs::new(&config).unwrap(), guest_memory());
+    let (mut d, queues) = Driver::new(new_fs(&config).unwrap(), guest_memory());
     assert_eq!(current_umask(), before, "device creation");
     d.activate(queues);
     for round in 0..10 {
@@ -2094,7 +2108,7 @@ fn worker_start_hook_runs_first_on_the_worker_and_its_failure_needs_reset() {
     let tmp = TmpDir::new("kfs");
     let mut config = FsConfig::shared_dir("kestrel", &tmp.0);
     config.worker_threads = true;
-    let mut dev = Fs::new(&config).unwrap();
+    let mut dev = new_fs(&config).unwrap();
     dev.set_worker_name_prefix("hooked");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = seen.clone();

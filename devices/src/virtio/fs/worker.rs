@@ -16,7 +16,8 @@ use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::server::FuseServer;
-use super::{drain_queue, lock_metrics, report_panics, FsMetrics};
+use super::request::{drain_queue, report_panics};
+use super::{lock_metrics, FsMetrics};
 use crate::virtio::{GuestMem, VirtioInterrupt};
 
 /// A virtio-fs worker thread whose body is running.

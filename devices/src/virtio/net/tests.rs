@@ -19,10 +19,14 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
 };
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use kestrel_api::NetConfig as ApiNetConfig;
 use crate::bus::BusDevice;
+use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::rate_limiter::test_util::bucket;
 use crate::tap::test_util::{self, PacketSocket};
 use crate::virtio::mmio::MmioTransport;
@@ -48,11 +52,17 @@ fn bit(b: u32) -> u64 {
 /// The basic features a modern driver takes, without offloads or mergeable buffers.
 const BASIC: u64 = VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS;
 
-fn slot(id: &str) -> NetConfig {
-    NetConfig {
+/// An interface as the VM config has it: a slot without TAP unless changed.
+fn slot(id: &str) -> ApiNetConfig {
+    ApiNetConfig {
         iface_id: id.into(),
-        ..NetConfig::default()
+        ..ApiNetConfig::default()
     }
+}
+
+/// A device for a VM config's interface (through the device's own config type).
+fn new_net(cfg: &ApiNetConfig) -> Result<Net, NetError> {
+    Net::new(&NetConfig::try_from(cfg)?)
 }
 
 /// An Ethernet frame: broadcast, from 02:00:00:00:00:42, EtherType 0x88b5, `len` payload bytes
@@ -313,8 +323,8 @@ impl Harness {
         Self::with_socket_config(slot("eth0"), features)
     }
 
-    fn with_socket_config(cfg: NetConfig, features: u64) -> (Harness, UnixDatagram) {
-        let mut net = Net::new(&cfg).unwrap();
+    fn with_socket_config(cfg: ApiNetConfig, features: u64) -> (Harness, UnixDatagram) {
+        let mut net = new_net(&cfg).unwrap();
         let (b, peer) = socket_backend();
         net.attach_backend(b).unwrap();
         (Harness::new(net, features), peer)
@@ -433,7 +443,7 @@ fn num_buffers(h: &[u8; VNET_HDR_LEN]) -> u16 {
 fn features_and_config_space() {
     let mut cfg = slot("eth0");
     cfg.guest_mac = Some("06:00:ac:10:00:02".into());
-    let mut net = Net::new(&cfg).unwrap();
+    let mut net = new_net(&cfg).unwrap();
     assert_eq!(net.device_type(), 1);
     assert_eq!(net.queue_max_sizes(), &[256, 256]);
     let f = net.avail_features();
@@ -480,14 +490,14 @@ fn features_and_config_space() {
     assert_eq!(net.iface_id(), "eth0");
 
     // Default MAC: derived from the id.
-    let net = Net::new(&slot("eth1")).unwrap();
+    let net = new_net(&slot("eth1")).unwrap();
     assert_eq!(net.mac(), kestrel_api::derived_mac("eth1"));
     // Bad MACs.
     for bad in ["01:00:00:00:00:01", "00:00:00:00:00:00", "zz"] {
         let mut cfg = slot("x");
         cfg.guest_mac = Some(bad.into());
         assert!(
-            matches!(Net::new(&cfg), Err(NetError::InvalidMac(m)) if m == bad),
+            matches!(new_net(&cfg), Err(NetError::InvalidMac(m)) if m == bad),
             "{bad}"
         );
     }
@@ -495,7 +505,7 @@ fn features_and_config_space() {
     let mut cfg = slot("x");
     cfg.host_dev_name = Some("kt-no-such-tap".into());
     assert!(matches!(
-        Net::new(&cfg),
+        new_net(&cfg),
         Err(NetError::Tap(TapError::NotFound(_)))
     ));
 }
@@ -621,7 +631,7 @@ fn host_offloads_pass_through_when_negotiated() {
 
 #[test]
 fn tx_waits_for_a_full_backend_without_spinning() {
-    let mut net = Net::new(&slot("eth0")).unwrap();
+    let mut net = new_net(&slot("eth0")).unwrap();
     let (b, peer) = small_socket_backend();
     net.attach_backend(b).unwrap();
     let mut h = Harness::new(net, BASIC);
@@ -658,7 +668,7 @@ fn tx_waits_for_a_full_backend_without_spinning() {
 
 #[test]
 fn link_down_drops_frames_waiting_for_a_full_backend() {
-    let mut net = Net::new(&slot("eth0")).unwrap();
+    let mut net = new_net(&slot("eth0")).unwrap();
     let (b, _peer) = small_socket_backend();
     net.attach_backend(b).unwrap();
     let mut h = Harness::new(net, BASIC);
@@ -997,7 +1007,7 @@ fn rate_limiters_can_be_lifted_at_run_time() {
 
 #[test]
 fn link_state_changes_bump_the_generation_and_interrupt() {
-    let mut h = Harness::new(Net::new(&slot("eth0")).unwrap(), BASIC);
+    let mut h = Harness::new(new_net(&slot("eth0")).unwrap(), BASIC);
     let gen = |h: &Harness| h.dev().config_generation();
     let status = |h: &Harness| {
         let mut s = [0u8; 2];
@@ -1048,7 +1058,7 @@ fn link_state_changes_bump_the_generation_and_interrupt() {
 
 #[test]
 fn attach_and_detach_swap_the_backend() {
-    let mut h = Harness::new(Net::new(&slot("eth0")).unwrap(), BASIC);
+    let mut h = Harness::new(new_net(&slot("eth0")).unwrap(), BASIC);
     h.post_rx(8, 2048);
     let (b1, p1) = socket_backend();
     h.dev().attach_backend(b1).unwrap();
@@ -1155,7 +1165,7 @@ fn activation_checks_and_reset_drops_in_flight_state() {
     let irq = Arc::new(VirtioInterrupt::new(
         EventFd::new(libc::EFD_NONBLOCK).unwrap(),
     ));
-    let mut net = Net::new(&slot("eth0")).unwrap();
+    let mut net = new_net(&slot("eth0")).unwrap();
     let e = net
         .activate(mem.clone(), irq.clone(), vec![Queue::new(256).unwrap()])
         .unwrap_err();
@@ -1222,7 +1232,7 @@ fn event_idx_suppresses_interrupts() {
 #[test]
 fn through_the_mmio_transport() {
     let (b, peer) = socket_backend();
-    let mut net = Net::new(&slot("eth0")).unwrap();
+    let mut net = new_net(&slot("eth0")).unwrap();
     net.attach_backend(b).unwrap();
     let net = Arc::new(Mutex::new(net));
     let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
@@ -1343,7 +1353,7 @@ mod real_tap {
             return;
         }
         test_util::private_netns();
-        let mut h = Harness::new(Net::new(&slot("eth0")).unwrap(), BASIC);
+        let mut h = Harness::new(new_net(&slot("eth0")).unwrap(), BASIC);
         let name = test_util::tap_name();
         // Missing and not to be created: refused, nothing changes.
         let e = h.dev().attach_tap(&name, false).unwrap_err();
@@ -1395,7 +1405,7 @@ mod real_tap {
         test_util::ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
         let mut cfg = slot("eth0");
         cfg.host_dev_name = Some(name.clone());
-        let net = Net::new(&cfg).unwrap();
+        let net = new_net(&cfg).unwrap();
         assert!(net.link_up());
         let features = BASIC
             | bit(VIRTIO_NET_F_GUEST_CSUM)
@@ -1419,7 +1429,7 @@ mod real_tap {
         let mut cfg = slot("eth0");
         cfg.host_dev_name = Some(name.clone());
         cfg.create_tap = true;
-        let mut h = Harness::new(Net::new(&cfg).unwrap(), BASIC);
+        let mut h = Harness::new(new_net(&cfg).unwrap(), BASIC);
         test_util::up(&name);
         h.post_rx(4, 2048);
         h.pump();
@@ -1455,7 +1465,7 @@ mod real_tap {
         }
         test_util::private_netns();
         let name = test_util::tap_name();
-        let mut h = Harness::new(Net::new(&slot("eth0")).unwrap(), BASIC);
+        let mut h = Harness::new(new_net(&slot("eth0")).unwrap(), BASIC);
         h.dev().attach_tap(&name, true).unwrap();
         h.pump();
         test_util::ip(&["link", "set", &name, "mtu", "65520"]);
@@ -1527,7 +1537,7 @@ impl NetBackend for EndlessBackend {
 #[test]
 fn tx_queue_kept_full_is_served_in_bounded_passes() {
     // No backend: frames are dropped, which is the cheapest way through the queue.
-    let mut h = Harness::new(Net::new(&slot("eth0")).unwrap(), BASIC);
+    let mut h = Harness::new(new_net(&slot("eth0")).unwrap(), BASIC);
     for i in 0..100 {
         h.send(&eth(50, i));
     }
@@ -1535,7 +1545,7 @@ fn tx_queue_kept_full_is_served_in_bounded_passes() {
     assert_pass_bounded(tx::TX_BATCH, || {
         while kick.read().is_ok() {}
         let used = with_refilling_guest(mem, TX_RING, QSIZE, 20 * tx::TX_BATCH, || {
-            dev.lock().unwrap().run(false, true)
+            dev.lock().unwrap().process_tx()
         });
         (used, kick.read().is_ok())
     });
@@ -1543,7 +1553,7 @@ fn tx_queue_kept_full_is_served_in_bounded_passes() {
 
 #[test]
 fn rx_from_an_endless_backend_is_served_in_bounded_passes() {
-    let mut net = Net::new(&slot("eth0")).unwrap();
+    let mut net = new_net(&slot("eth0")).unwrap();
     let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     evt.write(1).unwrap();
     net.attach_backend(Box::new(EndlessBackend(evt))).unwrap();
@@ -1554,15 +1564,14 @@ fn rx_from_an_endless_backend_is_served_in_bounded_passes() {
     let (dev, mem) = (&h.dev, &h.mem);
     assert_pass_bounded(rx::RX_BATCH, || {
         let used = with_refilling_guest(mem, RX_RING, QSIZE, 20 * rx::RX_BATCH, || {
-            dev.lock().unwrap().run(true, false)
+            dev.lock().unwrap().process_rx()
         });
         // The loop comes back for the rest: the backend stays readable and watched
         // (level-triggered), no re-arm needed.
-        let watched = dev
-            .lock()
-            .unwrap()
-            .backend_interest()
-            .contains(EventSet::IN);
+        let watched = {
+            let d = dev.lock().unwrap();
+            d.device.backend_interest(&d.core).contains(EventSet::IN)
+        };
         (used, watched)
     });
 }

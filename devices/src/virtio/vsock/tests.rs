@@ -10,12 +10,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use event_manager::EventManager;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::CONN_BUF_ALLOC;
 use super::muxer::{ConnKey, LOCAL_PORT_BASE};
 use super::packet::{op, Header, HDR_SIZE, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_STREAM};
 use super::*;
+use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::virtio::test_util::{
     assert_pass_bounded, on_event_loop, pump, with_refilling_guest, Ring, TmpDir,
     VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
@@ -75,9 +78,9 @@ impl Guest {
     fn with_timeouts(rx_bufs: u16, t: Option<muxer::Timeouts>) -> Guest {
         let dir = TmpDir::new("kvs");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let mut dev = Vsock::new(CID, &dir.0.join("v.sock")).unwrap();
+        let mut dev = Vsock::new(&VsockConfig::new(CID, &dir.0.join("v.sock"))).unwrap();
         if let Some(t) = t {
-            dev.muxer.timeouts = t;
+            dev.device.muxer.timeouts = t;
         }
         let (dev, em, evts) = on_event_loop(dev);
         let (rx, rxq) = Ring::new(&mem, 0, QSIZE);
@@ -338,7 +341,7 @@ fn pattern(n: usize, seed: u8) -> Vec<u8> {
 #[test]
 fn device_identity_config_and_features() {
     let dir = TmpDir::new("kvs");
-    let mut v = Vsock::new(0x1234_5678, &dir.0.join("v.sock")).unwrap();
+    let mut v = Vsock::new(&VsockConfig::new(0x1234_5678, &dir.0.join("v.sock"))).unwrap();
     assert_eq!(v.device_type(), 19);
     assert_eq!(v.queue_max_sizes(), &[256, 256, 256]);
     assert_eq!(v.avail_features(), VIRTIO_F_VERSION_1);
@@ -385,15 +388,15 @@ fn creation_errors_and_drop_removes_socket() {
     let path = dir.0.join("v.sock");
     for bad in [0, 1, 2, u64::from(u32::MAX), 1 << 40] {
         assert!(matches!(
-            Vsock::new(bad, &path),
+            Vsock::new(&VsockConfig::new(bad, &path)),
             Err(VsockError::InvalidCid(_))
         ));
     }
     assert!(!path.exists());
-    let v = Vsock::new(3, &path).unwrap();
+    let v = Vsock::new(&VsockConfig::new(3, &path)).unwrap();
     assert!(path.exists(), "listener bound at creation");
     // A second device on the same path fails, and names it.
-    let err = Vsock::new(4, &path).unwrap_err();
+    let err = Vsock::new(&VsockConfig::new(4, &path)).unwrap_err();
     assert!(matches!(err, VsockError::Bind { .. }));
     assert!(err.to_string().contains("v.sock"), "{err}");
     assert!(path.exists(), "the failed device removed nothing");
@@ -401,7 +404,7 @@ fn creation_errors_and_drop_removes_socket() {
     assert!(!path.exists(), "socket file removed on drop");
     // Missing directory.
     assert!(matches!(
-        Vsock::new(3, &dir.0.join("nope/v.sock")),
+        Vsock::new(&VsockConfig::new(3, &dir.0.join("nope/v.sock"))),
         Err(VsockError::Bind { .. })
     ));
     // From the API config.
@@ -410,9 +413,15 @@ fn creation_errors_and_drop_removes_socket() {
         uds_path: path.clone(),
         vsock_id: None,
     };
-    let v = Vsock::from_config(&cfg).unwrap();
+    let v = Vsock::new(&VsockConfig::try_from(&cfg).unwrap()).unwrap();
     assert_eq!(v.guest_cid(), 7);
     assert_eq!(v.uds_path(), path);
+    let bad = kestrel_api::VsockConfig {
+        guest_cid: 2,
+        ..cfg
+    };
+    let e = VsockConfig::try_from(&bad).unwrap_err();
+    assert!(e.to_string().starts_with("guest_cid 2"), "{e}");
 }
 
 #[test]
@@ -1019,7 +1028,7 @@ fn interrupts_are_raised_for_used_buffers() {
     let _ = g.expect(op::RST);
     assert!(g.irq.read().unwrap() >= 1);
     assert_ne!(
-        g.dev().active.as_ref().unwrap().interrupt.status() & crate::virtio::INTERRUPT_USED_RING,
+        g.dev().core().active().unwrap().interrupt.status() & crate::virtio::INTERRUPT_USED_RING,
         0
     );
 }
@@ -1050,10 +1059,10 @@ fn duplicate_request_resets_the_connection() {
         local_port: 60,
         peer_port: 900,
     };
-    assert!(g.dev().muxer.conn_state(key).is_some());
+    assert!(g.dev().device.muxer.conn_state(key).is_some());
     g.send(ghdr(op::REQUEST, 900, 60), &[]);
     g.expect(op::RST);
-    assert!(g.dev().muxer.conn_state(key).is_none());
+    assert!(g.dev().device.muxer.conn_state(key).is_none());
 }
 
 #[test]
@@ -1083,7 +1092,7 @@ fn tx_queue_kept_full_is_served_in_bounded_passes() {
 #[test]
 fn connection_cap_refuses_with_rst_and_buffered_bytes_stay_bounded() {
     let mut g = Guest::new(64);
-    g.dev().muxer.limits = muxer::Limits {
+    g.dev().device.muxer.limits = muxer::Limits {
         connections: 4,
         handshakes: 2,
     };
@@ -1147,7 +1156,7 @@ fn pending_handshakes_are_bounded_in_number_and_time() {
         ..Default::default()
     };
     let mut g = Guest::with_timeouts(8, Some(t));
-    g.dev().muxer.limits.handshakes = 2;
+    g.dev().device.muxer.limits.handshakes = 2;
     let start = Instant::now();
     let mut silent = UnixStream::connect(g.uds()).unwrap();
     // A client trickling its line byte by byte gets no more time.
@@ -1178,25 +1187,25 @@ fn pending_handshakes_are_bounded_in_number_and_time() {
 #[test]
 fn uds_path_prefix_collisions_are_refused() {
     let dir = TmpDir::new("kvs");
-    let a = Vsock::new(3, &dir.0.join("a.vsock")).unwrap();
+    let a = Vsock::new(&VsockConfig::new(3, &dir.0.join("a.vsock"))).unwrap();
     // Another VM at <a>_<port>: a's guest could reach its main socket.
-    let err = Vsock::new(4, &dir.0.join("a.vsock_52")).unwrap_err();
+    let err = Vsock::new(&VsockConfig::new(4, &dir.0.join("a.vsock_52"))).unwrap_err();
     assert!(matches!(err, VsockError::PathCollision { .. }), "{err}");
     assert!(err.to_string().contains("a.vsock"), "{err}");
     assert!(!dir.0.join("a.vsock_52").exists());
     // Same directory spelled differently.
-    let err = Vsock::new(4, &dir.0.join(".").join("a.vsock_7")).unwrap_err();
+    let err = Vsock::new(&VsockConfig::new(4, &dir.0.join(".").join("a.vsock_7"))).unwrap_err();
     assert!(matches!(err, VsockError::PathCollision { .. }), "{err}");
     // The other order: a device whose <path>_<port> is an existing listener.
-    let b = Vsock::new(5, &dir.0.join("b.vsock_52")).unwrap();
-    let err = Vsock::new(6, &dir.0.join("b.vsock")).unwrap_err();
+    let b = Vsock::new(&VsockConfig::new(5, &dir.0.join("b.vsock_52"))).unwrap();
+    let err = Vsock::new(&VsockConfig::new(6, &dir.0.join("b.vsock"))).unwrap_err();
     assert!(matches!(err, VsockError::PathCollision { .. }), "{err}");
     // Not a port suffix: fine.
-    let c = Vsock::new(7, &dir.0.join("a.vsock2")).unwrap();
-    let d = Vsock::new(8, &dir.0.join("a.vsock_x")).unwrap();
+    let c = Vsock::new(&VsockConfig::new(7, &dir.0.join("a.vsock2"))).unwrap();
+    let d = Vsock::new(&VsockConfig::new(8, &dir.0.join("a.vsock_x"))).unwrap();
     // Once a device is gone its name is free.
     drop(a);
-    let e = Vsock::new(9, &dir.0.join("a.vsock_52")).unwrap();
+    let e = Vsock::new(&VsockConfig::new(9, &dir.0.join("a.vsock_52"))).unwrap();
     drop((b, c, d, e));
 }
 
@@ -1205,7 +1214,7 @@ fn guest_cannot_reach_another_vsock_listener() {
     let mut g = Guest::new(8);
     let other_dir = TmpDir::new("kvs");
     let other_path = other_dir.0.join("other.sock");
-    let _other = Vsock::new(4, &other_path).unwrap();
+    let _other = Vsock::new(&VsockConfig::new(4, &other_path)).unwrap();
     // <uds>_53 leads to the other VM's listener (a symlink, or a hard link, placed there).
     std::os::unix::fs::symlink(&other_path, muxer::port_path(&g.uds(), 53)).unwrap();
     g.send(ghdr(op::REQUEST, 2000, 53), &[]);
