@@ -40,8 +40,8 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::common::{
-    drain_eventfd, ignore_config_write, new_eventfd, warn_unexpected_set, watch_events,
-    DeviceName, EventFdError,
+    drain_eventfd, ignore_config_write, new_eventfd, warn_unexpected_set, watch_events, DeviceName,
+    EventFdError,
 };
 use super::{read_config_bytes, ActivateError, GuestMem, VirtioDevice, VirtioInterrupt};
 

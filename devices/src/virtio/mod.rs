@@ -40,10 +40,8 @@ use virtio_queue::Queue;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+pub(crate) use self::common::{len_u32, new_eventfd, notify_used, serve_queue, Served};
 pub use self::common::{DeviceName, EventFdError};
-pub(crate) use self::common::{
-    len_u32, new_eventfd, notify_used, serve_queue, Served,
-};
 pub use self::device::{RestoreError, Virtio, VirtioCore, VirtioState};
 
 /// Guest memory as devices see it: an atomically replaceable snapshot, so memory hotplug can

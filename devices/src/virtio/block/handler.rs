@@ -9,7 +9,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROE
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemory};
 
 use super::io::DiskFile;
-use super::request::{self, Segment, ParsedChain, Request, SectorRange};
+use super::request::{self, ParsedChain, Request, SectorRange, Segment};
 use super::{
     BlockDevice, BlockError, BlockMetrics, MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS,
     QUEUE_SIZE, SECTOR_SHIFT, SECTOR_SIZE, SERIAL_LEN,

@@ -432,12 +432,23 @@ impl DeviceModel for BlockDevice {
         let mut c = [0u8; CONFIG_SPACE_LEN];
         let capacity = self.backend.capacity().to_le_bytes();
         put(&mut c, offset_of!(virtio_blk_config, capacity), &capacity);
-        put(&mut c, offset_of!(virtio_blk_config, seg_max), &SEG_MAX.to_le_bytes());
-        put(&mut c, offset_of!(virtio_blk_config, blk_size), &BLK_SIZE.to_le_bytes());
+        put(
+            &mut c,
+            offset_of!(virtio_blk_config, seg_max),
+            &SEG_MAX.to_le_bytes(),
+        );
+        put(
+            &mut c,
+            offset_of!(virtio_blk_config, blk_size),
+            &BLK_SIZE.to_le_bytes(),
+        );
         let offered = |bit: u32| core.avail_features() & (1 << bit) != 0;
         if offered(VIRTIO_BLK_F_DISCARD) {
             let fields = [
-                (offset_of!(virtio_blk_config, max_discard_sectors), MAX_DISCARD_SECTORS),
+                (
+                    offset_of!(virtio_blk_config, max_discard_sectors),
+                    MAX_DISCARD_SECTORS,
+                ),
                 (offset_of!(virtio_blk_config, max_discard_seg), 1),
                 (
                     offset_of!(virtio_blk_config, discard_sector_alignment),
@@ -460,7 +471,11 @@ impl DeviceModel for BlockDevice {
                 put(&mut c, off, &v.to_le_bytes());
             }
             let unmap = [u8::from(self.may_unmap)];
-            put(&mut c, offset_of!(virtio_blk_config, write_zeroes_may_unmap), &unmap);
+            put(
+                &mut c,
+                offset_of!(virtio_blk_config, write_zeroes_may_unmap),
+                &unmap,
+            );
         }
         c
     }

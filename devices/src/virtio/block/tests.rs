@@ -19,12 +19,12 @@ use vmm_sys_util::tempfile::TempFile;
 
 use super::handler::BATCH_LIMIT;
 use super::*;
-use crate::virtio::{ActivateError, GuestMem, VirtioDevice, VirtioInterrupt};
 use crate::bus::BusDevice;
 use crate::rate_limiter::test_util::{bucket, FakeClock};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::test_util::{assert_pass_bounded, with_refilling_guest};
 use crate::virtio::{status, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING};
+use crate::virtio::{ActivateError, GuestMem, VirtioDevice, VirtioInterrupt};
 
 const MEM_SIZE: usize = 0x20_0000;
 const DESC: u64 = 0;

@@ -34,7 +34,15 @@ impl FsDevice {
         let mem = active.mem.memory();
         let mut m = FsMetrics::default();
         let hiprio = index == HIPRIO_QUEUE;
-        let r = drain_queue(queue, &mem, server, &active.interrupt, &mut m, hiprio, BATCH_LIMIT);
+        let r = drain_queue(
+            queue,
+            &mem,
+            server,
+            &active.interrupt,
+            &mut m,
+            hiprio,
+            BATCH_LIMIT,
+        );
         drop(mem);
         self.server_used |= m.requests + m.hiprio_requests > 0;
         lock_metrics(&self.metrics).add(&m);

@@ -251,7 +251,11 @@ pub struct FsState {
 fn geometry(core: &VirtioCore) -> (String, u16, u16) {
     let sizes = core.queue_max_sizes();
     let request_queues = u16::try_from(sizes.len().saturating_sub(1)).unwrap_or(u16::MAX);
-    (core.id().to_string(), request_queues, sizes.first().copied().unwrap_or(0))
+    (
+        core.id().to_string(),
+        request_queues,
+        sizes.first().copied().unwrap_or(0),
+    )
 }
 
 impl FsState {
@@ -400,7 +404,12 @@ impl Fs {
     /// Thread ids of the worker threads the device started (0 for one that has not run yet;
     /// one that ended stays until the device joins it at reset or drop).
     pub fn worker_tids(&self) -> Vec<i32> {
-        self.device.workers.iter().flatten().map(|w| w.tid()).collect()
+        self.device
+            .workers
+            .iter()
+            .flatten()
+            .map(|w| w.tid())
+            .collect()
     }
 
     /// The device's running worker threads, as a handle that stays valid for the device's life
@@ -510,7 +519,6 @@ fn warn_if_above_fd_limit(tag: &str, max_open_handles: u32) {
         );
     }
 }
-
 
 #[cfg(test)]
 mod tests;

@@ -222,4 +222,3 @@ pub(super) fn report_panics(m: &FsMetrics, hook: Option<&crate::DevicePanicHook>
         }
     }
 }
-

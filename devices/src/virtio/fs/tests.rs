@@ -20,18 +20,18 @@ use kestrel_api::{FsCache, FsConfig};
 use virtio_queue::Queue;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
-use super::*;
 use super::vhost_user::VhostUserFsConfig;
+use super::*;
 
 /// An in-process device for a VM config's share (through the device's own config type).
 fn new_fs(config: &FsConfig) -> Result<Fs, FsError> {
     Fs::new(&super::FsConfig::try_from(config)?)
 }
-use crate::virtio::{VirtioDevice, VirtioInterrupt};
-use vmm_sys_util::eventfd::EventFd;
 use crate::virtio::test_util::{
     on_event_loop, Ring, TmpDir, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
 };
+use crate::virtio::{VirtioDevice, VirtioInterrupt};
+use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 16 << 20;
 const QSIZE: u16 = 256;

@@ -15,8 +15,8 @@ use virtio_queue::Queue;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::server::FuseServer;
 use super::request::{drain_queue, report_panics};
+use super::server::FuseServer;
 use super::{lock_metrics, FsMetrics};
 use crate::virtio::{GuestMem, VirtioInterrupt};
 

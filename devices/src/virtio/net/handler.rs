@@ -240,7 +240,10 @@ impl NetDevice {
 impl QueueHandler for NetDevice {
     fn init(&mut self, core: &mut VirtioCore, ops: &mut EventOps) {
         self.in_event_loop = true;
-        let limiters = [(&self.rx_limiter, RX_LIMITER), (&self.tx_limiter, TX_LIMITER)];
+        let limiters = [
+            (&self.rx_limiter, RX_LIMITER),
+            (&self.tx_limiter, TX_LIMITER),
+        ];
         let events = limiters
             .into_iter()
             .filter(|(rl, _)| rl.as_raw_fd() >= 0)

@@ -422,7 +422,10 @@ impl Net {
 
     /// The attached TAP's interface name, if a TAP is attached.
     pub fn tap_name(&self) -> Option<&str> {
-        self.device.backend.as_deref().and_then(NetBackend::tap_name)
+        self.device
+            .backend
+            .as_deref()
+            .and_then(NetBackend::tap_name)
     }
 
     /// The attached backend's name (a TAP's interface name), if any.

@@ -24,9 +24,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
-use kestrel_api::NetConfig as ApiNetConfig;
 use crate::bus::BusDevice;
-use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::rate_limiter::test_util::bucket;
 use crate::tap::test_util::{self, PacketSocket};
 use crate::virtio::mmio::MmioTransport;
@@ -34,6 +32,8 @@ use crate::virtio::test_util::{
     assert_pass_bounded, on_event_loop, pump, with_refilling_guest, Ring as SplitRing, WAIT,
 };
 use crate::virtio::{status, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING};
+use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
+use kestrel_api::NetConfig as ApiNetConfig;
 
 const MEM_SIZE: usize = 16 << 20;
 const QSIZE: u16 = QUEUE_SIZE;

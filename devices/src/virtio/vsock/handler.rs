@@ -75,16 +75,20 @@ impl VsockDevice {
             }
             // The tx queue stops while the control backlog is full.
             let tx_held_back = self.muxer.ctrl_full();
-            let rx_used = match self.process_rx(&mem, &mut active.queues[RX_QUEUE], &mut rx_budget, ops) {
-                Ok(n) => n,
-                Err(e) => break Some(e),
-            };
+            let rx_used =
+                match self.process_rx(&mem, &mut active.queues[RX_QUEUE], &mut rx_budget, ops) {
+                    Ok(n) => n,
+                    Err(e) => break Some(e),
+                };
             // Another round only if the rx side drained a backlog that held tx back.
             if !(tx_held_back && rx_used > 0) || tx_budget == 0 {
                 break None;
             }
         };
-        for (budget, max, q) in [(rx_budget, RX_BATCH, RX_QUEUE), (tx_budget, TX_BATCH, TX_QUEUE)] {
+        for (budget, max, q) in [
+            (rx_budget, RX_BATCH, RX_QUEUE),
+            (tx_budget, TX_BATCH, TX_QUEUE),
+        ] {
             if budget < max {
                 notify(&mut active.queues[q], &mem, &active.interrupt, q);
             }

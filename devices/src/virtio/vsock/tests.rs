@@ -18,11 +18,11 @@ use super::connection::CONN_BUF_ALLOC;
 use super::muxer::{ConnKey, LOCAL_PORT_BASE};
 use super::packet::{op, Header, HDR_SIZE, HOST_CID, SHUTDOWN_BOTH, SHUTDOWN_SEND, TYPE_STREAM};
 use super::*;
-use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 use crate::virtio::test_util::{
     assert_pass_bounded, on_event_loop, pump, with_refilling_guest, Ring, TmpDir,
     VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
 };
+use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
 
 const CID: u64 = 3;
 const MEM_SIZE: usize = 24 << 20;

@@ -42,8 +42,7 @@ use super::{
 };
 use crate::virtio::device::{DeviceModel, RestoreError, Virtio, VirtioCore};
 use crate::virtio::{
-    new_eventfd, ActivateError, EventFdError, GuestMem, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    new_eventfd, ActivateError, EventFdError, GuestMem, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 
 pub mod handler;
@@ -280,7 +279,9 @@ impl VhostUserFs {
         check_geometry(tag, nq, config.queue_size)?;
         let queues = 1 + usize::from(nq);
         let (frontend, features, protocol_features) = connect(&config.socket, queues)?;
-        let call_events = (0..queues).map(|_| new_eventfd()).collect::<Result<_, _>>()?;
+        let call_events = (0..queues)
+            .map(|_| new_eventfd())
+            .collect::<Result<_, _>>()?;
         tracing::info!(
             "vhost-user-fs {tag}: connected to {} (features {features:#x})",
             config.socket.display()
