@@ -708,7 +708,13 @@ impl<D: QueueHandler> MutEventSubscriber for Virtio<D> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
+    use event_manager::{EventManager, SubscriberOps};
+    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
     use super::*;
+    use crate::virtio::test_util::Ring;
 
     #[test]
     fn tokens_round_trip() {
@@ -727,5 +733,108 @@ mod tests {
                 set: EventSet::OUT
             })
         );
+    }
+
+    /// A device that records what the core asks of it.
+    #[derive(Default)]
+    struct Probe {
+        refuse: bool,
+        resets: usize,
+        active_at_reset: bool,
+        triggers: Vec<Trigger>,
+    }
+
+    impl DeviceModel for Probe {
+        type ConfigSpace = [u8; 4];
+        fn config_space(&self, _core: &VirtioCore) -> [u8; 4] {
+            [1, 2, 3, 4]
+        }
+        fn activate(&mut self, _core: &VirtioCore, _mem: &GuestMem) -> Result<(), ActivateError> {
+            if self.refuse {
+                return Err(ActivateError::Backend("refused".into()));
+            }
+            Ok(())
+        }
+        fn reset(&mut self, core: &mut VirtioCore) {
+            self.resets += 1;
+            self.active_at_reset = core.is_activated();
+        }
+    }
+
+    impl QueueHandler for Probe {
+        fn handle(&mut self, _core: &mut VirtioCore, trigger: Trigger, _ops: &mut EventOps) {
+            self.triggers.push(trigger);
+        }
+    }
+
+    fn probe() -> Virtio<Probe> {
+        let core = VirtioCore::new(CoreSpec {
+            kind: "probe",
+            id: "p0",
+            device_type: 42,
+            avail_features: 0b1010,
+            queue_max_sizes: vec![16, 16],
+        })
+        .unwrap();
+        Virtio::from_parts(core, Probe::default())
+    }
+
+    /// The `VirtioDevice` every device gets from the core: features, config bounds, queue
+    /// count, the device's activation hook, reset order, the wake-up on activation.
+    #[test]
+    fn activation_and_reset_through_the_core() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (_, q0) = Ring::new(&mem, 0, 16);
+        let (_, q1) = Ring::new(&mem, 0x4000, 16);
+        let mem = GuestMemoryAtomic::new(mem);
+        let irq = Arc::new(VirtioInterrupt::new(new_eventfd().unwrap()));
+        let mut d = probe();
+        assert_eq!(d.core().name().to_string(), "probe p0");
+        d.set_acked_features(u64::MAX);
+        assert_eq!(d.core().acked_features(), 0b1010);
+        let mut c = [0xffu8; 8];
+        d.read_config(2, &mut c);
+        assert_eq!(c, [3, 4, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            d.activate(mem.clone(), irq.clone(), vec![]),
+            Err(ActivateError::QueueCount {
+                expected: 2,
+                got: 0
+            })
+        );
+        d.device.refuse = true;
+        let two = || vec![Queue::new(16).unwrap(), Queue::new(16).unwrap()];
+        assert!(d.activate(mem.clone(), irq.clone(), two()).is_err());
+        assert!(!d.is_activated() && d.wake_event().read().is_err());
+        d.device.refuse = false;
+        d.activate(mem.clone(), irq.clone(), vec![q0, q1]).unwrap();
+        assert!(d.is_activated());
+        assert_eq!(d.wake_event().read().unwrap(), 1);
+        assert!(d.core.fail("test"));
+        assert!(d.needs_reset());
+        assert_eq!(irq.status(), crate::virtio::INTERRUPT_CONFIG_CHANGE);
+        d.reset();
+        assert_eq!((d.device.resets, d.device.active_at_reset), (1, true));
+        assert!(!d.is_activated() && !d.needs_reset());
+        assert_eq!(d.core().acked_features(), 0);
+        assert_eq!(
+            d.activate_restored(mem, irq),
+            Err(ActivateError::NoRestoredQueues)
+        );
+    }
+
+    /// Wake-up and queue events reach the handler as triggers, drained.
+    #[test]
+    fn events_reach_the_handler_as_triggers() {
+        let d = Arc::new(Mutex::new(probe()));
+        let mut em = EventManager::<Arc<Mutex<Virtio<Probe>>>>::new().unwrap();
+        em.add_subscriber(d.clone());
+        d.lock().unwrap().core().queue_events()[1].write(3).unwrap();
+        em.run_with_timeout(100).unwrap();
+        d.lock().unwrap().core().wake();
+        em.run_with_timeout(100).unwrap();
+        let dev = d.lock().unwrap();
+        assert_eq!(dev.device.triggers, [Trigger::Queue(1), Trigger::Wake]);
+        assert!(dev.core().queue_events()[1].read().is_err(), "drained");
     }
 }

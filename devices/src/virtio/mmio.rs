@@ -1298,6 +1298,60 @@ mod tests {
         assert_eq!(b, [0; 4]);
     }
 
+    /// Registers a driver reads (some through the queue selector, which they move).
+    fn driver_view(f: &mut Fixture) -> Vec<u32> {
+        let mut v: Vec<u32> = [
+            reg::DEVICE_FEATURES,
+            reg::INTERRUPT_STATUS,
+            reg::STATUS,
+            reg::CONFIG_GENERATION,
+        ]
+        .into_iter()
+        .map(|o| f.r(o))
+        .collect();
+        for q in 0..2 {
+            f.w(reg::QUEUE_SEL, q);
+            v.extend([f.r(reg::QUEUE_NUM_MAX), f.r(reg::QUEUE_READY)]);
+        }
+        v
+    }
+
+    #[test]
+    fn restored_transport_reports_the_same_registers() {
+        let mut f = Fixture::new();
+        f.ready();
+        f.w(reg::QUEUE_SEL, 1);
+        f.w(reg::DEVICE_FEATURES_SEL, 1);
+        f.irq.signal_used_queue();
+        f.t.bump_config_generation();
+        let state = f.t.state();
+        let json = serde_json::to_string(&state).unwrap();
+        let before = driver_view(&mut f);
+
+        let mut g = Fixture::new();
+        g.t.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        assert_eq!(g.t.state(), state);
+        assert_eq!(driver_view(&mut g), before);
+        // The driver goes on where it was: DRIVER_OK activates the device.
+        g.add_status(status::DRIVER_OK);
+        assert!(g.activated());
+        assert_eq!(g.dev.lock().unwrap().queues.as_ref().unwrap()[1].size(), 8);
+
+        // A saved DRIVER_OK needs the device's restored queues; this device has none, so the
+        // transport reports DEVICE_NEEDS_RESET, as for a failed activation.
+        let running = g.t.state();
+        let mut h = Fixture::new();
+        h.t.restore(&running).unwrap();
+        assert!(!h.activated());
+        assert_eq!(h.status(), FULL | status::DEVICE_NEEDS_RESET);
+        // A state for other queues is refused and changes nothing.
+        let mut other = running.clone();
+        other.queues[0].max_size = 32;
+        let mut k = Fixture::new();
+        assert!(k.t.restore(&other).is_err());
+        assert_eq!(k.t.state(), Fixture::new().t.state());
+    }
+
     #[test]
     fn config_generation_counts_both_sides() {
         let mut f = Fixture::new();

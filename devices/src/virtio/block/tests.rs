@@ -21,7 +21,7 @@ use super::handler::BATCH_LIMIT;
 use super::*;
 use crate::bus::BusDevice;
 use crate::rate_limiter::test_util::{bucket, FakeClock};
-use crate::virtio::mmio::MmioTransport;
+use crate::virtio::mmio::{MmioState, MmioTransport};
 use crate::virtio::test_util::{assert_pass_bounded, with_refilling_guest};
 use crate::virtio::{status, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING};
 use crate::virtio::{ActivateError, GuestMem, VirtioDevice, VirtioInterrupt};
@@ -1009,4 +1009,135 @@ fn swap_and_detach_flush_the_image_first_and_report_errors() {
     s.block.swap_backing(Some(first.as_path()), true).unwrap();
     s.block.swap_backing(None, false).unwrap();
     assert_eq!(s.block.metrics().backing_flushes, 2);
+}
+
+/// Registers a driver reads, for comparing a transport with its restored copy: identification,
+/// features, status, ISR, config generation, each queue's size and readiness, the capacity.
+fn registers(t: &mut MmioTransport) -> Vec<u32> {
+    let r = |t: &mut MmioTransport, off: u64| {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    let mut out: Vec<u32> = [
+        0x00, 0x04, 0x08, 0x10, 0x60, 0x70, 0xfc, 0x34, 0x44, 0x100, 0x104,
+    ]
+    .into_iter()
+    .map(|off| r(t, off))
+    .collect();
+    t.write(0x14, &1u32.to_le_bytes());
+    out.push(r(t, 0x10));
+    out
+}
+
+/// A running device and its transport are saved (through serde, as a snapshot file would
+/// hold them), rebuilt from the state, and the restored pair behaves the same: the transport
+/// reads the same registers and the device serves the next request on the restored queue
+/// where the old one stopped.
+#[test]
+fn saved_state_restores_a_running_device() {
+    let t = image();
+    let cfg = drive(Some(t.as_path()));
+    let mem = mem();
+    let block = Arc::new(Mutex::new(Block::new(&cfg).unwrap()));
+    let mut transport = MmioTransport::new(block.clone(), irq(), mem.clone());
+    let mut w = |off: u64, v: u32| transport.write(off, &v.to_le_bytes());
+    w(0x70, status::ACKNOWLEDGE | status::DRIVER);
+    w(0x24, 1);
+    w(0x20, 1); // VERSION_1
+    w(
+        0x70,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
+    w(0x38, u32::from(QUEUE_SIZE));
+    w(0x80, DESC as u32);
+    w(0x90, AVAIL as u32);
+    w(0xa0, USED as u32);
+    w(0x44, 1);
+    w(
+        0x70,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
+    let mut d = Driver::new(&mem);
+    d.request(0, VIRTIO_BLK_T_IN, 5, &[(DATA, 512, true)]);
+    block.lock().unwrap().process_queue();
+    assert_eq!(d.status(0), OK);
+
+    let saved = serde_json::to_string(&(block.lock().unwrap().state(), transport.state())).unwrap();
+    let before = registers(&mut transport);
+    drop(transport);
+    drop(block);
+    let (state, mmio): (BlockState, MmioState) = serde_json::from_str(&saved).unwrap();
+    assert!(state.virtio.activated);
+    assert_eq!(state.virtio.queues[0].next_avail, 1);
+    assert_eq!(
+        (state.capacity, state.path.as_deref()),
+        (SECTORS, Some(t.as_path()))
+    );
+
+    let block = Arc::new(Mutex::new(Block::restore(&cfg, &state).unwrap()));
+    assert!(!block.lock().unwrap().is_activated());
+    let mut transport = MmioTransport::new(block.clone(), irq(), mem.clone());
+    transport.restore(&mmio).unwrap();
+    assert!(block.lock().unwrap().is_activated());
+    assert_eq!(registers(&mut transport), before);
+    assert_eq!(block.lock().unwrap().state(), state);
+    d.request(1, VIRTIO_BLK_T_IN, 6, &[(DATA, 512, true)]);
+    block.lock().unwrap().process_queue();
+    assert_eq!(d.status(1), OK);
+    assert_eq!(d.read(DATA, 512), vec![6; 512]);
+    assert_eq!(d.used_idx(), 2);
+}
+
+#[test]
+fn restore_refuses_a_state_that_does_not_fit() {
+    let t = image();
+    let cfg = drive(Some(t.as_path()));
+    let state = Block::new(&cfg).unwrap().state();
+    // Another image size, another drive, another kind of device.
+    let mut other = state.clone();
+    other.capacity += 1;
+    assert!(matches!(
+        Block::restore(&cfg, &other),
+        Err(BlockError::Restore(RestoreError::Mismatch {
+            field: "capacity",
+            ..
+        }))
+    ));
+    let mut other = state.clone();
+    other.drive_id = "disk9".into();
+    assert!(Block::restore(&cfg, &other).is_err());
+    let mut other = state.clone();
+    other.virtio.device_type = 1;
+    assert!(matches!(
+        Block::restore(&cfg, &other),
+        Err(BlockError::Restore(RestoreError::DeviceType {
+            saved: 1,
+            device: 2
+        }))
+    ));
+    // Features the read-only drive does not offer.
+    let mut other = state.clone();
+    other.virtio.acked_features = 1 << VIRTIO_BLK_F_DISCARD;
+    let mut ro = cfg.clone();
+    ro.read_only = true;
+    assert!(matches!(
+        Block::restore(&ro, &other),
+        Err(BlockError::Restore(RestoreError::Features { .. }))
+    ));
+    // A device that was not running is not activated by its transport's restore.
+    let block = Arc::new(Mutex::new(Block::restore(&cfg, &state).unwrap()));
+    let mut transport = MmioTransport::new(block.clone(), irq(), mem());
+    let mmio = transport.state();
+    transport.restore(&mmio).unwrap();
+    assert!(!block.lock().unwrap().is_activated());
+    let mut short = mmio.clone();
+    short.queues.clear();
+    assert!(matches!(
+        transport.restore(&short),
+        Err(RestoreError::TransportQueues {
+            saved: 0,
+            device: 1
+        })
+    ));
 }

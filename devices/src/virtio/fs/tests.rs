@@ -30,7 +30,7 @@ fn new_fs(config: &FsConfig) -> Result<Fs, FsError> {
 use crate::virtio::test_util::{
     on_event_loop, Ring, TmpDir, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
 };
-use crate::virtio::{VirtioDevice, VirtioInterrupt};
+use crate::virtio::{RestoreError, VirtioDevice, VirtioInterrupt};
 use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 16 << 20;
@@ -107,11 +107,16 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
     /// `dev` with its queues in `mem`, not yet activated.
     pub fn new(dev: D, mem: GuestMemoryMmap) -> (Driver<D>, Vec<Queue>) {
         let nq = dev.queue_max_sizes().len();
-        let (dev, em, kicks) = on_event_loop(dev);
         let (rings, queues) = fresh_rings(&mem, nq);
+        (Driver::with_rings(dev, mem, rings), queues)
+    }
+
+    /// `dev` driven over existing `rings` in `mem` (a restored device), not yet activated.
+    pub fn with_rings(dev: D, mem: GuestMemoryMmap, rings: Vec<Ring>) -> Driver<D> {
+        let (dev, em, kicks) = on_event_loop(dev);
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap()));
-        let d = Driver {
+        Driver {
             mem,
             dev,
             em,
@@ -122,8 +127,7 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
             unique: 0,
             serve_direct: None,
             busy: Duration::ZERO,
-        };
-        (d, queues)
+        }
     }
 
     /// After a device reset: fresh rings for every queue, then [`Driver::activate`] with them.
@@ -2132,4 +2136,44 @@ fn worker_start_hook_runs_first_on_the_worker_and_its_failure_needs_reset() {
         d.interrupt.status() & crate::virtio::INTERRUPT_CONFIG_CHANGE,
         0
     );
+}
+
+/// A running share saved and rebuilt from its state serves on the restored queues where the
+/// old device stopped; the guest starts a new FUSE session (the old one is not part of the
+/// state). A state of another share geometry is refused.
+#[test]
+fn saved_state_restores_a_running_share() {
+    let mut s = Share::new();
+    std::fs::write(s.dir.join("f"), b"x").unwrap();
+    assert!(s.d.lookup(ROOT_ID, "f").is_ok());
+    let state = s.d.dev.lock().unwrap().state();
+    assert_eq!(
+        (state.tag.as_str(), state.num_request_queues),
+        ("kestrel", 1)
+    );
+    assert!(state.virtio.activated && state.virtio.queues[1].next_avail == 2);
+    let state: FsState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    let api = FsConfig::shared_dir("kestrel", &s.dir);
+    let config = super::FsConfig::try_from(&api).unwrap();
+    let mut other = config.clone();
+    other.num_request_queues = 2;
+    assert!(matches!(
+        Fs::restore(&other, &state),
+        Err(FsError::Restore(RestoreError::Mismatch { .. }))
+    ));
+
+    let fs = Fs::restore(&config, &state).unwrap();
+    let rings = std::mem::take(&mut s.d.rings);
+    let mut d = Driver::with_rings(fs, s.d.mem.clone(), rings);
+    let gm = GuestMemoryAtomic::new(d.mem.clone());
+    let interrupt = d.interrupt.clone();
+    d.dev
+        .lock()
+        .unwrap()
+        .activate_restored(gm, interrupt)
+        .unwrap();
+    d.em.run_with_timeout(100).unwrap();
+    d.init();
+    assert!(d.lookup(ROOT_ID, "f").is_ok());
+    assert_eq!(d.dev.lock().unwrap().state().virtio.queues[1].next_avail, 4);
 }

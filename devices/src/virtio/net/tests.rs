@@ -1575,3 +1575,53 @@ fn rx_from_an_endless_backend_is_served_in_bounded_passes() {
         (used, watched)
     });
 }
+
+/// A running device saved and rebuilt from its state keeps the driver's features and link,
+/// and transmits the next frame from the restored TX queue where the old device stopped.
+#[test]
+fn saved_state_restores_a_running_device() {
+    let features = BASIC | bit(VIRTIO_NET_F_GUEST_CSUM);
+    let (mut h, peer) = Harness::with_socket(features);
+    h.send(&eth(60, 1));
+    h.pump();
+    assert_eq!(h.tx_used().len(), 1);
+    assert!(try_recv(&peer).is_some());
+    let state = h.dev().state();
+    assert!(state.link_up && state.virtio.activated);
+    assert_eq!(state.offloads, offload::CSUM);
+    assert_eq!(state.virtio.queues[TX_QUEUE].next_avail, 1);
+    assert_eq!(state.mac, kestrel_api::derived_mac("eth0"));
+    let state: NetState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    let cfg = NetConfig::try_from(&slot("eth0")).unwrap();
+    assert!(matches!(
+        Net::restore(&NetConfig::slot("eth1"), &state),
+        Err(NetError::Restore(_))
+    ));
+
+    // Restored into a slot without TAP: the link stays down until one is attached.
+    let mut net = Net::restore(&cfg, &state).unwrap();
+    assert_eq!(net.acked_features(), features);
+    assert!(!net.link_up());
+    let (backend, peer) = socket_backend();
+    net.attach_backend(backend).unwrap();
+    let (dev, mut em, kicks) = on_event_loop(net);
+    let gm = GuestMemoryAtomic::new(h.mem.clone());
+    dev.lock()
+        .unwrap()
+        .activate_restored(gm, h.interrupt.clone())
+        .unwrap();
+    assert_eq!(
+        dev.lock().unwrap().state().virtio.queues,
+        state.virtio.queues
+    );
+    pump(&mut em);
+    // The next frame, on the old rings, without waking the old device.
+    let frame = wire(hdr(0, 0), &eth(60, 2));
+    let a = h.tx.alloc(frame.len() as u32);
+    h.mem.write_slice(&frame, GuestAddress(a)).unwrap();
+    let head = h.tx.add_chain(&h.mem, &[(a, frame.len() as u32, READ)]);
+    kicks[TX_QUEUE].write(1).unwrap();
+    pump(&mut em);
+    assert_eq!(h.tx_used(), [(head, 0)]);
+    assert_eq!(try_recv(&peer), Some(frame));
+}

@@ -22,7 +22,7 @@ use crate::virtio::test_util::{
     assert_pass_bounded, on_event_loop, pump, with_refilling_guest, Ring, TmpDir,
     VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
 };
-use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
+use crate::virtio::{ActivateError, RestoreError, VirtioDevice, VirtioInterrupt};
 
 const CID: u64 = 3;
 const MEM_SIZE: usize = 24 << 20;
@@ -1261,4 +1261,53 @@ fn rx_kept_busy_is_served_in_bounded_passes() {
     });
     drop(g);
     writer.join().unwrap();
+}
+
+/// A restored vsock device keeps the guest's CID and nothing of its connections, and tells the
+/// guest so: once activated again from the saved queues it puts
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` in the first event buffer the driver posts (once).
+#[test]
+fn restored_device_sends_a_transport_reset_event() {
+    let g = Guest::new(4);
+    let state = g.dev().state();
+    assert!(state.virtio.activated);
+    assert_eq!(state.guest_cid, CID);
+    let json = serde_json::to_string(&state).unwrap();
+    // A clone restores with its own listener path, never with another CID.
+    let other = VsockConfig::new(CID + 1, &g.dir.0.join("x.sock"));
+    assert!(matches!(
+        Vsock::restore(&other, &state),
+        Err(VsockError::Restore(RestoreError::Mismatch {
+            field: "guest_cid",
+            ..
+        }))
+    ));
+    let cfg = VsockConfig::new(CID, &g.dir.0.join("r.sock"));
+    let restored = Vsock::restore(&cfg, &serde_json::from_str(&json).unwrap()).unwrap();
+    assert_eq!(restored.connection_count(), 0);
+    let (dev, mut em, kicks) = on_event_loop(restored);
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let interrupt = Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap()));
+    let gm = GuestMemoryAtomic::new(g.mem.clone());
+    dev.lock()
+        .unwrap()
+        .activate_restored(gm, interrupt)
+        .unwrap();
+    pump(&mut em);
+    // The event ring was never used: the same layout, driven by a fresh view.
+    let (mut events, _) = Ring::new(&g.mem, 0x2_0000, QSIZE);
+    const EVENT_BUF: u64 = 0x2_8000;
+    g.mem.write_obj(u32::MAX, GuestAddress(EVENT_BUF)).unwrap();
+    events.set_desc(&g.mem, 0, EVENT_BUF, 8, VRING_DESC_F_WRITE, 0);
+    events.publish(&g.mem, 0);
+    kicks[EVENT_QUEUE].write(1).unwrap();
+    pump(&mut em);
+    assert_eq!(events.take_used(&g.mem), [(0, 4)]);
+    let id: u32 = g.mem.read_obj(GuestAddress(EVENT_BUF)).unwrap();
+    assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+    assert!(irq.read().is_ok());
+    events.publish(&g.mem, 0);
+    kicks[EVENT_QUEUE].write(1).unwrap();
+    pump(&mut em);
+    assert!(events.take_used(&g.mem).is_empty(), "sent once");
 }
