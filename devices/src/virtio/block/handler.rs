@@ -127,8 +127,12 @@ impl Backend {
     /// Execute a request.
     fn execute<M: GuestMemory>(&mut self, mem: &M, req: &Request, acked: u64) -> Outcome {
         match req {
-            Request::In { sector, data } => self.read(mem, *sector, data, req.data_len()),
-            Request::Out { sector, data } => self.write(mem, *sector, data, req.data_len()),
+            Request::In { sector, data } => {
+                self.transfer(mem, *sector, data, req.data_len(), false)
+            }
+            Request::Out { sector, data } => {
+                self.transfer(mem, *sector, data, req.data_len(), true)
+            }
             Request::Flush => self.flush(),
             Request::GetId { data } => self.get_id(mem, data),
             Request::Discard(range) => self.discard_or_zero(range, false, acked),
@@ -140,58 +144,47 @@ impl Backend {
         }
     }
 
-    fn read<M: GuestMemory>(
+    /// Move the data of a read (`write` false: disk to guest) or a write (guest to disk) of
+    /// `total` bytes at `sector`.
+    fn transfer<M: GuestMemory>(
         &mut self,
         mem: &M,
         sector: u64,
         data: &[Segment],
         total: u64,
+        write: bool,
     ) -> Outcome {
-        if !self.in_range(sector, total) {
+        if (write && self.read_only) || !self.in_range(sector, total) {
             return fail(Status::IoErr);
         }
         let Some(disk) = &self.disk else {
-            // Only a zero-length read reaches here on an empty slot.
+            // Only a zero-length request reaches here on an empty slot.
             return (Status::Ok, 0);
         };
         let mut offset = sector << SECTOR_SHIFT;
         for s in data {
-            if let Err(e) = disk.read_to(mem, s.addr, s.len as usize, offset) {
-                tracing::warn!("virtio-blk: read at {offset} failed: {e}");
+            let len = s.len as usize;
+            let r = if write {
+                disk.write_from(mem, s.addr, len, offset)
+            } else {
+                disk.read_to(mem, s.addr, len, offset)
+            };
+            if let Err(e) = r {
+                let what = if write { "write" } else { "read" };
+                tracing::warn!("virtio-blk: {what} at {offset} failed: {e}");
                 return fail(Status::IoErr);
             }
             offset += u64::from(s.len);
+        }
+        if write {
+            self.metrics.write_ops += 1;
+            self.metrics.write_bytes += total;
+            return (Status::Ok, 0);
         }
         self.metrics.read_ops += 1;
         self.metrics.read_bytes += total;
         // A chain holds less than 4 GiB (virtio-queue stops at 2^32 bytes).
         (Status::Ok, u32::try_from(total).unwrap_or(u32::MAX))
-    }
-
-    fn write<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        sector: u64,
-        data: &[Segment],
-        total: u64,
-    ) -> Outcome {
-        if self.read_only || !self.in_range(sector, total) {
-            return fail(Status::IoErr);
-        }
-        let Some(disk) = &self.disk else {
-            return (Status::Ok, 0);
-        };
-        let mut offset = sector << SECTOR_SHIFT;
-        for s in data {
-            if let Err(e) = disk.write_from(mem, s.addr, s.len as usize, offset) {
-                tracing::warn!("virtio-blk: write at {offset} failed: {e}");
-                return fail(Status::IoErr);
-            }
-            offset += u64::from(s.len);
-        }
-        self.metrics.write_ops += 1;
-        self.metrics.write_bytes += total;
-        (Status::Ok, 0)
     }
 
     fn flush(&mut self) -> Outcome {

@@ -77,18 +77,75 @@ pub const REQUEST_HEADER_ROOM: u32 = 4096;
 /// bytes. A Linux guest never sends a longer chain.
 pub const MAX_REQUEST_BYTES: u32 = MAX_BUFFER_SIZE + REQUEST_HEADER_ROOM;
 
+/// The guest-visible shape of a virtio-fs device, the same for both backends: the mount tag
+/// in its config space and its queues.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsGeometry {
+    /// The mount tag (1 to 36 bytes, no NUL).
+    pub tag: String,
+    /// Request queues (1 to [`MAX_REQUEST_QUEUES`]), after the high-priority queue.
+    pub num_request_queues: u16,
+    /// Size of every queue (a power of two up to [`MAX_QUEUE_SIZE`]).
+    pub queue_size: u16,
+}
+
+impl FsGeometry {
+    /// [`FsError::InvalidTag`] or [`FsError::InvalidQueues`] unless the tag and queues are
+    /// usable.
+    pub fn check(&self) -> Result<(), FsError> {
+        check_geometry(&self.tag, self.num_request_queues, self.queue_size)
+    }
+
+    /// The geometry of a virtio-fs device's core.
+    fn of(core: &VirtioCore) -> FsGeometry {
+        let sizes = core.queue_max_sizes();
+        FsGeometry {
+            tag: core.id().to_string(),
+            num_request_queues: u16::try_from(sizes.len().saturating_sub(1)).unwrap_or(u16::MAX),
+            queue_size: sizes.first().copied().unwrap_or(0),
+        }
+    }
+
+    /// The core of a virtio-fs device of this geometry (`kind` names it in logs).
+    fn core(&self, kind: &'static str, avail_features: u64) -> Result<VirtioCore, EventFdError> {
+        VirtioCore::new(CoreSpec {
+            kind,
+            id: &self.tag,
+            device_type: VIRTIO_ID_FS,
+            avail_features,
+            queue_max_sizes: vec![self.queue_size; 1 + usize::from(self.num_request_queues)],
+        })
+    }
+
+    /// The config space: the tag and `num_request_queues`.
+    fn config_space(&self) -> [u8; CONFIG_SPACE_LEN] {
+        config_space(&self.tag, self.num_request_queues)
+    }
+}
+
+impl TryFrom<&kestrel_api::FsConfig> for FsGeometry {
+    type Error = FsError;
+
+    /// The share's `tag`, `num_queues` and `queue_size`, checked.
+    fn try_from(c: &kestrel_api::FsConfig) -> Result<Self, FsError> {
+        let g = FsGeometry {
+            tag: c.tag.clone(),
+            num_request_queues: c.num_queues,
+            queue_size: c.queue_size,
+        };
+        g.check()?;
+        Ok(g)
+    }
+}
+
 /// What an in-process virtio-fs device is built from (from an `fs[]` entry of the VM config
 /// that has a `shared_dir`, with `TryFrom<&kestrel_api::FsConfig>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FsConfig {
-    /// The mount tag (1 to 36 bytes, no NUL).
-    pub tag: String,
+    /// Tag and queues.
+    pub geometry: FsGeometry,
     /// The shared directory and what the guest may do in it.
     pub share: ShareOptions,
-    /// Request queues (1 to [`MAX_REQUEST_QUEUES`]).
-    pub num_request_queues: u16,
-    /// Size of every queue (a power of two up to [`MAX_QUEUE_SIZE`]).
-    pub queue_size: u16,
     /// Serve request queues on worker threads.
     pub worker_threads: bool,
 }
@@ -97,26 +154,23 @@ impl TryFrom<&kestrel_api::FsConfig> for FsConfig {
     type Error = FsError;
 
     /// The share's settings: [`FsError::NoSharedDir`] without a `shared_dir` (or with a
-    /// `socket`), [`FsError::InvalidTag`] / [`FsError::InvalidQueues`] for a bad `tag`,
-    /// `num_queues` or `queue_size`.
+    /// `socket`), else as [`FsGeometry`]'s.
     fn try_from(c: &kestrel_api::FsConfig) -> Result<Self, FsError> {
         let Some(dir) = c.shared_dir.as_ref().filter(|_| c.socket.is_none()) else {
             return Err(FsError::NoSharedDir(c.tag.clone()));
         };
-        check_geometry(&c.tag, c.num_queues, c.queue_size)?;
+        let share = ShareOptions {
+            root: dir.clone(),
+            read_only: c.read_only,
+            cache: c.cache,
+            xattr: c.xattr,
+            max_open_handles: c.max_open_handles,
+            allow_setid: c.allow_setid,
+            allow_devices: c.allow_devices,
+        };
         Ok(FsConfig {
-            tag: c.tag.clone(),
-            share: ShareOptions {
-                root: dir.clone(),
-                read_only: c.read_only,
-                cache: c.cache,
-                xattr: c.xattr,
-                max_open_handles: c.max_open_handles,
-                allow_setid: c.allow_setid,
-                allow_devices: c.allow_devices,
-            },
-            num_request_queues: c.num_queues,
-            queue_size: c.queue_size,
+            geometry: c.try_into()?,
+            share,
             worker_threads: c.worker_threads,
         })
     }
@@ -239,60 +293,43 @@ fn check_geometry(tag: &str, num_queues: u16, queue_size: u16) -> Result<(), FsE
 pub struct FsState {
     /// The virtio core.
     pub virtio: VirtioState,
-    /// The mount tag.
-    pub tag: String,
-    /// Request queues.
-    pub num_request_queues: u16,
-    /// Size of every queue.
-    pub queue_size: u16,
-}
-
-/// Tag and queue geometry of a device's core.
-fn geometry(core: &VirtioCore) -> (String, u16, u16) {
-    let sizes = core.queue_max_sizes();
-    let request_queues = u16::try_from(sizes.len().saturating_sub(1)).unwrap_or(u16::MAX);
-    (
-        core.id().to_string(),
-        request_queues,
-        sizes.first().copied().unwrap_or(0),
-    )
+    /// Tag and queues (a restored device must have them).
+    pub geometry: FsGeometry,
 }
 
 impl FsState {
     /// The state of a virtio-fs device's core.
     fn of(core: &VirtioCore) -> FsState {
-        let (tag, num_request_queues, queue_size) = geometry(core);
         FsState {
             virtio: core.state(),
-            tag,
-            num_request_queues,
-            queue_size,
+            geometry: FsGeometry::of(core),
         }
     }
 
-    /// Take the state over into `core` if it is of the same share (tag and queues).
+    /// Take the state over into `core` if it is of the same geometry.
     fn restore_into(&self, core: &mut VirtioCore) -> Result<(), RestoreError> {
-        let saved = (self.tag.clone(), self.num_request_queues, self.queue_size);
-        RestoreError::check("tag and queues", saved, geometry(core))?;
+        RestoreError::check("geometry", &self.geometry, &FsGeometry::of(core))?;
         core.restore(&self.virtio)
     }
 }
 
-/// The core of a virtio-fs device (either backend) for `tag`.
-fn fs_core(
-    kind: &'static str,
-    tag: &str,
-    avail_features: u64,
-    num_request_queues: u16,
-    queue_size: u16,
-) -> Result<VirtioCore, EventFdError> {
-    VirtioCore::new(CoreSpec {
-        kind,
-        id: tag,
-        device_type: VIRTIO_ID_FS,
-        avail_features,
-        queue_max_sizes: vec![queue_size; 1 + usize::from(num_request_queues)],
-    })
+/// The own part of either virtio-fs device ([`FsDevice`], [`vhost_user::VhostUserFsDevice`]):
+/// what makes [`Virtio::state`] and [`Virtio::tag`] theirs.
+pub trait FsModel: DeviceModel {}
+
+impl FsModel for FsDevice {}
+impl FsModel for vhost_user::VhostUserFsDevice {}
+
+impl<D: FsModel> Virtio<D> {
+    /// The run-time state to save.
+    pub fn state(&self) -> FsState {
+        FsState::of(&self.core)
+    }
+
+    /// The mount tag.
+    pub fn tag(&self) -> &str {
+        self.core.id()
+    }
 }
 
 /// An in-process virtio-fs device serving a host directory.
@@ -327,24 +364,24 @@ pub struct FsDevice {
 impl Fs {
     /// An in-process device for `config`. The directory is opened now.
     pub fn new(config: &FsConfig) -> Result<Fs, FsError> {
-        check_geometry(&config.tag, config.num_request_queues, config.queue_size)?;
-        warn_if_above_fd_limit(&config.tag, config.share.max_open_handles);
+        let geometry = &config.geometry;
+        geometry.check()?;
+        warn_if_above_fd_limit(&geometry.tag, config.share.max_open_handles);
         let server = server::build(&config.share)?;
         let features = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC;
-        let nq = config.num_request_queues;
-        let core = fs_core("virtio-fs", &config.tag, features, nq, config.queue_size)?;
+        let core = geometry.core("virtio-fs", features)?;
         let device = FsDevice {
             opts: config.share.clone(),
             server: Some(Arc::new(server)),
             server_used: false,
-            config: config_space(&config.tag, nq),
+            config: geometry.config_space(),
             metrics: Arc::new(Mutex::new(FsMetrics::default())),
             worker_threads: config.worker_threads,
             worker_name_prefix: "kestrel-fs".to_string(),
             worker_start_hook: None,
             panic_hook: None,
             inject_worker_panic: Arc::new(AtomicBool::new(false)),
-            workers: (0..=nq).map(|_| None).collect(),
+            workers: core.queue_max_sizes().iter().map(|_| None).collect(),
             running_workers: FsWorkers::default(),
         };
         Ok(Virtio::from_parts(core, device))
@@ -357,16 +394,6 @@ impl Fs {
         let mut fs = Fs::new(config)?;
         state.restore_into(&mut fs.core)?;
         Ok(fs)
-    }
-
-    /// The run-time state to save.
-    pub fn state(&self) -> FsState {
-        FsState::of(&self.core)
-    }
-
-    /// The mount tag.
-    pub fn tag(&self) -> &str {
-        self.core.id()
     }
 
     /// The shared directory.

@@ -1547,10 +1547,12 @@ fn vhost_user_fs_against_virtiofsd() {
     let _daemon = spawn_virtiofsd(&bin, &sock, &share);
 
     let dev = vhost_user::VhostUserFs::new(&VhostUserFsConfig {
-        tag: "vtag".into(),
+        geometry: FsGeometry {
+            tag: "vtag".into(),
+            num_request_queues: 1,
+            queue_size: QSIZE,
+        },
         socket: sock.clone(),
-        num_request_queues: 1,
-        queue_size: QSIZE,
     })
     .unwrap();
     assert_eq!(dev.device_type(), 26);
@@ -2148,7 +2150,10 @@ fn saved_state_restores_a_running_share() {
     assert!(s.d.lookup(ROOT_ID, "f").is_ok());
     let state = s.d.dev.lock().unwrap().state();
     assert_eq!(
-        (state.tag.as_str(), state.num_request_queues),
+        (
+            state.geometry.tag.as_str(),
+            state.geometry.num_request_queues
+        ),
         ("kestrel", 1)
     );
     assert!(state.virtio.activated && state.virtio.queues[1].next_avail == 2);
@@ -2156,7 +2161,7 @@ fn saved_state_restores_a_running_share() {
     let api = FsConfig::shared_dir("kestrel", &s.dir);
     let config = super::FsConfig::try_from(&api).unwrap();
     let mut other = config.clone();
-    other.num_request_queues = 2;
+    other.geometry.num_request_queues = 2;
     assert!(matches!(
         Fs::restore(&other, &state),
         Err(FsError::Restore(RestoreError::Mismatch { .. }))

@@ -49,13 +49,7 @@ impl NetDevice {
         let [rxq, txq] = active.queues.as_mut_slice() else {
             return;
         };
-        let mut pass = Pass::default();
-        if do_tx && !self.tx_backend_full {
-            self.run_tx(&mem, txq, acked, &mut pass);
-        }
-        if do_rx && self.link_up && pass.ring_error.is_none() {
-            self.run_rx(&mem, rxq, acked, &mut pass);
-        }
+        let pass = self.work(&mem, rxq, txq, acked, (do_rx, do_tx));
         let mut notify = false;
         for (q, queue) in [(RX_QUEUE, &mut *rxq), (TX_QUEUE, &mut *txq)] {
             if pass.used[q] {
@@ -71,31 +65,64 @@ impl NetDevice {
         self.finish(core, pass);
     }
 
-    fn run_tx(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue, acked: u64, pass: &mut Pass) {
+    /// Run the paths asked for (`(rx, tx)`), TX first; a ring error ends the pass.
+    fn work(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        rxq: &mut Queue,
+        txq: &mut Queue,
+        acked: u64,
+        (do_rx, do_tx): (bool, bool),
+    ) -> Pass {
+        let mut pass = Pass::default();
+        if do_tx && !self.tx_backend_full {
+            if let Err(e) = self.run_tx(mem, txq, acked, &mut pass) {
+                pass.ring_error = Some(format!("tx queue: {e}"));
+                return pass;
+            }
+        }
+        if do_rx && self.link_up {
+            if let Err(e) = self.run_rx(mem, rxq, acked, &mut pass) {
+                pass.ring_error = Some(format!("rx queue: {e}"));
+            }
+        }
+        pass
+    }
+
+    fn run_tx(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        acked: u64,
+        pass: &mut Pass,
+    ) -> Result<(), String> {
         let link = self.link_up;
-        let mut tx = Tx {
+        let r = Tx {
             mem,
             queue,
             backend: self.backend.as_deref_mut().filter(|_| link),
             limiter: &mut self.tx_limiter,
             acked,
             metrics: &mut self.metrics,
-        };
-        match tx.run() {
-            Ok(r) => {
-                pass.used[TX_QUEUE] = r.used;
-                match r.stop {
-                    TxStop::BackendFull => self.tx_backend_full = true,
-                    TxStop::BatchLimit => pass.rearm_tx = true,
-                    TxStop::Idle | TxStop::Throttled => {}
-                }
-            }
-            Err(e) => pass.ring_error = Some(format!("tx queue: {e}")),
         }
+        .run()?;
+        pass.used[TX_QUEUE] = r.used;
+        match r.stop {
+            TxStop::BackendFull => self.tx_backend_full = true,
+            TxStop::BatchLimit => pass.rearm_tx = true,
+            TxStop::Idle | TxStop::Throttled => {}
+        }
+        Ok(())
     }
 
-    fn run_rx(&mut self, mem: &GuestMemoryMmap, queue: &mut Queue, acked: u64, pass: &mut Pass) {
-        let mut rx = Rx {
+    fn run_rx(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        queue: &mut Queue,
+        acked: u64,
+        pass: &mut Pass,
+    ) -> Result<(), String> {
+        let r = Rx {
             mem,
             queue,
             backend: self.backend.as_deref_mut(),
@@ -103,14 +130,11 @@ impl NetDevice {
             state: &mut self.rx,
             acked,
             metrics: &mut self.metrics,
-        };
-        match rx.run() {
-            Ok(r) => {
-                pass.used[RX_QUEUE] = r.used;
-                pass.backend_failed = r.backend_failed;
-            }
-            Err(e) => pass.ring_error = Some(format!("rx queue: {e}")),
         }
+        .run()?;
+        pass.used[RX_QUEUE] = r.used;
+        pass.backend_failed = r.backend_failed;
+        Ok(())
     }
 
     /// What a pass leaves to do once guest memory is released: re-arm TX, fail the device on

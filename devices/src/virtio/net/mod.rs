@@ -145,15 +145,15 @@ pub enum NetError {
     /// `guest_mac` is not a unicast `aa:bb:cc:dd:ee:ff` address.
     #[error("guest_mac {0:?} is not a unicast MAC address")]
     InvalidMac(String),
+    /// A saved state does not fit the interface.
+    #[error("cannot restore: {0}")]
+    Restore(#[from] RestoreError),
     /// An `EventFd` could not be created.
     #[error(transparent)]
     EventFd(#[from] EventFdError),
     /// A rate limiter's timer could not be created.
     #[error("cannot create a rate limiter: {0}")]
     RateLimiter(#[source] io::Error),
-    /// A saved state does not fit the interface.
-    #[error("cannot restore: {0}")]
-    Restore(#[from] RestoreError),
 }
 
 /// Counters of one network device. Bytes count frames without the virtio-net header.

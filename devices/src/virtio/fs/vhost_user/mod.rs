@@ -36,10 +36,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{
-    check_geometry, config_space, fs_core, FsError, FsState, CONFIG_SPACE_LEN,
-    VIRTIO_RING_F_INDIRECT_DESC,
-};
+use super::{FsError, FsGeometry, FsState, CONFIG_SPACE_LEN, VIRTIO_RING_F_INDIRECT_DESC};
 use crate::virtio::device::{DeviceModel, RestoreError, Virtio, VirtioCore};
 use crate::virtio::{
     new_eventfd, ActivateError, EventFdError, GuestMem, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -62,32 +59,24 @@ const TIMEVAL_LEN: libc::socklen_t = std::mem::size_of::<libc::timeval>() as lib
 /// a `socket`, with `TryFrom<&kestrel_api::FsConfig>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VhostUserFsConfig {
-    /// The mount tag (1 to 36 bytes, no NUL).
-    pub tag: String,
+    /// Tag and queues.
+    pub geometry: FsGeometry,
     /// The daemon's vhost-user socket.
     pub socket: PathBuf,
-    /// Request queues.
-    pub num_request_queues: u16,
-    /// Size of every queue.
-    pub queue_size: u16,
 }
 
 impl TryFrom<&kestrel_api::FsConfig> for VhostUserFsConfig {
     type Error = FsError;
 
-    /// The share's settings: [`FsError::NoSocket`] without a `socket`,
-    /// [`FsError::InvalidTag`] / [`FsError::InvalidQueues`] for a bad `tag`, `num_queues` or
-    /// `queue_size`.
+    /// The share's settings: [`FsError::NoSocket`] without a `socket`, else as
+    /// [`FsGeometry`]'s.
     fn try_from(c: &kestrel_api::FsConfig) -> Result<Self, FsError> {
         let Some(socket) = c.socket.as_ref() else {
             return Err(FsError::NoSocket(c.tag.clone()));
         };
-        check_geometry(&c.tag, c.num_queues, c.queue_size)?;
         Ok(VhostUserFsConfig {
-            tag: c.tag.clone(),
+            geometry: c.try_into()?,
             socket: socket.clone(),
-            num_request_queues: c.num_queues,
-            queue_size: c.queue_size,
         })
     }
 }
@@ -275,9 +264,9 @@ impl VhostUserFs {
     /// Connect to the daemon listening on `config.socket` and set up the session for a device
     /// with mount tag `config.tag` and its request queues.
     pub fn new(config: &VhostUserFsConfig) -> Result<VhostUserFs, VhostUserFsError> {
-        let (tag, nq) = (config.tag.as_str(), config.num_request_queues);
-        check_geometry(tag, nq, config.queue_size)?;
-        let queues = 1 + usize::from(nq);
+        let geometry = &config.geometry;
+        geometry.check()?;
+        let (tag, queues) = (&geometry.tag, 1 + usize::from(geometry.num_request_queues));
         let (frontend, features, protocol_features) = connect(&config.socket, queues)?;
         let call_events = (0..queues)
             .map(|_| new_eventfd())
@@ -286,13 +275,12 @@ impl VhostUserFs {
             "vhost-user-fs {tag}: connected to {} (features {features:#x})",
             config.socket.display()
         );
-        let avail = features & GUEST_FEATURE_MASK;
-        let core = fs_core("vhost-user-fs", tag, avail, nq, config.queue_size)?;
+        let core = geometry.core("vhost-user-fs", features & GUEST_FEATURE_MASK)?;
         let device = VhostUserFsDevice {
             socket: config.socket.clone(),
             frontend,
             protocol_features,
-            config: config_space(tag, nq),
+            config: geometry.config_space(),
             call_events,
             started: false,
             metrics: VhostUserFsMetrics::default(),
@@ -310,16 +298,6 @@ impl VhostUserFs {
         let mut fs = VhostUserFs::new(config)?;
         state.restore_into(&mut fs.core)?;
         Ok(fs)
-    }
-
-    /// The run-time state to save.
-    pub fn state(&self) -> FsState {
-        FsState::of(&self.core)
-    }
-
-    /// The mount tag.
-    pub fn tag(&self) -> &str {
-        self.core.id()
     }
 
     /// The daemon's socket.
