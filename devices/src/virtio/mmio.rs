@@ -43,32 +43,59 @@ pub const MMIO_VENDOR_ID: u32 = 0x4b53_5452;
 /// Register offsets (virtio 1.2 §4.2.2, table "MMIO Device Register Layout"), for drivers in
 /// tests, fuzz targets and tiny guests.
 pub mod reg {
+    /// `MagicValue` (R): `0x74726976`, "virt".
     pub const MAGIC_VALUE: u64 = 0x000;
+    /// `Version` (R): 2 for this modern transport.
     pub const VERSION: u64 = 0x004;
+    /// `DeviceID` (R): the virtio device type.
     pub const DEVICE_ID: u64 = 0x008;
+    /// `VendorID` (R).
     pub const VENDOR_ID: u64 = 0x00c;
+    /// `DeviceFeatures` (R): the 32 offered feature bits of the page `DeviceFeaturesSel` selects.
     pub const DEVICE_FEATURES: u64 = 0x010;
+    /// `DeviceFeaturesSel` (W): which 32-bit page `DeviceFeatures` shows.
     pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    /// `DriverFeatures` (W): the accepted feature bits of the page `DriverFeaturesSel` selects.
     pub const DRIVER_FEATURES: u64 = 0x020;
+    /// `DriverFeaturesSel` (W): which 32-bit page `DriverFeatures` sets.
     pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    /// `QueueSel` (W): the queue the `Queue*` registers refer to.
     pub const QUEUE_SEL: u64 = 0x030;
+    /// `QueueNumMax` (R): the selected queue's largest size (0: no such queue).
     pub const QUEUE_NUM_MAX: u64 = 0x034;
+    /// `QueueNum` (W): the selected queue's size.
     pub const QUEUE_NUM: u64 = 0x038;
+    /// `QueueReady` (RW): the selected queue is set up (1) or not (0).
     pub const QUEUE_READY: u64 = 0x044;
+    /// `QueueNotify` (W): the queue with this index has new buffers.
     pub const QUEUE_NOTIFY: u64 = super::QUEUE_NOTIFY_OFFSET;
+    /// `InterruptStatus` (R): pending interrupt reasons (used ring, config change).
     pub const INTERRUPT_STATUS: u64 = 0x060;
+    /// `InterruptAck` (W): clear these `InterruptStatus` bits.
     pub const INTERRUPT_ACK: u64 = 0x064;
+    /// `Status` (RW): the device status bits ([`super::status`]); writing 0 resets.
     pub const STATUS: u64 = 0x070;
+    /// `QueueDescLow` (W): low 32 bits of the descriptor table's guest address.
     pub const QUEUE_DESC_LOW: u64 = 0x080;
+    /// `QueueDescHigh` (W): high 32 bits of the descriptor table's address.
     pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    /// `QueueDriverLow` (W): low 32 bits of the available ring's address.
     pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    /// `QueueDriverHigh` (W): high 32 bits of the available ring's address.
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    /// `QueueDeviceLow` (W): low 32 bits of the used ring's address.
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    /// `QueueDeviceHigh` (W): high 32 bits of the used ring's address.
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    /// `SHMLenLow` (R): no shared memory regions, so all ones.
     pub const SHM_LEN_LOW: u64 = 0x0b0;
+    /// `SHMLenHigh` (R): all ones.
     pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    /// `SHMBaseLow` (R): all ones.
     pub const SHM_BASE_LOW: u64 = 0x0b8;
+    /// `SHMBaseHigh` (R): all ones.
     pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    /// `ConfigGeneration` (R): changes whenever the config space did.
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
@@ -126,6 +153,16 @@ impl QueueRegs {
             driver: 0,
             device: 0,
         }
+    }
+}
+
+/// Feature page `page` (0: bits 0-31, 1: bits 32-63, above: none) of `features`.
+fn feature_page(features: u64, page: u32) -> u32 {
+    let [a, b, c, d, e, f, g, h] = features.to_le_bytes();
+    match page {
+        0 => u32::from_le_bytes([a, b, c, d]),
+        1 => u32::from_le_bytes([e, f, g, h]),
+        _ => 0,
     }
 }
 
@@ -304,11 +341,7 @@ impl MmioTransport {
             reg::VENDOR_ID => MMIO_VENDOR_ID,
             reg::DEVICE_FEATURES => {
                 let features = lock(&self.device).avail_features();
-                match self.device_features_sel {
-                    0 => features as u32,
-                    1 => (features >> 32) as u32,
-                    _ => 0,
-                }
+                feature_page(features, self.device_features_sel)
             }
             reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size)),
             reg::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready)),

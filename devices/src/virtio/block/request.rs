@@ -32,7 +32,8 @@ use super::{QUEUE_SIZE, SECTOR_SIZE};
 /// Length of `struct virtio_blk_outhdr`.
 pub const HEADER_LEN: u32 = 16;
 /// Length of one `struct virtio_blk_discard_write_zeroes`.
-pub const RANGE_LEN: u64 = 16;
+pub const RANGE_LEN: u64 = RANGE_BYTES as u64;
+const RANGE_BYTES: usize = 16;
 /// Longest chain accepted: without `VIRTIO_RING_F_INDIRECT_DESC` a chain cannot hold more
 /// descriptors than the queue.
 pub const MAX_DESCRIPTORS: usize = QUEUE_SIZE as usize;
@@ -332,7 +333,7 @@ fn read_range<M: GuestMemory + ?Sized>(
     if total != RANGE_LEN {
         return Err(RequestError::BadRangePayload(total));
     }
-    let mut raw = [0u8; RANGE_LEN as usize];
+    let mut raw = [0u8; RANGE_BYTES];
     let mut filled = 0usize;
     for s in data {
         let n = s.len as usize;

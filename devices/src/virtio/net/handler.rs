@@ -9,7 +9,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 
 use super::rx::Rx;
-use super::tx::{Tx, TxStop};
+use super::tx::{Tx, TxRun, TxStop};
 use super::{NetDevice, RX_QUEUE, TX_QUEUE};
 use crate::virtio::common::watch_events;
 use crate::virtio::device::{own_events, own_events_raw, QueueHandler, Trigger, VirtioCore};
@@ -75,66 +75,50 @@ impl NetDevice {
         (do_rx, do_tx): (bool, bool),
     ) -> Pass {
         let mut pass = Pass::default();
+        let link = self.link_up;
         if do_tx && !self.tx_backend_full {
-            if let Err(e) = self.run_tx(mem, txq, acked, &mut pass) {
-                pass.ring_error = Some(format!("tx queue: {e}"));
-                return pass;
+            let mut tx = Tx {
+                mem,
+                queue: txq,
+                backend: self.backend.as_deref_mut().filter(|_| link),
+                limiter: &mut self.tx_limiter,
+                acked,
+                metrics: &mut self.metrics,
+            };
+            match tx.run() {
+                Ok(r) => self.tx_done(&r, &mut pass),
+                Err(e) => {
+                    pass.ring_error = Some(format!("tx queue: {e}"));
+                    return pass;
+                }
             }
         }
-        if do_rx && self.link_up {
-            if let Err(e) = self.run_rx(mem, rxq, acked, &mut pass) {
-                pass.ring_error = Some(format!("rx queue: {e}"));
+        if do_rx && link {
+            let mut rx = Rx {
+                mem,
+                queue: rxq,
+                backend: self.backend.as_deref_mut(),
+                limiter: &mut self.rx_limiter,
+                state: &mut self.rx,
+                acked,
+                metrics: &mut self.metrics,
+            };
+            match rx.run() {
+                Ok(r) => (pass.used[RX_QUEUE], pass.backend_failed) = (r.used, r.backend_failed),
+                Err(e) => pass.ring_error = Some(format!("rx queue: {e}")),
             }
         }
         pass
     }
 
-    fn run_tx(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        queue: &mut Queue,
-        acked: u64,
-        pass: &mut Pass,
-    ) -> Result<(), String> {
-        let link = self.link_up;
-        let r = Tx {
-            mem,
-            queue,
-            backend: self.backend.as_deref_mut().filter(|_| link),
-            limiter: &mut self.tx_limiter,
-            acked,
-            metrics: &mut self.metrics,
-        }
-        .run()?;
+    /// Where a TX run stopped: wait for the backend, or come back for the rest.
+    fn tx_done(&mut self, r: &TxRun, pass: &mut Pass) {
         pass.used[TX_QUEUE] = r.used;
         match r.stop {
             TxStop::BackendFull => self.tx_backend_full = true,
             TxStop::BatchLimit => pass.rearm_tx = true,
             TxStop::Idle | TxStop::Throttled => {}
         }
-        Ok(())
-    }
-
-    fn run_rx(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        queue: &mut Queue,
-        acked: u64,
-        pass: &mut Pass,
-    ) -> Result<(), String> {
-        let r = Rx {
-            mem,
-            queue,
-            backend: self.backend.as_deref_mut(),
-            limiter: &mut self.rx_limiter,
-            state: &mut self.rx,
-            acked,
-            metrics: &mut self.metrics,
-        }
-        .run()?;
-        pass.used[RX_QUEUE] = r.used;
-        pass.backend_failed = r.backend_failed;
-        Ok(())
     }
 
     /// What a pass leaves to do once guest memory is released: re-arm TX, fail the device on

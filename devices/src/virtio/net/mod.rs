@@ -118,7 +118,7 @@ impl TryFrom<&kestrel_api::NetConfig> for NetConfig {
     fn try_from(n: &kestrel_api::NetConfig) -> Result<Self, NetError> {
         let mac = n
             .mac()
-            .filter(|m| is_unicast(m))
+            .filter(is_unicast)
             .ok_or_else(|| NetError::InvalidMac(n.guest_mac.clone().unwrap_or_default()))?;
         Ok(NetConfig {
             iface_id: n.iface_id.clone(),

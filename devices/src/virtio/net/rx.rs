@@ -32,6 +32,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use super::{NetBackend, NetMetrics, MAX_CHAIN_DESCS, MAX_FRAME_LEN, VNET_HDR_LEN};
 use crate::rate_limiter::RateLimiter;
+use crate::virtio::len_u32;
 
 /// Size of the staging buffer: one frame, plus one byte to recognise a frame that was longer.
 pub(super) const STAGING_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN + 1;
@@ -319,8 +320,8 @@ impl Rx<'_> {
                 break;
             }
         }
-        // At most the queue size (256).
-        let num_buffers = count as u16;
+        // At most the queue size.
+        let num_buffers = u16::try_from(count).unwrap_or(u16::MAX);
         self.state.frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN]
             .copy_from_slice(&num_buffers.to_le_bytes());
         let mut offset = 0usize;
@@ -347,7 +348,7 @@ impl Rx<'_> {
                 }
             }
             // Within the chain's capacity, which is below 4 GiB.
-            let len = if mem_error { 0 } else { written as u32 };
+            let len = if mem_error { 0 } else { len_u32(written) };
             self.queue
                 .add_used(self.mem, chain.head, len)
                 .map_err(|e| format!("used ring (head {}): {e}", chain.head))?;

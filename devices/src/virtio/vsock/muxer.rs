@@ -132,6 +132,10 @@ pub fn port_path(uds_path: &Path, port: u32) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// `AF_UNIX` as `sockaddr_un` holds it.
+#[allow(clippy::cast_possible_truncation)] // AF_UNIX is 1.
+const AF_UNIX: libc::sa_family_t = libc::AF_UNIX as libc::sa_family_t;
+
 /// Connect to a Unix stream listener without blocking: a listener whose backlog is full
 /// fails (`EAGAIN`) instead of stalling the event loop.
 fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
@@ -144,11 +148,14 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
             "path does not fit a Unix socket address",
         ));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = AF_UNIX;
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
+        *d = libc::c_char::from_ne_bytes([*s]);
     }
-    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // At most the size of `sockaddr_un` (the path length was checked above).
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    let len =
+        libc::socklen_t::try_from(len).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
     // SAFETY: socket(2) takes no pointers; the result is checked.
     let fd = unsafe {
         libc::socket(
