@@ -761,9 +761,7 @@ mod tests {
             self.acked = Some(features);
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = self.config.get(offset as usize + i).copied().unwrap_or(0);
-            }
+            crate::virtio::read_config_bytes(&self.config, offset, data);
         }
         fn write_config(&mut self, offset: u64, data: &[u8]) {
             self.config_writes.push((offset, data.to_vec()));
@@ -834,9 +832,9 @@ mod tests {
         }
         fn set_driver_features(&mut self, f: u64) {
             self.w(reg::DRIVER_FEATURES_SEL, 0);
-            self.w(reg::DRIVER_FEATURES, f as u32);
+            self.w(reg::DRIVER_FEATURES, feature_page(f, 0));
             self.w(reg::DRIVER_FEATURES_SEL, 1);
-            self.w(reg::DRIVER_FEATURES, (f >> 32) as u32);
+            self.w(reg::DRIVER_FEATURES, feature_page(f, 1));
         }
         /// ACKNOWLEDGE, DRIVER, features, FEATURES_OK.
         fn negotiate(&mut self, f: u64) {
@@ -854,12 +852,12 @@ mod tests {
         fn setup_queue(&mut self, idx: u32, size: u32, base: u64) {
             self.w(reg::QUEUE_SEL, idx);
             self.w(reg::QUEUE_NUM, size);
-            self.w(reg::QUEUE_DESC_LOW, base as u32);
-            self.w(reg::QUEUE_DESC_HIGH, (base >> 32) as u32);
-            self.w(reg::QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
-            self.w(reg::QUEUE_DRIVER_HIGH, ((base + 0x1000) >> 32) as u32);
-            self.w(reg::QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
-            self.w(reg::QUEUE_DEVICE_HIGH, ((base + 0x2000) >> 32) as u32);
+            self.w(reg::QUEUE_DESC_LOW, feature_page(base, 0));
+            self.w(reg::QUEUE_DESC_HIGH, feature_page(base, 1));
+            self.w(reg::QUEUE_DRIVER_LOW, feature_page(base + 0x1000, 0));
+            self.w(reg::QUEUE_DRIVER_HIGH, feature_page(base + 0x1000, 1));
+            self.w(reg::QUEUE_DEVICE_LOW, feature_page(base + 0x2000, 0));
+            self.w(reg::QUEUE_DEVICE_HIGH, feature_page(base + 0x2000, 1));
             self.w(reg::QUEUE_READY, 1);
         }
         /// A fully set up device, up to (not including) DRIVER_OK.
@@ -902,9 +900,9 @@ mod tests {
         let mut f = Fixture::new();
         let offered = f.dev.lock().unwrap().features;
         f.w(reg::DEVICE_FEATURES_SEL, 0);
-        assert_eq!(f.r(reg::DEVICE_FEATURES), offered as u32);
+        assert_eq!(f.r(reg::DEVICE_FEATURES), feature_page(offered, 0));
         f.w(reg::DEVICE_FEATURES_SEL, 1);
-        assert_eq!(f.r(reg::DEVICE_FEATURES), (offered >> 32) as u32);
+        assert_eq!(f.r(reg::DEVICE_FEATURES), feature_page(offered, 1));
         f.w(reg::DEVICE_FEATURES_SEL, 2);
         assert_eq!(f.r(reg::DEVICE_FEATURES), 0);
         f.w(reg::DEVICE_FEATURES_SEL, u32::MAX);
@@ -1317,7 +1315,7 @@ mod tests {
             f.t.read(reg::MAGIC_VALUE, &mut b);
             assert!(b.iter().all(|&x| x == 0), "read width {width}");
         }
-        f.t.write(reg::STATUS, &[status::ACKNOWLEDGE as u8]);
+        f.t.write(reg::STATUS, &[status::ACKNOWLEDGE.to_le_bytes()[0]]);
         f.t.write(reg::STATUS, &[1, 0]);
         f.t.write(reg::STATUS, &[1, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(f.status(), 0);

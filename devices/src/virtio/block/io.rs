@@ -428,7 +428,7 @@ mod tests {
             (GuestAddress(0x1000), 0x1000),
         ])
         .unwrap();
-        let data: Vec<u8> = (0..2048u32).map(|i| i as u8).collect();
+        let data: Vec<u8> = (0..2048u32).map(|i| i.to_le_bytes()[0]).collect();
         let t = image(&data);
         let disk = DiskFile::open(t.as_path(), false).unwrap();
         assert_eq!(disk.sectors(), 4);

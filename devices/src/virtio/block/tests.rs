@@ -11,7 +11,6 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -22,7 +21,9 @@ use super::*;
 use crate::bus::BusDevice;
 use crate::rate_limiter::test_util::{bucket, FakeClock};
 use crate::virtio::mmio::{MmioState, MmioTransport};
-use crate::virtio::test_util::{assert_pass_bounded, with_refilling_guest};
+use crate::virtio::test_util::{
+    assert_pass_bounded, with_refilling_guest, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use crate::virtio::{status, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING};
 use crate::virtio::{ActivateError, GuestMem, VirtioDevice, VirtioInterrupt};
 
@@ -35,9 +36,9 @@ const STATUS: u64 = 0x5000;
 const DATA: u64 = 0x10000;
 const SECTORS: u64 = 64;
 
-const OK: u8 = VIRTIO_BLK_S_OK as u8;
-const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
-const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+const OK: u8 = VIRTIO_BLK_S_OK.to_le_bytes()[0];
+const IOERR: u8 = VIRTIO_BLK_S_IOERR.to_le_bytes()[0];
+const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP.to_le_bytes()[0];
 
 fn mem() -> GuestMem {
     GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap())
@@ -48,7 +49,7 @@ fn image() -> TempFile {
     let t = TempFile::new().unwrap();
     for i in 0..SECTORS {
         t.as_file()
-            .write_all_at(&[i as u8; 512], i * SECTOR_SIZE)
+            .write_all_at(&[i.to_le_bytes()[0]; 512], i * SECTOR_SIZE)
             .unwrap();
     }
     t
@@ -97,7 +98,7 @@ impl Driver {
         let head = self.next_desc;
         let m = self.m();
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-            let idx = (head + i as u16) % self.size;
+            let idx = (head + u16::try_from(i).unwrap()) % self.size;
             let mut raw = [0u8; 16];
             raw[..8].copy_from_slice(&addr.to_le_bytes());
             raw[8..12].copy_from_slice(&len.to_le_bytes());
@@ -107,7 +108,7 @@ impl Driver {
                 .unwrap();
         }
         drop(m);
-        self.next_desc = (head + descs.len() as u16) % self.size;
+        self.next_desc = (head + u16::try_from(descs.len()).unwrap()) % self.size;
         self.push_avail(head);
         head
     }
@@ -129,11 +130,11 @@ impl Driver {
             .iter()
             .enumerate()
             .map(|(i, &(addr, len, w))| {
-                let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let mut flags = if w { VRING_DESC_F_WRITE } else { 0 };
                 if i + 1 < n {
-                    flags |= VRING_DESC_F_NEXT as u16;
+                    flags |= VRING_DESC_F_NEXT;
                 }
-                (addr, len, flags, i as u16 + 1)
+                (addr, len, flags, u16::try_from(i).unwrap() + 1)
             })
             .collect();
         self.add_raw(&descs)
@@ -277,7 +278,7 @@ fn features_and_config_space() {
     assert_eq!(cap_hi, [0; 4]);
     let mut b2 = [0xffu8; 2];
     b.read_config(0, &mut b2);
-    assert_eq!(b2, [SECTORS as u8, 0]);
+    assert_eq!(b2, [SECTORS.to_le_bytes()[0], 0]);
     let mut tail = [0xffu8; 8];
     b.read_config(56, &mut tail);
     assert_eq!(&tail[4..], &[0; 4]);
@@ -379,7 +380,10 @@ fn several_requests_in_one_go() {
     assert_eq!(s.driver.used_idx(), 10);
     for k in 0..10u64 {
         assert_eq!(s.driver.status(k), OK);
-        assert_eq!(s.driver.read(DATA + k * 0x1000, 512), vec![k as u8; 512]);
+        assert_eq!(
+            s.driver.read(DATA + k * 0x1000, 512),
+            vec![k.to_le_bytes()[0]; 512]
+        );
     }
     // One interrupt for the batch.
     assert_eq!(s.block.metrics().interrupts, 1);
@@ -480,8 +484,8 @@ fn unusable_status_means_used_len_zero() {
 #[test]
 fn broken_chains_do_not_stop_the_queue() {
     let mut s = setup();
-    let n = VRING_DESC_F_NEXT as u16;
-    let w = VRING_DESC_F_WRITE as u16;
+    let n = VRING_DESC_F_NEXT;
+    let w = VRING_DESC_F_WRITE;
     // A loop: 0 -> 1 -> 0.
     s.driver.add_raw(&[(HDR, 16, n, 1), (STATUS, 1, n | w, 0)]);
     // `next` out of the table.
@@ -800,9 +804,9 @@ fn through_transport_and_event_loop() {
     );
     w(0x30, 0);
     w(0x38, u32::from(QUEUE_SIZE));
-    w(0x80, DESC as u32);
-    w(0x90, AVAIL as u32);
-    w(0xa0, USED as u32);
+    w(0x80, u32::try_from(DESC).unwrap());
+    w(0x90, u32::try_from(AVAIL).unwrap());
+    w(0xa0, u32::try_from(USED).unwrap());
     w(0x44, 1);
     let mut d = Driver::new(&mem);
     d.request(0, VIRTIO_BLK_T_IN, 5, &[(DATA, 512, true)]);
@@ -878,11 +882,15 @@ fn bandwidth_limit_holds_requests_in_the_ring_until_refilled() {
     assert_eq!(s.driver.used_idx(), 6);
     for k in 0..6u64 {
         assert_eq!(s.driver.status(k), OK);
-        assert_eq!(s.driver.used(k as u16).1, 1025);
+        assert_eq!(s.driver.used(u16::try_from(k).unwrap()).1, 1025);
         let got = s.driver.read(DATA + k * 0x1000, 1024);
         assert_eq!(
             got,
-            [vec![2 * k as u8; 512], vec![2 * k as u8 + 1; 512]].concat()
+            [
+                vec![2 * k.to_le_bytes()[0]; 512],
+                vec![2 * k.to_le_bytes()[0] + 1; 512]
+            ]
+            .concat()
         );
     }
     let m = s.block.metrics();
@@ -948,7 +956,10 @@ fn rate_limited_queue_resumes_from_its_timer_on_the_event_loop() {
     assert!(wakeups >= 3, "{wakeups}");
     for k in 0..4u64 {
         assert_eq!(s.driver.status(k), OK);
-        assert_eq!(s.driver.read(DATA + k * 0x1000, 512), vec![k as u8; 512]);
+        assert_eq!(
+            s.driver.read(DATA + k * 0x1000, 512),
+            vec![k.to_le_bytes()[0]; 512]
+        );
     }
     assert_eq!(block.lock().unwrap().metrics().rate_limited, 3);
 }
@@ -1050,9 +1061,9 @@ fn saved_state_restores_a_running_device() {
         status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
     );
     w(0x38, u32::from(QUEUE_SIZE));
-    w(0x80, DESC as u32);
-    w(0x90, AVAIL as u32);
-    w(0xa0, USED as u32);
+    w(0x80, u32::try_from(DESC).unwrap());
+    w(0x90, u32::try_from(AVAIL).unwrap());
+    w(0xa0, u32::try_from(USED).unwrap());
     w(0x44, 1);
     w(
         0x70,

@@ -154,12 +154,19 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
     /// Returns the head index.
     pub fn submit(&mut self, q: usize, readable: &[&[u8]], reply_len: u32) -> u16 {
         let mut addr = REQ_BUF;
-        let n = readable.len() as u16 + u16::from(reply_len > 0);
+        let n = u16::try_from(readable.len()).unwrap() + u16::from(reply_len > 0);
         for (i, buf) in readable.iter().enumerate() {
             self.mem.write_slice(buf, GuestAddress(addr)).unwrap();
-            let i = i as u16;
+            let i = u16::try_from(i).unwrap();
             let flags = if i + 1 < n { VRING_DESC_F_NEXT } else { 0 };
-            self.rings[q].set_desc(&self.mem, i, addr, buf.len() as u32, flags, i + 1);
+            self.rings[q].set_desc(
+                &self.mem,
+                i,
+                addr,
+                u32::try_from(buf.len()).unwrap(),
+                flags,
+                i + 1,
+            );
             addr += (buf.len() as u64 + 7) & !7;
         }
         if reply_len > 0 {
@@ -215,7 +222,7 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
         self.unique += 1;
         let len = std::mem::size_of::<InHeader>() + args.iter().map(|a| a.len()).sum::<usize>();
         let h = InHeader {
-            len: len as u32,
+            len: u32::try_from(len).unwrap(),
             opcode: opcode as u32,
             unique: self.unique,
             nodeid,
@@ -278,7 +285,7 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
 
     pub fn open(&mut self, nodeid: u64, flags: i32) -> Result<u64, i32> {
         let o = OpenIn {
-            flags: flags as u32,
+            flags: u32::try_from(flags).unwrap(),
             fuse_flags: 0,
         };
         let r = self.fuse(Opcode::Open, nodeid, &[o.as_slice()]);
@@ -305,7 +312,7 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
             fh,
             offset,
             size,
-            flags: flags as u32,
+            flags: u32::try_from(flags).unwrap(),
             ..Default::default()
         };
         let r = self.fuse(Opcode::Read, nodeid, &[ri.as_slice()]);
@@ -319,7 +326,7 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
         let wi = WriteIn {
             fh,
             offset,
-            size: data.len() as u32,
+            size: u32::try_from(data.len()).unwrap(),
             ..Default::default()
         };
         // Header + WriteIn in one descriptor chain part each, the data in a third.
@@ -338,7 +345,7 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
         mode: u32,
     ) -> Result<(EntryOut, u64), i32> {
         let c = CreateIn {
-            flags: flags as u32,
+            flags: u32::try_from(flags).unwrap(),
             mode: libc::S_IFREG | mode,
             umask: 0,
             fuse_flags: 0,
@@ -1031,10 +1038,8 @@ fn guest_open_flags_cannot_close_host_descriptors() {
     s.d.release(e.nodeid, fh);
     s.d.release(e.nodeid, fh2);
     // SAFETY: F_GETFD on a descriptor number; no pointers.
-    assert!(
-        unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
-        "fd {fd} was closed"
-    );
+    let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+    assert!(open, "fd {fd} was closed");
     drop(mine);
     // The flags of released handles are forgotten.
     assert_eq!(s.d.read(e.nodeid, fh, 0, 4), Err(libc::EBADF));
@@ -1081,10 +1086,8 @@ fn guest_flags_on_a_directory_handle_cannot_close_it() {
         0
     );
     // SAFETY: F_GETFD on a descriptor number; no pointers.
-    assert!(
-        unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
-        "fd {fd} was closed"
-    );
+    let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+    assert!(open, "fd {fd} was closed");
 }
 
 #[test]
@@ -1136,8 +1139,12 @@ fn device_nodes_give_no_host_device_access() {
     }
     // The guest cannot make device nodes (host users could open them later)...
     for kind in [libc::S_IFCHR, libc::S_IFBLK] {
-        let r =
-            s.d.mknod(ROOT_ID, "dev", kind | 0o666, libc::makedev(8, 0) as u32);
+        let r = s.d.mknod(
+            ROOT_ID,
+            "dev",
+            kind | 0o666,
+            u32::try_from(libc::makedev(8, 0)).unwrap(),
+        );
         assert_eq!(r.map(|_| ()), Err(libc::EPERM));
     }
     assert!(!s.dir.join("dev").exists());
@@ -1707,7 +1714,14 @@ fn oversized_aliasing_chain_refused_before_the_server() {
     let req = ioctl_request(77, 3 << 30);
     s.d.mem.write_slice(&req, GuestAddress(REQ_BUF)).unwrap();
     let ring = &s.d.rings[1];
-    ring.set_desc(&s.d.mem, 0, REQ_BUF, req.len() as u32, VRING_DESC_F_NEXT, 1);
+    ring.set_desc(
+        &s.d.mem,
+        0,
+        REQ_BUF,
+        u32::try_from(req.len()).unwrap(),
+        VRING_DESC_F_NEXT,
+        1,
+    );
     for i in 1..250u16 {
         ring.set_desc(&s.d.mem, i, REQ_BUF, 12 << 20, VRING_DESC_F_NEXT, i + 1);
     }
@@ -2078,8 +2092,12 @@ fn setid_bits_stripped_unless_allowed() {
 fn device_nodes_only_with_allow_devices() {
     let mut s = Share::new();
     for kind in [libc::S_IFCHR, libc::S_IFBLK] {
-        let r =
-            s.d.mknod(ROOT_ID, "dev", kind | 0o600, libc::makedev(1, 3) as u32);
+        let r = s.d.mknod(
+            ROOT_ID,
+            "dev",
+            kind | 0o600,
+            u32::try_from(libc::makedev(1, 3)).unwrap(),
+        );
         assert_eq!(r.map(|_| ()), Err(libc::EPERM));
         assert!(!s.dir.join("dev").exists());
     }
@@ -2098,7 +2116,7 @@ fn device_nodes_only_with_allow_devices() {
             ROOT_ID,
             "null",
             libc::S_IFCHR | 0o600,
-            libc::makedev(1, 3) as u32,
+            u32::try_from(libc::makedev(1, 3)).unwrap(),
         )
         .unwrap();
     assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFCHR);

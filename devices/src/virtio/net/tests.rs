@@ -18,7 +18,6 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -29,7 +28,8 @@ use crate::rate_limiter::test_util::bucket;
 use crate::tap::test_util::{self, PacketSocket};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::test_util::{
-    assert_pass_bounded, on_event_loop, pump, with_refilling_guest, Ring as SplitRing, WAIT,
+    assert_pass_bounded, on_event_loop, pump, with_refilling_guest, Ring as SplitRing,
+    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
 };
 use crate::virtio::{status, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING};
 use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
@@ -43,7 +43,7 @@ const RX_BUFS: (u64, u64) = (0x10_0000, 0x80_0000);
 const TX_BUFS: (u64, u64) = (0x80_0000, 0xf0_0000);
 const OUTSIDE: u64 = 0x1_0000_0000;
 const READ: u16 = 0;
-const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const WRITE: u16 = VRING_DESC_F_WRITE;
 
 fn bit(b: u32) -> u64 {
     1 << b
@@ -70,15 +70,15 @@ fn new_net(cfg: &ApiNetConfig) -> Result<Net, NetError> {
 fn eth(len: usize, seed: u8) -> Vec<u8> {
     let mut f = vec![0xff; 6];
     f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x42, 0x88, 0xb5]);
-    f.extend((0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
+    f.extend((0..len).map(|i| i.to_le_bytes()[0].wrapping_mul(7).wrapping_add(seed)));
     f
 }
 
 /// A virtio-net header with `flags` and `gso_type`.
 fn hdr(flags: u32, gso: u32) -> [u8; VNET_HDR_LEN] {
     let mut h = [0u8; VNET_HDR_LEN];
-    h[0] = flags as u8;
-    h[1] = gso as u8;
+    h[0] = flags.to_le_bytes()[0];
+    h[1] = gso.to_le_bytes()[0];
     h
 }
 
@@ -159,7 +159,7 @@ fn small_socket_backend() -> (Box<dyn NetBackend>, UnixDatagram) {
             libc::SOL_SOCKET,
             libc::SO_SNDBUF,
             (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
+            u32::try_from(std::mem::size_of::<libc::c_int>()).unwrap(),
         )
     };
     assert_eq!(r, 0);
@@ -223,7 +223,7 @@ impl Ring {
             let flags = if last {
                 flags
             } else {
-                flags | VRING_DESC_F_NEXT as u16
+                flags | VRING_DESC_F_NEXT
             };
             self.split
                 .set_desc(mem, id, addr, len, flags, self.next_desc);
@@ -392,9 +392,9 @@ impl Harness {
         let mut start = 0;
         for &end in cuts.iter().chain([&bytes.len()]) {
             let piece = &bytes[start..end];
-            let a = self.tx.alloc(piece.len().max(1) as u32);
+            let a = self.tx.alloc(u32::try_from(piece.len().max(1)).unwrap());
             self.mem.write_slice(piece, GuestAddress(a)).unwrap();
-            descs.push((a, piece.len() as u32, READ));
+            descs.push((a, u32::try_from(piece.len()).unwrap(), READ));
             start = end;
         }
         let head = self.tx.add_chain(&self.mem, &descs);
@@ -571,7 +571,7 @@ fn malformed_tx_chains_are_dropped_and_counted() {
     let a = h.tx.alloc(0x1_0100);
     let frame = wire(hdr(0, 0), &eth(64, 9));
     h.mem.write_slice(&frame, GuestAddress(a)).unwrap();
-    let n = frame.len() as u32;
+    let n = u32::try_from(frame.len()).unwrap();
     let mut heads = vec![
         // A device-writable descriptor.
         h.send_raw(&[(a, 12, READ), (a + 12, n - 12, WRITE)]),
@@ -717,7 +717,7 @@ fn rx_frames_reach_the_guest() {
 #[test]
 fn rx_waits_for_guest_buffers_without_spinning() {
     let (mut h, peer) = Harness::with_socket(BASIC);
-    let frames: Vec<_> = (0..3).map(|i| eth(100 + i, i as u8)).collect();
+    let frames: Vec<_> = (0..3).map(|i| eth(100 + i, i.to_le_bytes()[0])).collect();
     for f in &frames {
         peer.send(&wire(hdr(0, 0), f)).unwrap();
     }
@@ -1249,7 +1249,10 @@ fn through_the_mmio_transport() {
     let mut w = |off: u64, v: u32| transport.write(off, &v.to_le_bytes());
     w(0x70, status::ACKNOWLEDGE | status::DRIVER);
     w(0x24, 0);
-    w(0x20, (BASIC | bit(VIRTIO_NET_F_MRG_RXBUF)) as u32);
+    w(
+        0x20,
+        u32::try_from((BASIC | bit(VIRTIO_NET_F_MRG_RXBUF)) & 0xffff_ffff).unwrap(),
+    );
     w(0x24, 1);
     w(0x20, 1); // VERSION_1
     w(
@@ -1259,9 +1262,9 @@ fn through_the_mmio_transport() {
     for (q, r) in [(0u32, &rx), (1, &tx)] {
         w(0x30, q);
         w(0x38, u32::from(QSIZE));
-        w(0x80, r.desc as u32);
-        w(0x90, r.avail as u32);
-        w(0xa0, r.used as u32);
+        w(0x80, u32::try_from(r.desc).unwrap());
+        w(0x90, u32::try_from(r.avail).unwrap());
+        w(0xa0, u32::try_from(r.used).unwrap());
         w(0x44, 1);
     }
     w(
@@ -1281,7 +1284,7 @@ fn through_the_mmio_transport() {
     let f = wire(hdr(0, 0), &eth(64, 1));
     let b = tx.alloc(256);
     gm.write_slice(&f, GuestAddress(b)).unwrap();
-    tx.add_chain(&gm, &[(b, f.len() as u32, READ)]);
+    tx.add_chain(&gm, &[(b, u32::try_from(f.len()).unwrap(), READ)]);
     w(0x50, 1);
     peer.send(&wire(hdr(0, 0), &eth(65, 2))).unwrap();
     let end = Instant::now() + WAIT;
@@ -1450,7 +1453,10 @@ mod real_tap {
         let mut t: libc::timespec = unsafe { std::mem::zeroed() };
         // SAFETY: as above; the clock id is valid.
         unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-        Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+        Duration::new(
+            u64::try_from(t.tv_sec).unwrap(),
+            u32::try_from(t.tv_nsec).unwrap(),
+        )
     }
 
     /// The device's own CPU per frame on a real TAP, without a guest: only the event-loop work
@@ -1489,12 +1495,12 @@ mod real_tap {
             let mut busy = Duration::ZERO;
             let mut got = 0u32;
             for _ in 0..N {
-                h.post_rx(1, (len + 64) as u32);
+                h.post_rx(1, u32::try_from(len + 64).unwrap());
                 sock.send(&frame);
                 let t = thread_cpu();
                 h.pump();
                 busy += thread_cpu() - t;
-                got += h.rx_used().len() as u32;
+                got += u32::try_from(h.rx_used().len()).unwrap();
                 let _ = h.irqs();
             }
             // Frames the host stack sent on its own (IPv6 router solicitations) also count.
@@ -1617,9 +1623,10 @@ fn saved_state_restores_a_running_device() {
     pump(&mut em);
     // The next frame, on the old rings, without waking the old device.
     let frame = wire(hdr(0, 0), &eth(60, 2));
-    let a = h.tx.alloc(frame.len() as u32);
+    let a = h.tx.alloc(u32::try_from(frame.len()).unwrap());
     h.mem.write_slice(&frame, GuestAddress(a)).unwrap();
-    let head = h.tx.add_chain(&h.mem, &[(a, frame.len() as u32, READ)]);
+    let head =
+        h.tx.add_chain(&h.mem, &[(a, u32::try_from(frame.len()).unwrap(), READ)]);
     kicks[TX_QUEUE].write(1).unwrap();
     pump(&mut em);
     assert_eq!(h.tx_used(), [(head, 0)]);

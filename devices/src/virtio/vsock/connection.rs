@@ -818,16 +818,24 @@ mod tests {
         let now = Instant::now();
         let mut c = established(10, 4096);
         let chunk = vec![9u8; 60 * 1024];
-        c.recv_pkt(&guest(op::RW, chunk.len() as u32, 4096, 0), &chunk, now)
-            .unwrap();
+        c.recv_pkt(
+            &guest(op::RW, u32::try_from(chunk.len()).unwrap(), 4096, 0),
+            &chunk,
+            now,
+        )
+        .unwrap();
         assert_eq!(c.stream().output.len(), 10);
         assert_eq!(c.buffered(), chunk.len() - 10);
         assert_eq!(c.interest(), Some((true, true)));
         // Fill up to exactly buf_alloc (counting what the peer took: 10 bytes were forwarded).
         let rest = CONN_BUF_ALLOC as usize - c.buffered();
         let big = vec![1u8; rest];
-        c.recv_pkt(&guest(op::RW, rest as u32, 4096, 0), &big, now)
-            .unwrap();
+        c.recv_pkt(
+            &guest(op::RW, u32::try_from(rest).unwrap(), 4096, 0),
+            &big,
+            now,
+        )
+        .unwrap();
         assert_eq!(c.buffered(), CONN_BUF_ALLOC as usize);
         // One byte more than the credit: reset.
         assert_eq!(
@@ -844,8 +852,12 @@ mod tests {
         // The peer reads nothing: the guest fills 56 KiB of our 64.
         let data = vec![5u8; 14 * 1024];
         for _ in 0..4 {
-            c.recv_pkt(&guest(op::RW, data.len() as u32, 4096, 0), &data, now)
-                .unwrap();
+            c.recv_pkt(
+                &guest(op::RW, u32::try_from(data.len()).unwrap(), 4096, 0),
+                &data,
+                now,
+            )
+            .unwrap();
         }
         assert!(!c.has_rx(), "no update while space is really short");
         // The peer drains 20 KiB: the guest view (8 KiB free) is low, real free is 28 KiB.

@@ -155,7 +155,7 @@ impl Guest {
                 &self.mem,
                 id,
                 addr,
-                HDR_SIZE as u32 + RX_DATA,
+                u32::try_from(HDR_SIZE).unwrap() + RX_DATA,
                 VRING_DESC_F_WRITE,
                 0,
             );
@@ -189,7 +189,7 @@ impl Guest {
             self.rx_free.push(*id);
         }
         if self.rx_refill {
-            self.post_rx(used.len() as u16);
+            self.post_rx(u16::try_from(used.len()).unwrap());
         }
     }
 
@@ -202,7 +202,7 @@ impl Guest {
 
     /// Queue a packet on the tx queue and notify.
     fn send(&mut self, mut h: Header, data: &[u8]) {
-        h.len = data.len() as u32;
+        h.len = u32::try_from(data.len()).unwrap();
         self.tx_reclaim();
         let slot = match self.tx_free.pop() {
             Some(s) => s,
@@ -218,15 +218,28 @@ impl Guest {
             .unwrap();
         let (d0, d1) = (slot * 2, slot * 2 + 1);
         if data.is_empty() {
-            self.tx.set_desc(&self.mem, d0, base, HDR_SIZE as u32, 0, 0);
+            self.tx
+                .set_desc(&self.mem, d0, base, u32::try_from(HDR_SIZE).unwrap(), 0, 0);
         } else {
             self.mem
                 .write_slice(data, GuestAddress(base + 0x100))
                 .unwrap();
-            self.tx
-                .set_desc(&self.mem, d0, base, HDR_SIZE as u32, VRING_DESC_F_NEXT, d1);
-            self.tx
-                .set_desc(&self.mem, d1, base + 0x100, data.len() as u32, 0, 0);
+            self.tx.set_desc(
+                &self.mem,
+                d0,
+                base,
+                u32::try_from(HDR_SIZE).unwrap(),
+                VRING_DESC_F_NEXT,
+                d1,
+            );
+            self.tx.set_desc(
+                &self.mem,
+                d1,
+                base + 0x100,
+                u32::try_from(data.len()).unwrap(),
+                0,
+                0,
+            );
         }
         self.tx.publish(&self.mem, d0);
         self.evts[TX_QUEUE].write(1).unwrap();
@@ -323,7 +336,7 @@ impl Guest {
             let (h, d) = self.expect(op::RW);
             assert_eq!((h.src_port, h.dst_port), (local, peer));
             out.extend_from_slice(&d);
-            *fwd = fwd.wrapping_add(d.len() as u32);
+            *fwd = fwd.wrapping_add(u32::try_from(d.len()).unwrap());
             let mut cu = ghdr(op::CREDIT_UPDATE, peer, local);
             cu.fwd_cnt = *fwd;
             self.send(cu, &[]);
@@ -334,7 +347,7 @@ impl Guest {
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .map(|i| i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(seed))
         .collect()
 }
 
@@ -626,7 +639,7 @@ fn device_never_exceeds_guest_credit_and_slow_guest_throttles_host_writer() {
     fwd = fwd.wrapping_add(10_000);
     let rest = g.guest_read(local, 52, written - 14_000, &mut fwd);
     assert_eq!(rest.len(), written - 14_000);
-    assert!(g.metrics().bytes_to_guest as usize == written);
+    assert!(usize::try_from(g.metrics().bytes_to_guest).unwrap() == written);
 }
 
 #[test]
@@ -687,7 +700,7 @@ fn well_behaved_guest_is_throttled_by_slow_unix_reader() {
         if n > 0 {
             g.send(ghdr(op::RW, 52, local), &msg[off..off + n]);
             off += n;
-            tx_cnt = tx_cnt.wrapping_add(n as u32);
+            tx_cnt = tx_cnt.wrapping_add(u32::try_from(n).unwrap());
         } else if off < msg.len() {
             stalls += 1;
         }
@@ -747,33 +760,46 @@ fn malformed_packets_are_dropped_and_counted() {
         Header { op: 0, ..good },
     ] {
         put(&mut g, h);
-        g.send_raw(&[(base, HDR_SIZE as u32, 0)]);
+        g.send_raw(&[(base, u32::try_from(HDR_SIZE).unwrap(), 0)]);
         g.pump();
     }
     let mut h = good;
     h.op = op::SHUTDOWN;
     h.len = 8;
     put(&mut g, h);
-    g.send_raw(&[(base, HDR_SIZE as u32, 0), (base + 0x100, 8, 0)]);
+    g.send_raw(&[
+        (base, u32::try_from(HDR_SIZE).unwrap(), 0),
+        (base + 0x100, 8, 0),
+    ]);
     // RW whose len is larger than its buffer; larger than 64 KiB.
     let mut h = good;
     h.op = op::RW;
     h.len = 100;
     put(&mut g, h);
-    g.send_raw(&[(base, HDR_SIZE as u32, 0), (base + 0x100, 10, 0)]);
+    g.send_raw(&[
+        (base, u32::try_from(HDR_SIZE).unwrap(), 0),
+        (base + 0x100, 10, 0),
+    ]);
     g.pump();
     h.len = 1 << 20;
     put(&mut g, h);
-    g.send_raw(&[(base, HDR_SIZE as u32, 0), (base + 0x100, 1 << 20, 0)]);
+    g.send_raw(&[
+        (base, u32::try_from(HDR_SIZE).unwrap(), 0),
+        (base + 0x100, 1 << 20, 0),
+    ]);
     g.pump();
     // Header descriptor too short; write-only; outside guest memory; data write-only.
     g.send_raw(&[(base, 10, 0)]);
-    g.send_raw(&[(base, HDR_SIZE as u32, VRING_DESC_F_WRITE)]);
-    g.send_raw(&[(MEM_SIZE as u64 + 0x1000, HDR_SIZE as u32, 0)]);
+    g.send_raw(&[(base, u32::try_from(HDR_SIZE).unwrap(), VRING_DESC_F_WRITE)]);
+    g.send_raw(&[(
+        MEM_SIZE as u64 + 0x1000,
+        u32::try_from(HDR_SIZE).unwrap(),
+        0,
+    )]);
     h.len = 8;
     put(&mut g, h);
     g.send_raw(&[
-        (base, HDR_SIZE as u32, 0),
+        (base, u32::try_from(HDR_SIZE).unwrap(), 0),
         (base + 0x100, 8, VRING_DESC_F_WRITE),
     ]);
     g.pump();
@@ -800,7 +826,7 @@ fn unusable_rx_buffers_are_returned_empty() {
         &g.mem,
         1,
         RX_BUF_BASE + RX_STRIDE,
-        HDR_SIZE as u32,
+        u32::try_from(HDR_SIZE).unwrap(),
         VRING_DESC_F_WRITE,
         0,
     );
