@@ -7,7 +7,7 @@ use std::panic::{self, AssertUnwindSafe};
 use fuse_backend_rs::abi::fuse_abi::{InHeader, Opcode, OutHeader};
 use fuse_backend_rs::transport::{Reader, VirtioFsWriter, Writer};
 use virtio_queue::{DescriptorChain, Queue};
-use vm_memory::{ByteValued, Bytes, GuestMemoryMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::server::FuseServer;
 use super::{FsMetrics, MAX_REQUEST_BYTES};
@@ -59,7 +59,7 @@ fn peek_header(
 fn reply_error(
     mem: &GuestMemoryMmap,
     header: Option<&InHeader>,
-    reply_at: Option<vm_memory::GuestAddress>,
+    reply_at: Option<GuestAddress>,
     errno: i32,
     metrics: &mut FsMetrics,
 ) -> Outcome {
@@ -114,22 +114,30 @@ fn serve_chain(
         metrics.refused_ioctls += 1;
         return reply_error(mem, header.as_ref(), reply_at, libc::ENOTTY, metrics);
     }
-    let reader = match Reader::from_descriptor_chain(mem, chain.clone()) {
-        Ok(r) => r,
+    let reader = Reader::from_descriptor_chain(mem, chain.clone())
+        .map_err(|e| format!("unusable readable buffers: {e}"));
+    let writer =
+        VirtioFsWriter::new(mem, chain).map_err(|e| format!("unusable writable buffers: {e}"));
+    match reader.and_then(|r| writer.map(|w| (r, w))) {
+        Ok((reader, writer)) => run_server(server, metrics, mem, reader, writer, reply_at),
         Err(e) => {
-            tracing::debug!("virtio-fs: unusable readable buffers: {e}");
+            tracing::debug!("virtio-fs: {e}");
             metrics.malformed_chains += 1;
-            return Outcome::Done(0);
+            Outcome::Done(0)
         }
-    };
-    let writer = match VirtioFsWriter::new(mem, chain) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::debug!("virtio-fs: unusable writable buffers: {e}");
-            metrics.malformed_chains += 1;
-            return Outcome::Done(0);
-        }
-    };
+    }
+}
+
+/// Hand a request to the FUSE server and count how it ended; the reply header at `reply_at`
+/// tells an error reply.
+fn run_server(
+    server: &FuseServer,
+    metrics: &mut FsMetrics,
+    mem: &GuestMemoryMmap,
+    reader: Reader<'_>,
+    writer: VirtioFsWriter<'_>,
+    reply_at: Option<GuestAddress>,
+) -> Outcome {
     // A bug in the FUSE server must not take down the event loop (and every other device of
     // the VM with it): the device fails instead, and a driver reset rebuilds the server.
     let res = panic::catch_unwind(AssertUnwindSafe(|| {
@@ -137,13 +145,10 @@ fn serve_chain(
     }));
     match res {
         Ok(Ok(len)) => {
-            if len >= std::mem::size_of::<OutHeader>() {
-                if let Some(addr) = reply_at {
-                    if let Ok(h) = mem.read_obj::<OutHeader>(addr) {
-                        if h.error != 0 {
-                            metrics.error_replies += 1;
-                        }
-                    }
+            let replied = reply_at.filter(|_| len >= std::mem::size_of::<OutHeader>());
+            if let Some(h) = replied.and_then(|at| mem.read_obj::<OutHeader>(at).ok()) {
+                if h.error != 0 {
+                    metrics.error_replies += 1;
                 }
             }
             // A reply is at most the chain's writable length, below 4 GiB.
