@@ -1,5 +1,5 @@
 //! The in-process virtio-fs device's queue handler: serves the queues on the event loop, or
-//! hands request queues to worker threads ([`super::worker`]) when the share asks for them.
+//! hands request queues to worker threads (`worker.rs`) when the share asks for them.
 
 use event_manager::EventOps;
 use vm_memory::GuestAddressSpace;

@@ -255,7 +255,7 @@ impl Default for ShareLimits {
     }
 }
 
-/// The guest's open flags limited to [`OPEN_FLAGS_ALLOWED`].
+/// The guest's open flags limited to `OPEN_FLAGS_ALLOWED`.
 pub fn sanitize_open_flags(flags: u32) -> u32 {
     // The flags are the guest's open(2) flags; reinterpret them as the host's c_int and back.
     (flags.cast_signed() & OPEN_FLAGS_ALLOWED).cast_unsigned()
