@@ -43,11 +43,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kestrel_api::{DriveConfig, FsCache, FsConfig, NetConfig};
-use kestrel_devices::virtio::block::Block;
+use kestrel_devices::virtio::block::{Block, BlockConfig};
 use kestrel_devices::virtio::fs::Fs;
 use kestrel_devices::virtio::mmio::{reg, MmioTransport, CONFIG_SPACE_OFFSET, MMIO_WINDOW_SIZE};
 use kestrel_devices::virtio::net::Net;
-use kestrel_devices::virtio::vsock::Vsock;
+use kestrel_devices::virtio::vsock::{Vsock, VsockConfig};
 use kestrel_devices::virtio::{
     status, GuestMem, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
@@ -383,6 +383,7 @@ fuzz_target!(|data: &[u8]| {
                 is_read_only: read_only,
                 ..DriveConfig::default()
             };
+            let config = BlockConfig::try_from(&config).unwrap();
             Machine::new(Block::new(&config).unwrap(), mem).drive(inp);
         }
         1 => {
@@ -390,18 +391,20 @@ fuzz_target!(|data: &[u8]| {
                 iface_id: "fuzz".into(),
                 ..NetConfig::default()
             };
+            let config = (&config).try_into().unwrap();
             Machine::new(Net::new(&config).unwrap(), mem).drive(inp);
         }
         2 => {
             let uds = base().join("v.sock");
             let _ = std::fs::remove_file(&uds);
-            Machine::new(Vsock::new(3, &uds).unwrap(), mem).drive(inp);
+            Machine::new(Vsock::new(&VsockConfig::new(3, &uds)).unwrap(), mem).drive(inp);
             let _ = std::fs::remove_file(&uds);
         }
         _ => {
             let mut config = FsConfig::shared_dir("fuzz", fresh_share(base()));
             config.read_only = read_only;
             config.cache = FsCache::Auto;
+            let config = (&config).try_into().unwrap();
             Machine::new(Fs::new(&config).unwrap(), mem).drive(inp);
         }
     }

@@ -13,11 +13,11 @@ use kestrel_devices::legacy::{
     Cmos, SerialDevice, CMOS_PORT_BASE, CMOS_PORT_LEN, COM1_IRQ, COM1_PORT_BASE, COM1_PORT_LEN,
     I8042, I8042_PORT_BASE, I8042_PORT_LEN,
 };
-use kestrel_devices::virtio::block::Block;
-use kestrel_devices::virtio::fs::vhost_user::VhostUserFs;
-use kestrel_devices::virtio::fs::{Fs, FsWorkers};
-use kestrel_devices::virtio::net::Net;
-use kestrel_devices::virtio::vsock::Vsock;
+use kestrel_devices::virtio::block::{Block, BlockConfig};
+use kestrel_devices::virtio::fs::vhost_user::{VhostUserFs, VhostUserFsConfig, VhostUserFsError};
+use kestrel_devices::virtio::fs::{Fs, FsConfig, FsWorkers};
+use kestrel_devices::virtio::net::{Net, NetConfig};
+use kestrel_devices::virtio::vsock::{Vsock, VsockConfig};
 use kestrel_devices::Bus;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -270,7 +270,8 @@ impl Vm {
         let mut order: Vec<&kestrel_api::DriveConfig> = config.drives.iter().collect();
         order.sort_by_key(|d| !d.is_root_device);
         for (i, d) in order.iter().enumerate() {
-            let blk = Block::new(d).map_err(|source| VmmError::Block {
+            let blk = BlockConfig::try_from(*d).and_then(|c| Block::new(&c));
+            let blk = blk.map_err(|source| VmmError::Block {
                 drive_id: d.drive_id.clone(),
                 source,
             })?;
@@ -289,7 +290,8 @@ impl Vm {
         }
         let mut nets = Vec::new();
         for n in &config.network_interfaces {
-            let dev = Net::new(n).map_err(|source| VmmError::Net {
+            let dev = NetConfig::try_from(n).and_then(|c| Net::new(&c));
+            let dev = dev.map_err(|source| VmmError::Net {
                 iface_id: n.iface_id.clone(),
                 source,
             })?;
@@ -300,7 +302,8 @@ impl Vm {
         }
         let mut vsock = None;
         if let Some(vc) = &config.vsock {
-            let v = Vsock::from_config(vc).map_err(VmmError::Vsock)?;
+            let v = VsockConfig::try_from(vc).and_then(|c| Vsock::new(&c));
+            let v = v.map_err(VmmError::Vsock)?;
             let v = Arc::new(Mutex::new(v));
             dm.add_virtio(&vm_fd, "vsock", v.clone())
                 .map_err(VmmError::Device)?;
@@ -310,7 +313,9 @@ impl Vm {
         for (i, fc) in config.fs.iter().enumerate() {
             let id = format!("fs{i}");
             if fc.socket.is_some() {
-                let d = VhostUserFs::from_config(fc).map_err(|source| VmmError::VhostUserFs {
+                let d = VhostUserFsConfig::try_from(fc).map_err(VhostUserFsError::from);
+                let d = d.and_then(|c| VhostUserFs::new(&c));
+                let d = d.map_err(|source| VmmError::VhostUserFs {
                     tag: fc.tag.clone(),
                     source,
                 })?;
@@ -319,7 +324,8 @@ impl Vm {
                     .map_err(VmmError::Device)?;
                 shares.push(FsShare::VhostUser(fc.tag.clone(), d));
             } else {
-                let mut d = Fs::new(fc).map_err(|source| VmmError::Fs {
+                let d = FsConfig::try_from(fc).and_then(|c| Fs::new(&c));
+                let mut d = d.map_err(|source| VmmError::Fs {
                     tag: fc.tag.clone(),
                     source,
                 })?;

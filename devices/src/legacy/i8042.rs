@@ -26,19 +26,21 @@ impl<T: Trigger> I8042<T> {
 
 impl<T: Trigger + Send> BusDevice for I8042<T> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let v = if offset < I8042_PORT_LEN {
-            self.dev.read(offset as u8)
-        } else {
-            0xff
+        let v = match u8::try_from(offset) {
+            Ok(port) if offset < I8042_PORT_LEN => self.dev.read(port),
+            _ => 0xff,
         };
         data.fill(v);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        let Ok(port) = u8::try_from(offset) else {
+            return;
+        };
         if data.len() != 1 || offset >= I8042_PORT_LEN {
             return;
         }
-        if let Err(e) = self.dev.write(offset as u8, data[0]) {
+        if let Err(e) = self.dev.write(port, data[0]) {
             tracing::error!("i8042 reset notification failed: {e:?}");
         }
     }
