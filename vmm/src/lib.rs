@@ -21,8 +21,11 @@
 //! Kestrel's raises it, whatever the process's disposition). Dropping a [`Vm`] stops it and
 //! joins every thread; its fds and guest memory are released with it.
 
+// Moves to the sandbox crate (issue 10), which opts into the workspace lints there.
+#[allow(clippy::cast_possible_truncation)]
 pub mod agent;
 mod boot;
+mod builder;
 mod device_manager;
 mod error;
 mod evloop;
@@ -32,15 +35,22 @@ mod metrics;
 pub mod pvfpu;
 pub mod sandbox;
 pub mod seccomp;
+mod threads;
 mod vcpu;
 mod vm;
 
-pub use boot::{host_kvm_is_software, DEFAULT_BOOT_ARGS, SOFTWARE_KVM_ARGS};
-pub use device_manager::DeviceError;
+pub use boot::{host_kvm_is_software, BootError, DEFAULT_BOOT_ARGS, SOFTWARE_KVM_ARGS};
+pub use device_manager::{
+    BlockControl, Device, DeviceError, DeviceKind, DeviceMetrics, FsControl, NetControl,
+};
 pub use error::VmmError;
+pub use evloop::EventLoopError;
 pub use exit::{ThreadClass, VcpuFault, VmExit};
 pub use memory::{GuestMem, MemoryError, PluggedRange};
 pub use metrics::VmMetrics;
 pub use sandbox::{Sandbox, SandboxError};
-pub use vcpu::{kick_signal, VcpuRunState, KICK_SIGNAL_OFFSET};
-pub use vm::{effective_max_vcpus, ConsoleSink, ThreadInfo, ThreadKind, Vm, STOP_JOIN_TIMEOUT};
+pub use threads::{SpawnError, ThreadInfo, ThreadKind, STOP_JOIN_TIMEOUT};
+pub use vcpu::control::VcpuRunState;
+pub use vcpu::kick::{kick_signal, KICK_SIGNAL_OFFSET};
+pub use vcpu::VcpuError;
+pub use vm::{effective_max_vcpus, ConsoleSink, Vm};

@@ -355,7 +355,7 @@ fn rules(class: FilterClass) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompi
         }
     }
     // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() } as u64;
+    let pid = u64::from(unsafe { libc::getpid() }.unsigned_abs());
     // Signals go to this process's own threads only (the vCPU kick; abort()).
     m.insert(libc::SYS_tgkill, any_of(0, &[pid])?);
     let ioctls: Vec<u64> = match class {
