@@ -176,3 +176,53 @@ fn vcpu_plug_park_and_memory_hotplug_primitives() {
         .is_err());
     assert_eq!(vm.stop(), VmExit::Stopped);
 }
+
+#[test]
+fn pause_parks_every_vcpu_and_the_guest_stands_still_until_resume() {
+    use kestrel_vmm::VcpuRunState::{Parked, Running};
+    use std::time::Instant;
+    use vm_memory::{Bytes, GuestAddress};
+    const COUNTER: u64 = 0x3f_0000;
+    // inc qword [COUNTER]; jmp back
+    let mut code = vec![0x48, 0xff, 0x04, 0x25];
+    code.extend_from_slice(&u32::try_from(COUNTER).unwrap().to_le_bytes());
+    code.extend_from_slice(&[0xeb, 0xf6]);
+    let k = write_tiny_guest("count.elf", &code);
+    let vm = Vm::create(&config(k, 2)).unwrap();
+    assert!(vm.pause().is_err(), "not started yet");
+    vm.start().unwrap();
+    let count = || {
+        vm.guest_memory()
+            .read_obj::<u64>(GuestAddress(COUNTER))
+            .unwrap()
+    };
+    let advances_past = |n: u64| {
+        let end = Instant::now() + Duration::from_secs(10);
+        while count() <= n && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        count() > n
+    };
+    assert!(advances_past(0), "the guest counts");
+
+    vm.pause().unwrap();
+    assert_eq!(vm.vcpu_states(), vec![(0, Parked), (1, Parked)]);
+    let paused_at = count();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(count(), paused_at, "a paused guest does not run");
+    assert_eq!(vm.threads().len(), 3, "paused threads stay");
+
+    // A vCPU hot-removed while paused stays parked across the resume.
+    vm.park_vcpu(1).unwrap();
+    vm.resume().unwrap();
+    assert_eq!(vm.vcpu_states(), vec![(0, Running), (1, Parked)]);
+    assert!(advances_past(paused_at), "the guest counts again");
+    vm.plug_vcpu(1).unwrap();
+    assert_eq!(vm.vcpu_states(), vec![(0, Running), (1, Running)]);
+
+    // Stopping a paused VM ends its parked threads.
+    vm.pause().unwrap();
+    assert_eq!(vm.stop(), VmExit::Stopped);
+    assert!(vm.threads().is_empty());
+    assert!(vm.resume().is_err(), "not running");
+}
