@@ -16,11 +16,13 @@
 //! device step the device's saved state ([`SavedDevice`]; always `None` on boot) and replacing
 //! 5 and 8 with restoring memory and vCPU/VM state.
 
-use std::sync::Arc;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kestrel_api::{
     DriveConfig, FsConfig, GuestCompat, NetConfig, SeccompMode, VmConfig, VsockConfig,
+    MAX_SUPPORTED_VCPUS,
 };
 use kestrel_devices::virtio::block::Block;
 use kestrel_devices::virtio::fs::vhost_user::VhostUserFs;
@@ -29,14 +31,15 @@ use kestrel_devices::virtio::net::Net;
 use kestrel_devices::virtio::vsock::Vsock;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use std::sync::Mutex;
 use vm_memory::GuestAddressSpace;
 
 use crate::boot::{self, LoadedKernel};
 use crate::device_manager::legacy::LegacyDevices;
+use crate::device_manager::registry::DeviceRegistry;
 use crate::device_manager::registry::{FsShare, Model};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::error::{io_err, kvm_err, VmmError};
+use crate::evloop::Subscriber;
 use crate::exit::ExitState;
 use crate::memory::{GuestMem, MemoryManager};
 use crate::metrics::VmCounters;
@@ -44,7 +47,23 @@ use crate::pvfpu;
 use crate::seccomp::{self, FilterClass, Filters};
 use crate::vcpu::manager::VcpuManager;
 use crate::vcpu::VcpuShared;
-use crate::vm::{ConsoleSink, Vm, VmParts};
+
+/// Where the serial console writes (from the event loop: it should return `WouldBlock` rather
+/// than block, see `kestrel_devices::legacy::NonBlockingWriter`).
+pub type ConsoleSink = Box<dyn Write + Send>;
+
+/// What the builder hands to [`crate::Vm`]: every part of a VM, no thread started.
+pub(crate) struct BuiltVm<'a> {
+    pub(crate) config: &'a VmConfig,
+    pub(crate) created_at: Instant,
+    pub(crate) cmdline: String,
+    pub(crate) machine: Machine,
+    pub(crate) vcpus: VcpuManager,
+    pub(crate) subscribers: Vec<Subscriber>,
+    pub(crate) registry: DeviceRegistry,
+    pub(crate) seccomp: Option<Filters>,
+    pub(crate) seccomp_mode: SeccompMode,
+}
 
 /// Address of the TSS KVM needs on Intel (three pages well below 4 GiB, under the IOAPIC).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -63,69 +82,106 @@ fn no_saved_state(saved: Option<&SavedDevice>) {
 
 /// Build a VM from `config` to boot its kernel: every step of the module documentation, in
 /// order. On error everything created so far is released.
-pub(crate) fn build_for_boot(config: &VmConfig, console: ConsoleSink) -> Result<Vm, VmmError> {
-    let t0 = Instant::now();
+pub(crate) fn build_for_boot(
+    config: &VmConfig,
+    console: ConsoleSink,
+) -> Result<BuiltVm<'_>, VmmError> {
+    let created_at = Instant::now();
     config.validate_for_boot()?;
     let seccomp_mode = config.kestrel.seccomp_or(SeccompMode::Errno);
     let seccomp = Filters::build(seccomp_mode)?;
-    let (kvm, max_vcpus) = open_kvm(config)?;
-    let vm_fd = create_vm(&kvm)?;
-    let memory = create_memory(&vm_fd, config)?;
-    setup_irqchip(&vm_fd)?;
-    let exit = Arc::new(ExitState::new().map_err(io_err("creating the control eventfd"))?);
-    let legacy = LegacyDevices::new(&vm_fd, &exit, console)?;
-    let guest_mem = memory.guest_memory();
-    let kernel = load_kernel(config, &guest_mem)?;
+    let mut machine = Machine::new(config, console)?;
+    let guest_mem = machine.memory.guest_memory();
+    let image = load_kernel(config, &guest_mem)?;
     let counters = Arc::new(VmCounters::default());
-    let mut steps = DeviceSteps::new(config.name(), &vm_fd, &guest_mem, &counters, &seccomp)?;
+    let mut steps = DeviceSteps::new(
+        config.name(),
+        &machine.vm_fd,
+        &guest_mem,
+        &counters,
+        &seccomp,
+    )?;
     steps.attach_all(config)?;
-    let software_kvm = match config.kestrel.guest_compat {
-        GuestCompat::Auto => boot::host_kvm_is_software(),
-        GuestCompat::Always => true,
-        GuestCompat::Never => false,
-    };
+    let software_kvm = software_kvm(config);
     // Guest tasks' AVX state on a software KVM (docs/nested-kvm.md §10).
-    let pvfpu = software_kvm && config.kestrel.xstate_assist && pvfpu::supported(&vm_fd);
+    let pvfpu = software_kvm && config.kestrel.xstate_assist && pvfpu::supported(&machine.vm_fd);
     let mut extra_args = steps.cmdline();
     if pvfpu {
         extra_args.push(pvfpu::CMDLINE_FLAG.to_string());
     }
-    let wired = steps.dm.finish();
+    let devices = steps.dm.finish();
     let shared = Arc::new(VcpuShared {
         mem: guest_mem.clone(),
-        pio: legacy.pio,
-        mmio: wired.mmio_bus,
-        exit: exit.clone(),
+        pio: std::mem::take(&mut machine.legacy.pio),
+        mmio: devices.mmio_bus,
+        exit: machine.exit.clone(),
         counters,
         first_run: std::sync::OnceLock::new(),
         pvfpu,
     });
-    let vcpus = VcpuManager::new(shared, max_vcpus);
-    vcpus.create_boot_vcpus(&kvm, &vm_fd, config.machine_config.vcpu_count)?;
+    let vcpus = VcpuManager::new(shared, machine.max_vcpus);
+    let vcpu_count = config.machine_config.vcpu_count;
+    vcpus.create_boot_vcpus(&machine.kvm, &machine.vm_fd, vcpu_count)?;
     let boot = BootData {
         config,
-        max_vcpus,
+        max_vcpus: machine.max_vcpus,
         software_kvm,
         extra_args: &extra_args,
     };
-    let cmdline = load_boot_data(&boot, &guest_mem, &kernel, &vcpus)?;
-    let parts = VmParts {
+    let cmdline = load_boot_data(&boot, &guest_mem, &image, &vcpus)?;
+    Ok(BuiltVm {
         config,
-        created_at: t0,
+        created_at,
         cmdline,
+        machine,
         vcpus,
-        subscribers: wired.subscribers,
-        registry: wired.registry,
-        vm_fd,
-        kvm,
-        memory,
-        exit,
-        serial: legacy.serial,
-        serial_irq: legacy.serial_irq,
+        subscribers: devices.subscribers,
+        registry: devices.registry,
         seccomp,
         seccomp_mode,
-    };
-    Ok(Vm::assemble(parts))
+    })
+}
+
+/// Whether the guest runs on a software KVM and needs its compatibility switches
+/// (`kestrel.guest_compat`).
+fn software_kvm(config: &VmConfig) -> bool {
+    match config.kestrel.guest_compat {
+        GuestCompat::Auto => boot::host_kvm_is_software(),
+        GuestCompat::Always => true,
+        GuestCompat::Never => false,
+    }
+}
+
+/// Steps 1–4, shared by both entry points: a KVM VM with guest memory, the in-kernel irqchip
+/// and the legacy devices.
+pub(crate) struct Machine {
+    pub(crate) kvm: Kvm,
+    pub(crate) max_vcpus: u32,
+    pub(crate) vm_fd: VmFd,
+    pub(crate) memory: MemoryManager,
+    /// How the VM stops (the i8042 reports resets into it).
+    pub(crate) exit: Arc<ExitState>,
+    pub(crate) legacy: LegacyDevices,
+}
+
+impl Machine {
+    /// Run steps 1–4 for `config`, the serial console writing to `console`.
+    pub(crate) fn new(config: &VmConfig, console: ConsoleSink) -> Result<Self, VmmError> {
+        let (kvm, max_vcpus) = open_kvm(config)?;
+        let vm_fd = create_vm(&kvm)?;
+        let memory = create_memory(&vm_fd, config)?;
+        setup_irqchip(&vm_fd)?;
+        let exit = Arc::new(ExitState::new().map_err(io_err("creating the control eventfd"))?);
+        let legacy = LegacyDevices::new(&vm_fd, &exit, console)?;
+        Ok(Machine {
+            kvm,
+            max_vcpus,
+            vm_fd,
+            memory,
+            exit,
+            legacy,
+        })
+    }
 }
 
 /// Step 1: open `/dev/kvm`, check its API version and the capabilities Kestrel needs, and
@@ -148,13 +204,24 @@ pub(crate) fn open_kvm(config: &VmConfig) -> Result<(Kvm, u32), VmmError> {
         }
     }
     let kvm_max = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
-    let max_vcpus = crate::vm::effective_max_vcpus(config, host_cpus(), kvm_max);
+    let max_vcpus = effective_max_vcpus(config, host_cpus(), kvm_max);
     let count = config.machine_config.vcpu_count;
     if count > max_vcpus {
         let why = format!("{count} is above this host's KVM limit of {max_vcpus}");
         return Err(kestrel_api::ConfigError::invalid("machine-config.vcpu_count", why).into());
     }
     Ok((kvm, max_vcpus))
+}
+
+/// Resolve `max_vcpus`: the configured value, or when absent/0 the host's CPU count, never below
+/// `vcpu_count`, never above KVM's or the MP table's limit.
+pub fn effective_max_vcpus(config: &VmConfig, host_cpus: u32, kvm_max: u32) -> u32 {
+    let limit = kvm_max.min(MAX_SUPPORTED_VCPUS);
+    let wanted = match config.machine_config.max_vcpus {
+        Some(n) if n > 0 => n,
+        _ => host_cpus.max(config.machine_config.vcpu_count),
+    };
+    wanted.min(limit)
 }
 
 fn host_cpus() -> u32 {
@@ -442,6 +509,21 @@ mod tests {
             is_root_device: root,
             ..DriveConfig::default()
         }
+    }
+
+    #[test]
+    fn max_vcpus_policy() {
+        let mut c = VmConfig::new("/k", 1, 128);
+        assert_eq!(effective_max_vcpus(&c, 2, 1024), 2);
+        c.machine_config.max_vcpus = Some(0);
+        assert_eq!(effective_max_vcpus(&c, 8, 1024), 8);
+        c.machine_config.vcpu_count = 4;
+        assert_eq!(effective_max_vcpus(&c, 2, 1024), 4);
+        c.machine_config.max_vcpus = Some(16);
+        assert_eq!(effective_max_vcpus(&c, 2, 1024), 16);
+        assert_eq!(effective_max_vcpus(&c, 2, 8), 8);
+        c.machine_config.max_vcpus = None;
+        assert_eq!(effective_max_vcpus(&c, 512, 1024), MAX_SUPPORTED_VCPUS);
     }
 
     #[test]

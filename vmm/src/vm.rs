@@ -3,34 +3,28 @@
 //! [`crate::device_manager`]; this module ties them together behind the public API.
 
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use kestrel_api::{SeccompMode, SerialOutput, VmConfig, MAX_SUPPORTED_VCPUS};
+use kestrel_api::{SeccompMode, SerialOutput, VmConfig};
 use kestrel_devices::legacy::SerialDevice;
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::builder;
+use crate::builder::{self, BuiltVm, ConsoleSink};
 use crate::device_manager::registry::DeviceRegistry;
 use crate::device_manager::Device;
 use crate::error::{io_err, VmmError};
-use crate::evloop::{Console, EventLoop, Subscriber};
+use crate::evloop::{Console, EventLoop};
 use crate::exit::{ExitState, ThreadClass, VmExit};
 use crate::memory::{MemoryManager, PluggedRange};
 use crate::metrics::VmMetrics;
-use crate::seccomp::Filters;
 use crate::threads::{ThreadEnv, ThreadInfo, ThreadKind, STOP_JOIN_TIMEOUT};
 use crate::vcpu::control::VcpuRunState;
 use crate::vcpu::manager::VcpuManager;
 use crate::vcpu::{kick, VcpuError};
-
-/// Where the serial console writes (from the event loop: it should return `WouldBlock` rather
-/// than block, see `kestrel_devices::legacy::NonBlockingWriter`).
-pub type ConsoleSink = Box<dyn Write + Send>;
 
 /// One microVM. `Send + Sync`: share it (e.g. in an `Arc`) to stop it from another thread.
 pub struct Vm {
@@ -59,35 +53,6 @@ pub struct Vm {
     seccomp_mode: SeccompMode,
     // Keeps the serial irqfd alive as long as KVM may signal through it.
     _serial_irq: EventFd,
-}
-
-/// What the builder hands over to make a [`Vm`].
-pub(crate) struct VmParts<'a> {
-    pub(crate) config: &'a VmConfig,
-    pub(crate) created_at: Instant,
-    pub(crate) cmdline: String,
-    pub(crate) vcpus: VcpuManager,
-    pub(crate) subscribers: Vec<Subscriber>,
-    pub(crate) registry: DeviceRegistry,
-    pub(crate) vm_fd: VmFd,
-    pub(crate) kvm: Kvm,
-    pub(crate) memory: MemoryManager,
-    pub(crate) exit: Arc<ExitState>,
-    pub(crate) serial: Arc<Mutex<SerialDevice>>,
-    pub(crate) serial_irq: EventFd,
-    pub(crate) seccomp: Option<Filters>,
-    pub(crate) seccomp_mode: SeccompMode,
-}
-
-/// Resolve `max_vcpus`: the configured value, or when absent/0 the host's CPU count, never below
-/// `vcpu_count`, never above KVM's or the MP table's limit.
-pub fn effective_max_vcpus(config: &VmConfig, host_cpus: u32, kvm_max: u32) -> u32 {
-    let limit = kvm_max.min(MAX_SUPPORTED_VCPUS);
-    let wanted = match config.machine_config.max_vcpus {
-        Some(n) if n > 0 => n,
-        _ => host_cpus.max(config.machine_config.vcpu_count),
-    };
-    wanted.min(limit)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -143,11 +108,11 @@ impl Vm {
     /// Like [`Vm::create`], with the serial console written to `console` instead of what
     /// `config.serial` says.
     pub fn create_with_console(config: &VmConfig, console: ConsoleSink) -> Result<Vm, VmmError> {
-        builder::build_for_boot(config, console)
+        Ok(Self::assemble(builder::build_for_boot(config, console)?))
     }
 
     /// The VM made of what the builder built.
-    pub(crate) fn assemble(p: VmParts<'_>) -> Vm {
+    fn assemble(p: BuiltVm<'_>) -> Vm {
         let create_us = micros(p.created_at.elapsed());
         let name = p.config.name().to_string();
         let mc = &p.config.machine_config;
@@ -158,6 +123,7 @@ impl Vm {
             mc.mem_size_mib,
             p.cmdline
         );
+        let m = p.machine;
         Vm {
             threads: Arc::new(ThreadEnv::new(&name, p.seccomp)),
             name,
@@ -167,17 +133,17 @@ impl Vm {
             devices: p.registry,
             resize: Mutex::new(()),
             lifecycle: Mutex::new(()),
-            vm_fd: p.vm_fd,
-            kvm: p.kvm,
-            memory: Mutex::new(p.memory),
-            exit: p.exit,
-            serial: p.serial,
+            vm_fd: m.vm_fd,
+            kvm: m.kvm,
+            memory: Mutex::new(m.memory),
+            exit: m.exit,
+            serial: m.legacy.serial,
             forward_stdin: p.config.serial.stdin,
             started: AtomicBool::new(false),
             created_at: p.created_at,
             create_us,
             seccomp_mode: p.seccomp_mode,
-            _serial_irq: p.serial_irq,
+            _serial_irq: m.legacy.serial_irq,
         }
     }
 
@@ -532,25 +498,5 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.exit.report(VmExit::Stopped);
         self.join_all();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn max_vcpus_policy() {
-        let mut c = VmConfig::new("/k", 1, 128);
-        assert_eq!(effective_max_vcpus(&c, 2, 1024), 2);
-        c.machine_config.max_vcpus = Some(0);
-        assert_eq!(effective_max_vcpus(&c, 8, 1024), 8);
-        c.machine_config.vcpu_count = 4;
-        assert_eq!(effective_max_vcpus(&c, 2, 1024), 4);
-        c.machine_config.max_vcpus = Some(16);
-        assert_eq!(effective_max_vcpus(&c, 2, 1024), 16);
-        assert_eq!(effective_max_vcpus(&c, 2, 8), 8);
-        c.machine_config.max_vcpus = None;
-        assert_eq!(effective_max_vcpus(&c, 512, 1024), MAX_SUPPORTED_VCPUS);
     }
 }
