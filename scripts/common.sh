@@ -48,6 +48,14 @@ check_kvm() {
     fi
 }
 
+# TAP devices (the network tests) need /dev/net/tun.
+check_tun() {
+    if [ ! -c /dev/net/tun ]; then
+        echo "/dev/net/tun is missing: the network tests need TAP devices" >&2
+        exit 1
+    fi
+}
+
 # The guest agent (resources/agent) is its own workspace (the root Cargo.toml excludes it) and
 # runs in the guest as a static binary: cargo for it with the target and flags
 # resources/build-guest.sh builds it with (static glibc; CARGO_ENCODED_RUSTFLAGS beats any

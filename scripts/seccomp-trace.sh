@@ -46,7 +46,7 @@ for l in sys.stdin:
         print(m["executable"])' | tail -n1
 }
 
-GUEST_BIN="$(test_binary -p kestrel-tests --test guest)"
+GUEST_BIN="$(test_binary -p kestrel-tests --features guest --test guest)"
 DEV_BIN="$(test_binary -p kestrel-devices --lib)"
 log "tracing $GUEST_BIN ${FILTERS[*]}"
 strace -f -ff -qq -o "$OUT/guest/t" \

@@ -32,6 +32,15 @@ pub enum ConfigError {
         /// The limit.
         limit: u64,
     },
+    /// A Firecracker field or section Kestrel does not implement holds a value other than
+    /// "not used" (absent, `null`, an empty list or Firecracker's default are accepted).
+    #[error("Firecracker's `{field}` = `{value}` is not supported by Kestrel")]
+    NotSupported {
+        /// JSON path of the field or section, e.g. `machine-config.huge_pages` or `balloon`.
+        field: String,
+        /// The value given, as compact JSON (strings without quotes), shortened when long.
+        value: String,
+    },
     /// A field holds a value Kestrel cannot use.
     #[error("{field}: {reason}")]
     Invalid {
@@ -51,11 +60,37 @@ impl ConfigError {
         }
     }
 
+    /// [`ConfigError::NotSupported`] for `field` holding `value` (rendered as compact JSON,
+    /// a string without its quotes, cut to [`MAX_SHOWN_VALUE_LEN`] characters).
+    pub fn not_supported(field: impl Into<String>, value: &impl serde::Serialize) -> Self {
+        let value = match serde_json::to_value(value) {
+            Ok(serde_json::Value::String(s)) => s,
+            Ok(v) => v.to_string(),
+            Err(e) => format!("<{e}>"),
+        };
+        ConfigError::NotSupported {
+            field: field.into(),
+            value: shorten(value),
+        }
+    }
+
     /// The JSON path of the offending field, when the error is about one field.
     pub fn field(&self) -> Option<&str> {
         match self {
-            ConfigError::Invalid { field, .. } => Some(field),
+            ConfigError::Invalid { field, .. } | ConfigError::NotSupported { field, .. } => {
+                Some(field)
+            }
             _ => None,
         }
+    }
+}
+
+/// Longest value [`ConfigError::NotSupported`] shows, in characters.
+pub const MAX_SHOWN_VALUE_LEN: usize = 80;
+
+fn shorten(s: String) -> String {
+    match s.char_indices().nth(MAX_SHOWN_VALUE_LEN) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s,
     }
 }

@@ -61,6 +61,9 @@ pub fn vcpus_for(
         sum += value;
     }
     // Guard against 1.0000000000000002 from float sums of "exact" decimal inputs.
+    // Finite and non-negative (checked above); `as` saturates at u64::MAX, which the limit
+    // check below refuses.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let needed = ((sum - 1e-9).ceil().max(0.0)) as u64;
     let needed = needed.max(u64::from(min_vcpus));
     if needed > u64::from(max_vcpus) {
@@ -69,7 +72,10 @@ pub fn vcpus_for(
             max: max_vcpus,
         });
     }
-    Ok(needed as u32)
+    u32::try_from(needed).map_err(|_| SizingError::TooManyVcpus {
+        needed,
+        max: max_vcpus,
+    })
 }
 
 /// Memory for a sandbox in MiB: `overhead + Σ limits`, rounded up to `block_size_mib`, at least

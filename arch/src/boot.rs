@@ -14,6 +14,12 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 use crate::e820::e820_entries;
 use crate::layout::{HIMEM_START, MMIO_GAP_START, ZERO_PAGE_START};
 
+/// `loadflags` bits (the bindings give them as `u32`; they are bits 0 and 7 of a `u8`).
+#[allow(clippy::cast_possible_truncation)]
+const LOADED_HIGH_FLAG: u8 = LOADED_HIGH as u8;
+#[allow(clippy::cast_possible_truncation)]
+const CAN_USE_HEAP_FLAG: u8 = CAN_USE_HEAP as u8;
+
 /// `boot_flag` magic (0xAA55) of a valid setup header.
 pub const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 /// `header` magic ("HdrS") of a valid setup header.
@@ -118,7 +124,7 @@ pub fn build_boot_params(
         None => {
             // ELF vmlinux: no header from the kernel. Describe what the loader did.
             params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
-            params.hdr.loadflags = LOADED_HIGH as u8;
+            params.hdr.loadflags = LOADED_HIGH_FLAG;
         }
     }
 
@@ -127,12 +133,11 @@ pub fn build_boot_params(
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     // KEEP_SEGMENTS only matters for the 32-bit entry (and is ignored by current kernels); we
     // enter in 64-bit mode, so leave it clear. Offer the real-mode heap, harmless otherwise.
-    params.hdr.loadflags |= CAN_USE_HEAP as u8;
+    params.hdr.loadflags |= CAN_USE_HEAP_FLAG;
     params.hdr.heap_end_ptr = HEAP_END_PTR;
 
     let cmdline = cmdline_addr.raw_value();
-    params.hdr.cmd_line_ptr = cmdline as u32;
-    params.ext_cmd_line_ptr = (cmdline >> 32) as u32;
+    (params.hdr.cmd_line_ptr, params.ext_cmd_line_ptr) = crate::split_u64(cmdline);
     params.hdr.cmdline_size =
         u32::try_from(cmdline_size).map_err(|_| BootError::CmdlineTooLong {
             size: cmdline_size,
@@ -141,26 +146,23 @@ pub fn build_boot_params(
 
     if let Some((addr, size)) = initrd {
         let addr = addr.raw_value();
-        let size = size as u64;
-        params.hdr.ramdisk_image = addr as u32;
-        params.ext_ramdisk_image = (addr >> 32) as u32;
-        params.hdr.ramdisk_size = size as u32;
-        params.ext_ramdisk_size = (size >> 32) as u32;
+        (params.hdr.ramdisk_image, params.ext_ramdisk_image) = crate::split_u64(addr);
+        (params.hdr.ramdisk_size, params.ext_ramdisk_size) = crate::split_u64(size as u64);
     }
 
     let entries = e820_entries(mem_size);
-    if entries.len() > E820_MAX_ENTRIES_ZEROPAGE as usize {
-        return Err(BootError::TooManyE820Entries {
+    let count = u8::try_from(entries.len())
+        .ok()
+        .filter(|&n| u32::from(n) <= E820_MAX_ENTRIES_ZEROPAGE)
+        .ok_or(BootError::TooManyE820Entries {
             mem_size,
             count: entries.len(),
             max: E820_MAX_ENTRIES_ZEROPAGE,
-        });
-    }
+        })?;
     for (slot, entry) in params.e820_table.iter_mut().zip(entries.iter()) {
         *slot = *entry;
     }
-    // At most 128 entries, checked above.
-    params.e820_entries = entries.len() as u8;
+    params.e820_entries = count;
 
     Ok(params)
 }
@@ -248,6 +250,7 @@ pub fn initrd_load_addr(mem_size: u64, size: usize) -> Result<GuestAddress, Boot
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // test constants, all small
 mod tests {
     use super::*;
     use crate::e820::{E820_RAM, E820_RESERVED};
@@ -292,8 +295,8 @@ mod tests {
         assert_eq!({ hdr.boot_flag }, 0xaa55);
         assert_eq!({ hdr.header }, 0x5372_6448);
         assert_eq!({ hdr.type_of_loader }, 0xff);
-        assert_ne!(hdr.loadflags & CAN_USE_HEAP as u8, 0);
-        assert_ne!(hdr.loadflags & LOADED_HIGH as u8, 0);
+        assert_ne!(hdr.loadflags & CAN_USE_HEAP_FLAG, 0);
+        assert_ne!(hdr.loadflags & LOADED_HIGH_FLAG, 0);
         assert_eq!({ hdr.heap_end_ptr }, HEAP_END_PTR);
         assert_eq!({ hdr.kernel_alignment }, KERNEL_MIN_ALIGNMENT_BYTES);
         assert_eq!({ hdr.cmd_line_ptr }, CMDLINE_START as u32);
@@ -326,7 +329,7 @@ mod tests {
             setup_sects: 0x1e,
             version: 0x020f,
             kernel_version: 0x3b0,
-            loadflags: LOADED_HIGH as u8,
+            loadflags: LOADED_HIGH_FLAG,
             kernel_alignment: 0x20_0000,
             cmdline_size: 0x7ff,
             init_size: 0x123_4000,

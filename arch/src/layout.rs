@@ -93,11 +93,11 @@ pub fn ram_regions(mem_size: u64) -> Vec<(GuestAddress, usize)> {
     let low = mem_size.min(MMIO_GAP_START);
     let mut regions = Vec::with_capacity(2);
     if low > 0 {
-        regions.push((GuestAddress(0), low as usize));
+        regions.push((GuestAddress(0), crate::u64_to_usize(low)));
     }
     let high = mem_size - low;
     if high > 0 {
-        regions.push((GuestAddress(MMIO_GAP_END), high as usize));
+        regions.push((GuestAddress(MMIO_GAP_END), crate::u64_to_usize(high)));
     }
     regions
 }
@@ -139,6 +139,7 @@ pub fn hotplug_region(mem_size: u64, max_mem_size: u64) -> Option<(GuestAddress,
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // test constants, all small
 mod tests {
     use super::*;
 

@@ -68,6 +68,33 @@ pub use cpuid::CpuidError;
 pub use mptable::MpTableError;
 pub use regs::RegsError;
 
+// Kestrel is x86_64-only: a `usize` holds any `u64`.
+const _: () = assert!(usize::BITS == u64::BITS);
+
+/// `v` as a `usize`: lossless, since Kestrel only builds for 64-bit x86 (asserted at compile
+/// time above).
+#[allow(clippy::cast_possible_truncation)]
+pub const fn u64_to_usize(v: u64) -> usize {
+    v as usize
+}
+
+/// The low and high 32-bit halves of `v` (for the split pointer fields of the boot protocol).
+pub const fn split_u64(v: u64) -> (u32, u32) {
+    let [a, b, c, d, e, f, g, h] = v.to_le_bytes();
+    (
+        u32::from_le_bytes([a, b, c, d]),
+        u32::from_le_bytes([e, f, g, h]),
+    )
+}
+
+/// A guest-physical address that must fit in a 32-bit field (MP table, boot protocol), checked
+/// when evaluated in a `const` (a compile error if it does not fit).
+#[allow(clippy::cast_possible_truncation)]
+pub const fn addr32(a: u64) -> u32 {
+    assert!(a <= u32::MAX as u64, "address does not fit in 32 bits");
+    a as u32
+}
+
 /// Any error of this crate, for callers that want a single type.
 #[derive(Debug, thiserror::Error)]
 pub enum ArchError {
@@ -99,6 +126,11 @@ mod kvm_tests {
     /// A VM with an in-kernel irqchip and one vCPU, or `None` when this machine has no KVM.
     fn vm_with_vcpu(id: u64) -> Option<(Kvm, VmFd, VcpuFd)> {
         if !std::path::Path::new("/dev/kvm").exists() {
+            // scripts/test.sh sets KESTREL_TEST_REQUIRE_ALL: there a missing prerequisite fails.
+            assert!(
+                std::env::var_os("KESTREL_TEST_REQUIRE_ALL").is_none(),
+                "/dev/kvm is missing"
+            );
             eprintln!("/dev/kvm missing: skipping KVM test");
             return None;
         }

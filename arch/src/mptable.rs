@@ -169,8 +169,9 @@ pub fn build_mptable(base: u64, max_cpus: u8) -> Result<Vec<u8>, MpTableError> {
     if !fits {
         return Err(MpTableError::TooLarge { base, size });
     }
-    // Below 1 MiB, so it fits in the 32-bit pointer field.
-    let table_addr = (base + FLOATING_POINTER_LEN as u64) as u32;
+    // Below 1 MiB (checked above), so it fits in the 32-bit pointer field.
+    let table_addr = u32::try_from(base + FLOATING_POINTER_LEN as u64)
+        .map_err(|_| MpTableError::TooLarge { base, size })?;
 
     let ioapic_id = max_cpus;
     let entry_count = usize::from(max_cpus) + 1 + 1 + usize::from(IOAPIC_PINS) + 2;
@@ -205,7 +206,7 @@ pub fn build_mptable(base: u64, max_cpus: u8) -> Result<Vec<u8>, MpTableError> {
     w.u32(0); // OEM table pointer
     w.u16(0); // OEM table size
     w.u16(entry_count);
-    w.u32(APIC_START as u32);
+    w.u32(const { crate::addr32(APIC_START) });
     w.u16(0); // extended table length: no extended entries
     w.u8(0); // extended table checksum: sum of zero bytes
     w.u8(0); // reserved
@@ -235,7 +236,7 @@ pub fn build_mptable(base: u64, max_cpus: u8) -> Result<Vec<u8>, MpTableError> {
     w.u8(ioapic_id);
     w.u8(IOAPIC_VERSION);
     w.u8(IOAPIC_FLAG_ENABLED);
-    w.u32(IOAPIC_START as u32);
+    w.u32(const { crate::addr32(IOAPIC_START) });
 
     // I/O interrupt entries: identity mapping, ISA IRQs 0..15 and pins 16..23.
     for pin in 0..IOAPIC_PINS {
@@ -290,6 +291,7 @@ pub fn setup_mptable<M: GuestMemory>(mem: &M, max_cpus: u8) -> Result<(), MpTabl
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // test constants, all small
 mod tests {
     use super::*;
     use vm_memory::GuestMemoryMmap;

@@ -53,6 +53,13 @@ const GDT_CODE_INDEX: u8 = 1;
 const GDT_DATA_INDEX: u8 = 2;
 const GDT_TSS_INDEX: u8 = 3;
 
+/// The GDT limit register value: the boot GDT's size in bytes, minus one (31).
+#[allow(clippy::cast_possible_truncation)] // 4 entries of 8 bytes
+const GDT_LIMIT: u16 = (std::mem::size_of::<[u64; 4]>() - 1) as u16;
+/// The IDT limit register value: one empty 8-byte entry, minus one (7).
+#[allow(clippy::cast_possible_truncation)]
+const IDT_LIMIT: u16 = (std::mem::size_of::<u64>() - 1) as u16;
+
 /// The boot GDT: null, code64, data, TSS — all flat (base 0, limit 0xfffff pages).
 pub const fn boot_gdt() -> [u64; 4] {
     [
@@ -181,6 +188,7 @@ fn descriptor_base(entry: u64) -> u64 {
     ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000)
 }
 
+#[allow(clippy::cast_possible_truncation)] // masked to 20 bits
 fn descriptor_limit(entry: u64) -> u32 {
     (((entry >> 32) & 0x000f_0000) | (entry & 0x0000_ffff)) as u32
 }
@@ -268,9 +276,9 @@ pub fn apply_boot_sregs(sregs: &mut kvm_sregs) {
     let tss = kvm_segment_from_gdt(gdt[usize::from(GDT_TSS_INDEX)], GDT_TSS_INDEX);
 
     sregs.gdt.base = BOOT_GDT_START;
-    sregs.gdt.limit = (std::mem::size_of_val(&gdt) - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
     sregs.idt.base = BOOT_IDT_START;
-    sregs.idt.limit = (std::mem::size_of::<u64>() - 1) as u16;
+    sregs.idt.limit = IDT_LIMIT;
 
     sregs.cs = code;
     sregs.ds = data;
@@ -373,7 +381,12 @@ pub fn setup_msrs(vcpu: &VcpuFd) -> Result<(), RegsError> {
 
 fn lapic_reg(lapic: &kvm_lapic_state, offset: usize) -> u32 {
     let r = &lapic.regs[offset..offset + 4];
-    u32::from_le_bytes([r[0] as u8, r[1] as u8, r[2] as u8, r[3] as u8])
+    u32::from_le_bytes([
+        r[0].cast_unsigned(),
+        r[1].cast_unsigned(),
+        r[2].cast_unsigned(),
+        r[3].cast_unsigned(),
+    ])
 }
 
 fn set_lapic_reg(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
@@ -381,7 +394,7 @@ fn set_lapic_reg(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
         .iter_mut()
         .zip(value.to_le_bytes())
     {
-        *dst = b as std::os::raw::c_char;
+        *dst = b.cast_signed();
     }
 }
 

@@ -777,6 +777,7 @@ impl DeviceEnv {
             rx_rate_limiter: None,
             tx_rate_limiter: None,
             create_tap: true,
+            ..NetConfig::default()
         });
         c.vsock = Some(VsockConfig {
             guest_cid: GUEST_CID as u32,

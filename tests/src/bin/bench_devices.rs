@@ -87,6 +87,7 @@ fn main() {
         serial: Some("bench".into()),
         partuuid: None,
         rate_limiter: None,
+        ..DriveConfig::default()
     }];
     c.vsock = agent_vsock(&uds);
     let sb = Sandbox::boot(&c, Duration::from_secs(900)).expect("boot");

@@ -188,6 +188,7 @@ fn main() {
             rx_rate_limiter: None,
             tx_rate_limiter: None,
             create_tap: true,
+            ..NetConfig::default()
         }];
     }
     c.fs = vec![

@@ -59,6 +59,7 @@ fn drive(id: &str, path: Option<&Path>, ro: bool) -> DriveConfig {
         serial: Some(format!("kestrel-{id}")),
         partuuid: None,
         rate_limiter: None,
+        ..DriveConfig::default()
     }
 }
 

@@ -121,6 +121,7 @@ fn tap_networking_in_a_namespace() {
             rx_rate_limiter: None,
             tx_rate_limiter: None,
             create_tap: true,
+            ..NetConfig::default()
         },
         NetConfig {
             iface_id: "hot".into(),
@@ -129,6 +130,7 @@ fn tap_networking_in_a_namespace() {
             rx_rate_limiter: None,
             tx_rate_limiter: None,
             create_tap: false,
+            ..NetConfig::default()
         },
     ];
     c.vsock = agent_vsock(&uds);
