@@ -226,3 +226,40 @@ fn pause_parks_every_vcpu_and_the_guest_stands_still_until_resume() {
     assert!(vm.threads().is_empty());
     assert!(vm.resume().is_err(), "not running");
 }
+
+#[test]
+fn devices_are_reached_by_id_and_ids_are_unique_across_kinds() {
+    use kestrel_api::{DriveConfig, FsConfig};
+    use kestrel_vmm::{DeviceError, DeviceKind, VmmError};
+    let share = scratch_dir().join("ids-share");
+    std::fs::create_dir_all(&share).unwrap();
+    let mut c = config(write_tiny_guest("ids.elf", &spin()), 1);
+    c.drives.push(DriveConfig {
+        drive_id: "slot".into(),
+        ..DriveConfig::default()
+    });
+    c.fs.push(FsConfig::shared_dir("share", &share));
+    let vm = Vm::create(&c).unwrap();
+    let seen: Vec<(&str, DeviceKind)> = vm.devices().map(|d| (d.id(), d.kind())).collect();
+    assert_eq!(seen, [("slot", DeviceKind::Block), ("fs0", DeviceKind::Fs)]);
+    let fs = vm
+        .device("fs0")
+        .and_then(|d| d.fs())
+        .expect("fs0 is a share");
+    assert_eq!((fs.tag(), fs.is_vhost_user()), ("share", false));
+    let slot = vm.device("slot").unwrap();
+    assert!(slot.net().is_none() && slot.fs().is_none());
+    assert_eq!(slot.metrics().block().map(|m| m.requests), Some(0));
+    assert!(slot.metrics().fs().is_none());
+    assert!(!slot.needs_reset());
+    assert!(vm.device("nope").is_none());
+    drop(vm);
+    // A drive may not take the id the first share gets.
+    c.drives[0].drive_id = "fs0".into();
+    match Vm::create(&c) {
+        Err(VmmError::Device(DeviceError::DuplicateId { id, kind })) => {
+            assert_eq!((id.as_str(), kind), ("fs0", DeviceKind::Block));
+        }
+        other => panic!("expected DuplicateId, got {:?}", other.map(|_| ())),
+    }
+}
