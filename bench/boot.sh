@@ -8,7 +8,7 @@ need_root
 build_guest
 cd "$ROOT"
 install_packages qemu-system-x86
-cargo build --release --quiet -p kestrel-vmm -p kestrel-tests --bin kestrel --bin bench_boot --bin bench_peer
+cargo build --release --quiet -p kestrel -p kestrel-tests --bin kestrel --bin bench_boot --bin bench_peer
 for v in 1 2; do
     "$ROOT/target/release/bench_boot" --vcpus "$v" --mem 128 --runs "${RUNS:-1}"
     echo

@@ -13,8 +13,9 @@
 #                      execs it after the readiness line); its bytes are part of the input
 #                      hash. Unset: build resources/agent (cargo, static glibc) into
 #                      $KESTREL_CACHE/agent-target/<checkout> and use that; its sources (Cargo.toml,
-#                      Cargo.lock, src/) and `rustc -V` are part of the input hash and cargo
-#                      runs only on a cache miss. Set but empty: no agent in the initramfs.
+#                      Cargo.lock, src/, and agent-proto's Cargo.toml and src/) and `rustc -V` are
+#                      part of the input hash and cargo runs only on a cache miss. Set but empty:
+#                      no agent in the initramfs.
 #
 # Cache layout (see resources/README.md):
 #   $KESTREL_CACHE/guest/<hash16>/{vmlinux,initramfs.cpio,config,build.log}
@@ -138,12 +139,14 @@ shopt -u nullglob
 
 sha() { sha256sum "$@" | cut -d' ' -f1; }
 
-# Agent inputs: its sources and the compiler (run in AGENT_DIR: rustup picks the toolchain
-# by directory, as for the build itself).
+# Agent inputs: its sources, those of the protocol crate it links (agent-proto, by path) and
+# the compiler (run in AGENT_DIR: rustup picks the toolchain by directory, as for the build
+# itself).
 agent_src_inputs() {
 	cd "$AGENT_DIR" || exit 1
 	echo "rustc $(rustc -V)"
-	find Cargo.toml Cargo.lock src -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+	find Cargo.toml Cargo.lock src ../../agent-proto/Cargo.toml ../../agent-proto/src -type f -print0 |
+		LC_ALL=C sort -z | xargs -0 sha256sum
 }
 if ((BUILD_AGENT)); then
 	AGENT_SRC_HASH=$(agent_src_inputs | sha256sum | cut -d' ' -f1) ||

@@ -62,9 +62,12 @@ check_tun() {
 # RUSTFLAGS of the caller, --target keeps crt-static off proc-macros), in its own target dir,
 # one per checkout (cargo's freshness check cannot tell checkouts apart; see build-guest.sh).
 AGENT_TARGET=x86_64-unknown-linux-gnu
+agent_target_dir() {
+    echo "$KESTREL_CACHE/agent-test-target/$(printf '%s' "$ROOT" | sha256sum | cut -c1-16)"
+}
 agent_cargo() {
     local tdir
-    tdir="$KESTREL_CACHE/agent-test-target/$(printf '%s' "$ROOT" | sha256sum | cut -c1-16)"
+    tdir="$(agent_target_dir)"
     (cd "$ROOT/resources/agent" &&
         CARGO_ENCODED_RUSTFLAGS=$'-Ctarget-feature=+crt-static\x1f-Crelocation-model=static' \
         cargo "$1" --locked --target "$AGENT_TARGET" --target-dir "$tdir" "${@:2}")

@@ -7,6 +7,6 @@ check_kvm
 install_host_packages
 build_guest
 log "building kestrel (release)"
-(cd "$ROOT" && cargo build --release --quiet -p kestrel-vmm)
+(cd "$ROOT" && cargo build --release --quiet -p kestrel)
 log "booting the default guest (about 100 s on a nested KVM); it prints KESTREL_GUEST_READY and reboots"
 exec "$ROOT/target/release/kestrel" </dev/null

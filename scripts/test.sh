@@ -23,12 +23,17 @@ export KESTREL_TEST_REQUIRE_ALL=1
 ALL_TESTS=(--workspace --features kestrel-tests/guest)
 log "cargo clippy"
 cargo clippy "${ALL_TESTS[@]}" --all-targets --quiet -- -D warnings
-log "cargo test"
-cargo test "${ALL_TESTS[@]}" -- --test-threads=2
-log "guest agent: cargo fmt --check, clippy, test (static $AGENT_TARGET)"
+log "guest agent: cargo fmt --check, clippy, test, release build (static $AGENT_TARGET)"
 (cd "$ROOT/resources/agent" && cargo fmt -- --check)
 agent_cargo clippy --all-targets --quiet -- -D warnings
 agent_cargo test
+agent_cargo build --release --quiet
+# The host client's test against the real agent (kestrel-sandbox, real_agent_over_unix_socket):
+# both ends of the wire protocol as built from this checkout.
+KESTREL_AGENT_TEST_BIN="$(agent_target_dir)/$AGENT_TARGET/release/kestrel-agent"
+export KESTREL_AGENT_TEST_BIN
+log "cargo test"
+cargo test "${ALL_TESTS[@]}" -- --test-threads=2
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 if [ "$FUZZ_SECONDS" -gt 0 ]; then
     for t in $(ls "$ROOT/fuzz/fuzz_targets" | sed 's/\.rs$//'); do

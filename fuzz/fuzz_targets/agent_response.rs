@@ -1,4 +1,4 @@
-//! The guest-agent client's response parsing (`kestrel_vmm::agent::AgentClient`): the fuzz
+//! The guest-agent client's response parsing (`kestrel_sandbox::agent::AgentClient`): the fuzz
 //! input is everything the "agent" ever sends, on the far end of a Unix socket pair, and the
 //! client runs a few operations against it.
 //!
@@ -23,7 +23,7 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use kestrel_vmm::agent::{AgentClient, ExecRequest};
+use kestrel_sandbox::agent::{AgentClient, ExecRequest};
 use libfuzzer_sys::fuzz_target;
 
 const EDGES: [u64; 16] = [

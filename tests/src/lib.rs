@@ -405,27 +405,7 @@ pub fn agent_vsock(uds: &std::path::Path) -> Option<kestrel_api::VsockConfig> {
 }
 
 /// The agent's `stream_source` byte stream (xorshift64*, docs/agent-protocol.md).
-pub struct XorShift(u64);
-
-impl XorShift {
-    /// A stream from `seed` (0 behaves as 1).
-    pub fn new(seed: u64) -> Self {
-        XorShift(if seed == 0 { 1 } else { seed })
-    }
-
-    /// Fill `buf` with the next bytes.
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let mut x = self.0;
-            x ^= x >> 12;
-            x ^= x << 25;
-            x ^= x >> 27;
-            self.0 = x;
-            let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
+pub use kestrel_agent_proto::XorShift;
 
 /// CPU time (ns, from /proc/self/task/<tid>/schedstat) of the VM's threads of one kind:
 /// `vcpus` false for the event loop, true for the vCPU threads.

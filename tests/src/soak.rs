@@ -26,6 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+use kestrel_agent_proto::AGENT_PORT;
 use kestrel_api::{DriveConfig, FsCache, FsConfig, NetConfig, SerialOutput, VmConfig, VsockConfig};
 use kestrel_vmm::{VcpuRunState, Vm, VmExit};
 use vm_memory::{Bytes, GuestAddress};
@@ -609,7 +610,6 @@ pub fn virtiofsd() -> PathBuf {
 const GUEST_CID: u64 = 3;
 const GUEST_PORT: u32 = 1234;
 const HOST_PORT: u32 = 5000;
-const AGENT_PORT: u32 = 1024;
 /// vsock packet header length, ops and type.
 const VSOCK_HDR: usize = 44;
 const VSOCK_OP_REQUEST: u16 = 1;

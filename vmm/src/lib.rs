@@ -44,10 +44,10 @@
 //! caller's threads) and with `SIGPIPE` blocked (`kestrel_devices::sigpipe`: no write of
 //! Kestrel's raises it, whatever the process's disposition). Dropping a [`Vm`] stops it and
 //! joins every thread; its fds and guest memory are released with it.
+//!
+//! The guest-agent client and the sandbox API (a VM plus its agent, with vCPU and memory
+//! resizing) are in `kestrel-sandbox`; the `kestrel` binary is the `kestrel` package (`cli/`).
 
-// Moves to the sandbox crate (issue 10), which opts into the workspace lints there.
-#[allow(clippy::cast_possible_truncation)]
-pub mod agent;
 mod boot;
 mod builder;
 mod device_manager;
@@ -57,7 +57,6 @@ mod exit;
 mod memory;
 mod metrics;
 pub mod pvfpu;
-pub mod sandbox;
 pub mod seccomp;
 mod threads;
 mod vcpu;
@@ -73,7 +72,6 @@ pub use evloop::EventLoopError;
 pub use exit::{ThreadClass, VcpuFault, VmExit};
 pub use memory::{GuestMem, MemoryError, PluggedRange};
 pub use metrics::VmMetrics;
-pub use sandbox::{Sandbox, SandboxError};
 pub use threads::{SpawnError, ThreadInfo, ThreadKind, STOP_JOIN_TIMEOUT};
 pub use vcpu::control::VcpuRunState;
 pub use vcpu::kick::{kick_signal, KICK_SIGNAL_OFFSET};

@@ -19,10 +19,8 @@ use std::process::{ChildStderr, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-use serde_json::{Map, Value};
+use kestrel_agent_proto::{b64, Exec, ExecOutput};
 
-use crate::b64;
 use crate::proto::{OpError, OpResult};
 
 /// Captured output per stream is cut at this size (the rest is read and dropped).
@@ -59,8 +57,9 @@ pub fn start_reaper() -> io::Result<()> {
 fn reap_forever() {
     loop {
         let spawns = table().spawns;
-        // SAFETY: waitid fills `info`, which we own.
+        // SAFETY: all-zero bytes are a valid `siginfo_t`.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: waitid fills `info`, which we own.
         let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
         if r == 0 {
             // SAFETY: waitid succeeded with WEXITED, so the pid field is valid.
@@ -90,22 +89,6 @@ fn reap_forever() {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExecArgs {
-    argv: Vec<String>,
-    #[serde(default)]
-    stdin: Option<String>,
-    #[serde(default)]
-    stdin_b64: Option<String>,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-    #[serde(default)]
-    cwd: Option<String>,
-    #[serde(default)]
-    timeout_ms: Option<u64>,
-}
-
 #[derive(Default)]
 struct Capture {
     data: Vec<u8>,
@@ -113,6 +96,19 @@ struct Capture {
 }
 
 impl Capture {
+    /// The output as UTF-8-lossy text, and as base64 of the exact bytes only if they are not
+    /// valid UTF-8.
+    fn text(&mut self) -> (String, Option<String>) {
+        match String::from_utf8(std::mem::take(&mut self.data)) {
+            Ok(s) => (s, None),
+            Err(e) => {
+                let bytes = e.into_bytes();
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                (text, Some(b64::encode(&bytes)))
+            }
+        }
+    }
+
     fn push(&mut self, b: &[u8]) {
         let room = OUTPUT_CAP.saturating_sub(self.data.len());
         if b.len() > room {
@@ -166,7 +162,8 @@ impl Deadline {
     }
 }
 
-pub fn exec(a: ExecArgs) -> OpResult<Value> {
+/// The `exec` op: run `a.argv`, feed it its input, capture its output until both pipes close.
+pub fn exec(a: Exec) -> OpResult<ExecOutput> {
     let Some(prog) = a.argv.first() else {
         return Err(OpError::bad_request("exec: argv is empty"));
     };
@@ -204,7 +201,7 @@ pub fn exec(a: ExecArgs) -> OpResult<Value> {
         let mut child = cmd
             .spawn()
             .map_err(|e| OpError::os(format!("exec {prog}"), e))?;
-        let pid = child.id() as libc::pid_t;
+        let pid = pid_of(&child);
         t.children.insert(pid, None);
         t.spawns += 1;
         SPAWNED.notify_all();
@@ -236,41 +233,31 @@ pub fn exec(a: ExecArgs) -> OpResult<Value> {
     );
     let status = wait_status(&mut deadline);
 
-    let mut r = Map::new();
-    let (code, signal) = match status {
+    let (exit_code, signal) = match status {
         Some(s) if libc::WIFEXITED(s) => (Some(libc::WEXITSTATUS(s)), None),
         Some(s) if libc::WIFSIGNALED(s) => (None, Some(libc::WTERMSIG(s))),
         _ => (None, None),
     };
-    r.insert("exit_code".into(), code.into());
-    r.insert("signal".into(), signal.into());
-    r.insert("timed_out".into(), deadline.timed_out().into());
-    r.insert(
-        "duration_ms".into(),
-        (start.elapsed().as_millis() as u64).into(),
-    );
-    put_output(&mut r, "stdout", out);
-    put_output(&mut r, "stderr", err);
-    Ok(Value::Object(r))
+    let (stdout, stdout_b64) = out.text();
+    let (stderr, stderr_b64) = err.text();
+    Ok(ExecOutput {
+        exit_code,
+        signal,
+        timed_out: deadline.timed_out(),
+        duration_ms: crate::ops::millis(start),
+        stdout,
+        stdout_b64,
+        stdout_truncated: out.truncated,
+        stderr,
+        stderr_b64,
+        stderr_truncated: err.truncated,
+    })
 }
 
-/// `name`: UTF-8-lossy text; `name_b64`: the exact bytes, only if they are not valid UTF-8;
-/// `name_truncated`: whether output beyond OUTPUT_CAP was dropped.
-fn put_output(r: &mut Map<String, Value>, name: &str, c: Capture) {
-    match String::from_utf8(c.data) {
-        Ok(s) => {
-            r.insert(name.into(), s.into());
-        }
-        Err(e) => {
-            let bytes = e.into_bytes();
-            r.insert(
-                name.into(),
-                String::from_utf8_lossy(&bytes).into_owned().into(),
-            );
-            r.insert(format!("{name}_b64"), b64::encode(&bytes).into());
-        }
-    }
-    r.insert(format!("{name}_truncated"), c.truncated.into());
+/// The child's pid as `pid_t`.
+#[allow(clippy::cast_possible_wrap)] // Linux pids are at most PID_MAX_LIMIT (2^22)
+fn pid_of(child: &std::process::Child) -> libc::pid_t {
+    child.id() as libc::pid_t
 }
 
 fn set_nonblocking(fd: libc::c_int) {
@@ -308,7 +295,7 @@ fn pump(
             Err(()) => return,
         };
         let timeout = wait.map_or(-1, |d| {
-            d.as_millis().clamp(1, i32::MAX as u128) as libc::c_int
+            libc::c_int::try_from(d.as_millis().max(1)).unwrap_or(libc::c_int::MAX)
         });
         let mut fds = [libc::pollfd {
             fd: -1,

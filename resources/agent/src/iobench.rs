@@ -7,28 +7,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::time::Instant;
 
-use serde::Deserialize;
-use serde_json::{json, Value};
+use kestrel_agent_proto::{
+    AllocTouch, AllocTouchStats, IoBench, IoBenchStats, MetaBench, MetaBenchStats, XorShift,
+};
 
+use crate::ops::{len_u64, millis, nanos};
 use crate::proto::{OpError, OpResult};
-use crate::stream::XorShift;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IoBench {
-    path: String,
-    block_size: usize,
-    count: u64,
-    #[serde(default)]
-    random: bool,
-    #[serde(default)]
-    write: bool,
-    #[serde(default)]
-    seed: u64,
-    /// Bytes of the device to use (default: its size).
-    #[serde(default)]
-    span: Option<u64>,
-}
 
 /// Page-aligned buffer for O_DIRECT.
 struct Aligned {
@@ -58,13 +42,17 @@ impl Drop for Aligned {
     }
 }
 
-pub fn io_bench(a: IoBench) -> OpResult<Value> {
-    if a.block_size == 0 || !a.block_size.is_multiple_of(512) || a.block_size > (16 << 20) {
-        return Err(OpError::new(
-            "bad_request",
-            "block_size must be a multiple of 512, at most 16 MiB",
-        ));
-    }
+/// Largest `io_bench` block.
+const MAX_BLOCK: usize = 16 << 20;
+
+/// The `io_bench` op.
+pub fn io_bench(a: IoBench) -> OpResult<IoBenchStats> {
+    let len = usize::try_from(a.block_size)
+        .ok()
+        .filter(|&l| l != 0 && l.is_multiple_of(512) && l <= MAX_BLOCK)
+        .ok_or_else(|| {
+            OpError::bad_request("block_size must be a multiple of 512, at most 16 MiB")
+        })?;
     let f = OpenOptions::new()
         .read(true)
         .write(a.write)
@@ -72,59 +60,57 @@ pub fn io_bench(a: IoBench) -> OpResult<Value> {
         .open(&a.path)
         .map_err(|e| OpError::os(&a.path, e))?;
     // SAFETY: lseek on our own fd.
-    let size = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_END) };
-    let size = a.span.unwrap_or(size.max(0) as u64);
-    let blocks = size / a.block_size as u64;
+    let end = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_END) };
+    let size = a.span.unwrap_or(u64::try_from(end).unwrap_or(0));
+    let blocks = size / a.block_size;
     if blocks == 0 {
-        return Err(OpError::new("bad_request", "device smaller than one block"));
+        return Err(OpError::bad_request("device smaller than one block"));
     }
-    let buf = Aligned::new(a.block_size)?;
+    let buf = Aligned::new(len)?;
     // SAFETY: `buf` owns `len` bytes.
     let slice = unsafe { std::slice::from_raw_parts_mut(buf.ptr, buf.len) };
     XorShift::new(a.seed ^ 0x5eed).fill(slice);
     let mut rng = XorShift::new(a.seed);
-    let mut pick = [0u8; 8];
     let t0 = Instant::now();
     for i in 0..a.count {
         let blk = if a.random {
-            rng.fill(&mut pick);
-            u64::from_le_bytes(pick) % blocks
+            rng.next_u64() % blocks
         } else {
             i % blocks
         };
-        let off = (blk * a.block_size as u64) as i64;
-        // SAFETY: `slice` is a valid buffer of `block_size` bytes for the duration of the call.
+        // blk < size / block_size: no overflow; a `span` beyond off_t is refused.
+        let off = libc::off_t::try_from(blk * a.block_size)
+            .map_err(|_| OpError::bad_request("span reaches beyond the largest file offset"))?;
+        // SAFETY: `slice` is a valid buffer of `len` bytes for the duration of the call.
         let n = unsafe {
             if a.write {
-                libc::pwrite(f.as_raw_fd(), slice.as_ptr().cast(), a.block_size, off)
+                libc::pwrite(f.as_raw_fd(), slice.as_ptr().cast(), len, off)
             } else {
-                libc::pread(f.as_raw_fd(), slice.as_mut_ptr().cast(), a.block_size, off)
+                libc::pread(f.as_raw_fd(), slice.as_mut_ptr().cast(), len, off)
             }
         };
-        if n != a.block_size as isize {
+        if usize::try_from(n).ok() != Some(len) {
             return Err(OpError::os("I/O", io::Error::last_os_error()));
         }
     }
-    let ns = t0.elapsed().as_nanos().max(1) as u64;
-    let bytes = a.count * a.block_size as u64;
-    Ok(json!({
-        "ops": a.count,
-        "bytes": bytes,
-        "duration_ns": ns,
-        "mb_per_s": bytes as f64 / (ns as f64 / 1e9) / 1e6,
-        "iops": a.count as f64 / (ns as f64 / 1e9),
-    }))
+    let ns = nanos(t0);
+    let bytes = a.count.saturating_mul(a.block_size);
+    Ok(IoBenchStats {
+        ops: a.count,
+        bytes,
+        duration_ns: ns,
+        mb_per_s: per_second(bytes, ns) / 1e6,
+        iops: per_second(a.count, ns),
+    })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetaBench {
-    dir: String,
-    count: u64,
+/// `n` per second, for `n` events in `ns` nanoseconds.
+fn per_second(n: u64, ns: u64) -> f64 {
+    n as f64 / (ns as f64 / 1e9)
 }
 
 /// `meta_bench`: `count` rounds of create + stat + unlink of a file in `dir`, timed in the guest.
-pub fn meta_bench(a: MetaBench) -> OpResult<Value> {
+pub fn meta_bench(a: MetaBench) -> OpResult<MetaBenchStats> {
     let t0 = Instant::now();
     for i in 0..a.count {
         let p = format!("{}/.kestrel-meta-{i}", a.dir);
@@ -132,21 +118,20 @@ pub fn meta_bench(a: MetaBench) -> OpResult<Value> {
         std::fs::metadata(&p).map_err(|e| OpError::os(&p, e))?;
         std::fs::remove_file(&p).map_err(|e| OpError::os(&p, e))?;
     }
-    let ns = t0.elapsed().as_nanos().max(1) as u64;
-    Ok(
-        json!({"rounds": a.count, "duration_ns": ns, "rounds_per_s": a.count as f64 / (ns as f64 / 1e9)}),
-    )
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AllocTouch {
-    mib: u64,
+    let ns = nanos(t0);
+    Ok(MetaBenchStats {
+        rounds: a.count,
+        duration_ns: ns,
+        rounds_per_s: per_second(a.count, ns),
+    })
 }
 
 /// `alloc_touch`: map `mib` MiB of anonymous memory, write every page, check it, unmap.
-pub fn alloc_touch(a: AllocTouch) -> OpResult<Value> {
-    let len = (a.mib as usize) << 20;
+pub fn alloc_touch(a: AllocTouch) -> OpResult<AllocTouchStats> {
+    let len = usize::try_from(a.mib)
+        .ok()
+        .and_then(|m| m.checked_mul(1 << 20))
+        .ok_or_else(|| OpError::bad_request(format!("alloc_touch: {} MiB is too many", a.mib)))?;
     let t0 = Instant::now();
     // SAFETY: anonymous private mapping; checked for MAP_FAILED below.
     let p = unsafe {
@@ -169,14 +154,19 @@ pub fn alloc_touch(a: AllocTouch) -> OpResult<Value> {
     // SAFETY: every offset is inside the `len`-byte mapping created above.
     unsafe {
         for off in (0..len).step_by(4096) {
-            base.add(off).write_volatile((off >> 12) as u8 | 1);
+            // The page number's low byte, never 0.
+            base.add(off)
+                .write_volatile((off >> 12).to_le_bytes()[0] | 1);
         }
         for off in (0..len).step_by(4096) {
             sum += u64::from(base.add(off).read_volatile());
         }
         libc::munmap(p, len);
     }
-    Ok(
-        json!({"mib": a.mib, "pages": len / 4096, "checksum": sum, "duration_ms": t0.elapsed().as_millis() as u64}),
-    )
+    Ok(AllocTouchStats {
+        mib: a.mib,
+        pages: len_u64(len / 4096),
+        checksum: sum,
+        duration_ms: millis(t0),
+    })
 }

@@ -9,7 +9,6 @@
 //! `CONNECT <port>`, answered with `OK <port>`, so the VMM's `AgentClient` can talk to it
 //! directly; `shutdown` only ends the process.
 
-mod b64;
 mod exec;
 mod iobench;
 mod ops;
@@ -17,21 +16,20 @@ mod proto;
 mod recwriter;
 mod stream;
 mod vecprobe;
+mod vsock;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use kestrel_agent_proto::AGENT_PORT;
 use proto::After;
 
-const PORT: u32 = 1024;
 /// Longest request line accepted (a 16 MiB write_file is ~22.4 MiB of base64).
 const MAX_LINE: usize = 32 << 20;
-/// IOCTL_VM_SOCKETS_GET_LOCAL_CID = _IO(7, 0xb9) from <linux/vm_sockets.h>.
-const IOCTL_VM_SOCKETS_GET_LOCAL_CID: libc::c_ulong = 0x7b9;
 
 /// Console output. Never panics (println! would, on a console write error, and a panic
 /// of PID 1 panics the kernel).
@@ -50,6 +48,7 @@ fn stop(code: i32) -> ! {
     // SAFETY: sync(2) and reboot(2) have no memory arguments.
     unsafe { libc::sync() };
     if is_pid1() {
+        // SAFETY: as above.
         unsafe { libc::reboot(libc::RB_AUTOBOOT) };
         say(&format!("reboot failed: {}", io::Error::last_os_error()));
         loop {
@@ -72,61 +71,9 @@ enum Listener {
 impl Listener {
     fn accept(&self) -> io::Result<File> {
         match self {
-            Listener::Vsock(fd) => {
-                // SAFETY: accept4 on our listening socket; the result is a new fd we own.
-                let c = unsafe {
-                    libc::accept4(
-                        fd.as_raw_fd(),
-                        std::ptr::null_mut(),
-                        std::ptr::null_mut(),
-                        libc::SOCK_CLOEXEC,
-                    )
-                };
-                if c < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // SAFETY: c is a fresh fd owned by nobody else.
-                Ok(File::from(unsafe { OwnedFd::from_raw_fd(c) }))
-            }
+            Listener::Vsock(fd) => vsock::accept(fd),
             Listener::Unix(l) => l.accept().map(|(s, _)| File::from(OwnedFd::from(s))),
         }
-    }
-}
-
-/// The guest's vsock CID; Some(VMADDR_CID_ANY) means no vsock device (no transport).
-fn vsock_local_cid() -> Option<u32> {
-    let f = File::open("/dev/vsock").ok()?;
-    let mut cid: u32 = 0;
-    // SAFETY: the ioctl writes one u32 into `cid`.
-    let r = unsafe { libc::ioctl(f.as_raw_fd(), IOCTL_VM_SOCKETS_GET_LOCAL_CID as _, &mut cid) };
-    (r == 0).then_some(cid)
-}
-
-pub(crate) fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
-    // SAFETY: plain socket calls on a fd we own; addr is a valid sockaddr_vm.
-    unsafe {
-        let fd = libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fd = OwnedFd::from_raw_fd(fd);
-        let mut addr: libc::sockaddr_vm = std::mem::zeroed();
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_port = port;
-        addr.svm_cid = libc::VMADDR_CID_ANY;
-        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-        if libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_vm).cast(),
-            len,
-        ) != 0
-        {
-            return Err(io::Error::last_os_error());
-        }
-        if libc::listen(fd.as_raw_fd(), 64) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(fd)
     }
 }
 
@@ -160,17 +107,17 @@ fn main() {
             }
         }
         None => {
-            if vsock_local_cid() == Some(libc::VMADDR_CID_ANY) {
+            if vsock::local_cid() == Some(libc::VMADDR_CID_ANY) {
                 // Nobody can reach us: behave like /init without an agent.
                 say("no vsock device; nothing to serve, stopping the machine");
                 stop(0);
             }
-            match vsock_listen(PORT) {
+            match vsock::listen(AGENT_PORT) {
                 Ok(fd) => {
-                    say(&format!("listening on vsock port {PORT}"));
+                    say(&format!("listening on vsock port {AGENT_PORT}"));
                     (Listener::Vsock(fd), false)
                 }
-                Err(e) => fatal(&format!("listen on vsock port {PORT}: {e}")),
+                Err(e) => fatal(&format!("listen on vsock port {AGENT_PORT}: {e}")),
             }
         }
     };

@@ -1,4 +1,5 @@
-//! The ops. Each takes its JSON args and returns a JSON result (see docs/agent-protocol.md).
+//! The ops. Each takes its typed arguments and returns its typed result
+//! (`kestrel-agent-proto`, docs/agent-protocol.md).
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
@@ -6,82 +7,88 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
+use std::time::Instant;
 
-use serde::Deserialize;
-use serde_json::{json, Value};
+use kestrel_agent_proto::{
+    b64, kind, AddEntropy, CpuOnline, CpuSets, Empty, Entropy, FileData, FileDigest, FileMode,
+    MemInfo, Mount, OfflineMemory, OfflinedMemory, OnlineCpu, Pong, ProbeMemory, ProbedMemory,
+    ReadFile, Request, SetTime, Sha256File, WriteFile,
+};
 use sha2::{Digest, Sha256};
 
-use crate::b64;
 use crate::exec;
-use crate::proto::{args, After, OpError, OpResult};
+use crate::proto::{reply, After, OpError, OpResult};
 
 /// Largest payload of one read_file / write_file call (decoded bytes).
 pub const MAX_DATA: u64 = 16 << 20;
 /// Most memory blocks one probe_memory / offline_memory call handles (16 TiB of 128 MiB).
 const MAX_BLOCKS: u64 = 1 << 17;
 /// Largest add_entropy payload.
-const MAX_ENTROPY: usize = 1 << 20;
+const MAX_ENTROPY: u32 = 1 << 20;
 
 const SYS_CPU: &str = "/sys/devices/system/cpu";
 const SYS_MEM: &str = "/sys/devices/system/memory";
 
-pub fn dispatch(op: &str, a: Value) -> OpResult<(Value, Option<After>)> {
-    let v = match op {
-        "ping" => json!({"pong": true, "version": env!("CARGO_PKG_VERSION")}),
-        "exec" => exec::exec(args(op, a)?)?,
-        "read_file" => read_file(args(op, a)?)?,
-        "write_file" => write_file(args(op, a)?)?,
-        "sha256_file" => sha256_file(args(op, a)?)?,
-        "sync" => {
-            let NoArgs {} = args(op, a)?;
+/// Run request `id`; returns its response line and what the connection does after sending it.
+pub fn run(id: u64, request: Request) -> (Vec<u8>, Option<After>) {
+    let line = match request {
+        Request::Ping(_) => reply(
+            id,
+            Ok(Pong {
+                pong: true,
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            }),
+        ),
+        Request::Exec(a) => reply(id, exec::exec(a)),
+        Request::ReadFile(a) => reply(id, read_file(a)),
+        Request::WriteFile(a) => reply(id, write_file(a)),
+        Request::Sha256File(a) => reply(id, sha256_file(a)),
+        Request::SyncCaches(_) => {
             // SAFETY: sync(2) has no arguments and cannot fail.
             unsafe { libc::sync() };
-            json!({})
+            reply(id, Ok(Empty))
         }
-        "mount" => mount(args(op, a)?)?,
-        "stream_sink" => crate::stream::sink(args(op, a)?)?,
-        "stream_source" => crate::stream::source(args(op, a)?)?,
-        "io_bench" => crate::iobench::io_bench(args(op, a)?)?,
-        "meta_bench" => crate::iobench::meta_bench(args(op, a)?)?,
-        "alloc_touch" => crate::iobench::alloc_touch(args(op, a)?)?,
-        "online_cpu" => online_cpu(args(op, a)?)?,
-        "probe_memory" => probe_memory(args(op, a)?)?,
-        "offline_memory" => offline_memory(args(op, a)?)?,
-        "set_time" => set_time(args(op, a)?)?,
-        "add_entropy" => add_entropy(args(op, a)?)?,
-        "meminfo" => {
-            let NoArgs {} = args(op, a)?;
-            meminfo()?
+        Request::Mount(a) => reply(id, mount(a)),
+        Request::StreamSink(a) => reply(id, crate::stream::sink(a)),
+        Request::StreamSource(a) => reply(id, crate::stream::source(a)),
+        Request::IoBench(a) => reply(id, crate::iobench::io_bench(a)),
+        Request::MetaBench(a) => reply(id, crate::iobench::meta_bench(a)),
+        Request::AllocTouch(a) => reply(id, crate::iobench::alloc_touch(a)),
+        Request::OnlineCpu(a) => reply(id, online_cpu(a)),
+        Request::ProbeMemory(a) => reply(id, probe_memory(a)),
+        Request::OfflineMemory(a) => reply(id, offline_memory(a)),
+        Request::SetTime(a) => reply(id, set_time(a)),
+        Request::AddEntropy(a) => reply(id, add_entropy(a)),
+        Request::Meminfo(_) => reply(id, meminfo()),
+        Request::Cpus(_) => reply(id, cpus()),
+        Request::Shutdown(s) => {
+            let after = After::Shutdown { reboot: s.reboot };
+            return (reply(id, Ok(Empty)), Some(after));
         }
-        "cpus" => {
-            let NoArgs {} = args(op, a)?;
-            json!({
-                "online": read_trim(&format!("{SYS_CPU}/online"))?,
-                "possible": read_trim(&format!("{SYS_CPU}/possible"))?,
-                "present": read_trim(&format!("{SYS_CPU}/present"))?,
-            })
-        }
-        "shutdown" => {
-            let s: Shutdown = args(op, a)?;
-            return Ok((json!({}), Some(After::Shutdown { reboot: s.reboot })));
-        }
-        _ => return Err(OpError::new("unsupported", format!("unknown op {op:?}"))),
     };
-    Ok((v, None))
+    (line, None)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoArgs {}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Shutdown {
-    #[serde(default)]
-    reboot: bool,
+/// Lowercase hex SHA-256 and count of the bytes `r` yields until EOF, read `buf_len` at a time.
+pub fn hash_to_eof(mut r: impl Read, buf_len: usize) -> io::Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; buf_len];
+    let mut total = 0u64;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok((hex(&h.finalize()), total)),
+            Ok(n) => {
+                h.update(&buf[..n]);
+                total += len_u64(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
-fn hex(digest: &[u8]) -> String {
+/// Lowercase hex of a digest.
+pub fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -114,20 +121,10 @@ fn open_at(path: &str, offset: u64) -> OpResult<(File, u64)> {
     Ok((f, size))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReadArgs {
-    path: String,
-    #[serde(default)]
-    offset: u64,
-    #[serde(default)]
-    len: Option<u64>,
-}
-
-fn read_file(a: ReadArgs) -> OpResult<Value> {
+fn read_file(a: ReadFile) -> OpResult<FileData> {
     if a.len.is_some_and(|l| l > MAX_DATA) {
         return Err(OpError::new(
-            "too_large",
+            kind::TOO_LARGE,
             format!("read_file: len is over the {MAX_DATA}-byte limit of one call"),
         ));
     }
@@ -138,73 +135,70 @@ fn read_file(a: ReadArgs) -> OpResult<Value> {
     f.take(limit)
         .read_to_end(&mut data)
         .map_err(|e| OpError::os(format!("read {}", a.path), e))?;
-    if a.len.is_none() && data.len() as u64 > MAX_DATA {
+    let len = len_u64(data.len());
+    if a.len.is_none() && len > MAX_DATA {
         return Err(OpError::new(
-            "too_large",
+            kind::TOO_LARGE,
             format!(
                 "read_file: {} has more than {MAX_DATA} bytes from offset {}; read it in ranges (offset, len)",
                 a.path, a.offset
             ),
         ));
     }
-    let eof = a.len.is_none_or(|l| (data.len() as u64) < l);
-    Ok(json!({
-        "data_b64": b64::encode(&data),
-        "sha256": hex(&Sha256::digest(&data)),
-        "len": data.len(),
-        "size": size,
-        "eof": eof,
-    }))
+    let eof = a.len.is_none_or(|l| len < l);
+    Ok(FileData {
+        data_b64: b64::encode(&data),
+        sha256: hex(&Sha256::digest(&data)),
+        len,
+        size,
+        eof,
+    })
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Mode {
-    Num(u32),
-    Text(String),
+/// A byte count in memory as the protocol's u64 (usize is at most 64 bits on x86_64).
+pub fn len_u64(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
 }
 
-impl Mode {
-    fn bits(&self) -> OpResult<u32> {
-        let m = match self {
-            Mode::Num(m) => *m,
-            Mode::Text(s) => {
-                let t = s.strip_prefix("0o").unwrap_or(s);
-                u32::from_str_radix(t, 8).map_err(|_| {
-                    OpError::bad_request(format!("mode {s:?} is not an octal number"))
-                })?
-            }
-        };
-        if m > 0o7777 {
-            return Err(OpError::bad_request(format!(
-                "mode {m:#o} has bits beyond 0o7777"
-            )));
+/// Milliseconds since `t0`.
+pub fn millis(t0: Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Nanoseconds since `t0`, at least 1 (a rate's divisor).
+pub fn nanos(t0: Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_nanos().max(1)).unwrap_or(u64::MAX)
+}
+
+/// The mode bits of a `write_file` mode; refuses what is not an octal mode.
+fn mode_bits(mode: &FileMode) -> OpResult<u32> {
+    let m = match mode {
+        FileMode::Bits(m) => *m,
+        FileMode::Octal(s) => {
+            let t = s.strip_prefix("0o").unwrap_or(s);
+            u32::from_str_radix(t, 8)
+                .map_err(|_| OpError::bad_request(format!("mode {s:?} is not an octal number")))?
         }
-        Ok(m)
+    };
+    if m > 0o7777 {
+        return Err(OpError::bad_request(format!(
+            "mode {m:#o} has bits beyond 0o7777"
+        )));
     }
+    Ok(m)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WriteArgs {
-    path: String,
-    data_b64: String,
-    #[serde(default)]
-    mode: Option<Mode>,
-    #[serde(default)]
-    append: bool,
-}
-
-fn write_file(a: WriteArgs) -> OpResult<Value> {
+fn write_file(a: WriteFile) -> OpResult<FileDigest> {
     let data = b64::decode(&a.data_b64)
         .map_err(|e| OpError::bad_request(format!("write_file: data_b64: {e}")))?;
-    if data.len() as u64 > MAX_DATA {
+    let len = len_u64(data.len());
+    if len > MAX_DATA {
         return Err(OpError::new(
-            "too_large",
+            kind::TOO_LARGE,
             format!("write_file: more than {MAX_DATA} bytes in one call; append in chunks"),
         ));
     }
-    let mode = a.mode.as_ref().map(Mode::bits).transpose()?;
+    let mode = a.mode.as_ref().map(mode_bits).transpose()?;
     let mut o = OpenOptions::new();
     o.create(true).mode(mode.unwrap_or(0o644));
     if a.append {
@@ -227,40 +221,19 @@ fn write_file(a: WriteArgs) -> OpResult<Value> {
         .metadata()
         .map_err(|e| OpError::os(format!("stat {path}"), e))?
         .len();
-    Ok(json!({"sha256": hex(&Sha256::digest(&data)), "len": data.len(), "size": size}))
+    Ok(FileDigest {
+        sha256: hex(&Sha256::digest(&data)),
+        len,
+        size,
+    })
 }
 
-fn sha256_file(a: ReadArgs) -> OpResult<Value> {
+fn sha256_file(a: Sha256File) -> OpResult<FileDigest> {
     let (f, size) = open_at(&a.path, a.offset)?;
-    let mut r = f.take(a.len.unwrap_or(u64::MAX));
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        match r.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                h.update(&buf[..n]);
-                total += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(OpError::os(format!("read {}", a.path), e)),
-        }
-    }
-    Ok(json!({"sha256": hex(&h.finalize()), "len": total, "size": size}))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MountArgs {
-    source: String,
-    target: String,
-    #[serde(default)]
-    fstype: String,
-    #[serde(default)]
-    options: Option<String>,
-    #[serde(default)]
-    flags: Vec<String>,
+    let r = f.take(a.len.unwrap_or(u64::MAX));
+    let (sha256, len) =
+        hash_to_eof(r, 1 << 20).map_err(|e| OpError::os(format!("read {}", a.path), e))?;
+    Ok(FileDigest { sha256, len, size })
 }
 
 fn mount_flag(name: &str) -> OpResult<libc::c_ulong> {
@@ -302,7 +275,7 @@ fn cstring(what: &str, s: &str) -> OpResult<CString> {
     CString::new(s).map_err(|_| OpError::bad_request(format!("{what} contains a NUL byte")))
 }
 
-fn mount(a: MountArgs) -> OpResult<Value> {
+fn mount(a: Mount) -> OpResult<Empty> {
     let mut flags = 0;
     for f in &a.flags {
         flags |= mount_flag(f)?;
@@ -338,51 +311,40 @@ fn mount(a: MountArgs) -> OpResult<Value> {
             a.source, a.target, a.fstype
         )));
     }
-    Ok(json!({}))
+    Ok(Empty)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OnlineCpu {
-    cpu: u32,
-    online: bool,
-}
-
-fn online_cpu(a: OnlineCpu) -> OpResult<Value> {
+fn online_cpu(a: OnlineCpu) -> OpResult<CpuOnline> {
     write_attr(
         &format!("{SYS_CPU}/cpu{}/online", a.cpu),
         if a.online { "1" } else { "0" },
     )?;
-    Ok(json!({"online": read_trim(&format!("{SYS_CPU}/online"))?}))
+    Ok(CpuOnline {
+        online: read_trim(&format!("{SYS_CPU}/online"))?,
+    })
 }
 
-fn meminfo_kb() -> OpResult<(u64, u64, Option<u64>)> {
+fn cpus() -> OpResult<CpuSets> {
+    Ok(CpuSets {
+        online: read_trim(&format!("{SYS_CPU}/online"))?,
+        possible: read_trim(&format!("{SYS_CPU}/possible"))?,
+        present: read_trim(&format!("{SYS_CPU}/present"))?,
+    })
+}
+
+fn meminfo() -> OpResult<MemInfo> {
     let text = read_trim("/proc/meminfo")?;
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
     };
-    let total =
-        field("MemTotal").ok_or_else(|| OpError::new("failed", "no MemTotal in /proc/meminfo"))?;
-    let free =
-        field("MemFree").ok_or_else(|| OpError::new("failed", "no MemFree in /proc/meminfo"))?;
-    Ok((total, free, field("MemAvailable")))
-}
-
-fn meminfo() -> OpResult<Value> {
-    let (total, free, avail) = meminfo_kb()?;
-    Ok(json!({"mem_total_kb": total, "mem_free_kb": free, "mem_available_kb": avail}))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MemRange {
-    addr: u64,
-    size: u64,
-    /// probe_memory only: "online_movable" (default), "online_kernel" or "online".
-    #[serde(default)]
-    online_type: Option<String>,
+    let missing = |name| OpError::new(kind::FAILED, format!("no {name} in /proc/meminfo"));
+    Ok(MemInfo {
+        mem_total_kb: field("MemTotal").ok_or_else(|| missing("MemTotal"))?,
+        mem_free_kb: field("MemFree").ok_or_else(|| missing("MemFree"))?,
+        mem_available_kb: field("MemAvailable"),
+    })
 }
 
 /// Memory block ids covering [addr, addr + size), and the block size.
@@ -391,7 +353,7 @@ fn blocks_of(op: &str, addr: u64, size: u64) -> OpResult<(Vec<u64>, u64)> {
     let bs = u64::from_str_radix(&bs_text, 16)
         .ok()
         .filter(|b| *b > 0)
-        .ok_or_else(|| OpError::new("failed", format!("bad block_size_bytes {bs_text:?}")))?;
+        .ok_or_else(|| OpError::new(kind::FAILED, format!("bad block_size_bytes {bs_text:?}")))?;
     let end = addr.checked_add(size);
     if size == 0 || !addr.is_multiple_of(bs) || !size.is_multiple_of(bs) || end.is_none() {
         return Err(OpError::bad_request(format!(
@@ -411,13 +373,8 @@ fn block_state(id: u64) -> OpResult<String> {
     read_trim(&format!("{SYS_MEM}/memory{id}/state"))
 }
 
-fn probe_memory(a: MemRange) -> OpResult<Value> {
-    let online_type = a.online_type.as_deref().unwrap_or("online_movable");
-    if !matches!(online_type, "online_movable" | "online_kernel" | "online") {
-        return Err(OpError::bad_request(format!(
-            "probe_memory: online_type {online_type:?} is not online_movable, online_kernel or online"
-        )));
-    }
+fn probe_memory(a: ProbeMemory) -> OpResult<ProbedMemory> {
+    let online_type = a.online_type.unwrap_or_default().as_str();
     let (ids, bs) = blocks_of("probe_memory", a.addr, a.size)?;
     let mut probed = Vec::new();
     for &id in &ids {
@@ -434,73 +391,68 @@ fn probe_memory(a: MemRange) -> OpResult<Value> {
             write_attr(&format!("{SYS_MEM}/memory{id}/state"), online_type)?;
         }
     }
-    let (total, _, _) = meminfo_kb()?;
-    Ok(json!({"blocks": ids, "probed": probed, "block_size": bs, "mem_total_kb": total}))
+    Ok(ProbedMemory {
+        blocks: ids,
+        probed,
+        block_size: bs,
+        mem_total_kb: meminfo()?.mem_total_kb,
+    })
 }
 
-fn offline_memory(a: MemRange) -> OpResult<Value> {
-    if a.online_type.is_some() {
-        return Err(OpError::bad_request(
-            "offline_memory: online_type is not an argument",
-        ));
-    }
+fn offline_memory(a: OfflineMemory) -> OpResult<OfflinedMemory> {
     let (ids, bs) = blocks_of("offline_memory", a.addr, a.size)?;
     for &id in ids.iter().rev() {
         if block_state(id)? != "offline" {
             write_attr(&format!("{SYS_MEM}/memory{id}/state"), "offline")?;
         }
     }
-    let (total, _, _) = meminfo_kb()?;
     // Linux 6.12 has no user-space interface that removes probed memory (only ACPI eject,
     // virtio-mem and dax/kmem call remove_memory()); the blocks stay, offline.
-    Ok(json!({"blocks": ids, "block_size": bs, "mem_total_kb": total, "removed": false}))
+    Ok(OfflinedMemory {
+        blocks: ids,
+        block_size: bs,
+        mem_total_kb: meminfo()?.mem_total_kb,
+        removed: false,
+    })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SetTime {
-    unix_ns: u64,
-}
-
-fn set_time(a: SetTime) -> OpResult<Value> {
-    let ts = libc::timespec {
-        tv_sec: (a.unix_ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (a.unix_ns % 1_000_000_000) as libc::c_long,
+fn set_time(a: SetTime) -> OpResult<Empty> {
+    // u64::MAX ns is ~1.8e10 s and the remainder is below 1e9: both fit.
+    let (Ok(tv_sec), Ok(tv_nsec)) = (
+        libc::time_t::try_from(a.unix_ns / 1_000_000_000),
+        libc::c_long::try_from(a.unix_ns % 1_000_000_000),
+    ) else {
+        return Err(OpError::bad_request("set_time: unix_ns out of range"));
     };
+    let ts = libc::timespec { tv_sec, tv_nsec };
     // SAFETY: ts is a valid timespec.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
         return Err(OpError::last_os("clock_settime(CLOCK_REALTIME)"));
     }
-    Ok(json!({}))
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AddEntropy {
-    data_b64: String,
-    /// Bits to credit; default and maximum: 8 per byte.
-    #[serde(default)]
-    credit_bits: Option<u32>,
+    Ok(Empty)
 }
 
 /// _IOW('R', 0x03, int[2]) from <linux/random.h>.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 
-fn add_entropy(a: AddEntropy) -> OpResult<Value> {
+fn add_entropy(a: AddEntropy) -> OpResult<Entropy> {
     let data = b64::decode(&a.data_b64)
         .map_err(|e| OpError::bad_request(format!("add_entropy: data_b64: {e}")))?;
-    if data.len() > MAX_ENTROPY {
-        return Err(OpError::new(
-            "too_large",
-            format!("add_entropy: more than {MAX_ENTROPY} bytes"),
-        ));
-    }
-    let max_bits = (data.len() * 8) as u32;
+    let len = u32::try_from(data.len())
+        .ok()
+        .filter(|&n| n <= MAX_ENTROPY)
+        .ok_or_else(|| {
+            OpError::new(
+                kind::TOO_LARGE,
+                format!("add_entropy: more than {MAX_ENTROPY} bytes"),
+            )
+        })?;
+    let max_bits = len * 8;
     let bits = a.credit_bits.unwrap_or(max_bits).min(max_bits);
     // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, 4-byte aligned.
     let mut words = vec![0u32; 2 + data.len().div_ceil(4)];
     words[0] = bits;
-    words[1] = data.len() as u32;
+    words[1] = len;
     for (w, chunk) in words[2..].iter_mut().zip(data.chunks(4)) {
         let mut b = [0u8; 4];
         b[..chunk.len()].copy_from_slice(chunk);
@@ -514,5 +466,56 @@ fn add_entropy(a: AddEntropy) -> OpResult<Value> {
     if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, words.as_ptr()) } != 0 {
         return Err(OpError::last_os("ioctl(RNDADDENTROPY) on /dev/urandom"));
     }
-    Ok(json!({"credited_bits": bits}))
+    Ok(Entropy {
+        credited_bits: bits,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_are_the_protocol_lines() {
+        let (line, after) = run(3, kestrel_agent_proto::Ping {}.into());
+        let want = format!(
+            r#"{{"id":3,"ok":{{"pong":true,"version":"{}"}}}}"#,
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(
+            (String::from_utf8(line).unwrap(), after.is_none()),
+            (want, true)
+        );
+        let (line, after) = run(4, kestrel_agent_proto::Shutdown { reboot: true }.into());
+        assert_eq!(line, br#"{"id":4,"ok":{}}"#);
+        assert!(matches!(after, Some(After::Shutdown { reboot: true })));
+        let missing = ReadFile {
+            path: "/nonexistent/x".into(),
+            ..ReadFile::default()
+        };
+        let (line, _) = run(5, missing.into());
+        let text = String::from_utf8(line).unwrap();
+        assert!(
+            text.starts_with(r#"{"id":5,"error":{"kind":"os","message":"open /nonexistent/x: "#)
+                && text.ends_with(r#","errno":2}}"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn hashes_to_eof_and_reads_modes() {
+        let (sha, len) = hash_to_eof(&b"abc"[..], 2).unwrap();
+        assert_eq!(
+            (sha.as_str(), len),
+            (
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
+                3
+            )
+        );
+        assert_eq!(mode_bits(&FileMode::Bits(0o644)).unwrap(), 0o644);
+        assert_eq!(mode_bits(&FileMode::Octal("0o755".into())).unwrap(), 0o755);
+        assert_eq!(mode_bits(&FileMode::Octal("600".into())).unwrap(), 0o600);
+        assert!(mode_bits(&FileMode::Octal("9".into())).is_err());
+        assert!(mode_bits(&FileMode::Bits(0o10000)).is_err());
+    }
 }

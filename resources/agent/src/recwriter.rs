@@ -11,17 +11,17 @@
 //! u64 LE words `seq * 0x9e37_79b9_7f4a_7c15 ^ i` for word index i), SHA-256 of the first 4064
 //! bytes (32 bytes). The host test (tests/tests/guest/durability.rs) checks all of it.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::fs::OpenOptions;
+use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 
 use sha2::{Digest, Sha256};
 
+use crate::vsock;
+
 /// Size of one record (and the O_DIRECT alignment used).
 pub const RECORD: usize = 4096;
 const MAGIC: &[u8; 8] = b"KESTREC1";
-const HOST_CID: u32 = 2;
 
 /// Record `seq`, as written to the device.
 pub fn record(seq: u64, out: &mut [u8]) {
@@ -35,37 +35,9 @@ pub fn record(seq: u64, out: &mut [u8]) {
     out[RECORD - 32..RECORD].copy_from_slice(&digest);
 }
 
-fn vsock_connect(cid: u32, port: u32) -> io::Result<File> {
-    // SAFETY: socket(2) takes no pointers; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` is a socket just created here that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: all-zero bytes are a valid `sockaddr_vm`.
-    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-    addr.svm_cid = cid;
-    addr.svm_port = port;
-    let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-    // SAFETY: `addr` is a valid `sockaddr_vm` of `len` bytes living across the call.
-    let r = unsafe {
-        libc::connect(
-            std::os::fd::AsRawFd::as_raw_fd(&fd),
-            (&addr as *const libc::sockaddr_vm).cast(),
-            len,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(File::from(fd))
-}
-
 fn run(dev: &str, port: u32, count: u64) -> Result<(), String> {
-    let mut host =
-        vsock_connect(HOST_CID, port).map_err(|e| format!("connect to host port {port}: {e}"))?;
+    let mut host = vsock::connect(vsock::HOST_CID, port)
+        .map_err(|e| format!("connect to host port {port}: {e}"))?;
     let disk = OpenOptions::new()
         .read(true)
         .write(true)

@@ -20,6 +20,8 @@ use std::arch::x86_64::{__cpuid, __cpuid_count};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use kestrel_agent_proto::XorShift;
+
 const SYS_SCHED_YIELD: u64 = 24;
 const SYS_KILL: u64 = 62;
 
@@ -67,16 +69,16 @@ fn usable(xcr0: Option<u64>) -> Usable {
     Usable { avx, avx512 }
 }
 
+/// The low 16 bits of `x`.
+fn low16(x: u64) -> u16 {
+    let b = x.to_le_bytes();
+    u16::from_le_bytes([b[0], b[1]])
+}
+
+/// `N` bytes of the protocol's test stream from `seed`.
 fn pattern<const N: usize>(seed: u64) -> [u8; N] {
-    let mut s = seed | 1;
     let mut out = [0u8; N];
-    for b in out.iter_mut() {
-        // xorshift64
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        *b = s as u8;
-    }
+    XorShift::new(seed).fill(&mut out);
     out
 }
 
@@ -149,7 +151,7 @@ unsafe fn round_avx512(src: &[u8; 64], k: u16, call: Call) -> ([u8; 64], u16) {
             options(nostack),
         )
     };
-    (dst, kout as u16)
+    (dst, low16(u64::from(kout)))
 }
 
 /// What the SIGUSR1 handler may clobber (set once before the handler is installed).
@@ -233,7 +235,7 @@ fn worker(id: u64, rounds: u64, u: Usable, call: Call) -> Counts {
         }
         if u.avx512 {
             let p64 = pattern::<64>(seed ^ 2);
-            let k = (seed as u16) | 1;
+            let k = low16(seed) | 1;
             // SAFETY: AVX-512F checked in `usable`.
             let (z, kb) = unsafe { round_avx512(&p64, k, call) };
             if z != p64 {

@@ -12,8 +12,8 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use kestrel_api::{DriveConfig, SerialOutput, VmConfig};
+use kestrel_sandbox::Sandbox;
 use kestrel_tests::*;
-use kestrel_vmm::Sandbox;
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;

@@ -7,8 +7,9 @@
 use std::time::{Duration, Instant};
 
 use kestrel_api::{SerialOutput, VmConfig};
+use kestrel_sandbox::Sandbox;
 use kestrel_tests::*;
-use kestrel_vmm::{Sandbox, Vm};
+use kestrel_vmm::Vm;
 
 fn main() {
     let rounds = cli_arg("--rounds", 3);

@@ -11,8 +11,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kestrel_api::{FsCache, FsConfig, NetConfig, SerialOutput, VmConfig};
+use kestrel_sandbox::Sandbox;
 use kestrel_tests::*;
-use kestrel_vmm::{Sandbox, Vm};
+use kestrel_vmm::Vm;
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
@@ -73,7 +74,7 @@ fn row(mtu: u32, dir: &str, size: u64, secs: f64, host_mbps: f64, cpu_ns: u64, p
 /// `size` bytes of TCP guest→host, then host→guest, on ports `port` and `port + 1`.
 fn tcp_each_way(
     sb: &Sandbox,
-    a: &mut kestrel_vmm::agent::AgentClient,
+    a: &mut kestrel_sandbox::agent::AgentClient,
     mtu: u32,
     size: u64,
     host_mbps: f64,

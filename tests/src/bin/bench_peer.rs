@@ -64,7 +64,7 @@ fn kestrel(g: &GuestArtifacts, vcpus: u64, mem: u64, dir: &std::path::Path) -> S
         .ok()
         .and_then(|p| p.parent().map(|d| d.join("kestrel")))
         .filter(|p| p.exists())
-        .expect("build the kestrel binary (cargo build --release -p kestrel-vmm)");
+        .expect("build the kestrel binary (cargo build --release -p kestrel)");
     let cfg = dir.join("kestrel.json");
     let json = serde_json::json!({
         "boot-source": {"kernel_image_path": g.vmlinux, "initrd_path": g.initramfs},

@@ -7,10 +7,11 @@
 use std::time::{Duration, Instant};
 
 use kestrel_api::{SerialOutput, VmConfig};
+use kestrel_sandbox::agent::ExecRequest;
+use kestrel_sandbox::Sandbox;
 use kestrel_tests::*;
-use kestrel_vmm::agent::ExecRequest;
 use kestrel_vmm::pvfpu::{self, Request};
-use kestrel_vmm::{Sandbox, Vm};
+use kestrel_vmm::Vm;
 use kvm_ioctls::Kvm;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -127,7 +128,7 @@ fn guest_side(assist: bool, pipelines: u64) -> GuestRun {
     let sb = Sandbox::from_vm(&c, vm, Duration::from_secs(900)).expect("boot");
     let mut a = sb.agent();
     a.set_call_timeout(Some(Duration::from_secs(3600)));
-    let run = |a: &mut kestrel_vmm::agent::AgentClient, script: &str| {
+    let run = |a: &mut kestrel_sandbox::agent::AgentClient, script: &str| {
         let t = Instant::now();
         let r = a
             .exec_with(

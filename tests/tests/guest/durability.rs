@@ -17,8 +17,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use kestrel_api::{DriveConfig, SerialOutput, VmConfig};
+use kestrel_sandbox::agent::AgentClient;
 use kestrel_tests::*;
-use kestrel_vmm::agent::AgentClient;
 use sha2::{Digest, Sha256};
 
 use super::agent_vsock;
@@ -63,14 +63,14 @@ fn kestrel_binary() -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(repo_root())
-        .args(["build", "--quiet", "-p", "kestrel-vmm", "--bin", "kestrel"])
+        .args(["build", "--quiet", "-p", "kestrel", "--bin", "kestrel"])
         .arg("--target-dir")
         .arg(target_dir);
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
     let status = cmd.status().expect("run cargo build");
-    assert!(status.success(), "cargo build -p kestrel-vmm --bin kestrel");
+    assert!(status.success(), "cargo build -p kestrel --bin kestrel");
     let bin = profile_dir.join("kestrel");
     assert!(bin.exists(), "{bin:?}");
     bin

@@ -12,7 +12,7 @@ use kestrel_api::{FsCache, FsConfig, SeccompMode, SerialOutput, VmConfig};
 use kestrel_tests::*;
 
 use super::{agent_vsock, create_captured, hex, sandbox, sh_merged};
-use kestrel_vmm::agent::AgentClient;
+use kestrel_sandbox::agent::AgentClient;
 use kestrel_vmm::{ThreadKind, Vm, VmExit};
 use sha2::{Digest, Sha256};
 

@@ -7,7 +7,8 @@ use kestrel_api::{SerialOutput, VmConfig};
 use kestrel_tests::*;
 
 use super::{agent_vsock, create_captured, sandbox, sh};
-use kestrel_vmm::{SandboxError, ThreadKind, VcpuRunState, VmExit};
+use kestrel_sandbox::SandboxError;
+use kestrel_vmm::{ThreadKind, VcpuRunState, VmExit};
 
 /// Resident KiB of the host pages in [start, end) (mincore; 0 when the range is unmapped).
 fn rss_in(start: u64, end: u64) -> u64 {

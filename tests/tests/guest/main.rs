@@ -15,7 +15,7 @@ mod xstate;
 
 use std::time::{Duration, Instant};
 
-use kestrel_vmm::agent::AgentClient;
+use kestrel_sandbox::agent::AgentClient;
 
 /// Run a shell command in the guest: (exit code, stdout, stderr). A process killed by a
 /// signal reports 128 + the signal number. Run once: a crash is the test's to see.
@@ -51,8 +51,8 @@ pub(crate) fn sandbox(
     c: &kestrel_api::VmConfig,
     vm: kestrel_vmm::Vm,
     cap: &kestrel_tests::Capture,
-) -> kestrel_vmm::Sandbox {
-    match kestrel_vmm::Sandbox::from_vm(c, vm, Duration::from_secs(600)) {
+) -> kestrel_sandbox::Sandbox {
+    match kestrel_sandbox::Sandbox::from_vm(c, vm, Duration::from_secs(600)) {
         Ok(s) => s,
         Err(e) => panic!("agent never answered: {e}\nconsole:\n{}", cap.text()),
     }

@@ -12,7 +12,7 @@ use kestrel_api::{NetConfig, RateLimiterConfig, SerialOutput, TokenBucketConfig,
 use kestrel_tests::*;
 
 use super::{agent_vsock, create_captured, hex, sandbox, sh_merged, wait_until};
-use kestrel_vmm::agent::AgentClient;
+use kestrel_sandbox::agent::AgentClient;
 use kestrel_vmm::VmExit;
 use serde_json::json;
 use sha2::{Digest, Sha256};

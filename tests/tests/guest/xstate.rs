@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use kestrel_api::{SerialOutput, VmConfig};
+use kestrel_sandbox::agent::{AgentClient, ExecRequest};
 use kestrel_tests::*;
-use kestrel_vmm::agent::{AgentClient, ExecRequest};
 
 use super::{agent_vsock, create_captured, sandbox};
 

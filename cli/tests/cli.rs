@@ -106,6 +106,43 @@ fn valid_config_validates() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
 }
 
+/// Firecracker's command line: `--config-file` (and `--no-api`) take the same file.
+#[test]
+fn firecracker_config_file_flag_validates() {
+    let cfg = write_config("fc", &config_json(&spin_kernel(), ""));
+    let out = kestrel(
+        &[
+            "--no-api".as_ref(),
+            "--config-file".as_ref(),
+            cfg.as_os_str(),
+            "validate".as_ref(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let bad = write_config(
+        "fc-bad",
+        &config_json(
+            &spin_kernel(),
+            r#", "balloon": {"amount_mib": 64, "deflate_on_oom": false}"#,
+        ),
+    );
+    let out = kestrel(
+        &[
+            "--config-file".as_ref(),
+            bad.as_os_str(),
+            "validate".as_ref(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("balloon") && stderr.contains("not supported by Kestrel"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn special_files_as_config_exit_2_without_hanging() {
     let fifo = scratch("fifo").join("config.fifo");
@@ -204,6 +241,11 @@ fn overflowing_rate_limiter_exits_2() {
 #[test]
 fn thread_panics_exit_1_naming_the_thread() {
     if !Path::new("/dev/kvm").exists() {
+        // scripts/test.sh sets KESTREL_TEST_REQUIRE_ALL: there a missing prerequisite fails.
+        assert!(
+            std::env::var_os("KESTREL_TEST_REQUIRE_ALL").is_none(),
+            "/dev/kvm is missing"
+        );
         eprintln!("skipped: no /dev/kvm");
         return;
     }

@@ -16,11 +16,9 @@ use std::time::{Duration, Instant};
 use kestrel_api::VmConfig;
 use thiserror::Error;
 
-use crate::agent::{AgentClient, AgentError};
-use crate::{Vm, VmmError};
+use kestrel_vmm::{Vm, VmExit, VmmError};
 
-/// Guest port of the Kestrel agent.
-pub const AGENT_PORT: u32 = 1024;
+use crate::agent::{AgentClient, AgentError, AGENT_PORT};
 
 /// Sandbox failures.
 #[derive(Debug, Error)]
@@ -133,6 +131,10 @@ pub struct Sandbox {
 impl Sandbox {
     /// Create and start the VM, then wait (up to `agent_timeout`) for its guest agent.
     pub fn boot(config: &VmConfig, agent_timeout: Duration) -> Result<Sandbox, SandboxError> {
+        // Refused before any resource is created.
+        if config.vsock.is_none() {
+            return Err(SandboxError::NoVsock);
+        }
         let vm = Vm::create(config)?;
         Self::from_vm(config, vm, agent_timeout)
     }
@@ -354,7 +356,7 @@ impl Sandbox {
     }
 
     /// Ask the guest to reboot and wait for the VM to stop.
-    pub fn shutdown(&self, timeout: Duration) -> Option<crate::VmExit> {
+    pub fn shutdown(&self, timeout: Duration) -> Option<VmExit> {
         let _ = self.agent().shutdown(false);
         self.vm.wait_timeout(timeout)
     }
@@ -388,14 +390,21 @@ mod tests {
 
     #[test]
     fn needs_vsock() {
-        let mut c = VmConfig::new("/nonexistent", 1, 64);
+        // Everything else valid (the test binary is an x86_64 ELF, as a kernel must be), no
+        // vsock section: refused as such, before the VM is created.
+        let kernel = std::env::current_exe().unwrap();
+        let mut c = VmConfig::new(&kernel, 1, 64);
         c.serial.output = kestrel_api::SerialOutput::None;
-        // Validation fails first on the missing kernel; with a valid kernel, the missing vsock
-        // would be reported. Check the error type directly.
-        assert!(matches!(
-            Sandbox::boot(&c, Duration::from_millis(1)),
-            Err(SandboxError::Vmm(VmmError::Config(_)))
-        ));
+        let e = Sandbox::boot(&c, Duration::from_millis(1)).err();
+        assert!(matches!(e, Some(SandboxError::NoVsock)), "{e:?}");
+        assert_eq!(
+            e.unwrap().to_string(),
+            "vsock: a sandbox needs a vsock device for its guest agent"
+        );
+    }
+
+    #[test]
+    fn resize_in_progress_message() {
         let e = SandboxError::ResizeInProgress.to_string();
         assert_eq!(e, "another resize is in progress");
     }

@@ -25,9 +25,14 @@ const DEFAULT_CONFIG: &str = include_str!("../../resources/configs/default.json"
                   (cache: $KESTREL_CACHE, default /var/cache/kestrel)."
 )]
 struct Cli {
-    /// VM configuration (JSON).
-    #[arg(long, global = true)]
+    /// VM configuration (JSON). `--config-file` is Firecracker's name for it: Firecracker's
+    /// config files validate and boot unchanged (docs/firecracker-config.md).
+    #[arg(long, visible_alias = "config-file", global = true)]
     config: Option<PathBuf>,
+    /// Firecracker's flag to boot from `--config-file` without its API socket. Kestrel has no
+    /// API socket yet, so this is what it always does; accepted for Firecracker's command lines.
+    #[arg(long)]
+    no_api: bool,
     /// Print the effective configuration and kernel command line on stderr before booting.
     #[arg(long)]
     verbose: bool,
