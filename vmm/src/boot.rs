@@ -55,8 +55,8 @@ pub enum BootError {
     MpTable(#[source] kestrel_arch::mptable::MpTableError),
 }
 
-/// Default kernel command line when `boot_args` is absent.
-pub const DEFAULT_BOOT_ARGS: &str = "console=ttyS0 reboot=k panic=1";
+/// Default kernel command line when `boot_args` is absent: Firecracker's (no serial console).
+pub use kestrel_api::DEFAULT_BOOT_ARGS;
 
 /// Command-line switches a Linux guest needs on a software (nested) KVM, where CPUID filtering
 /// does not reach the guest (docs/nested-kvm.md §2).
@@ -159,11 +159,7 @@ pub(crate) fn build_cmdline(
     extra: &[String],
 ) -> Result<Cmdline, BootError> {
     let mut c = Cmdline::new(layout::CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
-    let base = config
-        .boot_source
-        .boot_args
-        .as_deref()
-        .unwrap_or(DEFAULT_BOOT_ARGS);
+    let base = config.boot_source.boot_args_or_default();
     if !base.trim().is_empty() {
         c.insert_str(base.trim()).map_err(BootError::Cmdline)?;
     }
@@ -250,8 +246,12 @@ mod tests {
 
     #[test]
     fn default_args_then_what_the_machine_needs_in_order() {
-        let c = VmConfig::new("/k", 1, 128);
+        let mut c = VmConfig::new("/k", 1, 128);
+        // VmConfig::new turns the console on; a config without boot_args gets Firecracker's.
+        assert_eq!(cmdline(&c, 1, false, &[]), kestrel_api::CONSOLE_BOOT_ARGS);
+        c.boot_source.boot_args = None;
         assert_eq!(cmdline(&c, 1, false, &[]), DEFAULT_BOOT_ARGS);
+        assert!(!DEFAULT_BOOT_ARGS.contains("console="));
         assert_eq!(
             cmdline(
                 &c,

@@ -1,6 +1,7 @@
 //! virtio-blk (device id 2) over a raw image file or host block device.
 //!
-//! One request queue of [`QUEUE_SIZE`] entries. Offered features: `VERSION_1`, `FLUSH`,
+//! One request queue of [`QUEUE_SIZE`] entries. Offered features: `VERSION_1`, `FLUSH` (not
+//! with Firecracker's `cache_type: Unsafe`, [`BlockConfig::no_flush`]),
 //! `SEG_MAX`, `BLK_SIZE` (512), `RING_EVENT_IDX`, `RO` for read-only drives, and for writable
 //! drives `DISCARD` + `WRITE_ZEROES` when the image can punch holes (probed on open; block
 //! devices and empty slots always offer them, see [`io::DiskFile`]). Writes go to the file with
@@ -85,6 +86,10 @@ pub struct BlockConfig {
     pub serial: Option<[u8; SERIAL_LEN]>,
     /// Limits on requests and bytes (no buckets: unlimited).
     pub rate_limiter: RateLimiterConfig,
+    /// Firecracker's `cache_type: Unsafe`: `VIRTIO_BLK_F_FLUSH` is not offered, so the guest
+    /// never asks for a flush and the host page cache decides when data reaches the disk.
+    /// `false` (`Writeback`, Kestrel's default): flush offered and honoured (`fdatasync`).
+    pub no_flush: bool,
 }
 
 impl BlockConfig {
@@ -125,6 +130,7 @@ impl TryFrom<&kestrel_api::DriveConfig> for BlockConfig {
             read_only: d.is_read_only,
             serial,
             rate_limiter: d.rate_limiter.unwrap_or_default(),
+            no_flush: !d.offers_flush(),
         })
     }
 }
@@ -264,13 +270,16 @@ fn serial_bytes(s: &str) -> Option<[u8; SERIAL_LEN]> {
 
 /// The features a drive offers: discard and write-zeroes when holes can be punched (an empty
 /// slot does not know its future file and offers them: a discard may be a no-op, zeros can be
-/// written out), `RO` for a read-only drive.
-fn block_features(read_only: bool, can_unmap: bool) -> u64 {
+/// written out), `RO` for a read-only drive, `FLUSH` unless `no_flush` (`cache_type: Unsafe`; a
+/// flush the guest sends anyway is still honoured).
+fn block_features(read_only: bool, can_unmap: bool, no_flush: bool) -> u64 {
     let mut features = VIRTIO_F_VERSION_1
         | VIRTIO_RING_F_EVENT_IDX
-        | 1 << VIRTIO_BLK_F_FLUSH
         | 1 << VIRTIO_BLK_F_SEG_MAX
         | 1 << VIRTIO_BLK_F_BLK_SIZE;
+    if !no_flush {
+        features |= 1 << VIRTIO_BLK_F_FLUSH;
+    }
     if read_only {
         features |= 1 << VIRTIO_BLK_F_RO;
     } else if can_unmap {
@@ -290,7 +299,7 @@ impl Block {
             kind: "block",
             id: &config.drive_id,
             device_type: VIRTIO_ID_BLOCK,
-            avail_features: block_features(read_only, can_unmap),
+            avail_features: block_features(read_only, can_unmap, config.no_flush),
             queue_max_sizes: vec![QUEUE_SIZE],
         })?;
         let limiter = RateLimiter::new(&config.rate_limiter).map_err(BlockError::RateLimiter)?;

@@ -236,6 +236,32 @@ fn feature(bit: u32) -> u64 {
     1 << bit
 }
 
+/// Firecracker's `cache_type`: `Unsafe` offers no flush, `Writeback` (Kestrel's default) does.
+#[test]
+fn cache_type_unsafe_offers_no_flush() {
+    let t = image();
+    let mut api = kestrel_api::DriveConfig {
+        drive_id: "d".into(),
+        path_on_host: Some(t.as_path().to_path_buf()),
+        ..kestrel_api::DriveConfig::default()
+    };
+    let writeback = Block::new(&BlockConfig::try_from(&api).unwrap()).unwrap();
+    assert_ne!(writeback.avail_features() & feature(VIRTIO_BLK_F_FLUSH), 0);
+    api.cache_type = kestrel_api::CacheType::Unsafe;
+    let cfg = BlockConfig::try_from(&api).unwrap();
+    assert!(cfg.no_flush);
+    let unsafe_cache = Block::new(&cfg).unwrap();
+    assert_eq!(
+        unsafe_cache.avail_features() & feature(VIRTIO_BLK_F_FLUSH),
+        0
+    );
+    // Everything else is the same offer.
+    assert_eq!(
+        unsafe_cache.avail_features() | feature(VIRTIO_BLK_F_FLUSH),
+        writeback.avail_features()
+    );
+}
+
 #[test]
 fn features_and_config_space() {
     let t = image();
