@@ -182,89 +182,104 @@ pub fn build_mptable(base: u64, max_cpus: u8) -> Result<Vec<u8>, MpTableError> {
     };
 
     let mut w = Writer(Vec::with_capacity(size));
-
-    // MP floating pointer structure.
-    w.bytes(b"_MP_");
-    w.u32(table_addr);
-    w.u8(1); // length in 16-byte paragraphs
-    w.u8(SPEC_REV);
-    w.u8(0); // checksum, patched below
-    w.u8(0); // feature 1: 0 = a configuration table is present
-    w.u8(0); // feature 2: bit 7 clear = no IMCR, virtual-wire mode
-    w.zeros(3); // features 3..5
-    let fp_sum = checksum(&w.0[..FLOATING_POINTER_LEN]);
-    w.0[10] = fp_sum;
-
-    // MP configuration table header.
+    w.floating_pointer(table_addr);
     let header_at = w.0.len();
-    w.bytes(b"PCMP");
-    w.u16(table_len);
-    w.u8(SPEC_REV);
-    w.u8(0); // checksum, patched below
-    w.bytes(OEM_ID);
-    w.bytes(PRODUCT_ID);
-    w.u32(0); // OEM table pointer
-    w.u16(0); // OEM table size
-    w.u16(entry_count);
-    w.u32(const { crate::addr32(APIC_START) });
-    w.u16(0); // extended table length: no extended entries
-    w.u8(0); // extended table checksum: sum of zero bytes
-    w.u8(0); // reserved
-
-    // Processor entries.
-    for apic_id in 0..max_cpus {
-        let mut flags = CPU_FLAG_ENABLED;
-        if apic_id == 0 {
-            flags |= CPU_FLAG_BSP;
-        }
-        w.u8(ENTRY_PROCESSOR);
-        w.u8(apic_id);
-        w.u8(LAPIC_VERSION);
-        w.u8(flags);
-        w.u32(CPU_SIGNATURE);
-        w.u32(CPU_FEATURES);
-        w.zeros(8);
-    }
-
-    // Bus entry.
-    w.u8(ENTRY_BUS);
-    w.u8(ISA_BUS_ID);
-    w.bytes(ISA_BUS_TYPE);
-
-    // I/O APIC entry.
-    w.u8(ENTRY_IOAPIC);
-    w.u8(ioapic_id);
-    w.u8(IOAPIC_VERSION);
-    w.u8(IOAPIC_FLAG_ENABLED);
-    w.u32(const { crate::addr32(IOAPIC_START) });
-
-    // I/O interrupt entries: identity mapping, ISA IRQs 0..15 and pins 16..23.
-    for pin in 0..IOAPIC_PINS {
-        w.u8(ENTRY_IO_INTERRUPT);
-        w.u8(INT_TYPE_INT);
-        w.u16(INT_FLAGS_CONFORMING);
-        w.u8(ISA_BUS_ID);
-        w.u8(pin); // source bus IRQ
-        w.u8(ioapic_id);
-        w.u8(pin); // destination I/O APIC INTIN
-    }
-
-    // Local interrupt entries.
-    for (int_type, dest_apic, lint) in [(INT_TYPE_EXTINT, 0, 0), (INT_TYPE_NMI, ALL_LOCAL_APICS, 1)]
-    {
-        w.u8(ENTRY_LOCAL_INTERRUPT);
-        w.u8(int_type);
-        w.u16(INT_FLAGS_CONFORMING);
-        w.u8(ISA_BUS_ID);
-        w.u8(0); // source bus IRQ
-        w.u8(dest_apic);
-        w.u8(lint);
-    }
-
+    w.table_header(table_len, entry_count);
+    w.processors(max_cpus);
+    w.bus_and_ioapic(ioapic_id);
+    w.interrupts(ioapic_id);
     debug_assert_eq!(w.0.len(), size);
     let table_sum = checksum(&w.0[header_at..]);
     w.0[header_at + 7] = table_sum;
     Ok(w.0)
+}
+
+/// The table's parts, in the order [`build_mptable`] writes them.
+impl Writer {
+    /// The MP floating pointer structure, pointing at the table at `table_addr`.
+    fn floating_pointer(&mut self, table_addr: u32) {
+        let start = self.0.len();
+        self.bytes(b"_MP_");
+        self.u32(table_addr);
+        self.u8(1); // length in 16-byte paragraphs
+        self.u8(SPEC_REV);
+        self.u8(0); // checksum, patched below
+        self.u8(0); // feature 1: 0 = a configuration table is present
+        self.u8(0); // feature 2: bit 7 clear = no IMCR, virtual-wire mode
+        self.zeros(3); // features 3..5
+        let fp_sum = checksum(&self.0[start..start + FLOATING_POINTER_LEN]);
+        self.0[start + 10] = fp_sum;
+    }
+
+    /// The configuration table header (its checksum is patched in by the caller).
+    fn table_header(&mut self, table_len: u16, entry_count: u16) {
+        self.bytes(b"PCMP");
+        self.u16(table_len);
+        self.u8(SPEC_REV);
+        self.u8(0); // checksum, patched by build_mptable
+        self.bytes(OEM_ID);
+        self.bytes(PRODUCT_ID);
+        self.u32(0); // OEM table pointer
+        self.u16(0); // OEM table size
+        self.u16(entry_count);
+        self.u32(const { crate::addr32(APIC_START) });
+        self.u16(0); // extended table length: no extended entries
+        self.u8(0); // extended table checksum: sum of zero bytes
+        self.u8(0); // reserved
+    }
+
+    /// One processor entry per APIC id `0..max_cpus`, all enabled, CPU 0 the BSP.
+    fn processors(&mut self, max_cpus: u8) {
+        for apic_id in 0..max_cpus {
+            let mut flags = CPU_FLAG_ENABLED;
+            if apic_id == 0 {
+                flags |= CPU_FLAG_BSP;
+            }
+            self.u8(ENTRY_PROCESSOR);
+            self.u8(apic_id);
+            self.u8(LAPIC_VERSION);
+            self.u8(flags);
+            self.u32(CPU_SIGNATURE);
+            self.u32(CPU_FEATURES);
+            self.zeros(8);
+        }
+    }
+
+    /// The ISA bus entry and the I/O APIC entry.
+    fn bus_and_ioapic(&mut self, ioapic_id: u8) {
+        self.u8(ENTRY_BUS);
+        self.u8(ISA_BUS_ID);
+        self.bytes(ISA_BUS_TYPE);
+        self.u8(ENTRY_IOAPIC);
+        self.u8(ioapic_id);
+        self.u8(IOAPIC_VERSION);
+        self.u8(IOAPIC_FLAG_ENABLED);
+        self.u32(const { crate::addr32(IOAPIC_START) });
+    }
+
+    /// I/O interrupt entries (identity mapping: ISA IRQs 0..15 and pins 16..23), then the
+    /// local interrupt entries LINT0 = ExtINT (to the BSP) and LINT1 = NMI (to all CPUs).
+    fn interrupts(&mut self, ioapic_id: u8) {
+        for pin in 0..IOAPIC_PINS {
+            self.u8(ENTRY_IO_INTERRUPT);
+            self.u8(INT_TYPE_INT);
+            self.u16(INT_FLAGS_CONFORMING);
+            self.u8(ISA_BUS_ID);
+            self.u8(pin); // source bus IRQ
+            self.u8(ioapic_id);
+            self.u8(pin); // destination I/O APIC INTIN
+        }
+        let locals = [(INT_TYPE_EXTINT, 0, 0), (INT_TYPE_NMI, ALL_LOCAL_APICS, 1)];
+        for (int_type, dest_apic, lint) in locals {
+            self.u8(ENTRY_LOCAL_INTERRUPT);
+            self.u8(int_type);
+            self.u16(INT_FLAGS_CONFORMING);
+            self.u8(ISA_BUS_ID);
+            self.u8(0); // source bus IRQ
+            self.u8(dest_apic);
+            self.u8(lint);
+        }
+    }
 }
 
 /// Builds the MP table for `max_cpus` processors and writes it at [`MPTABLE_START`].

@@ -13,6 +13,12 @@ pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 
+/// The result of a `read`/`write`-style system call: the byte count, or the error in `errno`
+/// when it returned a negative value.
+pub(crate) fn syscall_len(r: isize) -> std::io::Result<usize> {
+    usize::try_from(r).map_err(|_| std::io::Error::last_os_error())
+}
+
 /// Put `fd` into non-blocking mode (`O_NONBLOCK` added to its status flags).
 pub(crate) fn set_nonblocking(fd: std::os::fd::RawFd) -> std::io::Result<()> {
     // SAFETY: fcntl(2) with F_GETFL / F_SETFL takes no pointers; `fd` is open and owned by

@@ -103,22 +103,21 @@ impl TokenBucket {
     /// Try to take `tokens` at `now`. Returns true if granted.
     pub fn reduce(&mut self, tokens: u64, now: Duration) -> bool {
         self.refill(now);
-        let mut need = i128::from(tokens);
         // One-time burst first.
-        let from_burst = need.min(i128::from(self.burst));
-        need -= from_burst;
+        let from_burst = tokens.min(self.burst);
+        let need = i128::from(tokens - from_burst);
         if need == 0 {
-            self.burst -= from_burst as u64;
+            self.burst -= from_burst;
             return true;
         }
         if need <= self.budget {
-            self.burst -= from_burst as u64;
+            self.burst -= from_burst;
             self.budget = self.budget.saturating_sub(need);
             return true;
         }
         if need > i128::from(self.size) && self.budget >= i128::from(self.size) {
             // Oversize request on a full bucket: let it through, pay it back later.
-            self.burst -= from_burst as u64;
+            self.burst -= from_burst;
             self.budget = self.budget.saturating_sub(need);
             return true;
         }
@@ -146,7 +145,7 @@ impl TokenBucket {
             .unsigned_abs()
             .saturating_mul(u128::from(self.refill_ns)))
         .div_ceil(u128::from(self.size.max(1)));
-        Duration::from_nanos(ns.min(u128::from(u64::MAX)) as u64)
+        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 
     /// Current budget (tests, metrics).

@@ -130,11 +130,7 @@ pub fn send(fd: RawFd, buf: &[u8], flags: libc::c_int) -> io::Result<usize> {
             flags | libc::MSG_NOSIGNAL,
         )
     };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    crate::syscall_len(r)
 }
 
 #[cfg(test)]
@@ -156,11 +152,7 @@ mod tests {
     fn write(fd: &OwnedFd) -> io::Result<usize> {
         // SAFETY: writes one byte from a valid buffer to an fd owned by the caller.
         let r = unsafe { libc::write(fd.as_raw_fd(), b"x".as_ptr().cast(), 1) };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
-        }
+        crate::syscall_len(r)
     }
 
     fn blocked() -> bool {

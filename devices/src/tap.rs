@@ -29,6 +29,19 @@ pub const VNET_HDR_LEN_V1: usize = 12;
 /// Most buffers one `readv`/`writev` takes (`IOV_MAX`).
 pub const MAX_IOVECS: usize = 1024;
 
+/// `ifr_flags` of TUNSETIFF: a TAP without packet information, with the virtio-net header.
+#[allow(clippy::cast_possible_truncation)] // 0x5002: the kernel's `ifr_flags` is a short.
+const TAP_FLAGS: libc::c_short =
+    (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+
+/// `n` iovecs as the count `readv`/`writev` take; `EINVAL` above [`MAX_IOVECS`].
+fn iov_count(n: usize) -> io::Result<libc::c_int> {
+    libc::c_int::try_from(n)
+        .ok()
+        .filter(|_| n <= MAX_IOVECS)
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
 /// `TUNSETOFFLOAD` flags.
 pub mod offload {
     /// The reader accepts frames with a partial checksum (`VIRTIO_NET_HDR_F_NEEDS_CSUM`).
@@ -137,13 +150,12 @@ impl Tap {
             .map_err(TapError::OpenTun)?;
         let mut req = IfReqFlags {
             name: [0; libc::IFNAMSIZ],
-            // The flag values fit in 16 bits (the kernel's `ifr_flags` is a short).
-            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+            flags: TAP_FLAGS,
             _pad: [0; 22],
         };
         // At most 15 bytes (checked above), so the name stays NUL-terminated.
         for (d, s) in req.name.iter_mut().zip(name.bytes()) {
-            *d = s as libc::c_char;
+            *d = libc::c_char::from_ne_bytes([s]);
         }
         // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` has its layout and size
         // and lives across the call; the descriptor is ours.
@@ -246,7 +258,7 @@ impl Tap {
 
     /// Read one frame (header included), scattered over `bufs`.
     pub fn readv(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        let n = bufs.len().min(MAX_IOVECS);
+        let n = iov_count(bufs.len().min(MAX_IOVECS))?;
         // SAFETY: `IoSliceMut` is ABI-compatible with `struct iovec` and each describes memory
         // we may write; readv writes at most their lengths, `n` of them, while they are
         // borrowed here.
@@ -254,42 +266,30 @@ impl Tap {
             libc::readv(
                 self.file.as_raw_fd(),
                 bufs.as_mut_ptr().cast::<libc::iovec>(),
-                n as libc::c_int,
+                n,
             )
         };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
-        }
+        crate::syscall_len(r)
     }
 
     /// Write one frame (header included), gathered from `bufs`.
     pub fn writev(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        if bufs.len() > MAX_IOVECS {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
+        let n = iov_count(bufs.len())?;
         // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` and each describes memory we
         // may read; writev only reads it, while it is borrowed here.
         let r = unsafe {
             libc::writev(
                 self.file.as_raw_fd(),
                 bufs.as_ptr().cast::<libc::iovec>(),
-                bufs.len() as libc::c_int,
+                n,
             )
         };
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
-        }
+        crate::syscall_len(r)
     }
 
     /// Write one frame (header included) gathered straight from guest memory.
     pub fn write_volatile(&self, bufs: &[VolatileSlice<'_>]) -> io::Result<usize> {
-        if bufs.len() > MAX_IOVECS {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
+        let n = iov_count(bufs.len())?;
         // The guards keep the memory mapped (they matter only for on-demand mappings) until
         // the call returns.
         let guards: Vec<_> = bufs.iter().map(|b| b.ptr_guard()).collect();
@@ -303,19 +303,9 @@ impl Tap {
         // SAFETY: every iovec describes a live guest-memory slice (a `VolatileSlice` is valid
         // for its length while borrowed, and its guard is held); writev only reads them.
         // Concurrent guest writes may change the bytes sent, which is the guest's business.
-        let r = unsafe {
-            libc::writev(
-                self.file.as_raw_fd(),
-                iovecs.as_ptr(),
-                iovecs.len() as libc::c_int,
-            )
-        };
+        let r = unsafe { libc::writev(self.file.as_raw_fd(), iovecs.as_ptr(), n) };
         drop(guards);
-        if r < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(r as usize)
-        }
+        crate::syscall_len(r)
     }
 }
 
@@ -425,7 +415,11 @@ pub(crate) mod test_util {
 
     /// ETH_P_ALL in network byte order.
     fn all_protocols() -> u16 {
-        (libc::ETH_P_ALL as u16).to_be()
+        u16::try_from(libc::ETH_P_ALL).unwrap().to_be()
+    }
+
+    fn sockaddr_ll_len() -> libc::socklen_t {
+        libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_ll>()).unwrap()
     }
 
     impl PacketSocket {
@@ -447,15 +441,15 @@ pub(crate) mod test_util {
             let fd = unsafe { OwnedFd::from_raw_fd(fd) };
             // SAFETY: sockaddr_ll is plain data; all zeros is a valid value.
             let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            sa.sll_family = libc::AF_PACKET as u16;
+            sa.sll_family = u16::try_from(libc::AF_PACKET).unwrap();
             sa.sll_protocol = all_protocols();
-            sa.sll_ifindex = index as i32;
+            sa.sll_ifindex = i32::try_from(index).unwrap();
             // SAFETY: `sa` is a valid sockaddr_ll of the given size.
             let r = unsafe {
                 libc::bind(
                     fd.as_raw_fd(),
                     (&sa as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                    sockaddr_ll_len(),
                 )
             };
             assert_eq!(r, 0, "bind: {}", io::Error::last_os_error());
@@ -468,7 +462,7 @@ pub(crate) mod test_util {
                 unsafe { libc::send(self.0.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
             assert_eq!(
                 r,
-                frame.len() as isize,
+                isize::try_from(frame.len()).unwrap(),
                 "send: {}",
                 io::Error::last_os_error()
             );
@@ -487,7 +481,7 @@ pub(crate) mod test_util {
                 pump();
                 // SAFETY: sockaddr_ll is plain data; all zeros is a valid value.
                 let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-                let mut len = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                let mut len = sockaddr_ll_len();
                 // SAFETY: writes at most `buf.len()` bytes into `buf` and at most `len` bytes
                 // into `sa`.
                 let r = unsafe {
@@ -501,7 +495,7 @@ pub(crate) mod test_util {
                     )
                 };
                 if r >= 0 {
-                    let frame = &buf[..r as usize];
+                    let frame = &buf[..usize::try_from(r).unwrap()];
                     if sa.sll_pkttype != libc::PACKET_OUTGOING && keep(frame) {
                         return frame.to_vec();
                     }

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use kestrel_api::DriveConfig;
-use kestrel_devices::virtio::block::Block;
+use kestrel_devices::virtio::block::{Block, BlockConfig};
 use kestrel_devices::virtio::{VirtioDevice, VIRTIO_RING_F_EVENT_IDX};
 use kestrel_fuzz::{
     guest_memory, interrupt, memfd_image, queue, queue_size, split_ring, write_parts,
@@ -78,7 +78,7 @@ fuzz_target!(|data: &[u8]| {
         is_read_only: read_only,
         ..DriveConfig::default()
     };
-    let mut block = Block::new(&config).unwrap();
+    let mut block = Block::new(&BlockConfig::try_from(&config).unwrap()).unwrap();
     let mut features = block.avail_features();
     if !event_idx {
         features &= !VIRTIO_RING_F_EVENT_IDX;

@@ -94,7 +94,7 @@ fuzz_target!(|data: &[u8]| {
     config.xattr = xattr;
     config.cache = FsCache::Auto;
     config.num_queues = REQUEST_QUEUES;
-    let mut fs = Fs::new(&config).unwrap();
+    let mut fs = Fs::new(&(&config).try_into().unwrap()).unwrap();
     let mut features = fs.avail_features();
     if !event_idx {
         features &= !VIRTIO_RING_F_EVENT_IDX;

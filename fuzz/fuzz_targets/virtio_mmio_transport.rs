@@ -43,11 +43,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use kestrel_api::{DriveConfig, FsCache, FsConfig, NetConfig};
-use kestrel_devices::virtio::block::Block;
+use kestrel_devices::virtio::block::{Block, BlockConfig};
 use kestrel_devices::virtio::fs::Fs;
 use kestrel_devices::virtio::mmio::{reg, MmioTransport, CONFIG_SPACE_OFFSET, MMIO_WINDOW_SIZE};
 use kestrel_devices::virtio::net::Net;
-use kestrel_devices::virtio::vsock::Vsock;
+use kestrel_devices::virtio::vsock::{Vsock, VsockConfig};
 use kestrel_devices::virtio::{
     status, GuestMem, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
@@ -239,6 +239,53 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Machine<D> {
         let _ = self.read(reg::STATUS);
     }
 
+    /// Queue `q` (in range, one past it, or huge) set up with a fuzzed size and addresses
+    /// (from the interesting lists or raw).
+    fn fuzzed_queue_setup(&mut self, inp: &mut Input<'_>) {
+        let q = u32::from(inp.byte());
+        let q = if q >= 0xf0 {
+            q << 24
+        } else {
+            q % (self.nqueues + 1)
+        };
+        let s = usize::from(inp.byte() % 16);
+        let size = match SIZES.get(s) {
+            Some(&v) => v,
+            None => {
+                self.write(reg::QUEUE_SEL, q);
+                self.read(reg::QUEUE_NUM_MAX)
+            }
+        };
+        let mut addrs = [0u64; 3];
+        for a in &mut addrs {
+            let i = usize::from(inp.byte() % 16);
+            *a = match ADDRS.get(i) {
+                Some(&v) => v,
+                None => inp.u64(),
+            };
+        }
+        self.queue_setup(q, size, addrs);
+    }
+
+    /// A driver's whole bring-up: every queue set up in the queue area, features negotiated
+    /// (without `EVENT_IDX` if asked), `DRIVER_OK`.
+    fn bring_up(&mut self, no_event_idx: bool) {
+        for q in 0..self.nqueues {
+            self.write(reg::QUEUE_SEL, q);
+            let size = self.read(reg::QUEUE_NUM_MAX).min(16);
+            let base = QUEUE_AREA + QUEUE_STRIDE * u64::from(q);
+            self.queue_setup(q, size, [base, base + 0x1000, base + 0x2000]);
+        }
+        let mut mask = u64::MAX;
+        if no_event_idx {
+            mask &= !VIRTIO_RING_F_EVENT_IDX;
+        }
+        self.negotiate(mask);
+        let s = self.read(reg::STATUS);
+        self.write(reg::STATUS, s | status::DRIVER_OK);
+        self.run();
+    }
+
     fn step(&mut self, inp: &mut Input<'_>) {
         match inp.byte() % 14 {
             0 => {
@@ -267,31 +314,7 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Machine<D> {
                 let data = inp.bytes(w).to_vec();
                 self.transport.write(off, &data);
             }
-            4 => {
-                let q = u32::from(inp.byte());
-                let q = if q >= 0xf0 {
-                    q << 24
-                } else {
-                    q % (self.nqueues + 1)
-                };
-                let s = usize::from(inp.byte() % 16);
-                let size = match SIZES.get(s) {
-                    Some(&v) => v,
-                    None => {
-                        self.write(reg::QUEUE_SEL, q);
-                        self.read(reg::QUEUE_NUM_MAX)
-                    }
-                };
-                let mut addrs = [0u64; 3];
-                for a in &mut addrs {
-                    let i = usize::from(inp.byte() % 16);
-                    *a = match ADDRS.get(i) {
-                        Some(&v) => v,
-                        None => inp.u64(),
-                    };
-                }
-                self.queue_setup(q, size, addrs);
-            }
+            4 => self.fuzzed_queue_setup(inp),
             5 => {
                 let b = inp.byte();
                 let v = STATUSES
@@ -333,20 +356,7 @@ impl<D: VirtioDevice + MutEventSubscriber + 'static> Machine<D> {
             }
             _ => {
                 let flags = inp.byte();
-                for q in 0..self.nqueues {
-                    self.write(reg::QUEUE_SEL, q);
-                    let size = self.read(reg::QUEUE_NUM_MAX).min(16);
-                    let base = QUEUE_AREA + QUEUE_STRIDE * u64::from(q);
-                    self.queue_setup(q, size, [base, base + 0x1000, base + 0x2000]);
-                }
-                let mut mask = u64::MAX;
-                if flags & 1 != 0 {
-                    mask &= !VIRTIO_RING_F_EVENT_IDX;
-                }
-                self.negotiate(mask);
-                let s = self.read(reg::STATUS);
-                self.write(reg::STATUS, s | status::DRIVER_OK);
-                self.run();
+                self.bring_up(flags & 1 != 0);
             }
         }
     }
@@ -383,6 +393,7 @@ fuzz_target!(|data: &[u8]| {
                 is_read_only: read_only,
                 ..DriveConfig::default()
             };
+            let config = BlockConfig::try_from(&config).unwrap();
             Machine::new(Block::new(&config).unwrap(), mem).drive(inp);
         }
         1 => {
@@ -390,18 +401,20 @@ fuzz_target!(|data: &[u8]| {
                 iface_id: "fuzz".into(),
                 ..NetConfig::default()
             };
+            let config = (&config).try_into().unwrap();
             Machine::new(Net::new(&config).unwrap(), mem).drive(inp);
         }
         2 => {
             let uds = base().join("v.sock");
             let _ = std::fs::remove_file(&uds);
-            Machine::new(Vsock::new(3, &uds).unwrap(), mem).drive(inp);
+            Machine::new(Vsock::new(&VsockConfig::new(3, &uds)).unwrap(), mem).drive(inp);
             let _ = std::fs::remove_file(&uds);
         }
         _ => {
             let mut config = FsConfig::shared_dir("fuzz", fresh_share(base()));
             config.read_only = read_only;
             config.cache = FsCache::Auto;
+            let config = (&config).try_into().unwrap();
             Machine::new(Fs::new(&config).unwrap(), mem).drive(inp);
         }
     }

@@ -128,11 +128,11 @@ fuzz_target!(|data: &[u8]| {
         &[(desc, DESC), (avail, AVAIL), (bufs, BUF), (bufs, HIGH)],
     );
 
-    let mut net = Net::new(&NetConfig {
+    let config = NetConfig {
         iface_id: "fuzz".into(),
         ..NetConfig::default()
-    })
-    .unwrap();
+    };
+    let mut net = Net::new(&(&config).try_into().unwrap()).unwrap();
     let mut features = net.avail_features() & !(HOST_OFFLOADS | GUEST_OFFLOADS | MRG_RXBUF);
     if !event_idx {
         features &= !VIRTIO_RING_F_EVENT_IDX;

@@ -30,7 +30,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use event_manager::{EventManager, SubscriberOps};
-use kestrel_devices::virtio::vsock::{muxer, Vsock};
+use kestrel_devices::virtio::vsock::{muxer, Vsock, VsockConfig};
 use kestrel_devices::virtio::VirtioDevice;
 use kestrel_fuzz::{
     guest_memory, ignore_sigpipe, interrupt, post_writable_buffers, queue, run_until_idle,
@@ -118,7 +118,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = std::fs::create_dir_all(dir());
     let uds = dir().join("v.sock");
     let _ = std::fs::remove_file(&uds);
-    let dev = Arc::new(Mutex::new(Vsock::new(3, &uds).unwrap()));
+    let dev = Arc::new(Mutex::new(Vsock::new(&VsockConfig::new(3, &uds)).unwrap()));
     let mut em = EventManager::<Arc<Mutex<Vsock>>>::new().unwrap();
     em.add_subscriber(dev.clone());
     if !inactive {

@@ -31,7 +31,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use event_manager::{EventManager, SubscriberOps};
-use kestrel_devices::virtio::vsock::{muxer, Vsock, RX_QUEUE, TX_QUEUE};
+use kestrel_devices::virtio::vsock::{muxer, Vsock, VsockConfig, RX_QUEUE, TX_QUEUE};
 use kestrel_devices::virtio::VirtioDevice;
 use kestrel_fuzz::{
     guest_memory, interrupt, post_writable_buffers, queue, queue_size, run_until_idle, scratch_dir,
@@ -97,7 +97,7 @@ fuzz_target!(|data: &[u8]| {
 
     let _ = std::fs::create_dir_all(dir());
     let uds = dir().join("v.sock");
-    let dev = Vsock::new(3, &uds).unwrap();
+    let dev = Vsock::new(&VsockConfig::new(3, &uds)).unwrap();
     let host = if listener {
         let p = muxer::port_path(&uds, 1);
         let _ = std::fs::remove_file(&p);

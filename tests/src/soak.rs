@@ -977,7 +977,10 @@ impl DeviceEnv {
             c.net_rx.wait(mem, 1, STEP_TIMEOUT) >= 1,
             "no frame reached net RX"
         );
-        let m = vm.net_metrics("eth0").expect("net metrics");
+        let m = vm
+            .device("eth0")
+            .and_then(|d| d.metrics().net())
+            .expect("net metrics");
         assert!(m.tx_packets == 1 && m.rx_packets >= 1, "{m:?}");
         // vsock: the guest's request was answered (RESPONSE to GUEST_PORT) and the host's
         // CONNECT became a REQUEST to AGENT_PORT.
@@ -1023,12 +1026,27 @@ impl DeviceEnv {
         }
         // A worker adds its counts after it published the reply.
         let end = Instant::now() + STEP_TIMEOUT;
-        while vm.fs_metrics("share").map(|m| m.requests) != Some(1) && Instant::now() < end {
+        while vm
+            .device("fs0")
+            .and_then(|d| d.metrics().fs())
+            .map(|m| m.requests)
+            != Some(1)
+            && Instant::now() < end
+        {
             std::thread::sleep(Duration::from_micros(200));
         }
-        assert_eq!(vm.fs_metrics("share").map(|m| m.requests), Some(1));
+        assert_eq!(
+            vm.device("fs0")
+                .and_then(|d| d.metrics().fs())
+                .map(|m| m.requests),
+            Some(1)
+        );
         for id in ["blk0", "eth0", "vsock", "fs0", "fs1"] {
-            assert_eq!(vm.device_needs_reset(id), Some(false), "{id} failed");
+            assert_eq!(
+                vm.device(id).map(|d| d.needs_reset()),
+                Some(false),
+                "{id} failed"
+            );
         }
         (host_conn, accepted)
     }

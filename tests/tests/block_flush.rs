@@ -1,5 +1,5 @@
-//! A drive's image is flushed (`fdatasync` on its open descriptor) before `Vm::swap_drive`
-//! replaces it, before a detach empties the slot, and before the VM's drop closes it — proved
+//! A drive's image is flushed (`fdatasync` on its open descriptor) before a swap of its backing
+//! (`BlockControl::swap_backing`) replaces it, before a detach empties the slot, and before the VM's drop closes it — proved
 //! on the real call: this test binary defines `fdatasync` itself, so the libc call Rust's
 //! `File::sync_data` makes lands here first; it records which file (device and inode, from
 //! `fstat` on the descriptor, so the descriptor was still open) and then makes the real system
@@ -83,25 +83,27 @@ fn swap_detach_and_drop_fdatasync_the_image_before_letting_go() {
     assert_eq!(std::fs::read(&a).unwrap()[1024..1536], [0xc3; 512]);
     take_synced();
 
-    // Swap: the old image is synced before swap_drive returns (once by the swap, which
+    // Swap: the old image is synced before swap_backing returns (once by the swap, which
     // reports a failure, once more when its descriptor is closed).
-    vm.swap_drive("d0", Some(&b), false).unwrap();
+    let dev = vm.device("d0").expect("drive d0");
+    let d0 = dev.block().expect("a block device");
+    d0.swap_backing(Some(&b), false).unwrap();
     let synced = take_synced();
     assert!(!synced.is_empty(), "no fdatasync at all on swap");
     assert!(synced.iter().all(|f| *f == id(&a)), "{synced:?}");
-    assert_eq!(vm.drive_metrics("d0").unwrap().backing_flushes, 1);
+    assert_eq!(dev.metrics().block().unwrap().backing_flushes, 1);
 
     // Detach: the same for the image that goes.
-    vm.swap_drive("d0", None, false).unwrap();
+    d0.swap_backing(None, false).unwrap();
     let synced = take_synced();
     assert!(
         !synced.is_empty() && synced.iter().all(|f| *f == id(&b)),
         "{synced:?}"
     );
-    assert_eq!(vm.drive_metrics("d0").unwrap().backing_flushes, 2);
+    assert_eq!(dev.metrics().block().unwrap().backing_flushes, 2);
 
     // Attaching to an empty slot has nothing to flush.
-    vm.swap_drive("d0", Some(&c), false).unwrap();
+    d0.swap_backing(Some(&c), false).unwrap();
     assert_eq!(take_synced(), []);
 
     // Drop: the attached image is synced while its descriptor is still open.

@@ -125,15 +125,15 @@ fn device_handler_panic_fails_the_device_not_the_vm() {
     let (threads, fds) = (thread_count(), fd_count());
     let vm = Vm::create(&c).unwrap();
     vm.start().unwrap();
-    assert_eq!(vm.device_needs_reset("d0"), Some(false));
-    assert_eq!(vm.device_needs_reset("nope"), None);
+    assert_eq!(vm.device("d0").map(|d| d.needs_reset()), Some(false));
+    assert_eq!(vm.device("nope").map(|d| d.needs_reset()), None);
     vm.inject_panic(ThreadClass::Device("d0".into())).unwrap();
     let end = Instant::now() + Duration::from_secs(10);
     while vm.metrics().device_panics == 0 && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(vm.metrics().device_panics, 1);
-    assert_eq!(vm.device_needs_reset("d0"), Some(true));
+    assert_eq!(vm.device("d0").map(|d| d.needs_reset()), Some(true));
     // The VM runs on, and the event loop does not spin on the undrained queue event.
     let before = vm_thread_cpu_ns(&vm, false);
     assert_eq!(vm.wait_timeout(Duration::from_millis(500)), None);
@@ -188,9 +188,15 @@ fn fs_worker_panic_fails_the_device_not_the_vm() {
         1,
         "the worker's panic is counted"
     );
-    assert_eq!(vm.fs_metrics("share").unwrap().panics, 1);
-    assert_eq!(vm.device_needs_reset("fs0"), Some(true));
-    assert_eq!(vm.device_needs_reset("fs1"), Some(false));
+    assert_eq!(
+        vm.device("fs0")
+            .and_then(|d| d.metrics().fs())
+            .unwrap()
+            .panics,
+        1
+    );
+    assert_eq!(vm.device("fs0").map(|d| d.needs_reset()), Some(true));
+    assert_eq!(vm.device("fs1").map(|d| d.needs_reset()), Some(false));
     // The VM runs on.
     assert_eq!(vm.wait_timeout(Duration::from_millis(300)), None);
     assert_eq!(
@@ -381,10 +387,16 @@ fn fs_workers_are_listed_as_vm_threads_run_filtered_and_end_with_the_vm() {
             "removed by the guest's request"
         );
     }
-    let m = vm.fs_metrics("share").unwrap();
+    let m = vm.device("fs0").and_then(|d| d.metrics().fs()).unwrap();
     let n = 2 + reqs.len() as u64;
     assert_eq!((m.requests, m.worker_requests), (n, n), "{m:?}");
-    assert_eq!(vm.fs_metrics("plain").unwrap().worker_requests, 0);
+    assert_eq!(
+        vm.device("fs1")
+            .and_then(|d| d.metrics().fs())
+            .unwrap()
+            .worker_requests,
+        0
+    );
 
     let all = vm.threads();
     let evloop = all
@@ -420,7 +432,7 @@ fn fs_workers_are_listed_as_vm_threads_run_filtered_and_end_with_the_vm() {
     }
     assert_eq!(task_status(evloop.tid, "Seccomp_filters"), "1");
     assert_eq!(vm.metrics().device_panics, 0);
-    assert_eq!(vm.device_needs_reset("fs0"), Some(false));
+    assert_eq!(vm.device("fs0").map(|d| d.needs_reset()), Some(false));
 
     // Stopping the VM ends its fs workers too: none listed, none left running.
     assert_eq!(vm.stop(), VmExit::Stopped);

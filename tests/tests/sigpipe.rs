@@ -311,7 +311,13 @@ fn vsock_peer_closes() {
         Duration::from_secs(20),
         || rx_ring.used_idx(&mem) >= 1,
     );
-    assert_eq!(vm.vsock_metrics().unwrap().conns_opened, 1);
+    assert_eq!(
+        vm.device("vsock")
+            .and_then(|d| d.metrics().vsock())
+            .unwrap()
+            .conns_opened,
+        1
+    );
 
     // The host peer stops reading: the device's next write to it fails with EPIPE.
     peer.shutdown(Shutdown::Read).unwrap();
@@ -324,7 +330,11 @@ fn vsock_peer_closes() {
         tx_ring.push(&mem, &[(h, HDR_SIZE as u32, 0), (h + 0x800, 16, 0)]);
     }
     wait_until("the connection ends", Duration::from_secs(20), || {
-        vm.vsock_metrics().unwrap().conns_closed >= 1
+        vm.device("vsock")
+            .and_then(|d| d.metrics().vsock())
+            .unwrap()
+            .conns_closed
+            >= 1
     });
     // The guest is told with a reset.
     let rst = (0..rx_ring.used_idx(&mem)).any(|i| {

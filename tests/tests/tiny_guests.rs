@@ -176,3 +176,90 @@ fn vcpu_plug_park_and_memory_hotplug_primitives() {
         .is_err());
     assert_eq!(vm.stop(), VmExit::Stopped);
 }
+
+#[test]
+fn pause_parks_every_vcpu_and_the_guest_stands_still_until_resume() {
+    use kestrel_vmm::VcpuRunState::{Parked, Running};
+    use std::time::Instant;
+    use vm_memory::{Bytes, GuestAddress};
+    const COUNTER: u64 = 0x3f_0000;
+    // inc qword [COUNTER]; jmp back
+    let mut code = vec![0x48, 0xff, 0x04, 0x25];
+    code.extend_from_slice(&u32::try_from(COUNTER).unwrap().to_le_bytes());
+    code.extend_from_slice(&[0xeb, 0xf6]);
+    let k = write_tiny_guest("count.elf", &code);
+    let vm = Vm::create(&config(k, 2)).unwrap();
+    assert!(vm.pause().is_err(), "not started yet");
+    vm.start().unwrap();
+    let count = || {
+        vm.guest_memory()
+            .read_obj::<u64>(GuestAddress(COUNTER))
+            .unwrap()
+    };
+    let advances_past = |n: u64| {
+        let end = Instant::now() + Duration::from_secs(10);
+        while count() <= n && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        count() > n
+    };
+    assert!(advances_past(0), "the guest counts");
+
+    vm.pause().unwrap();
+    assert_eq!(vm.vcpu_states(), vec![(0, Parked), (1, Parked)]);
+    let paused_at = count();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(count(), paused_at, "a paused guest does not run");
+    assert_eq!(vm.threads().len(), 3, "paused threads stay");
+
+    // A vCPU hot-removed while paused stays parked across the resume.
+    vm.park_vcpu(1).unwrap();
+    vm.resume().unwrap();
+    assert_eq!(vm.vcpu_states(), vec![(0, Running), (1, Parked)]);
+    assert!(advances_past(paused_at), "the guest counts again");
+    vm.plug_vcpu(1).unwrap();
+    assert_eq!(vm.vcpu_states(), vec![(0, Running), (1, Running)]);
+
+    // Stopping a paused VM ends its parked threads.
+    vm.pause().unwrap();
+    assert_eq!(vm.stop(), VmExit::Stopped);
+    assert!(vm.threads().is_empty());
+    assert!(vm.resume().is_err(), "not running");
+}
+
+#[test]
+fn devices_are_reached_by_id_and_ids_are_unique_across_kinds() {
+    use kestrel_api::{DriveConfig, FsConfig};
+    use kestrel_vmm::{DeviceError, DeviceKind, VmmError};
+    let share = scratch_dir().join("ids-share");
+    std::fs::create_dir_all(&share).unwrap();
+    let mut c = config(write_tiny_guest("ids.elf", &spin()), 1);
+    c.drives.push(DriveConfig {
+        drive_id: "slot".into(),
+        ..DriveConfig::default()
+    });
+    c.fs.push(FsConfig::shared_dir("share", &share));
+    let vm = Vm::create(&c).unwrap();
+    let seen: Vec<(&str, DeviceKind)> = vm.devices().map(|d| (d.id(), d.kind())).collect();
+    assert_eq!(seen, [("slot", DeviceKind::Block), ("fs0", DeviceKind::Fs)]);
+    let fs = vm
+        .device("fs0")
+        .and_then(|d| d.fs())
+        .expect("fs0 is a share");
+    assert_eq!((fs.tag(), fs.is_vhost_user()), ("share", false));
+    let slot = vm.device("slot").unwrap();
+    assert!(slot.net().is_none() && slot.fs().is_none());
+    assert_eq!(slot.metrics().block().map(|m| m.requests), Some(0));
+    assert!(slot.metrics().fs().is_none());
+    assert!(!slot.needs_reset());
+    assert!(vm.device("nope").is_none());
+    drop(vm);
+    // A drive may not take the id the first share gets.
+    c.drives[0].drive_id = "fs0".into();
+    match Vm::create(&c) {
+        Err(VmmError::Device(DeviceError::DuplicateId { id, kind })) => {
+            assert_eq!((id.as_str(), kind), ("fs0", DeviceKind::Block));
+        }
+        other => panic!("expected DuplicateId, got {:?}", other.map(|_| ())),
+    }
+}

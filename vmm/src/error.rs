@@ -1,9 +1,19 @@
-//! Errors of the VMM crate.
+//! Errors of the VMM crate: [`VmmError`] wraps each subsystem's own error enum (boot, vCPUs,
+//! devices, memory, event loop, seccomp, threads) and adds the VM-level ones. Subsystems never
+//! import this module, so no import circle runs through it.
 
 use std::io;
 
 use kestrel_api::ConfigError;
 use thiserror::Error;
+
+use crate::boot::BootError;
+use crate::device_manager::DeviceError;
+use crate::evloop::EventLoopError;
+use crate::memory::MemoryError;
+use crate::seccomp::SeccompError;
+use crate::threads::SpawnError;
+use crate::vcpu::VcpuError;
 
 /// Why creating, starting or controlling a VM failed.
 #[derive(Debug, Error)]
@@ -20,7 +30,7 @@ pub enum VmmError {
     /// The host KVM lacks a capability Kestrel needs.
     #[error("KVM lacks the capability {0}")]
     KvmCapability(&'static str),
-    /// A KVM ioctl failed.
+    /// A KVM VM ioctl failed.
     #[error("KVM {op} failed: {source}")]
     Kvm {
         /// What Kestrel asked KVM to do.
@@ -29,89 +39,33 @@ pub enum VmmError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// A file named in the configuration could not be opened or read.
-    #[error("{field}: cannot read {path}: {source}")]
-    File {
-        /// The configuration field.
-        field: &'static str,
-        /// The path.
-        path: String,
-        /// The I/O error.
-        #[source]
-        source: io::Error,
-    },
-    /// The kernel image is neither a loadable ELF nor a bzImage.
-    #[error("boot-source.kernel_image_path: cannot load {path}: {source}")]
-    KernelLoad {
-        /// The path.
-        path: String,
-        /// linux-loader's reason.
-        #[source]
-        source: linux_loader::loader::Error,
-    },
-    /// The initrd does not fit in guest memory.
-    #[error("boot-source.initrd_path: {0}")]
-    Initrd(#[source] kestrel_arch::boot::BootError),
-    /// The kernel command line could not be built.
-    #[error("boot-source.boot_args: {0}")]
-    Cmdline(#[source] linux_loader::cmdline::Error),
-    /// The command line could not be written into guest memory.
-    #[error("cannot write the kernel command line into guest memory: {0}")]
-    CmdlineLoad(#[source] linux_loader::loader::Error),
-    /// Boot parameters could not be written.
-    #[error("cannot write boot parameters: {0}")]
-    BootParams(#[source] kestrel_arch::boot::BootError),
-    /// The MP table could not be written.
-    #[error("cannot write the MP table: {0}")]
-    MpTable(#[source] kestrel_arch::mptable::MpTableError),
-    /// vCPU register setup failed.
-    #[error("vCPU {vcpu}: register setup failed: {source}")]
-    Regs {
-        /// vCPU index.
-        vcpu: u32,
-        /// The failure.
-        #[source]
-        source: kestrel_arch::regs::RegsError,
-    },
-    /// vCPU CPUID setup failed.
-    #[error("vCPU {vcpu}: CPUID setup failed: {source}")]
-    Cpuid {
-        /// vCPU index.
-        vcpu: u32,
-        /// The failure.
-        #[source]
-        source: kestrel_arch::cpuid::CpuidError,
-    },
-    /// A device could not be placed on a bus.
-    #[error("device {device}: {source}")]
-    Bus {
-        /// Device name.
-        device: &'static str,
-        /// The bus error.
-        #[source]
-        source: kestrel_devices::BusError,
-    },
-    /// An eventfd, timerfd or epoll operation failed.
+    /// The guest could not be loaded (kernel, initrd, command line, boot data).
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// A vCPU could not be created, set up, started, plugged or parked.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A device could not be created, wired into the VM or changed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// Guest memory could not be set up or changed.
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    /// The event loop could not be set up or started.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    /// A seccomp filter could not be built or installed (the VM did not start).
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
+    /// A thread could not be spawned.
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    /// An eventfd operation failed.
     #[error("{what}: {source}")]
     Io {
         /// What was being done.
         what: &'static str,
         /// The I/O error.
-        #[source]
-        source: io::Error,
-    },
-    /// The event loop could not be set up.
-    #[error("event loop: {0:?}")]
-    EventManager(event_manager::Error),
-    /// A seccomp filter could not be built or installed (the VM did not start).
-    #[error(transparent)]
-    Seccomp(#[from] crate::seccomp::SeccompError),
-    /// A thread could not be spawned.
-    #[error("cannot spawn thread {name}: {source}")]
-    Spawn {
-        /// Thread name.
-        name: String,
-        /// The error.
         #[source]
         source: io::Error,
     },
@@ -124,61 +78,6 @@ pub enum VmmError {
         #[source]
         source: io::Error,
     },
-    /// Guest memory could not be set up or changed.
-    #[error("guest memory: {0}")]
-    Memory(#[source] crate::memory::MemoryError),
-    /// A vCPU index that cannot be plugged or parked.
-    #[error("vCPU {id}: not a vCPU that can be changed (next new index {next}, max_vcpus {max}; vCPU 0 stays)")]
-    VcpuIndex {
-        /// Requested index.
-        id: u32,
-        /// The next index a new vCPU would get.
-        next: u32,
-        /// The VM's maximum.
-        max: u32,
-    },
-    /// A virtio device could not be wired into the VM.
-    #[error(transparent)]
-    Device(#[from] crate::device_manager::DeviceError),
-    /// A block device could not be created or changed.
-    #[error("drives[{drive_id}]: {source}")]
-    Block {
-        /// The drive.
-        drive_id: String,
-        /// Why.
-        #[source]
-        source: kestrel_devices::virtio::block::BlockError,
-    },
-    /// The vsock device could not be created.
-    #[error("vsock: {0}")]
-    Vsock(#[source] kestrel_devices::virtio::vsock::VsockError),
-    /// An in-process virtio-fs share could not be created.
-    #[error("fs[{tag}]: {source}")]
-    Fs {
-        /// The share's tag.
-        tag: String,
-        /// Why.
-        #[source]
-        source: kestrel_devices::virtio::fs::FsError,
-    },
-    /// A vhost-user-fs backend could not be connected.
-    #[error("fs[{tag}]: vhost-user: {source}")]
-    VhostUserFs {
-        /// The share's tag.
-        tag: String,
-        /// Why.
-        #[source]
-        source: kestrel_devices::virtio::fs::vhost_user::VhostUserFsError,
-    },
-    /// A network interface could not be created or changed.
-    #[error("network-interfaces[{iface_id}]: {source}")]
-    Net {
-        /// The interface.
-        iface_id: String,
-        /// Why.
-        #[source]
-        source: kestrel_devices::virtio::net::NetError,
-    },
     /// No device with that id.
     #[error("no device with id {0:?}")]
     NoSuchDevice(String),
@@ -189,20 +88,6 @@ pub enum VmmError {
     /// `start` was called twice.
     #[error("the VM was already started")]
     AlreadyStarted,
-    /// The vCPU kick signal (`SIGRTMIN+offset`) already has a disposition the embedding process
-    /// set; Kestrel does not replace it. Keep that signal free for Kestrel.
-    #[error(
-        "the vCPU kick signal SIGRTMIN+{offset} ({signal}) already has {current} installed by \
-         this process; Kestrel will not replace it (leave that signal to Kestrel)"
-    )]
-    KickSignalInUse {
-        /// The signal number.
-        signal: i32,
-        /// Its offset from `SIGRTMIN` ([`crate::KICK_SIGNAL_OFFSET`]).
-        offset: i32,
-        /// What is installed: `SIG_IGN` or `a handler`.
-        current: &'static str,
-    },
     /// The VM has stopped; the request needs a running VM.
     #[error("the VM is not running")]
     NotRunning,

@@ -15,6 +15,30 @@
 //! # Ok::<(), kestrel_vmm::VmmError>(())
 //! ```
 //!
+//! Per-device operations go through the device's handle, found by id:
+//!
+//! ```no_run
+//! # let vm: kestrel_vmm::Vm = unimplemented!();
+//! let slot = vm.device("slot").expect("a drive with that id");
+//! slot.block().expect("a block device").swap_backing(Some("/tmp/disk.img".as_ref()), false)?;
+//! println!("{:?}, needs reset: {}", slot.metrics(), slot.needs_reset());
+//! # Ok::<(), kestrel_vmm::DeviceError>(())
+//! ```
+//!
+//! Modules (no import circles: subsystems never import [`VmmError`], which wraps their errors):
+//! - `vm`: [`Vm`], the public API tying the parts together;
+//! - `builder`: the create path as steps (host checks, KVM VM and memory, irqchip, legacy
+//!   devices, kernel, one `attach_*` step per virtio device kind, vCPUs, boot data), shaped for
+//!   a restore entry point;
+//! - `device_manager`: virtio wiring (MMIO window, IRQ, irqfd, ioeventfds), the device
+//!   registry and the [`Device`] handle, panic containment, legacy devices;
+//! - `vcpu`: the `KVM_RUN` loop and assists; `vcpu::exits` (exit decisions, testable without
+//!   KVM), `vcpu::control` (park handshake), `vcpu::kick` (kick signal), `vcpu::manager` (every
+//!   vCPU and its thread: create, plug, park, pause);
+//! - `evloop`: the event loop, console input; it waits for the vCPUs but never kicks them;
+//! - `threads`: thread names/ids ([`ThreadInfo`]) and the common start of every VM thread;
+//! - `boot`, `memory`, `exit`, `metrics`, [`pvfpu`], [`seccomp`], `error`.
+//!
 //! Threads of one VM: one per vCPU (`kestrel-<vm>-vcpu<N>`) and one event loop
 //! (`kestrel-<vm>-evloop`), each under its class's seccomp filter ([`seccomp`]; never the
 //! caller's threads) and with `SIGPIPE` blocked (`kestrel_devices::sigpipe`: no write of
@@ -25,6 +49,7 @@
 //! resizing) are in `kestrel-sandbox`; the `kestrel` binary is the `kestrel` package (`cli/`).
 
 mod boot;
+mod builder;
 mod device_manager;
 mod error;
 mod evloop;
@@ -33,14 +58,22 @@ mod memory;
 mod metrics;
 pub mod pvfpu;
 pub mod seccomp;
+mod threads;
 mod vcpu;
 mod vm;
 
-pub use boot::{host_kvm_is_software, DEFAULT_BOOT_ARGS, SOFTWARE_KVM_ARGS};
-pub use device_manager::DeviceError;
+pub use boot::{host_kvm_is_software, BootError, DEFAULT_BOOT_ARGS, SOFTWARE_KVM_ARGS};
+pub use builder::{effective_max_vcpus, ConsoleSink};
+pub use device_manager::{
+    BlockControl, Device, DeviceError, DeviceKind, DeviceMetrics, FsControl, NetControl,
+};
 pub use error::VmmError;
+pub use evloop::EventLoopError;
 pub use exit::{ThreadClass, VcpuFault, VmExit};
 pub use memory::{GuestMem, MemoryError, PluggedRange};
 pub use metrics::VmMetrics;
-pub use vcpu::{kick_signal, VcpuRunState, KICK_SIGNAL_OFFSET};
-pub use vm::{effective_max_vcpus, ConsoleSink, ThreadInfo, ThreadKind, Vm, STOP_JOIN_TIMEOUT};
+pub use threads::{SpawnError, ThreadInfo, ThreadKind, STOP_JOIN_TIMEOUT};
+pub use vcpu::control::VcpuRunState;
+pub use vcpu::kick::{kick_signal, KICK_SIGNAL_OFFSET};
+pub use vcpu::VcpuError;
+pub use vm::Vm;

@@ -98,10 +98,14 @@ fn new_region(addr: u64, size: u64, shared: bool) -> Result<GuestRegionMmap, Mem
         size,
         source: std::io::Error::other(e.to_string()),
     };
+    let len = usize::try_from(size).map_err(|_| MemoryError::Map {
+        size,
+        source: std::io::Error::other("larger than the address space"),
+    })?;
     let mapping = if shared {
-        MmapRegion::from_file(FileOffset::new(memfd(size)?, 0), size as usize).map_err(map_err)?
+        MmapRegion::from_file(FileOffset::new(memfd(size)?, 0), len).map_err(map_err)?
     } else {
-        MmapRegion::new(size as usize).map_err(map_err)?
+        MmapRegion::new(len).map_err(map_err)?
     };
     GuestRegionMmap::new(mapping, GuestAddress(addr))
         .ok_or_else(|| MemoryError::Layout(format!("region {addr:#x}+{size:#x} overflows")))
@@ -265,16 +269,15 @@ impl MemoryManager {
             .remove_region(GuestAddress(addr), size)
             .map_err(|e| MemoryError::Layout(e.to_string()))?;
         let host = host_addr(&removed);
+        // The region was mapped with this size, so it fits both.
+        let (len, off_len) = (
+            usize::try_from(size).unwrap_or(0),
+            libc::off_t::try_from(size).unwrap_or(0),
+        );
         if host != 0 {
             // SAFETY: `host..host+size` is the removed region's live mapping; the guest can no
             // longer reach it (slot deleted) and dropping its pages is what unplug means.
-            unsafe {
-                libc::madvise(
-                    host as *mut libc::c_void,
-                    size as usize,
-                    libc::MADV_DONTNEED,
-                )
-            };
+            unsafe { libc::madvise(host as *mut libc::c_void, len, libc::MADV_DONTNEED) };
         }
         if self.shared {
             if let Some(fo) = removed.file_offset() {
@@ -285,7 +288,7 @@ impl MemoryManager {
                         std::os::fd::AsRawFd::as_raw_fd(fo.file()),
                         libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                         0,
-                        size as i64,
+                        off_len,
                     )
                 };
             }

@@ -29,7 +29,7 @@ pub struct VmCounters {
     pub device_panics: AtomicU64,
 }
 
-/// A copy of [`VmCounters`] at one moment, plus timings.
+/// A copy of the VM's live counters at one moment, plus timings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VmMetrics {
     /// Port-I/O exits.

@@ -70,7 +70,12 @@ pub enum PvFpuError {
     Memory(u64),
     /// `KVM_GET_XSAVE` / `KVM_SET_XSAVE` failed (KVM refuses an invalid state with EINVAL).
     #[error("{op} failed: errno {errno}")]
-    Kvm { op: &'static str, errno: i32 },
+    Kvm {
+        /// The ioctl.
+        op: &'static str,
+        /// The errno KVM returned.
+        errno: i32,
+    },
 }
 
 fn as_bytes(x: &kvm_xsave) -> &[u8] {
@@ -111,8 +116,9 @@ pub fn load(mem: &GuestMemoryMmap, addr: GuestAddress) -> Result<kvm_xsave, PvFp
     let bv_index = LEGACY_SIZE / 4;
     let bv = u64::from(state.region[bv_index]) | (u64::from(state.region[bv_index + 1]) << 32);
     let bv = bv | XSTATE_BV_FP_SSE;
-    state.region[bv_index] = bv as u32;
-    state.region[bv_index + 1] = (bv >> 32) as u32;
+    let [b0, b1, b2, b3, b4, b5, b6, b7] = bv.to_le_bytes();
+    state.region[bv_index] = u32::from_le_bytes([b0, b1, b2, b3]);
+    state.region[bv_index + 1] = u32::from_le_bytes([b4, b5, b6, b7]);
     Ok(state)
 }
 
@@ -169,7 +175,7 @@ mod tests {
         m.write_slice(&[0xaa; LEGACY_SIZE], area).unwrap();
         let mut state = kvm_xsave::default();
         for (i, w) in state.region.iter_mut().enumerate() {
-            *w = i as u32;
+            *w = u32::try_from(i).unwrap();
         }
         store(&m, area, &state).unwrap();
         let mut legacy = [0u8; LEGACY_SIZE];

@@ -355,7 +355,7 @@ fn rules(class: FilterClass) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompi
         }
     }
     // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() } as u64;
+    let pid = u64::from(unsafe { libc::getpid() }.unsigned_abs());
     // Signals go to this process's own threads only (the vCPU kick; abort()).
     m.insert(libc::SYS_tgkill, any_of(0, &[pid])?);
     let ioctls: Vec<u64> = match class {
@@ -377,6 +377,16 @@ fn rules(class: FilterClass) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompi
         m.insert(nr, Vec::new());
     }
     m.insert(libc::SYS_unshare, any_of(0, &[libc::CLONE_FS as u64])?);
+    argument_rules(class, &mut m)?;
+    Ok(m)
+}
+
+/// The rules that look at arguments beyond `ioctl`, `tgkill` and `unshare`: read-only opens
+/// for vCPUs; Unix sockets and stacking a worker's filter for the event loop.
+fn argument_rules(
+    class: FilterClass,
+    m: &mut BTreeMap<i64, Vec<SeccompRule>>,
+) -> Result<(), seccompiler::Error> {
     if class == FilterClass::Vcpu {
         // Read-only opens only: neither write access nor creation/truncation.
         let write_bits = (libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC) as u64;
@@ -402,7 +412,7 @@ fn rules(class: FilterClass) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompi
             ])?],
         );
     }
-    Ok(m)
+    Ok(())
 }
 
 fn compile(class: FilterClass, mismatch: SeccompAction) -> Result<BpfProgram, seccompiler::Error> {

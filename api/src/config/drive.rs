@@ -66,7 +66,7 @@ pub struct DriveConfig {
     #[serde(default)]
     pub partuuid: Option<String>,
     /// Token buckets for the drive's requests: bandwidth counts the bytes read or written, ops
-    /// counts every request. Changeable at run time (`Vm::update_drive_rate_limiter`).
+    /// counts every request. Changeable at run time (`BlockControl::update_rate_limiter`).
     #[serde(default)]
     pub rate_limiter: Option<crate::RateLimiterConfig>,
     /// Firecracker's `cache_type`: whether the guest is offered a flush. Default `Writeback`

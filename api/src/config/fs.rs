@@ -181,42 +181,7 @@ impl FsConfig {
             (Some(dir), None) => check_shared_dir(&field("shared_dir"), dir)?,
             (None, Some(sock)) => {
                 check_socket(&field("socket"), sock)?;
-                let daemon_option = |name: &str, flag: &str| {
-                    ConfigError::invalid(
-                        field(name),
-                        format!(
-                            "is an option of the vhost-user daemon (virtiofsd {flag}), not of \
-                             Kestrel: leave it at its default with socket"
-                        ),
-                    )
-                };
-                if self.read_only {
-                    return Err(daemon_option("read_only", "--readonly"));
-                }
-                if self.cache != FsCache::default() {
-                    return Err(daemon_option("cache", "--cache"));
-                }
-                if self.xattr {
-                    return Err(daemon_option("xattr", "--xattr"));
-                }
-                if self.worker_threads {
-                    return Err(daemon_option("worker_threads", "--thread-pool-size"));
-                }
-                if self.max_open_handles != DEFAULT_FS_MAX_OPEN_HANDLES {
-                    return Err(daemon_option("max_open_handles", "--rlimit-nofile"));
-                }
-                for (name, set) in [
-                    ("allow_setid", self.allow_setid),
-                    ("allow_devices", self.allow_devices),
-                ] {
-                    if set {
-                        return Err(ConfigError::invalid(
-                            field(name),
-                            "is a rule of the in-process server (shared_dir); the vhost-user \
-                             daemon applies its own: leave it at its default with socket",
-                        ));
-                    }
-                }
+                self.check_no_in_process_options(index)?;
             }
         }
         if self.num_queues == 0 || self.num_queues > MAX_FS_REQUEST_QUEUES {
@@ -245,6 +210,49 @@ impl FsConfig {
                     self.max_open_handles
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// With `socket`, the options of the in-process server must stay at their defaults: the
+    /// vhost-user daemon has its own.
+    fn check_no_in_process_options(&self, index: usize) -> Result<(), ConfigError> {
+        let field = |name: &str| format!("fs[{index}].{name}");
+        let daemon_option = |name: &str, flag: &str| {
+            ConfigError::invalid(
+                field(name),
+                format!(
+                    "is an option of the vhost-user daemon (virtiofsd {flag}), not of \
+                     Kestrel: leave it at its default with socket"
+                ),
+            )
+        };
+        if self.read_only {
+            return Err(daemon_option("read_only", "--readonly"));
+        }
+        if self.cache != FsCache::default() {
+            return Err(daemon_option("cache", "--cache"));
+        }
+        if self.xattr {
+            return Err(daemon_option("xattr", "--xattr"));
+        }
+        if self.worker_threads {
+            return Err(daemon_option("worker_threads", "--thread-pool-size"));
+        }
+        if self.max_open_handles != DEFAULT_FS_MAX_OPEN_HANDLES {
+            return Err(daemon_option("max_open_handles", "--rlimit-nofile"));
+        }
+        for (name, set) in [
+            ("allow_setid", self.allow_setid),
+            ("allow_devices", self.allow_devices),
+        ] {
+            if set {
+                return Err(ConfigError::invalid(
+                    field(name),
+                    "is a rule of the in-process server (shared_dir); the vhost-user \
+                     daemon applies its own: leave it at its default with socket",
+                ));
+            }
         }
         Ok(())
     }

@@ -243,6 +243,43 @@ impl VmConfig {
         self.validate_drives()?;
         self.validate_network_interfaces()?;
         self.validate_fs()?;
+        self.check_device_ids_unique()
+    }
+
+    /// The id each virtio device gets in the VM (`Vm::device(id)`), with the field it comes
+    /// from, in the order create wires them: drive ids, iface ids, `vsock`, `fs<N>` for the
+    /// N-th share.
+    pub fn device_ids(&self) -> Vec<(String, String)> {
+        let drives = self.drives.iter().enumerate();
+        let mut v: Vec<(String, String)> = drives
+            .map(|(i, d)| (format!("drives[{i}].drive_id"), d.drive_id.clone()))
+            .collect();
+        let nets = self.network_interfaces.iter().enumerate();
+        v.extend(nets.map(|(i, n)| {
+            (
+                format!("network-interfaces[{i}].iface_id"),
+                n.iface_id.clone(),
+            )
+        }));
+        if self.vsock.is_some() {
+            v.push(("vsock".into(), "vsock".into()));
+        }
+        v.extend((0..self.fs.len()).map(|i| (format!("fs[{i}]"), format!("fs{i}"))));
+        v
+    }
+
+    /// Device ids are shared by every kind (a drive may not be called `eth0` when an interface
+    /// is, nor `vsock` or `fs0` when that device exists), as create requires.
+    fn check_device_ids_unique(&self) -> Result<(), ConfigError> {
+        let ids = self.device_ids();
+        for (i, (field, id)) in ids.iter().enumerate() {
+            if let Some((other, _)) = ids[..i].iter().find(|(_, o)| o == id) {
+                return Err(ConfigError::invalid(
+                    field.as_str(),
+                    format!("{id:?} is already the id of the device of {other}"),
+                ));
+            }
+        }
         Ok(())
     }
 

@@ -147,49 +147,8 @@ impl VmConfig {
             check_id(&field("iface_id"), id, MAX_IFACE_ID_LEN)?;
             let earlier = nets[..i].iter().map(|o| o.iface_id.as_str());
             check_unique(&field("iface_id"), id, "network-interfaces", earlier)?;
-            match n.tap_name() {
-                Some(name) => {
-                    check_interface_name(name)
-                        .map_err(|why| ConfigError::invalid(field("host_dev_name"), why))?;
-                    if let Some(j) = nets[..i].iter().position(|o| o.tap_name() == Some(name)) {
-                        return Err(ConfigError::invalid(
-                            field("host_dev_name"),
-                            format!("{name} is already used by network-interfaces[{j}]"),
-                        ));
-                    }
-                }
-                None if n.create_tap => {
-                    return Err(ConfigError::invalid(
-                        field("create_tap"),
-                        "is only used with host_dev_name",
-                    ));
-                }
-                None => {}
-            }
-            let mac = match &n.guest_mac {
-                Some(s) => {
-                    let mac = parse_mac(s).ok_or_else(|| {
-                        ConfigError::invalid(
-                            field("guest_mac"),
-                            format!("{s:?} is not a MAC address like aa:bb:cc:dd:ee:ff"),
-                        )
-                    })?;
-                    if mac[0] & 1 != 0 {
-                        return Err(ConfigError::invalid(
-                            field("guest_mac"),
-                            format!("{s} is a multicast address (lowest bit of the first octet)"),
-                        ));
-                    }
-                    if mac == [0; 6] {
-                        return Err(ConfigError::invalid(
-                            field("guest_mac"),
-                            "must not be all zeros",
-                        ));
-                    }
-                    mac
-                }
-                None => derived_mac(id),
-            };
+            check_tap(nets, i)?;
+            let mac = n.checked_mac(i)?;
             if let Some(j) = macs.iter().position(|m| *m == mac) {
                 return Err(ConfigError::invalid(
                     field("guest_mac"),
@@ -208,6 +167,58 @@ impl VmConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// `network-interfaces[i]`'s TAP: a valid interface name not used by an earlier interface, or
+/// none (then `create_tap` must be off).
+fn check_tap(nets: &[NetConfig], i: usize) -> Result<(), ConfigError> {
+    let field = |name: &str| format!("network-interfaces[{i}].{name}");
+    let n = &nets[i];
+    match n.tap_name() {
+        Some(name) => {
+            check_interface_name(name)
+                .map_err(|why| ConfigError::invalid(field("host_dev_name"), why))?;
+            if let Some(j) = nets[..i].iter().position(|o| o.tap_name() == Some(name)) {
+                return Err(ConfigError::invalid(
+                    field("host_dev_name"),
+                    format!("{name} is already used by network-interfaces[{j}]"),
+                ));
+            }
+            Ok(())
+        }
+        None if n.create_tap => Err(ConfigError::invalid(
+            field("create_tap"),
+            "is only used with host_dev_name",
+        )),
+        None => Ok(()),
+    }
+}
+
+impl NetConfig {
+    /// The guest MAC: `guest_mac` checked (unicast, not all zeros), or the one derived from
+    /// `iface_id`. `index` names the interface in errors.
+    fn checked_mac(&self, index: usize) -> Result<[u8; 6], ConfigError> {
+        let field = format!("network-interfaces[{index}].guest_mac");
+        let Some(s) = &self.guest_mac else {
+            return Ok(derived_mac(&self.iface_id));
+        };
+        let mac = parse_mac(s).ok_or_else(|| {
+            ConfigError::invalid(
+                field.as_str(),
+                format!("{s:?} is not a MAC address like aa:bb:cc:dd:ee:ff"),
+            )
+        })?;
+        if mac[0] & 1 != 0 {
+            return Err(ConfigError::invalid(
+                field,
+                format!("{s} is a multicast address (lowest bit of the first octet)"),
+            ));
+        }
+        if mac == [0; 6] {
+            return Err(ConfigError::invalid(field, "must not be all zeros"));
+        }
+        Ok(mac)
     }
 }
 

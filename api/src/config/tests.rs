@@ -677,3 +677,45 @@ mod create_agreement_tests {
             .unwrap();
     }
 }
+
+mod device_ids {
+    use super::super::*;
+
+    /// Ids are shared across kinds, as `Vm::create` requires: validate refuses a clash.
+    #[test]
+    fn device_ids_are_unique_across_kinds() {
+        let image = std::env::temp_dir().join(format!("kestrel-api-ids-{}", std::process::id()));
+        std::fs::write(&image, [0u8; 512]).unwrap();
+        let kernel = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let mut c = VmConfig::new(kernel, 1, 128);
+        c.drives.push(DriveConfig {
+            drive_id: "eth0".into(),
+            path_on_host: Some(image.clone()),
+            ..DriveConfig::default()
+        });
+        c.network_interfaces.push(NetConfig {
+            iface_id: "eth0".into(),
+            ..NetConfig::default()
+        });
+        let e = c.validate().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "network-interfaces[0].iface_id: \"eth0\" is already the id of the device of drives[0].drive_id"
+        );
+        c.network_interfaces[0].iface_id = "net0".into();
+        c.validate().unwrap();
+        // A drive may not take the id of the vsock device or of a share.
+        c.drives[0].drive_id = "fs0".into();
+        c.fs.push(FsConfig::shared_dir("tag", std::env::temp_dir()));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.starts_with("fs[0]: \"fs0\" is already"), "{e}");
+        assert_eq!(
+            c.device_ids()
+                .iter()
+                .map(|(_, id)| id.as_str())
+                .collect::<Vec<_>>(),
+            ["fs0", "net0", "fs0"]
+        );
+        std::fs::remove_file(&image).unwrap();
+    }
+}

@@ -27,11 +27,14 @@ fn system_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The last two decimal digits of `v` in BCD.
 fn bcd(v: u64) -> u8 {
-    (((v / 10) % 10) << 4 | (v % 10)) as u8
+    let two_digits = u8::try_from(v % 100).unwrap_or(0);
+    (two_digits / 10) << 4 | (two_digits % 10)
 }
 
-/// Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+/// Civil date from days since 1970-01-01 (Howard Hinnant's algorithm): year, month (1-12),
+/// day (1-31).
 fn civil(days: i64) -> (i64, u64, u64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -39,8 +42,9 @@ fn civil(days: i64) -> (i64, u64, u64) {
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u64;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u64;
+    // Day 1-31 and month 1-12 by construction (`doy` 0-365, `mp` 0-11).
+    let d = u64::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u64::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
     let y = yoe + era * 400 + i64::from(m <= 2);
     (y, m, d)
 }
@@ -63,18 +67,18 @@ impl Cmos {
 
     fn register(&self, reg: u8) -> u8 {
         let t = (self.now)();
-        let days = (t / 86_400) as i64;
+        let days = i64::try_from(t / 86_400).unwrap_or(i64::MAX / 2);
         let secs = t % 86_400;
         let (y, m, d) = civil(days);
         match reg {
             0x00 => bcd(secs % 60),
             0x02 => bcd(secs / 60 % 60),
             0x04 => bcd(secs / 3600),
-            0x06 => bcd(((days + 4).rem_euclid(7) + 1) as u64),
+            0x06 => bcd((days + 4).rem_euclid(7).unsigned_abs() + 1),
             0x07 => bcd(d),
             0x08 => bcd(m),
-            0x09 => bcd(y.rem_euclid(100) as u64),
-            0x32 => bcd((y / 100) as u64),
+            0x09 => bcd(y.rem_euclid(100).unsigned_abs()),
+            0x32 => bcd((y / 100).unsigned_abs()),
             0x0a => 0x26, // divider 32.768 kHz, rate 1024 Hz, UIP clear
             0x0b => 0x02, // 24-hour, BCD, no interrupts
             0x0c => 0x00,

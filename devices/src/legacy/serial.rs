@@ -188,14 +188,18 @@ impl SerialDevice {
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if data.len() != 1 || offset >= COM1_PORT_LEN {
-            data.fill(0xff);
-            return;
+        match u8::try_from(offset) {
+            Ok(port) if data.len() == 1 && offset < COM1_PORT_LEN => {
+                data[0] = self.uart.read(port);
+            }
+            _ => data.fill(0xff),
         }
-        data[0] = self.uart.read(offset as u8);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        let Ok(port) = u8::try_from(offset) else {
+            return;
+        };
         if data.len() != 1 || offset >= COM1_PORT_LEN {
             return;
         }
@@ -203,7 +207,7 @@ impl BusDevice for SerialDevice {
             self.tx_bytes += 1;
         }
         // The queue writer never fails; only the interrupt can.
-        if let Err(e) = self.uart.write(offset as u8, data[0]) {
+        if let Err(e) = self.uart.write(port, data[0]) {
             tracing::debug!("serial: {e:?}");
         }
     }
@@ -386,11 +390,7 @@ impl Write for NonBlockingWriter {
             // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the call; `fd` is owned
             // by `self`.
             let r = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
-            if r < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(r as usize)
-            }
+            crate::syscall_len(r)
         };
         match self.kind {
             libc::S_IFSOCK => crate::sigpipe::send(fd, buf, libc::MSG_DONTWAIT),
@@ -505,7 +505,7 @@ mod tests {
         }
         assert!(out.drain(), "output left for later: the pipe is full");
         assert!(start.elapsed() < Duration::from_secs(10));
-        let dropped = s.output_dropped() as usize;
+        let dropped = usize::try_from(s.output_dropped()).unwrap();
         assert!(dropped > 0);
         assert!(s.output_pending() <= SERIAL_OUT_BUF);
         assert_eq!(s.output_errors(), 0);

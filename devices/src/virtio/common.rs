@@ -1,15 +1,13 @@
-//! The pieces every virtio device repeats around its [`VirtioDevice`](super::VirtioDevice) and
-//! `MutEventSubscriber` implementations: creating its `EventFd`s, checking the queues handed to
-//! `activate`, waking the event loop, registering events with it and draining `EventFd`
-//! counters on it; and the request loop of the devices that answer each chain in turn
-//! ([`serve_queue`], [`notify_used`]).
+//! Helpers the device core ([`super::device`]) and the devices share: creating `EventFd`s,
+//! registering events with the event loop and draining `EventFd` counters on it; and the
+//! request loop of the devices that answer each chain in turn ([`serve_queue`],
+//! [`notify_used`]).
 //!
 //! Log lines name the device with a [`DeviceName`] (`block rootfs`, `vsock`), so every device
 //! reports the same failures in the same words.
 
 use std::fmt;
 use std::io;
-use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events};
 use thiserror::Error;
@@ -17,7 +15,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateError, GuestMem, VirtioInterrupt};
+use super::VirtioInterrupt;
 
 /// An `EventFd` could not be created (the devices' error types wrap it as their `EventFd`
 /// variant).
@@ -28,6 +26,12 @@ pub struct EventFdError(#[source] pub io::Error);
 /// A non-blocking `EventFd`, as every device uses for its queue and wake-up events.
 pub fn new_eventfd() -> Result<EventFd, EventFdError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(EventFdError)
+}
+
+/// A length inside one descriptor chain as the `u32` the used ring takes. virtio-queue stops a
+/// chain before 2^32 bytes, so it fits; a larger value (a bug) saturates instead of wrapping.
+pub fn len_u32(len: usize) -> u32 {
+    u32::try_from(len).unwrap_or(u32::MAX)
 }
 
 /// A device as its log lines name it: its kind, then its id when it has one.
@@ -54,54 +58,6 @@ impl fmt::Display for DeviceName<'_> {
     }
 }
 
-/// What an activated device holds: guest memory, its interrupt line and its queues, in the
-/// shape the device keeps them (`[Queue; N]`, `Vec<Queue>`, ...).
-pub struct Active<Q> {
-    /// Guest memory.
-    pub mem: GuestMem,
-    /// The device's interrupt line.
-    pub interrupt: Arc<VirtioInterrupt>,
-    /// The queues the driver set up.
-    pub queues: Q,
-}
-
-impl<Q> Active<Q> {
-    /// What `activate` got, with the queues as the device keeps them.
-    pub fn new(mem: GuestMem, interrupt: Arc<VirtioInterrupt>, queues: Q) -> Self {
-        Active {
-            mem,
-            interrupt,
-            queues,
-        }
-    }
-}
-
-/// The queues of a device with exactly `N` queues, or [`ActivateError::QueueCount`].
-pub fn take_queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; N], ActivateError> {
-    let got = queues.len();
-    <[Queue; N]>::try_from(queues).map_err(|_| ActivateError::QueueCount { expected: N, got })
-}
-
-/// [`ActivateError::QueueCount`] unless the driver set up `expected` queues (for devices whose
-/// queue count is chosen at run time).
-pub fn check_queue_count(queues: &[Queue], expected: usize) -> Result<(), ActivateError> {
-    if queues.len() == expected {
-        Ok(())
-    } else {
-        Err(ActivateError::QueueCount {
-            expected,
-            got: queues.len(),
-        })
-    }
-}
-
-/// Wake the event loop through the device's activation (or wake-up) `EventFd`, from
-/// `activate`: the loop does the queue work.
-pub fn wake_event_loop(evt: &EventFd) -> Result<(), ActivateError> {
-    evt.write(1)
-        .map_err(|e| ActivateError::Backend(format!("cannot wake the event loop: {e}")))
-}
-
 /// Register `events` with the event loop (from `MutEventSubscriber::init`); an event that
 /// cannot be added is logged and the others are still added.
 pub fn watch_events(
@@ -114,13 +70,6 @@ pub fn watch_events(
             tracing::error!("{device}: cannot watch an event: {err:?}");
         }
     }
-}
-
-/// `Events` for `evts`, watched for input with event data `first_data`, `first_data + 1`, ...
-pub fn numbered_events(evts: &[EventFd], first_data: u32) -> impl Iterator<Item = Events> + '_ {
-    (first_data..)
-        .zip(evts)
-        .map(|(data, evt)| Events::with_data(evt, data, EventSet::IN))
 }
 
 /// Warn when an `EventFd` the device watches for input reports anything else.
@@ -276,26 +225,6 @@ mod tests {
     }
 
     #[test]
-    fn queue_counts() {
-        assert_eq!(
-            take_queues::<2>(vec![Queue::new(16).unwrap()]).unwrap_err(),
-            ActivateError::QueueCount {
-                expected: 2,
-                got: 1
-            }
-        );
-        let [_q] = take_queues::<1>(vec![Queue::new(16).unwrap()]).unwrap();
-        assert_eq!(check_queue_count(&[], 0), Ok(()));
-        assert_eq!(
-            check_queue_count(&[], 3),
-            Err(ActivateError::QueueCount {
-                expected: 3,
-                got: 0
-            })
-        );
-    }
-
-    #[test]
     fn serve_queue_limits_defers_and_stops() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let (mut ring, mut q) = Ring::new(&mem, 0, 16);
@@ -343,12 +272,12 @@ mod tests {
     }
 
     #[test]
-    fn drain_and_wake() {
+    fn drain() {
         let evt = new_eventfd().unwrap();
         let name = DeviceName::new("test", "");
         assert!(!drain_eventfd(&evt, name, "wake-up"));
-        wake_event_loop(&evt).unwrap();
-        wake_event_loop(&evt).unwrap();
+        evt.write(1).unwrap();
+        evt.write(1).unwrap();
         assert!(drain_eventfd(&evt, name, "wake-up"));
         assert!(!drain_eventfd(&evt, name, "wake-up"));
     }

@@ -15,10 +15,12 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemory};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::device::{queue_in_memory, RestoreError};
 use super::{
     status, ActivateError, GuestMem, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
@@ -41,52 +43,104 @@ pub const MMIO_VENDOR_ID: u32 = 0x4b53_5452;
 /// Register offsets (virtio 1.2 §4.2.2, table "MMIO Device Register Layout"), for drivers in
 /// tests, fuzz targets and tiny guests.
 pub mod reg {
+    /// `MagicValue` (R): `0x74726976`, "virt".
     pub const MAGIC_VALUE: u64 = 0x000;
+    /// `Version` (R): 2 for this modern transport.
     pub const VERSION: u64 = 0x004;
+    /// `DeviceID` (R): the virtio device type.
     pub const DEVICE_ID: u64 = 0x008;
+    /// `VendorID` (R).
     pub const VENDOR_ID: u64 = 0x00c;
+    /// `DeviceFeatures` (R): the 32 offered feature bits of the page `DeviceFeaturesSel` selects.
     pub const DEVICE_FEATURES: u64 = 0x010;
+    /// `DeviceFeaturesSel` (W): which 32-bit page `DeviceFeatures` shows.
     pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    /// `DriverFeatures` (W): the accepted feature bits of the page `DriverFeaturesSel` selects.
     pub const DRIVER_FEATURES: u64 = 0x020;
+    /// `DriverFeaturesSel` (W): which 32-bit page `DriverFeatures` sets.
     pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    /// `QueueSel` (W): the queue the `Queue*` registers refer to.
     pub const QUEUE_SEL: u64 = 0x030;
+    /// `QueueNumMax` (R): the selected queue's largest size (0: no such queue).
     pub const QUEUE_NUM_MAX: u64 = 0x034;
+    /// `QueueNum` (W): the selected queue's size.
     pub const QUEUE_NUM: u64 = 0x038;
+    /// `QueueReady` (RW): the selected queue is set up (1) or not (0).
     pub const QUEUE_READY: u64 = 0x044;
+    /// `QueueNotify` (W): the queue with this index has new buffers.
     pub const QUEUE_NOTIFY: u64 = super::QUEUE_NOTIFY_OFFSET;
+    /// `InterruptStatus` (R): pending interrupt reasons (used ring, config change).
     pub const INTERRUPT_STATUS: u64 = 0x060;
+    /// `InterruptAck` (W): clear these `InterruptStatus` bits.
     pub const INTERRUPT_ACK: u64 = 0x064;
+    /// `Status` (RW): the device status bits ([`super::status`]); writing 0 resets.
     pub const STATUS: u64 = 0x070;
+    /// `QueueDescLow` (W): low 32 bits of the descriptor table's guest address.
     pub const QUEUE_DESC_LOW: u64 = 0x080;
+    /// `QueueDescHigh` (W): high 32 bits of the descriptor table's address.
     pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    /// `QueueDriverLow` (W): low 32 bits of the available ring's address.
     pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    /// `QueueDriverHigh` (W): high 32 bits of the available ring's address.
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    /// `QueueDeviceLow` (W): low 32 bits of the used ring's address.
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    /// `QueueDeviceHigh` (W): high 32 bits of the used ring's address.
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    /// `SHMLenLow` (R): no shared memory regions, so all ones.
     pub const SHM_LEN_LOW: u64 = 0x0b0;
+    /// `SHMLenHigh` (R): all ones.
     pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    /// `SHMBaseLow` (R): all ones.
     pub const SHM_BASE_LOW: u64 = 0x0b8;
+    /// `SHMBaseHigh` (R): all ones.
     pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    /// `ConfigGeneration` (R): changes whenever the config space did.
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 
-/// Split-ring element sizes, for checking that a whole ring lies in guest memory.
-const DESC_SIZE: u64 = 16;
-const AVAIL_RING_META: u64 = 6;
-const AVAIL_ELEM: u64 = 2;
-const USED_RING_META: u64 = 6;
-const USED_ELEM: u64 = 8;
-
 /// What the driver wrote for one queue. Kept raw: the values are only checked at `DRIVER_OK`,
 /// so that a bad size or address refuses activation instead of being silently replaced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct QueueRegs {
-    max_size: u16,
-    size: u32,
-    ready: bool,
-    desc: u64,
-    driver: u64,
-    device: u64,
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueRegs {
+    /// QueueNumMax: the device's largest size (not writable; checked on restore).
+    pub max_size: u16,
+    /// QueueNum as written.
+    pub size: u32,
+    /// QueueReady.
+    pub ready: bool,
+    /// QueueDescLow/High.
+    pub desc: u64,
+    /// QueueDriverLow/High (the available ring).
+    pub driver: u64,
+    /// QueueDeviceLow/High (the used ring).
+    pub device: u64,
+}
+
+/// The run-time state of a transport: every register the driver wrote, the ISR bits and the
+/// transport's own failure flag ([`MmioTransport::state`], [`MmioTransport::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmioState {
+    /// The status register (without the device's `DEVICE_NEEDS_RESET`).
+    pub status: u32,
+    /// DeviceFeaturesSel.
+    pub device_features_sel: u32,
+    /// DriverFeaturesSel.
+    pub driver_features_sel: u32,
+    /// Driver feature pages 0 and 1.
+    pub driver_features: u64,
+    /// The driver wrote a non-zero value to a feature page above 1.
+    pub driver_features_beyond: bool,
+    /// QueueSel.
+    pub queue_sel: u32,
+    /// Each queue's registers.
+    pub queues: Vec<QueueRegs>,
+    /// Activation had failed (or the event loop reported a device panic).
+    pub needs_reset: bool,
+    /// The transport's config-generation counter.
+    pub config_generation: u32,
+    /// InterruptStatus (the ISR bits not yet acknowledged).
+    pub interrupt_status: u32,
 }
 
 impl QueueRegs {
@@ -99,6 +153,16 @@ impl QueueRegs {
             driver: 0,
             device: 0,
         }
+    }
+}
+
+/// Feature page `page` (0: bits 0-31, 1: bits 32-63, above: none) of `features`.
+fn feature_page(features: u64, page: u32) -> u32 {
+    let [a, b, c, d, e, f, g, h] = features.to_le_bytes();
+    match page {
+        0 => u32::from_le_bytes([a, b, c, d]),
+        1 => u32::from_le_bytes([e, f, g, h]),
+        _ => 0,
     }
 }
 
@@ -204,6 +268,58 @@ impl MmioTransport {
         self.interrupt.signal_config_change();
     }
 
+    /// The run-time state to save (the device's own is saved by the device).
+    pub fn state(&self) -> MmioState {
+        MmioState {
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            driver_features_beyond: self.driver_features_beyond,
+            queue_sel: self.queue_sel,
+            queues: self.queues.clone(),
+            needs_reset: self.needs_reset,
+            config_generation: self.config_generation,
+            interrupt_status: self.interrupt.status(),
+        }
+    }
+
+    /// Take over a saved state on a transport just created for the restored device: the
+    /// registers and ISR bits come back, and if the driver had the device running
+    /// (`DRIVER_OK`) the device is activated again with its restored queues
+    /// ([`VirtioDevice::activate_restored`]); if that fails the device reports
+    /// `DEVICE_NEEDS_RESET`, as a failed activation does. Refused (nothing changed) when the
+    /// queues do not match the device's.
+    pub fn restore(&mut self, state: &MmioState) -> Result<(), RestoreError> {
+        if state.queues.len() != self.queues.len() {
+            return Err(RestoreError::TransportQueues {
+                saved: state.queues.len(),
+                device: self.queues.len(),
+            });
+        }
+        for (saved, q) in state.queues.iter().zip(&self.queues) {
+            RestoreError::check("queue max size", saved.max_size, q.max_size)?;
+        }
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.driver_features_beyond = state.driver_features_beyond;
+        self.queue_sel = state.queue_sel;
+        self.queues.clone_from(&state.queues);
+        self.needs_reset = state.needs_reset;
+        self.config_generation = state.config_generation;
+        self.interrupt.restore_status(state.interrupt_status);
+        let running = self.status & (status::DRIVER_OK | status::FAILED) == status::DRIVER_OK;
+        if running && !self.needs_reset {
+            let r = lock(&self.device).activate_restored(self.mem.clone(), self.interrupt.clone());
+            if let Err(e) = r {
+                self.activation_failed(&e);
+            }
+        }
+        Ok(())
+    }
+
     /// The status register as the driver reads it.
     pub fn status(&self) -> u32 {
         let mut s = self.status;
@@ -225,11 +341,7 @@ impl MmioTransport {
             reg::VENDOR_ID => MMIO_VENDOR_ID,
             reg::DEVICE_FEATURES => {
                 let features = lock(&self.device).avail_features();
-                match self.device_features_sel {
-                    0 => features as u32,
-                    1 => (features >> 32) as u32,
-                    _ => 0,
-                }
+                feature_page(features, self.device_features_sel)
             }
             reg::QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size)),
             reg::QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready)),
@@ -458,13 +570,18 @@ impl MmioTransport {
     /// device inactive with DEVICE_NEEDS_RESET set, and tells the driver with a config interrupt.
     fn driver_ok(&mut self) {
         if let Err(e) = self.activate() {
-            tracing::warn!(
-                "virtio-mmio: activation of device type {} failed: {e}",
-                self.device_type
-            );
-            self.needs_reset = true;
-            self.interrupt.signal_config_change();
+            self.activation_failed(&e);
         }
+    }
+
+    /// Activation failed: `DEVICE_NEEDS_RESET`, told with a config interrupt.
+    fn activation_failed(&mut self, e: &ActivateError) {
+        tracing::warn!(
+            "virtio-mmio: activation of device type {} failed: {e}",
+            self.device_type
+        );
+        self.needs_reset = true;
+        self.interrupt.signal_config_change();
     }
 
     fn activate(&mut self) -> Result<(), ActivateError> {
@@ -519,24 +636,7 @@ fn build_queue<M: GuestMemory>(regs: &QueueRegs, event_idx: bool, mem: &M) -> Op
         .ok()?;
     q.set_event_idx(event_idx);
     q.set_ready(true);
-    if !q.is_valid(mem) {
-        return None;
-    }
-    // `is_valid` checks where each ring ends; also require every byte of it to be backed by
-    // guest memory (a ring must not start in a hole).
-    // The ring sizes include the event-index fields (used_event / avail_event).
-    let n = u64::from(size);
-    let rings = [
-        (regs.desc, DESC_SIZE * n),
-        (regs.driver, AVAIL_RING_META + AVAIL_ELEM * n),
-        (regs.device, USED_RING_META + USED_ELEM * n),
-    ];
-    for (addr, len) in rings {
-        if !mem.check_range(GuestAddress(addr), usize::try_from(len).ok()?) {
-            return None;
-        }
-    }
-    Some(q)
+    queue_in_memory(&q, mem).then_some(q)
 }
 
 fn lock<'a>(
@@ -661,9 +761,7 @@ mod tests {
             self.acked = Some(features);
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = self.config.get(offset as usize + i).copied().unwrap_or(0);
-            }
+            crate::virtio::read_config_bytes(&self.config, offset, data);
         }
         fn write_config(&mut self, offset: u64, data: &[u8]) {
             self.config_writes.push((offset, data.to_vec()));
@@ -734,9 +832,9 @@ mod tests {
         }
         fn set_driver_features(&mut self, f: u64) {
             self.w(reg::DRIVER_FEATURES_SEL, 0);
-            self.w(reg::DRIVER_FEATURES, f as u32);
+            self.w(reg::DRIVER_FEATURES, feature_page(f, 0));
             self.w(reg::DRIVER_FEATURES_SEL, 1);
-            self.w(reg::DRIVER_FEATURES, (f >> 32) as u32);
+            self.w(reg::DRIVER_FEATURES, feature_page(f, 1));
         }
         /// ACKNOWLEDGE, DRIVER, features, FEATURES_OK.
         fn negotiate(&mut self, f: u64) {
@@ -754,12 +852,12 @@ mod tests {
         fn setup_queue(&mut self, idx: u32, size: u32, base: u64) {
             self.w(reg::QUEUE_SEL, idx);
             self.w(reg::QUEUE_NUM, size);
-            self.w(reg::QUEUE_DESC_LOW, base as u32);
-            self.w(reg::QUEUE_DESC_HIGH, (base >> 32) as u32);
-            self.w(reg::QUEUE_DRIVER_LOW, (base + 0x1000) as u32);
-            self.w(reg::QUEUE_DRIVER_HIGH, ((base + 0x1000) >> 32) as u32);
-            self.w(reg::QUEUE_DEVICE_LOW, (base + 0x2000) as u32);
-            self.w(reg::QUEUE_DEVICE_HIGH, ((base + 0x2000) >> 32) as u32);
+            self.w(reg::QUEUE_DESC_LOW, feature_page(base, 0));
+            self.w(reg::QUEUE_DESC_HIGH, feature_page(base, 1));
+            self.w(reg::QUEUE_DRIVER_LOW, feature_page(base + 0x1000, 0));
+            self.w(reg::QUEUE_DRIVER_HIGH, feature_page(base + 0x1000, 1));
+            self.w(reg::QUEUE_DEVICE_LOW, feature_page(base + 0x2000, 0));
+            self.w(reg::QUEUE_DEVICE_HIGH, feature_page(base + 0x2000, 1));
             self.w(reg::QUEUE_READY, 1);
         }
         /// A fully set up device, up to (not including) DRIVER_OK.
@@ -802,9 +900,9 @@ mod tests {
         let mut f = Fixture::new();
         let offered = f.dev.lock().unwrap().features;
         f.w(reg::DEVICE_FEATURES_SEL, 0);
-        assert_eq!(f.r(reg::DEVICE_FEATURES), offered as u32);
+        assert_eq!(f.r(reg::DEVICE_FEATURES), feature_page(offered, 0));
         f.w(reg::DEVICE_FEATURES_SEL, 1);
-        assert_eq!(f.r(reg::DEVICE_FEATURES), (offered >> 32) as u32);
+        assert_eq!(f.r(reg::DEVICE_FEATURES), feature_page(offered, 1));
         f.w(reg::DEVICE_FEATURES_SEL, 2);
         assert_eq!(f.r(reg::DEVICE_FEATURES), 0);
         f.w(reg::DEVICE_FEATURES_SEL, u32::MAX);
@@ -1217,7 +1315,7 @@ mod tests {
             f.t.read(reg::MAGIC_VALUE, &mut b);
             assert!(b.iter().all(|&x| x == 0), "read width {width}");
         }
-        f.t.write(reg::STATUS, &[status::ACKNOWLEDGE as u8]);
+        f.t.write(reg::STATUS, &[status::ACKNOWLEDGE.to_le_bytes()[0]]);
         f.t.write(reg::STATUS, &[1, 0]);
         f.t.write(reg::STATUS, &[1, 0, 0, 0, 0, 0, 0, 0]);
         assert_eq!(f.status(), 0);
@@ -1229,6 +1327,60 @@ mod tests {
         let mut b = [0xffu8; 4];
         f.t.read(reg::MAGIC_VALUE + 1, &mut b);
         assert_eq!(b, [0; 4]);
+    }
+
+    /// Registers a driver reads (some through the queue selector, which they move).
+    fn driver_view(f: &mut Fixture) -> Vec<u32> {
+        let mut v: Vec<u32> = [
+            reg::DEVICE_FEATURES,
+            reg::INTERRUPT_STATUS,
+            reg::STATUS,
+            reg::CONFIG_GENERATION,
+        ]
+        .into_iter()
+        .map(|o| f.r(o))
+        .collect();
+        for q in 0..2 {
+            f.w(reg::QUEUE_SEL, q);
+            v.extend([f.r(reg::QUEUE_NUM_MAX), f.r(reg::QUEUE_READY)]);
+        }
+        v
+    }
+
+    #[test]
+    fn restored_transport_reports_the_same_registers() {
+        let mut f = Fixture::new();
+        f.ready();
+        f.w(reg::QUEUE_SEL, 1);
+        f.w(reg::DEVICE_FEATURES_SEL, 1);
+        f.irq.signal_used_queue();
+        f.t.bump_config_generation();
+        let state = f.t.state();
+        let json = serde_json::to_string(&state).unwrap();
+        let before = driver_view(&mut f);
+
+        let mut g = Fixture::new();
+        g.t.restore(&serde_json::from_str(&json).unwrap()).unwrap();
+        assert_eq!(g.t.state(), state);
+        assert_eq!(driver_view(&mut g), before);
+        // The driver goes on where it was: DRIVER_OK activates the device.
+        g.add_status(status::DRIVER_OK);
+        assert!(g.activated());
+        assert_eq!(g.dev.lock().unwrap().queues.as_ref().unwrap()[1].size(), 8);
+
+        // A saved DRIVER_OK needs the device's restored queues; this device has none, so the
+        // transport reports DEVICE_NEEDS_RESET, as for a failed activation.
+        let running = g.t.state();
+        let mut h = Fixture::new();
+        h.t.restore(&running).unwrap();
+        assert!(!h.activated());
+        assert_eq!(h.status(), FULL | status::DEVICE_NEEDS_RESET);
+        // A state for other queues is refused and changes nothing.
+        let mut other = running.clone();
+        other.queues[0].max_size = 32;
+        let mut k = Fixture::new();
+        assert!(k.t.restore(&other).is_err());
+        assert_eq!(k.t.state(), Fixture::new().t.state());
     }
 
     #[test]

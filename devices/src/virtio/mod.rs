@@ -1,16 +1,22 @@
 //! Virtio devices over the virtio-mmio transport (virtio 1.x, MMIO version 2).
 //!
 //! Shape shared by every device (see docs/design.md, "Device model"):
-//! - A device implements [`VirtioDevice`] (what the transport needs: features, config space,
-//!   activation, reset) and `event_manager::MutEventSubscriber` (its queue and backend work,
-//!   run on the VM's event-loop thread). The same `Arc<Mutex<Device>>` is handed to the
-//!   [`mmio::MmioTransport`] (driven by vCPU threads) and to the event loop.
+//! - Every device is a [`device::Virtio<D>`]: the shared [`device::VirtioCore`] (features,
+//!   queues, activation state, failed flag) plus the device's own part, split into the device
+//!   ([`device::DeviceModel`]: config space, activation; the device module's `mod.rs`) and its
+//!   queue handler ([`device::QueueHandler`]: the work on the event loop; `handler.rs`).
+//!   [`VirtioDevice`] (what the transport needs) and `event_manager::MutEventSubscriber` are
+//!   implemented once, for every `Virtio<D>`. The same `Arc<Mutex<Virtio<D>>>` is handed to
+//!   the [`mmio::MmioTransport`] (driven by vCPU threads) and to the event loop.
 //! - Queue notifications arrive on the device's own `EventFd`s ([`VirtioDevice::queue_events`]),
-//!   which the VMM registers as KVM ioeventfds on the QueueNotify register; the device watches
-//!   them from `init` on and ignores them until activated.
+//!   which the VMM registers as KVM ioeventfds on the QueueNotify register; the core watches
+//!   them from `init` on and the handler ignores them until activated. Every watched
+//!   descriptor carries a data token ([`device::Trigger`]).
 //! - Activation ([`VirtioDevice::activate`]) runs on the vCPU thread that wrote `DRIVER_OK`,
 //!   with the device lock held: it only stores the queues, memory and interrupt and wakes the
 //!   event loop through the device's own event; all queue processing happens on the loop.
+//! - Each device's run-time state is a plain serde struct (`Block::state`, ...) with a
+//!   matching `restore`; the transport's is [`mmio::MmioState`].
 //! - Interrupts go through a [`VirtioInterrupt`] (ISR bits + an irqfd `EventFd`).
 //! - A guest that hands the device malformed rings or chains puts it into a failed state
 //!   ([`VirtioDevice::needs_reset`], reported as `DEVICE_NEEDS_RESET` in the status register);
@@ -18,6 +24,7 @@
 
 pub mod block;
 mod common;
+pub mod device;
 pub mod fs;
 pub mod mmio;
 pub mod net;
@@ -33,12 +40,9 @@ use virtio_queue::Queue;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use self::common::EventFdError;
-pub(crate) use self::common::{
-    check_queue_count, drain_eventfd, ignore_config_write, new_eventfd, notify_used,
-    numbered_events, serve_queue, take_queues, wake_event_loop, warn_unexpected_set, watch_events,
-    Active, DeviceName, Served,
-};
+pub(crate) use self::common::{len_u32, new_eventfd, notify_used, serve_queue, Served};
+pub use self::common::{DeviceName, EventFdError};
+pub use self::device::{RestoreError, Virtio, VirtioCore, VirtioState};
 
 /// Guest memory as devices see it: an atomically replaceable snapshot, so memory hotplug can
 /// publish a new layout while devices run.
@@ -119,6 +123,11 @@ impl VirtioInterrupt {
         self.isr.store(0, Ordering::SeqCst);
     }
 
+    /// Set the ISR bits of a restored transport (no interrupt is raised).
+    pub fn restore_status(&self, bits: u32) {
+        self.isr.store(bits, Ordering::SeqCst);
+    }
+
     /// The interrupt's `EventFd` (for the VMM's irqfd registration and for tests).
     pub fn event(&self) -> &EventFd {
         &self.evt
@@ -142,6 +151,9 @@ pub enum ActivateError {
     /// The device's backend could not be started.
     #[error("backend: {0}")]
     Backend(String),
+    /// [`VirtioDevice::activate_restored`] without a restored state that was activated.
+    #[error("no saved queues to activate the device with")]
+    NoRestoredQueues,
 }
 
 /// Copy `data.len()` bytes of a device's config space starting at `offset`; bytes past the end
@@ -180,6 +192,16 @@ pub trait VirtioDevice: Send {
         interrupt: Arc<VirtioInterrupt>,
         queues: Vec<Queue>,
     ) -> Result<(), ActivateError>;
+    /// Activate again with the queues of a restored state (the transport does this when it
+    /// restores a `DRIVER_OK` status), through the same path as [`VirtioDevice::activate`].
+    fn activate_restored(
+        &mut self,
+        mem: GuestMem,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        let _ = (mem, interrupt);
+        Err(ActivateError::NoRestoredQueues)
+    }
     /// The driver wrote 0 to the status register: drop queues and in-flight state and return
     /// to the pre-activation state (backends such as files or sockets stay attached).
     fn reset(&mut self);

@@ -17,6 +17,8 @@ use super::VirtioDevice;
 pub(crate) const VRING_DESC_F_NEXT: u16 = 1;
 /// `VRING_DESC_F_WRITE`.
 pub(crate) const VRING_DESC_F_WRITE: u16 = 2;
+/// `VRING_DESC_F_INDIRECT`.
+pub(crate) const VRING_DESC_F_INDIRECT: u16 = 4;
 /// How long a test waits for something that should happen soon.
 pub(crate) const WAIT: Duration = Duration::from_secs(5);
 
@@ -125,7 +127,7 @@ impl Ring {
             let e = self.used + 4 + 8 * u64::from(self.used_seen % self.size);
             let id: u32 = mem.read_obj(GuestAddress(e)).unwrap();
             let len: u32 = mem.read_obj(GuestAddress(e + 4)).unwrap();
-            out.push((id as u16, len));
+            out.push((u16::try_from(id).unwrap(), len));
             self.used_seen = self.used_seen.wrapping_add(1);
         }
         out

@@ -261,6 +261,54 @@ fn parse(arg: Option<&String>, default: u64, what: &str) -> Result<u64, String> 
     }
 }
 
+/// Runs `procs` worker processes of `rounds` each and sums their four mismatch counts; `None`
+/// when one cannot be started, `failed` when one ended badly or printed no counts.
+fn run_workers(procs: u64, rounds: u64) -> Option<([u64; 4], bool)> {
+    let mut children = Vec::new();
+    for id in 1..=procs {
+        match Command::new("/proc/self/exe")
+            .args(["vecprobe", "--worker", &id.to_string(), &rounds.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => children.push(c),
+            Err(e) => {
+                eprintln!("vecprobe: cannot start worker {id}: {e}");
+                return None;
+            }
+        }
+    }
+    let mut total = [0u64; 4];
+    let mut failed = false;
+    for c in children {
+        match c.wait_with_output() {
+            Ok(o) if o.status.success() => {
+                let text = String::from_utf8_lossy(&o.stdout);
+                let nums: Vec<u64> = text
+                    .split_whitespace()
+                    .filter_map(|w| w.parse().ok())
+                    .collect();
+                if nums.len() != 4 {
+                    failed = true;
+                    continue;
+                }
+                for (t, n) in total.iter_mut().zip(nums) {
+                    *t += n;
+                }
+            }
+            Ok(o) => {
+                eprintln!("vecprobe: worker ended with {}", o.status);
+                failed = true;
+            }
+            Err(e) => {
+                eprintln!("vecprobe: worker: {e}");
+                failed = true;
+            }
+        }
+    }
+    Some((total, failed))
+}
+
 /// `args` are the words after `vecprobe`. Returns the exit status.
 pub fn main(args: &[String]) -> i32 {
     if args.first().map(String::as_str) == Some("--worker") {
@@ -295,48 +343,9 @@ pub fn main(args: &[String]) -> i32 {
     };
     let x = xcr0();
     let u = usable(x);
-    let mut children = Vec::new();
-    for id in 1..=procs {
-        match Command::new("/proc/self/exe")
-            .args(["vecprobe", "--worker", &id.to_string(), &rounds.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-        {
-            Ok(c) => children.push(c),
-            Err(e) => {
-                eprintln!("vecprobe: cannot start worker {id}: {e}");
-                return 1;
-            }
-        }
-    }
-    let mut total = [0u64; 4];
-    let mut failed = false;
-    for c in children {
-        match c.wait_with_output() {
-            Ok(o) if o.status.success() => {
-                let text = String::from_utf8_lossy(&o.stdout);
-                let nums: Vec<u64> = text
-                    .split_whitespace()
-                    .filter_map(|w| w.parse().ok())
-                    .collect();
-                if nums.len() != 4 {
-                    failed = true;
-                    continue;
-                }
-                for (t, n) in total.iter_mut().zip(nums) {
-                    *t += n;
-                }
-            }
-            Ok(o) => {
-                eprintln!("vecprobe: worker ended with {}", o.status);
-                failed = true;
-            }
-            Err(e) => {
-                eprintln!("vecprobe: worker: {e}");
-                failed = true;
-            }
-        }
-    }
+    let Some((total, failed)) = run_workers(procs, rounds) else {
+        return 1;
+    };
     let sig = signal_rounds(rounds, u);
     let sig_bad: u64 = sig.iter().sum();
     let mut classes = vec!["xmm"];

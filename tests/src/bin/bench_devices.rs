@@ -108,7 +108,11 @@ fn main() {
         ("rand write 4 KiB", 4096, 2000, true, true),
     ];
     for (name, bs, count, random, write) in cases {
-        let req0 = vm.drive_metrics("bench").unwrap().requests;
+        let req0 = vm
+            .device("bench")
+            .and_then(|d| d.metrics().block())
+            .unwrap()
+            .requests;
         let (e0, v0) = (vm_thread_cpu_ns(&vm, false), vm_thread_cpu_ns(&vm, true));
         let r: Value = a
             .call(
@@ -118,7 +122,13 @@ fn main() {
             )
             .expect("io_bench");
         let (e1, v1) = (vm_thread_cpu_ns(&vm, false), vm_thread_cpu_ns(&vm, true));
-        let reqs = (vm.drive_metrics("bench").unwrap().requests - req0).max(1);
+        let reqs = (vm
+            .device("bench")
+            .and_then(|d| d.metrics().block())
+            .unwrap()
+            .requests
+            - req0)
+            .max(1);
         let guest_s = r["duration_ns"].as_f64().unwrap_or(0.0) / 1e9;
         let host_s = host_io(&img, bs, count, random, write);
         let (gv, hv, unit) = if bs as u64 == MIB {
@@ -154,7 +164,11 @@ fn main() {
         std::thread::sleep(Duration::from_millis(100));
     };
     let e0 = vm_thread_cpu_ns(&vm, false);
-    let p0 = vm.vsock_metrics().unwrap().packets_to_guest;
+    let p0 = vm
+        .device("vsock")
+        .and_then(|d| d.metrics().vsock())
+        .unwrap()
+        .packets_to_guest;
     let t0 = Instant::now();
     let mut buf = vec![0u8; MIB as usize];
     let mut r = XorShift::new(4);
@@ -165,7 +179,13 @@ fn main() {
     s.shutdown(std::net::Shutdown::Write).unwrap();
     let res = sink.join().unwrap().expect("stream_sink");
     let secs = t0.elapsed().as_secs_f64();
-    let pkts = (vm.vsock_metrics().unwrap().packets_to_guest - p0).max(1);
+    let pkts = (vm
+        .device("vsock")
+        .and_then(|d| d.metrics().vsock())
+        .unwrap()
+        .packets_to_guest
+        - p0)
+        .max(1);
     let e1 = vm_thread_cpu_ns(&vm, false);
     // The host doing the same: 32 MiB through a Unix socket pair.
     let (mut x, mut y) = UnixStream::pair().unwrap();

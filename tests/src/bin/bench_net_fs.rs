@@ -89,7 +89,10 @@ fn tcp_each_way(
     });
     let (e0, p0) = (
         vm_thread_cpu_ns(vm, false),
-        vm.net_metrics("eth0").unwrap().tx_packets,
+        vm.device("eth0")
+            .and_then(|d| d.metrics().net())
+            .unwrap()
+            .tx_packets,
     );
     let t = Instant::now();
     a.call(
@@ -101,7 +104,10 @@ fn tcp_each_way(
     let secs = t.elapsed().as_secs_f64();
     let (e1, p1) = (
         vm_thread_cpu_ns(vm, false),
-        vm.net_metrics("eth0").unwrap().tx_packets,
+        vm.device("eth0")
+            .and_then(|d| d.metrics().net())
+            .unwrap()
+            .tx_packets,
     );
     row(mtu, "guest→host", size, secs, host_mbps, e1 - e0, p1 - p0);
 
@@ -117,7 +123,10 @@ fn tcp_each_way(
     };
     let (e0, p0) = (
         vm_thread_cpu_ns(vm, false),
-        vm.net_metrics("eth0").unwrap().rx_packets,
+        vm.device("eth0")
+            .and_then(|d| d.metrics().net())
+            .unwrap()
+            .rx_packets,
     );
     let buf = vec![9u8; MIB as usize];
     let t = Instant::now();
@@ -129,7 +138,10 @@ fn tcp_each_way(
     let secs = t.elapsed().as_secs_f64();
     let (e1, p1) = (
         vm_thread_cpu_ns(vm, false),
-        vm.net_metrics("eth0").unwrap().rx_packets,
+        vm.device("eth0")
+            .and_then(|d| d.metrics().net())
+            .unwrap()
+            .rx_packets,
     );
     row(mtu, "host→guest", size, secs, host_mbps, e1 - e0, p1 - p0);
 }

@@ -171,8 +171,10 @@ fn block_and_vsock_through_the_agent() {
         ops: None,
     };
     let vm = sb.vm();
-    vm.update_drive_rate_limiter("data", &limit).unwrap();
-    let before = vm.drive_metrics("data").unwrap();
+    let data = vm.device("data").expect("drive data");
+    let data_blk = data.block().expect("a block device");
+    data_blk.update_rate_limiter(&limit).unwrap();
+    let before = data.metrics().block().unwrap();
     let read = |agent: &mut AgentClient| {
         let t = Instant::now();
         let r = agent
@@ -186,7 +188,7 @@ fn block_and_vsock_through_the_agent() {
         (t.elapsed().as_secs_f64(), guest_s)
     };
     let (host_s, guest_s) = read(&mut agent);
-    let after = vm.drive_metrics("data").unwrap();
+    let after = data.metrics().block().unwrap();
     // The full bucket (one request) goes at once; the other 23 requests at the refill rate.
     let rate = (24 - 1) as f64 * 65536.0 / host_s / LIMIT as f64;
     eprintln!(
@@ -200,18 +202,17 @@ fn block_and_vsock_through_the_agent() {
     // Bad limits are refused naming the field; lifting the limit stops the waits.
     let mut bad = limit;
     bad.bandwidth.as_mut().unwrap().refill_time = 0;
-    let e = vm.update_drive_rate_limiter("data", &bad).unwrap_err();
+    let e = data_blk.update_rate_limiter(&bad).unwrap_err();
     assert!(
         e.to_string().contains("rate_limiter.bandwidth.refill_time"),
         "{e}"
     );
-    assert!(vm.update_drive_rate_limiter("nope", &bad).is_err());
-    vm.update_drive_rate_limiter("data", &Default::default())
-        .unwrap();
+    assert!(vm.device("nope").is_none());
+    data_blk.update_rate_limiter(&Default::default()).unwrap();
     let (free_s, _) = read(&mut agent);
     eprintln!("block read without a limit: {:.3} MiB/s", 1.5 / free_s);
     assert_eq!(
-        vm.drive_metrics("data").unwrap().rate_limited,
+        data.metrics().block().unwrap().rate_limited,
         after.rate_limited
     );
 
@@ -229,7 +230,12 @@ fn block_and_vsock_through_the_agent() {
 
     // Hot-swap: attach a file to the empty slot, the guest sees the size and the content.
     let slot = dev["slot"].0.clone();
-    sb.vm().swap_drive("slot", Some(&swap1), true).unwrap();
+    sb.vm()
+        .device("slot")
+        .and_then(|d| d.block())
+        .expect("slot")
+        .swap_backing(Some(&swap1), true)
+        .unwrap();
     let size_path = format!("/sys/block/{slot}/size");
     let seen = wait_until(Duration::from_secs(60), || {
         agent
@@ -243,7 +249,12 @@ fn block_and_vsock_through_the_agent() {
         .unwrap();
     assert_eq!(d.sha256, sha_file(&swap1, MIB));
     // Swap to a larger file.
-    sb.vm().swap_drive("slot", Some(&swap2), true).unwrap();
+    sb.vm()
+        .device("slot")
+        .and_then(|d| d.block())
+        .expect("slot")
+        .swap_backing(Some(&swap2), true)
+        .unwrap();
     let seen = wait_until(Duration::from_secs(60), || {
         agent
             .read_file(&size_path)
@@ -260,14 +271,23 @@ fn block_and_vsock_through_the_agent() {
     f.read_exact(&mut tail).unwrap();
     assert_eq!(d.sha256, sha_hex(&tail));
     // Detach: back to capacity 0.
-    sb.vm().swap_drive("slot", None, false).unwrap();
+    sb.vm()
+        .device("slot")
+        .and_then(|d| d.block())
+        .expect("slot")
+        .swap_backing(None, false)
+        .unwrap();
     assert!(wait_until(Duration::from_secs(60), || {
         agent
             .read_file(&size_path)
             .map(|b| String::from_utf8_lossy(&b).trim() == "0")
             .unwrap_or(false)
     }));
-    let m = sb.vm().drive_metrics("data").unwrap();
+    let m = sb
+        .vm()
+        .device("data")
+        .and_then(|d| d.metrics().block())
+        .unwrap();
     assert!(m.write_bytes >= 64 * MIB, "{m:?}");
     drop(agent);
 
@@ -333,7 +353,7 @@ fn block_and_vsock_through_the_agent() {
     );
     eprintln!(
         "vsock metrics after guest->host: {:?}",
-        sb.vm().vsock_metrics()
+        sb.vm().device("vsock").and_then(|d| d.metrics().vsock())
     );
     let r = r.expect("stream_source");
     let (n, got) = recv.join().unwrap();
@@ -371,7 +391,11 @@ fn block_and_vsock_through_the_agent() {
     for h in handles {
         h.join().unwrap();
     }
-    let vm_metrics = sb.vm().vsock_metrics().unwrap();
+    let vm_metrics = sb
+        .vm()
+        .device("vsock")
+        .and_then(|d| d.metrics().vsock())
+        .unwrap();
     eprintln!("vsock metrics: {vm_metrics:?}");
 
     assert_eq!(sb.shutdown(Duration::from_secs(120)), Some(VmExit::Reset));

@@ -420,7 +420,7 @@ fn virtio_fs_in_process_read_only_and_vhost_user() {
     // Unmounting sends FUSE_DESTROY, served on the worker (it re-imports the root).
     let (code, out) = sh_merged(&mut a, "umount /mnt/s");
     assert_eq!(code, 0, "{out}");
-    let m = vm.fs_metrics("share").unwrap();
+    let m = vm.device("fs0").and_then(|d| d.metrics().fs()).unwrap();
     eprintln!("in-process share metrics: {m:?}");
     assert!(m.requests > 500, "{m:?}");
     assert_eq!(m.worker_requests, m.requests, "{m:?}");
@@ -434,10 +434,10 @@ fn virtio_fs_in_process_read_only_and_vhost_user() {
         (0, 0, 0, 0),
         "{m:?}"
     );
-    let ro_m = vm.fs_metrics("roshare").unwrap();
+    let ro_m = vm.device("fs1").and_then(|d| d.metrics().fs()).unwrap();
     assert!(ro_m.requests > 0 && ro_m.worker_requests == 0, "{ro_m:?}");
     assert_eq!(vm.metrics().device_panics, 0);
-    assert_eq!(vm.device_needs_reset("fs0"), Some(false));
+    assert_eq!(vm.device("fs0").map(|d| d.needs_reset()), Some(false));
     drop(a);
     assert_eq!(sb.shutdown(Duration::from_secs(120)), Some(VmExit::Reset));
     assert!(sb.vm().threads().is_empty(), "the worker ended with the VM");

@@ -201,12 +201,13 @@ fn tap_networking_in_a_namespace() {
 
     // Link down / up through the API, seen in the guest.
     assert_eq!(carrier(&mut a, "eth0"), "1");
-    sb.vm().set_link("eth0", false).unwrap();
+    let eth0 = sb.vm().device("eth0").and_then(|d| d.net()).expect("eth0");
+    eth0.set_link(false);
     assert!(
         wait_until(Duration::from_secs(60), || carrier(&mut a, "eth0") == "0"),
         "carrier stayed up"
     );
-    sb.vm().set_link("eth0", true).unwrap();
+    eth0.set_link(true);
     assert!(
         wait_until(Duration::from_secs(60), || carrier(&mut a, "eth0") == "1"),
         "carrier stayed down"
@@ -217,7 +218,8 @@ fn tap_networking_in_a_namespace() {
     let (code, out) = sh_merged(&mut a, "ip link set eth1 up");
     assert_eq!(code, 0, "{out}");
     assert_eq!(carrier(&mut a, "eth1"), "0");
-    sb.vm().attach_tap("hot", &tap1, true).unwrap();
+    let hot = sb.vm().device("hot").and_then(|d| d.net()).expect("hot");
+    hot.attach_tap(&tap1, true).unwrap();
     assert!(
         wait_until(Duration::from_secs(60), || carrier(&mut a, "eth1") == "1"),
         "hot link never came up"
@@ -233,7 +235,7 @@ fn tap_networking_in_a_namespace() {
     assert_eq!(code, 0, "{out}");
     let (ok, out) = ns.run(&["ping", "-c", "3", "-W", "10", "10.0.3.2"]);
     assert!(ok && out.contains("3 received"), "hot-attached slot: {out}");
-    sb.vm().detach_tap("hot").unwrap();
+    hot.detach_tap();
     assert!(wait_until(Duration::from_secs(60), || carrier(
         &mut a, "eth1"
     ) == "0"));
@@ -248,9 +250,7 @@ fn tap_networking_in_a_namespace() {
         }),
         ops: None,
     };
-    sb.vm()
-        .update_net_rate_limiters("eth0", None, Some(&limit))
-        .unwrap();
+    eth0.update_rate_limiters(None, Some(&limit)).unwrap();
     let l = TcpListener::bind("10.0.2.1:5003").unwrap();
     let rx = std::thread::spawn(move || receive(l));
     a.call(
@@ -267,11 +267,14 @@ fn tap_networking_in_a_namespace() {
         "rate-limited TX: {n} bytes in {secs:.2} s -> {rate:.3} x the limit after the bucket"
     );
     assert!((0.8..=1.2).contains(&rate), "rate {rate:.3} x the limit");
-    let m = sb.vm().net_metrics("eth0").unwrap();
+    let m = sb
+        .vm()
+        .device("eth0")
+        .and_then(|d| d.metrics().net())
+        .unwrap();
     assert!(m.tx_throttled > 0, "{m:?}");
     eprintln!("eth0 metrics: {m:?}");
-    sb.vm()
-        .update_net_rate_limiters("eth0", None, Some(&RateLimiterConfig::default()))
+    eth0.update_rate_limiters(None, Some(&RateLimiterConfig::default()))
         .unwrap();
     drop(a);
     assert_eq!(sb.shutdown(Duration::from_secs(120)), Some(VmExit::Reset));

@@ -246,15 +246,14 @@ impl DiskFile {
     }
 
     fn write_zeros(&self, offset: u64, len: u64) -> Result<(), DiskError> {
-        const CHUNK: u64 = 64 * 1024;
-        let zeros = vec![0u8; CHUNK.min(len) as usize];
+        const CHUNK: usize = 64 * 1024;
+        let zeros = vec![0u8; usize::try_from(len).map_or(CHUNK, |l| l.min(CHUNK))];
         let mut done = 0;
         while done < len {
-            let n = CHUNK.min(len - done);
-            // `n` is at most CHUNK, the buffer's length.
-            self.file
-                .write_all_at(&zeros[..n as usize], offset + done)?;
-            done += n;
+            // At most CHUNK, the buffer's length.
+            let n = usize::try_from(len - done).map_or(CHUNK, |l| l.min(CHUNK));
+            self.file.write_all_at(&zeros[..n], offset + done)?;
+            done += n as u64;
         }
         Ok(())
     }
@@ -365,8 +364,8 @@ impl ReadVolatile for FileAt<'_> {
             if n == 0 {
                 break;
             }
-            // 0 < n <= len - done, so the conversion is lossless.
-            let n = n as usize;
+            // 0 < n <= len - done.
+            let n = n.unsigned_abs();
             done += n;
             self.offset += n as u64;
         }
@@ -401,7 +400,7 @@ impl WriteVolatile for FileAt<'_> {
                 return Err(VolatileMemoryError::IOError(e));
             }
             // 0 <= n <= buf.len().
-            let n = n as usize;
+            let n = n.unsigned_abs();
             self.offset += n as u64;
             return Ok(n);
         }
@@ -429,7 +428,7 @@ mod tests {
             (GuestAddress(0x1000), 0x1000),
         ])
         .unwrap();
-        let data: Vec<u8> = (0..2048u32).map(|i| i as u8).collect();
+        let data: Vec<u8> = (0..2048u32).map(|i| i.to_le_bytes()[0]).collect();
         let t = image(&data);
         let disk = DiskFile::open(t.as_path(), false).unwrap();
         assert_eq!(disk.sectors(), 4);

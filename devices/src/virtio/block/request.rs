@@ -32,7 +32,8 @@ use super::{QUEUE_SIZE, SECTOR_SIZE};
 /// Length of `struct virtio_blk_outhdr`.
 pub const HEADER_LEN: u32 = 16;
 /// Length of one `struct virtio_blk_discard_write_zeroes`.
-pub const RANGE_LEN: u64 = 16;
+pub const RANGE_LEN: u64 = RANGE_BYTES as u64;
+const RANGE_BYTES: usize = 16;
 /// Longest chain accepted: without `VIRTIO_RING_F_INDIRECT_DESC` a chain cannot hold more
 /// descriptors than the queue.
 pub const MAX_DESCRIPTORS: usize = QUEUE_SIZE as usize;
@@ -332,7 +333,7 @@ fn read_range<M: GuestMemory + ?Sized>(
     if total != RANGE_LEN {
         return Err(RequestError::BadRangePayload(total));
     }
-    let mut raw = [0u8; RANGE_LEN as usize];
+    let mut raw = [0u8; RANGE_BYTES];
     let mut filled = 0usize;
     for s in data {
         let n = s.len as usize;
@@ -362,16 +363,14 @@ fn read_range<M: GuestMemory + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_bindings::virtio_ring::{
-        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-    };
+    use crate::virtio::test_util::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT};
     use vm_memory::GuestMemoryMmap;
 
-    const W: u16 = VRING_DESC_F_WRITE as u16;
-    const N: u16 = VRING_DESC_F_NEXT as u16;
+    const W: u16 = VRING_DESC_F_WRITE;
+    const N: u16 = VRING_DESC_F_NEXT;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20000)]).unwrap()
@@ -398,7 +397,9 @@ mod tests {
     fn parse_raw(m: &GuestMemoryMmap, descs: &[RawDescriptor]) -> ParsedChain {
         let vq = MockSplitQueue::new(m, 16);
         for (i, desc) in descs.iter().enumerate() {
-            vq.desc_table().store(i as u16, *desc).unwrap();
+            vq.desc_table()
+                .store(u16::try_from(i).unwrap(), *desc)
+                .unwrap();
         }
         vq.avail().ring().ref_at(0).unwrap().store(0);
         vq.avail().idx().store(1);
@@ -572,20 +573,20 @@ mod tests {
         let indirect = [RawDescriptor::from(Descriptor::new(
             0x10_0000_0000,
             64,
-            VRING_DESC_F_INDIRECT as u16,
+            VRING_DESC_F_INDIRECT,
             0,
         ))];
         let p = parse_raw(&m, &indirect);
         assert_eq!(p.request, Err(RequestError::EmptyChain));
         // An indirect table containing an indirect descriptor (forbidden).
         m.write_obj(
-            RawDescriptor::from(Descriptor::new(0x8000, 16, VRING_DESC_F_INDIRECT as u16, 0)),
+            RawDescriptor::from(Descriptor::new(0x8000, 16, VRING_DESC_F_INDIRECT, 0)),
             GuestAddress(0x8000),
         )
         .unwrap();
         let nested = [
             RawDescriptor::from(Descriptor::new(0x1000, 16, N, 1)),
-            RawDescriptor::from(Descriptor::new(0x8000, 16, VRING_DESC_F_INDIRECT as u16, 0)),
+            RawDescriptor::from(Descriptor::new(0x8000, 16, VRING_DESC_F_INDIRECT, 0)),
         ];
         let p = parse_raw(&m, &nested);
         assert_eq!(p.request, Err(RequestError::Truncated(1)));
@@ -608,7 +609,7 @@ mod tests {
         let table = [RawDescriptor::from(Descriptor::new(
             0x10000,
             u32::from(n) * 16,
-            VRING_DESC_F_INDIRECT as u16,
+            VRING_DESC_F_INDIRECT,
             0,
         ))];
         let p = parse_raw(&m, &table);

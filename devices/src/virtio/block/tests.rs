@@ -2,25 +2,30 @@
 //! memory built here; the device runs them against a temporary image.
 
 use std::os::unix::fs::FileExt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use event_manager::{EventManager, SubscriberOps};
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::tempfile::TempFile;
 
+use super::handler::BATCH_LIMIT;
 use super::*;
 use crate::bus::BusDevice;
 use crate::rate_limiter::test_util::{bucket, FakeClock};
-use crate::virtio::mmio::MmioTransport;
-use crate::virtio::test_util::{assert_pass_bounded, with_refilling_guest};
+use crate::virtio::mmio::{MmioState, MmioTransport};
+use crate::virtio::test_util::{
+    assert_pass_bounded, with_refilling_guest, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use crate::virtio::{status, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING};
+use crate::virtio::{ActivateError, GuestMem, VirtioDevice, VirtioInterrupt};
 
 const MEM_SIZE: usize = 0x20_0000;
 const DESC: u64 = 0;
@@ -31,9 +36,9 @@ const STATUS: u64 = 0x5000;
 const DATA: u64 = 0x10000;
 const SECTORS: u64 = 64;
 
-const OK: u8 = VIRTIO_BLK_S_OK as u8;
-const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
-const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
+const OK: u8 = VIRTIO_BLK_S_OK.to_le_bytes()[0];
+const IOERR: u8 = VIRTIO_BLK_S_IOERR.to_le_bytes()[0];
+const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP.to_le_bytes()[0];
 
 fn mem() -> GuestMem {
     GuestMemoryAtomic::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap())
@@ -44,18 +49,14 @@ fn image() -> TempFile {
     let t = TempFile::new().unwrap();
     for i in 0..SECTORS {
         t.as_file()
-            .write_all_at(&[i as u8; 512], i * SECTOR_SIZE)
+            .write_all_at(&[i.to_le_bytes()[0]; 512], i * SECTOR_SIZE)
             .unwrap();
     }
     t
 }
 
 fn drive(path: Option<&Path>) -> BlockConfig {
-    BlockConfig {
-        drive_id: "disk0".into(),
-        path_on_host: path.map(Path::to_path_buf),
-        ..BlockConfig::default()
-    }
+    BlockConfig::new("disk0", path)
 }
 
 /// The guest side of the request queue.
@@ -97,7 +98,7 @@ impl Driver {
         let head = self.next_desc;
         let m = self.m();
         for (i, &(addr, len, flags, next)) in descs.iter().enumerate() {
-            let idx = (head + i as u16) % self.size;
+            let idx = (head + u16::try_from(i).unwrap()) % self.size;
             let mut raw = [0u8; 16];
             raw[..8].copy_from_slice(&addr.to_le_bytes());
             raw[8..12].copy_from_slice(&len.to_le_bytes());
@@ -107,7 +108,7 @@ impl Driver {
                 .unwrap();
         }
         drop(m);
-        self.next_desc = (head + descs.len() as u16) % self.size;
+        self.next_desc = (head + u16::try_from(descs.len()).unwrap()) % self.size;
         self.push_avail(head);
         head
     }
@@ -129,11 +130,11 @@ impl Driver {
             .iter()
             .enumerate()
             .map(|(i, &(addr, len, w))| {
-                let mut flags = if w { VRING_DESC_F_WRITE as u16 } else { 0 };
+                let mut flags = if w { VRING_DESC_F_WRITE } else { 0 };
                 if i + 1 < n {
-                    flags |= VRING_DESC_F_NEXT as u16;
+                    flags |= VRING_DESC_F_NEXT;
                 }
-                (addr, len, flags, i as u16 + 1)
+                (addr, len, flags, u16::try_from(i).unwrap() + 1)
             })
             .collect();
         self.add_raw(&descs)
@@ -235,6 +236,32 @@ fn feature(bit: u32) -> u64 {
     1 << bit
 }
 
+/// Firecracker's `cache_type`: `Unsafe` offers no flush, `Writeback` (Kestrel's default) does.
+#[test]
+fn cache_type_unsafe_offers_no_flush() {
+    let t = image();
+    let mut api = kestrel_api::DriveConfig {
+        drive_id: "d".into(),
+        path_on_host: Some(t.as_path().to_path_buf()),
+        ..kestrel_api::DriveConfig::default()
+    };
+    let writeback = Block::new(&BlockConfig::try_from(&api).unwrap()).unwrap();
+    assert_ne!(writeback.avail_features() & feature(VIRTIO_BLK_F_FLUSH), 0);
+    api.cache_type = kestrel_api::CacheType::Unsafe;
+    let cfg = BlockConfig::try_from(&api).unwrap();
+    assert!(cfg.no_flush);
+    let unsafe_cache = Block::new(&cfg).unwrap();
+    assert_eq!(
+        unsafe_cache.avail_features() & feature(VIRTIO_BLK_F_FLUSH),
+        0
+    );
+    // Everything else is the same offer.
+    assert_eq!(
+        unsafe_cache.avail_features() | feature(VIRTIO_BLK_F_FLUSH),
+        writeback.avail_features()
+    );
+}
+
 #[test]
 fn features_and_config_space() {
     let t = image();
@@ -277,7 +304,7 @@ fn features_and_config_space() {
     assert_eq!(cap_hi, [0; 4]);
     let mut b2 = [0xffu8; 2];
     b.read_config(0, &mut b2);
-    assert_eq!(b2, [SECTORS as u8, 0]);
+    assert_eq!(b2, [SECTORS.to_le_bytes()[0], 0]);
     let mut tail = [0xffu8; 8];
     b.read_config(56, &mut tail);
     assert_eq!(&tail[4..], &[0; 4]);
@@ -287,7 +314,7 @@ fn features_and_config_space() {
 
     // Read-only: RO, no discard / write-zeroes.
     let mut cfg = drive(Some(t.as_path()));
-    cfg.is_read_only = true;
+    cfg.read_only = true;
     let ro = Block::new(&cfg).unwrap();
     let f = ro.avail_features();
     assert_ne!(f & feature(VIRTIO_BLK_F_RO), 0);
@@ -302,18 +329,20 @@ fn features_and_config_space() {
 fn new_rejects_bad_input() {
     let mut cfg = drive(Some(Path::new("/nonexistent/disk.img")));
     assert!(matches!(Block::new(&cfg), Err(BlockError::Open { .. })));
-    cfg.path_on_host = Some(std::env::temp_dir());
-    cfg.is_read_only = true;
+    cfg.path = Some(std::env::temp_dir());
+    cfg.read_only = true;
     assert!(matches!(Block::new(&cfg), Err(BlockError::NotADisk(_))));
-    let mut cfg = drive(None);
-    cfg.serial = Some("x".repeat(21));
+    let mut api = kestrel_api::DriveConfig {
+        drive_id: "disk0".into(),
+        serial: Some("x".repeat(21)),
+        ..kestrel_api::DriveConfig::default()
+    };
+    let e = BlockConfig::try_from(&api).unwrap_err();
+    assert!(matches!(e, BlockError::InvalidSerial(_)), "{e}");
+    assert!(e.to_string().starts_with("serial "), "{e}");
+    api.serial = Some("tab\there".into());
     assert!(matches!(
-        Block::new(&cfg),
-        Err(BlockError::InvalidSerial(_))
-    ));
-    cfg.serial = Some("tab\there".into());
-    assert!(matches!(
-        Block::new(&cfg),
+        BlockConfig::try_from(&api),
         Err(BlockError::InvalidSerial(_))
     ));
 }
@@ -377,7 +406,10 @@ fn several_requests_in_one_go() {
     assert_eq!(s.driver.used_idx(), 10);
     for k in 0..10u64 {
         assert_eq!(s.driver.status(k), OK);
-        assert_eq!(s.driver.read(DATA + k * 0x1000, 512), vec![k as u8; 512]);
+        assert_eq!(
+            s.driver.read(DATA + k * 0x1000, 512),
+            vec![k.to_le_bytes()[0]; 512]
+        );
     }
     // One interrupt for the batch.
     assert_eq!(s.block.metrics().interrupts, 1);
@@ -478,8 +510,8 @@ fn unusable_status_means_used_len_zero() {
 #[test]
 fn broken_chains_do_not_stop_the_queue() {
     let mut s = setup();
-    let n = VRING_DESC_F_NEXT as u16;
-    let w = VRING_DESC_F_WRITE as u16;
+    let n = VRING_DESC_F_NEXT;
+    let w = VRING_DESC_F_WRITE;
     // A loop: 0 -> 1 -> 0.
     s.driver.add_raw(&[(HDR, 16, n, 1), (STATUS, 1, n | w, 0)]);
     // `next` out of the table.
@@ -532,7 +564,7 @@ fn ring_errors_need_a_reset() {
 fn read_only_drive_refuses_writes() {
     let t = image();
     let mut cfg = drive(Some(t.as_path()));
-    cfg.is_read_only = true;
+    cfg.read_only = true;
     let mut s = setup_with(cfg, Some(t), false);
     let t = s.image.take().unwrap();
     s.driver.write(DATA, &[0xee; 512]);
@@ -567,7 +599,7 @@ fn get_id_returns_the_serial() {
 
     let t = image();
     let mut cfg = drive(Some(t.as_path()));
-    cfg.serial = Some("SERIAL-0123456789ABC".into());
+    cfg.serial = Some(*b"SERIAL-0123456789ABC");
     let mut s = setup_with(cfg, Some(t), false);
     // A buffer larger than 20 bytes gets 20; a smaller one what fits.
     s.driver.write(DATA, &[0xff; 32]);
@@ -761,7 +793,7 @@ fn activation_and_reset() {
     b.activate(mem.clone(), irq(), vec![d.queue(false)])
         .unwrap();
     assert!(b.is_activated());
-    assert_eq!(b.activate_event().read().unwrap(), 1);
+    assert_eq!(b.wake_event().read().unwrap(), 1);
     // Before activation and after reset, notifications are ignored.
     b.reset();
     assert!(!b.is_activated());
@@ -798,9 +830,9 @@ fn through_transport_and_event_loop() {
     );
     w(0x30, 0);
     w(0x38, u32::from(QUEUE_SIZE));
-    w(0x80, DESC as u32);
-    w(0x90, AVAIL as u32);
-    w(0xa0, USED as u32);
+    w(0x80, u32::try_from(DESC).unwrap());
+    w(0x90, u32::try_from(AVAIL).unwrap());
+    w(0xa0, u32::try_from(USED).unwrap());
     w(0x44, 1);
     let mut d = Driver::new(&mem);
     d.request(0, VIRTIO_BLK_T_IN, 5, &[(DATA, 512, true)]);
@@ -876,11 +908,15 @@ fn bandwidth_limit_holds_requests_in_the_ring_until_refilled() {
     assert_eq!(s.driver.used_idx(), 6);
     for k in 0..6u64 {
         assert_eq!(s.driver.status(k), OK);
-        assert_eq!(s.driver.used(k as u16).1, 1025);
+        assert_eq!(s.driver.used(u16::try_from(k).unwrap()).1, 1025);
         let got = s.driver.read(DATA + k * 0x1000, 1024);
         assert_eq!(
             got,
-            [vec![2 * k as u8; 512], vec![2 * k as u8 + 1; 512]].concat()
+            [
+                vec![2 * k.to_le_bytes()[0]; 512],
+                vec![2 * k.to_le_bytes()[0] + 1; 512]
+            ]
+            .concat()
         );
     }
     let m = s.block.metrics();
@@ -920,10 +956,10 @@ fn rate_limited_queue_resumes_from_its_timer_on_the_event_loop() {
     let t = image();
     let mut config = drive(Some(t.as_path()));
     // One request per 50 ms.
-    config.rate_limiter = Some(RateLimiterConfig {
+    config.rate_limiter = RateLimiterConfig {
         bandwidth: None,
         ops: Some(bucket(1, None, 50)),
-    });
+    };
     let mut s = setup_with(config, Some(t), false);
     for k in 0..4u64 {
         s.driver
@@ -946,7 +982,10 @@ fn rate_limited_queue_resumes_from_its_timer_on_the_event_loop() {
     assert!(wakeups >= 3, "{wakeups}");
     for k in 0..4u64 {
         assert_eq!(s.driver.status(k), OK);
-        assert_eq!(s.driver.read(DATA + k * 0x1000, 512), vec![k as u8; 512]);
+        assert_eq!(
+            s.driver.read(DATA + k * 0x1000, 512),
+            vec![k.to_le_bytes()[0]; 512]
+        );
     }
     assert_eq!(block.lock().unwrap().metrics().rate_limited, 3);
 }
@@ -987,7 +1026,7 @@ fn swap_and_detach_flush_the_image_first_and_report_errors() {
     assert_eq!(s.block.metrics().backing_flushes, 1);
     assert_eq!(file_bytes(&first, 512, 512), vec![0xab; 512]);
     // A failing flush refuses the detach, names the image and keeps it attached.
-    s.block.backend.disk.as_mut().unwrap().fail_flush = Some(std::io::ErrorKind::Other);
+    s.block.device.backend.disk.as_mut().unwrap().fail_flush = Some(std::io::ErrorKind::Other);
     let err = s.block.swap_backing(None, false).unwrap_err();
     assert!(matches!(err, BlockError::Flush { .. }), "{err}");
     assert!(
@@ -999,7 +1038,7 @@ fn swap_and_detach_flush_the_image_first_and_report_errors() {
     assert_eq!(s.block.capacity(), SECTORS);
     assert_eq!(s.block.metrics().backing_flushes, 1);
     // Once the flush works the detach goes through.
-    s.block.backend.disk.as_mut().unwrap().fail_flush = None;
+    s.block.device.backend.disk.as_mut().unwrap().fail_flush = None;
     s.block.swap_backing(None, false).unwrap();
     assert_eq!(s.block.metrics().backing_flushes, 2);
     assert_eq!(s.block.path(), None);
@@ -1007,4 +1046,135 @@ fn swap_and_detach_flush_the_image_first_and_report_errors() {
     s.block.swap_backing(Some(first.as_path()), true).unwrap();
     s.block.swap_backing(None, false).unwrap();
     assert_eq!(s.block.metrics().backing_flushes, 2);
+}
+
+/// Registers a driver reads, for comparing a transport with its restored copy: identification,
+/// features, status, ISR, config generation, each queue's size and readiness, the capacity.
+fn registers(t: &mut MmioTransport) -> Vec<u32> {
+    let r = |t: &mut MmioTransport, off: u64| {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    let mut out: Vec<u32> = [
+        0x00, 0x04, 0x08, 0x10, 0x60, 0x70, 0xfc, 0x34, 0x44, 0x100, 0x104,
+    ]
+    .into_iter()
+    .map(|off| r(t, off))
+    .collect();
+    t.write(0x14, &1u32.to_le_bytes());
+    out.push(r(t, 0x10));
+    out
+}
+
+/// A running device and its transport are saved (through serde, as a snapshot file would
+/// hold them), rebuilt from the state, and the restored pair behaves the same: the transport
+/// reads the same registers and the device serves the next request on the restored queue
+/// where the old one stopped.
+#[test]
+fn saved_state_restores_a_running_device() {
+    let t = image();
+    let cfg = drive(Some(t.as_path()));
+    let mem = mem();
+    let block = Arc::new(Mutex::new(Block::new(&cfg).unwrap()));
+    let mut transport = MmioTransport::new(block.clone(), irq(), mem.clone());
+    let mut w = |off: u64, v: u32| transport.write(off, &v.to_le_bytes());
+    w(0x70, status::ACKNOWLEDGE | status::DRIVER);
+    w(0x24, 1);
+    w(0x20, 1); // VERSION_1
+    w(
+        0x70,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+    );
+    w(0x38, u32::from(QUEUE_SIZE));
+    w(0x80, u32::try_from(DESC).unwrap());
+    w(0x90, u32::try_from(AVAIL).unwrap());
+    w(0xa0, u32::try_from(USED).unwrap());
+    w(0x44, 1);
+    w(
+        0x70,
+        status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+    );
+    let mut d = Driver::new(&mem);
+    d.request(0, VIRTIO_BLK_T_IN, 5, &[(DATA, 512, true)]);
+    block.lock().unwrap().process_queue();
+    assert_eq!(d.status(0), OK);
+
+    let saved = serde_json::to_string(&(block.lock().unwrap().state(), transport.state())).unwrap();
+    let before = registers(&mut transport);
+    drop(transport);
+    drop(block);
+    let (state, mmio): (BlockState, MmioState) = serde_json::from_str(&saved).unwrap();
+    assert!(state.virtio.activated);
+    assert_eq!(state.virtio.queues[0].next_avail, 1);
+    assert_eq!(
+        (state.capacity, state.path.as_deref()),
+        (SECTORS, Some(t.as_path()))
+    );
+
+    let block = Arc::new(Mutex::new(Block::restore(&cfg, &state).unwrap()));
+    assert!(!block.lock().unwrap().is_activated());
+    let mut transport = MmioTransport::new(block.clone(), irq(), mem.clone());
+    transport.restore(&mmio).unwrap();
+    assert!(block.lock().unwrap().is_activated());
+    assert_eq!(registers(&mut transport), before);
+    assert_eq!(block.lock().unwrap().state(), state);
+    d.request(1, VIRTIO_BLK_T_IN, 6, &[(DATA, 512, true)]);
+    block.lock().unwrap().process_queue();
+    assert_eq!(d.status(1), OK);
+    assert_eq!(d.read(DATA, 512), vec![6; 512]);
+    assert_eq!(d.used_idx(), 2);
+}
+
+#[test]
+fn restore_refuses_a_state_that_does_not_fit() {
+    let t = image();
+    let cfg = drive(Some(t.as_path()));
+    let state = Block::new(&cfg).unwrap().state();
+    // Another image size, another drive, another kind of device.
+    let mut other = state.clone();
+    other.capacity += 1;
+    assert!(matches!(
+        Block::restore(&cfg, &other),
+        Err(BlockError::Restore(RestoreError::Mismatch {
+            field: "capacity",
+            ..
+        }))
+    ));
+    let mut other = state.clone();
+    other.drive_id = "disk9".into();
+    assert!(Block::restore(&cfg, &other).is_err());
+    let mut other = state.clone();
+    other.virtio.device_type = 1;
+    assert!(matches!(
+        Block::restore(&cfg, &other),
+        Err(BlockError::Restore(RestoreError::DeviceType {
+            saved: 1,
+            device: 2
+        }))
+    ));
+    // Features the read-only drive does not offer.
+    let mut other = state.clone();
+    other.virtio.acked_features = 1 << VIRTIO_BLK_F_DISCARD;
+    let mut ro = cfg.clone();
+    ro.read_only = true;
+    assert!(matches!(
+        Block::restore(&ro, &other),
+        Err(BlockError::Restore(RestoreError::Features { .. }))
+    ));
+    // A device that was not running is not activated by its transport's restore.
+    let block = Arc::new(Mutex::new(Block::restore(&cfg, &state).unwrap()));
+    let mut transport = MmioTransport::new(block.clone(), irq(), mem());
+    let mmio = transport.state();
+    transport.restore(&mmio).unwrap();
+    assert!(!block.lock().unwrap().is_activated());
+    let mut short = mmio.clone();
+    short.queues.clear();
+    assert!(matches!(
+        transport.restore(&short),
+        Err(RestoreError::TransportQueues {
+            saved: 0,
+            device: 1
+        })
+    ));
 }

@@ -203,7 +203,7 @@ fn erofs() -> io::Error {
 /// Whether OPEN/CREATE flags ask for write access or truncation.
 fn wants_write(flags: u32) -> bool {
     // The flags are the guest's open(2) flags; reinterpret them as the host's c_int.
-    let flags = flags as libc::c_int;
+    let flags = flags.cast_signed();
     flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
 }
 
@@ -255,10 +255,10 @@ impl Default for ShareLimits {
     }
 }
 
-/// The guest's open flags limited to [`OPEN_FLAGS_ALLOWED`].
+/// The guest's open flags limited to `OPEN_FLAGS_ALLOWED`.
 pub fn sanitize_open_flags(flags: u32) -> u32 {
-    // The flags are the guest's open(2) flags; reinterpret them as the host's c_int.
-    (flags as libc::c_int & OPEN_FLAGS_ALLOWED) as u32
+    // The flags are the guest's open(2) flags; reinterpret them as the host's c_int and back.
+    (flags.cast_signed() & OPEN_FLAGS_ALLOWED).cast_unsigned()
 }
 
 /// What the share holds for the guest, mirroring PassthroughFs's own tables.

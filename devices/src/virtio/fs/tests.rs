@@ -20,10 +20,18 @@ use kestrel_api::{FsCache, FsConfig};
 use virtio_queue::Queue;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
+use super::vhost_user::VhostUserFsConfig;
 use super::*;
+
+/// An in-process device for a VM config's share (through the device's own config type).
+fn new_fs(config: &FsConfig) -> Result<Fs, FsError> {
+    Fs::new(&super::FsConfig::try_from(config)?)
+}
 use crate::virtio::test_util::{
     on_event_loop, Ring, TmpDir, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
 };
+use crate::virtio::{RestoreError, VirtioDevice, VirtioInterrupt};
+use vmm_sys_util::eventfd::EventFd;
 
 const MEM_SIZE: usize = 16 << 20;
 const QSIZE: u16 = 256;
@@ -99,11 +107,16 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
     /// `dev` with its queues in `mem`, not yet activated.
     pub fn new(dev: D, mem: GuestMemoryMmap) -> (Driver<D>, Vec<Queue>) {
         let nq = dev.queue_max_sizes().len();
-        let (dev, em, kicks) = on_event_loop(dev);
         let (rings, queues) = fresh_rings(&mem, nq);
+        (Driver::with_rings(dev, mem, rings), queues)
+    }
+
+    /// `dev` driven over existing `rings` in `mem` (a restored device), not yet activated.
+    pub fn with_rings(dev: D, mem: GuestMemoryMmap, rings: Vec<Ring>) -> Driver<D> {
+        let (dev, em, kicks) = on_event_loop(dev);
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap()));
-        let d = Driver {
+        Driver {
             mem,
             dev,
             em,
@@ -114,8 +127,7 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
             unique: 0,
             serve_direct: None,
             busy: Duration::ZERO,
-        };
-        (d, queues)
+        }
     }
 
     /// After a device reset: fresh rings for every queue, then [`Driver::activate`] with them.
@@ -142,12 +154,19 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
     /// Returns the head index.
     pub fn submit(&mut self, q: usize, readable: &[&[u8]], reply_len: u32) -> u16 {
         let mut addr = REQ_BUF;
-        let n = readable.len() as u16 + u16::from(reply_len > 0);
+        let n = u16::try_from(readable.len()).unwrap() + u16::from(reply_len > 0);
         for (i, buf) in readable.iter().enumerate() {
             self.mem.write_slice(buf, GuestAddress(addr)).unwrap();
-            let i = i as u16;
+            let i = u16::try_from(i).unwrap();
             let flags = if i + 1 < n { VRING_DESC_F_NEXT } else { 0 };
-            self.rings[q].set_desc(&self.mem, i, addr, buf.len() as u32, flags, i + 1);
+            self.rings[q].set_desc(
+                &self.mem,
+                i,
+                addr,
+                u32::try_from(buf.len()).unwrap(),
+                flags,
+                i + 1,
+            );
             addr += (buf.len() as u64 + 7) & !7;
         }
         if reply_len > 0 {
@@ -203,7 +222,7 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
         self.unique += 1;
         let len = std::mem::size_of::<InHeader>() + args.iter().map(|a| a.len()).sum::<usize>();
         let h = InHeader {
-            len: len as u32,
+            len: u32::try_from(len).unwrap(),
             opcode: opcode as u32,
             unique: self.unique,
             nodeid,
@@ -266,7 +285,7 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
 
     pub fn open(&mut self, nodeid: u64, flags: i32) -> Result<u64, i32> {
         let o = OpenIn {
-            flags: flags as u32,
+            flags: u32::try_from(flags).unwrap(),
             fuse_flags: 0,
         };
         let r = self.fuse(Opcode::Open, nodeid, &[o.as_slice()]);
@@ -293,7 +312,7 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
             fh,
             offset,
             size,
-            flags: flags as u32,
+            flags: u32::try_from(flags).unwrap(),
             ..Default::default()
         };
         let r = self.fuse(Opcode::Read, nodeid, &[ri.as_slice()]);
@@ -307,7 +326,7 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
         let wi = WriteIn {
             fh,
             offset,
-            size: data.len() as u32,
+            size: u32::try_from(data.len()).unwrap(),
             ..Default::default()
         };
         // Header + WriteIn in one descriptor chain part each, the data in a third.
@@ -326,7 +345,7 @@ impl<D: MutEventSubscriber + VirtioDevice + 'static> Driver<D> {
         mode: u32,
     ) -> Result<(EntryOut, u64), i32> {
         let c = CreateIn {
-            flags: flags as u32,
+            flags: u32::try_from(flags).unwrap(),
             mode: libc::S_IFREG | mode,
             umask: 0,
             fuse_flags: 0,
@@ -390,7 +409,7 @@ fn guest_memory() -> GuestMemoryMmap {
 
 /// An activated in-process device over `config` (INIT not sent).
 fn driver_for(config: &FsConfig) -> Driver<Fs> {
-    let (mut d, queues) = Driver::new(Fs::new(config).unwrap(), guest_memory());
+    let (mut d, queues) = Driver::new(new_fs(config).unwrap(), guest_memory());
     d.activate(queues);
     d
 }
@@ -432,7 +451,7 @@ fn config_space_and_features() {
     let mut config = FsConfig::shared_dir("my-tag", &tmp.0);
     config.num_queues = 3;
     config.queue_size = 128;
-    let dev = Fs::new(&config).unwrap();
+    let dev = new_fs(&config).unwrap();
     assert_eq!(dev.device_type(), 26);
     assert_eq!(dev.queue_max_sizes(), &[128, 128, 128, 128]);
     assert_eq!(dev.queue_events().len(), 4);
@@ -462,30 +481,30 @@ fn config_space_and_features() {
 fn constructor_errors() {
     let tmp = TmpDir::new("kfs");
     let mut c = FsConfig::shared_dir("", &tmp.0);
-    assert!(matches!(Fs::new(&c), Err(FsError::InvalidTag(_))));
+    assert!(matches!(new_fs(&c), Err(FsError::InvalidTag(_))));
     c.tag = "x".repeat(37);
-    assert!(matches!(Fs::new(&c), Err(FsError::InvalidTag(_))));
+    assert!(matches!(new_fs(&c), Err(FsError::InvalidTag(_))));
     c.tag = "ok".into();
     c.num_queues = 0;
-    assert!(matches!(Fs::new(&c), Err(FsError::InvalidQueues { .. })));
+    assert!(matches!(new_fs(&c), Err(FsError::InvalidQueues { .. })));
     c.num_queues = 1;
     c.queue_size = 100;
-    assert!(matches!(Fs::new(&c), Err(FsError::InvalidQueues { .. })));
+    assert!(matches!(new_fs(&c), Err(FsError::InvalidQueues { .. })));
     c.queue_size = 256;
     c.shared_dir = Some(tmp.0.join("missing"));
-    let e = Fs::new(&c).err().unwrap();
+    let e = new_fs(&c).err().unwrap();
     assert!(matches!(e, FsError::SharedDir { .. }), "{e}");
     assert!(e.to_string().contains("missing"), "{e}");
     let v = FsConfig::vhost_user("ok", tmp.0.join("s.sock"));
-    assert!(matches!(Fs::new(&v), Err(FsError::NoSharedDir(_))));
+    assert!(matches!(new_fs(&v), Err(FsError::NoSharedDir(_))));
     c.shared_dir = Some(PathBuf::from(std::ffi::OsStr::from_bytes(b"/tmp/\xff")));
-    assert!(matches!(Fs::new(&c), Err(FsError::InvalidSharedDir(_))));
+    assert!(matches!(new_fs(&c), Err(FsError::InvalidSharedDir(_))));
 }
 
 #[test]
 fn wrong_queue_count_refused() {
     let tmp = TmpDir::new("kfs");
-    let mut dev = Fs::new(&FsConfig::shared_dir("t", &tmp.0)).unwrap();
+    let mut dev = new_fs(&FsConfig::shared_dir("t", &tmp.0)).unwrap();
     let mem = guest_memory();
     let (_, q) = Ring::new(&mem, RING_BASE, QSIZE);
     let irq = Arc::new(VirtioInterrupt::new(
@@ -1019,10 +1038,8 @@ fn guest_open_flags_cannot_close_host_descriptors() {
     s.d.release(e.nodeid, fh);
     s.d.release(e.nodeid, fh2);
     // SAFETY: F_GETFD on a descriptor number; no pointers.
-    assert!(
-        unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
-        "fd {fd} was closed"
-    );
+    let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+    assert!(open, "fd {fd} was closed");
     drop(mine);
     // The flags of released handles are forgotten.
     assert_eq!(s.d.read(e.nodeid, fh, 0, 4), Err(libc::EBADF));
@@ -1069,10 +1086,8 @@ fn guest_flags_on_a_directory_handle_cannot_close_it() {
         0
     );
     // SAFETY: F_GETFD on a descriptor number; no pointers.
-    assert!(
-        unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
-        "fd {fd} was closed"
-    );
+    let open = unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+    assert!(open, "fd {fd} was closed");
 }
 
 #[test]
@@ -1124,8 +1139,12 @@ fn device_nodes_give_no_host_device_access() {
     }
     // The guest cannot make device nodes (host users could open them later)...
     for kind in [libc::S_IFCHR, libc::S_IFBLK] {
-        let r =
-            s.d.mknod(ROOT_ID, "dev", kind | 0o666, libc::makedev(8, 0) as u32);
+        let r = s.d.mknod(
+            ROOT_ID,
+            "dev",
+            kind | 0o666,
+            u32::try_from(libc::makedev(8, 0)).unwrap(),
+        );
         assert_eq!(r.map(|_| ()), Err(libc::EPERM));
     }
     assert!(!s.dir.join("dev").exists());
@@ -1327,7 +1346,7 @@ fn second_init_without_reset_is_refused_and_reset_allows_it() {
 fn requests_before_activation_are_served_after_it() {
     let tmp = TmpDir::new("kfs");
     let config = FsConfig::shared_dir("t", &tmp.0);
-    let (mut d, queues) = Driver::new(Fs::new(&config).unwrap(), guest_memory());
+    let (mut d, queues) = Driver::new(new_fs(&config).unwrap(), guest_memory());
     // A kick before DRIVER_OK is ignored...
     d.kicks[1].write(1).unwrap();
     d.em.run_with_timeout(10).unwrap();
@@ -1534,7 +1553,15 @@ fn vhost_user_fs_against_virtiofsd() {
     let sock = tmp.0.join("vfsd.sock");
     let _daemon = spawn_virtiofsd(&bin, &sock, &share);
 
-    let dev = vhost_user::VhostUserFs::new(&sock, "vtag", 1, QSIZE).unwrap();
+    let dev = vhost_user::VhostUserFs::new(&VhostUserFsConfig {
+        geometry: FsGeometry {
+            tag: "vtag".into(),
+            num_request_queues: 1,
+            queue_size: QSIZE,
+        },
+        socket: sock.clone(),
+    })
+    .unwrap();
     assert_eq!(dev.device_type(), 26);
     assert_eq!(dev.queue_max_sizes(), &[QSIZE, QSIZE]);
     assert_ne!(dev.avail_features() & VIRTIO_F_VERSION_1, 0);
@@ -1687,7 +1714,14 @@ fn oversized_aliasing_chain_refused_before_the_server() {
     let req = ioctl_request(77, 3 << 30);
     s.d.mem.write_slice(&req, GuestAddress(REQ_BUF)).unwrap();
     let ring = &s.d.rings[1];
-    ring.set_desc(&s.d.mem, 0, REQ_BUF, req.len() as u32, VRING_DESC_F_NEXT, 1);
+    ring.set_desc(
+        &s.d.mem,
+        0,
+        REQ_BUF,
+        u32::try_from(req.len()).unwrap(),
+        VRING_DESC_F_NEXT,
+        1,
+    );
     for i in 1..250u16 {
         ring.set_desc(&s.d.mem, i, REQ_BUF, 12 << 20, VRING_DESC_F_NEXT, i + 1);
     }
@@ -1987,7 +2021,7 @@ fn process_umask_never_changes() {
 
     let tmp = TmpDir::new("kfs");
     let config = FsConfig::shared_dir("u", &tmp.0);
-    let (mut d, queues) = Driver::new(Fs::new(&config).unwrap(), guest_memory());
+    let (mut d, queues) = Driver::new(new_fs(&config).unwrap(), guest_memory());
     assert_eq!(current_umask(), before, "device creation");
     d.activate(queues);
     for round in 0..10 {
@@ -2058,8 +2092,12 @@ fn setid_bits_stripped_unless_allowed() {
 fn device_nodes_only_with_allow_devices() {
     let mut s = Share::new();
     for kind in [libc::S_IFCHR, libc::S_IFBLK] {
-        let r =
-            s.d.mknod(ROOT_ID, "dev", kind | 0o600, libc::makedev(1, 3) as u32);
+        let r = s.d.mknod(
+            ROOT_ID,
+            "dev",
+            kind | 0o600,
+            u32::try_from(libc::makedev(1, 3)).unwrap(),
+        );
         assert_eq!(r.map(|_| ()), Err(libc::EPERM));
         assert!(!s.dir.join("dev").exists());
     }
@@ -2078,7 +2116,7 @@ fn device_nodes_only_with_allow_devices() {
             ROOT_ID,
             "null",
             libc::S_IFCHR | 0o600,
-            libc::makedev(1, 3) as u32,
+            u32::try_from(libc::makedev(1, 3)).unwrap(),
         )
         .unwrap();
     assert_eq!(e.attr.mode & libc::S_IFMT, libc::S_IFCHR);
@@ -2094,7 +2132,7 @@ fn worker_start_hook_runs_first_on_the_worker_and_its_failure_needs_reset() {
     let tmp = TmpDir::new("kfs");
     let mut config = FsConfig::shared_dir("kestrel", &tmp.0);
     config.worker_threads = true;
-    let mut dev = Fs::new(&config).unwrap();
+    let mut dev = new_fs(&config).unwrap();
     dev.set_worker_name_prefix("hooked");
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen2 = seen.clone();
@@ -2118,4 +2156,47 @@ fn worker_start_hook_runs_first_on_the_worker_and_its_failure_needs_reset() {
         d.interrupt.status() & crate::virtio::INTERRUPT_CONFIG_CHANGE,
         0
     );
+}
+
+/// A running share saved and rebuilt from its state serves on the restored queues where the
+/// old device stopped; the guest starts a new FUSE session (the old one is not part of the
+/// state). A state of another share geometry is refused.
+#[test]
+fn saved_state_restores_a_running_share() {
+    let mut s = Share::new();
+    std::fs::write(s.dir.join("f"), b"x").unwrap();
+    assert!(s.d.lookup(ROOT_ID, "f").is_ok());
+    let state = s.d.dev.lock().unwrap().state();
+    assert_eq!(
+        (
+            state.geometry.tag.as_str(),
+            state.geometry.num_request_queues
+        ),
+        ("kestrel", 1)
+    );
+    assert!(state.virtio.activated && state.virtio.queues[1].next_avail == 2);
+    let state: FsState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    let api = FsConfig::shared_dir("kestrel", &s.dir);
+    let config = super::FsConfig::try_from(&api).unwrap();
+    let mut other = config.clone();
+    other.geometry.num_request_queues = 2;
+    assert!(matches!(
+        Fs::restore(&other, &state),
+        Err(FsError::Restore(RestoreError::Mismatch { .. }))
+    ));
+
+    let fs = Fs::restore(&config, &state).unwrap();
+    let rings = std::mem::take(&mut s.d.rings);
+    let mut d = Driver::with_rings(fs, s.d.mem.clone(), rings);
+    let gm = GuestMemoryAtomic::new(d.mem.clone());
+    let interrupt = d.interrupt.clone();
+    d.dev
+        .lock()
+        .unwrap()
+        .activate_restored(gm, interrupt)
+        .unwrap();
+    d.em.run_with_timeout(100).unwrap();
+    d.init();
+    assert!(d.lookup(ROOT_ID, "f").is_ok());
+    assert_eq!(d.dev.lock().unwrap().state().virtio.queues[1].next_avail, 4);
 }

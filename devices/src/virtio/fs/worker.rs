@@ -15,8 +15,9 @@ use virtio_queue::Queue;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::request::{drain_queue, report_panics};
 use super::server::FuseServer;
-use super::{drain_queue, lock_metrics, report_panics, FsMetrics};
+use super::{lock_metrics, FsMetrics};
 use crate::virtio::{GuestMem, VirtioInterrupt};
 
 /// A virtio-fs worker thread whose body is running.

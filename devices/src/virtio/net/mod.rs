@@ -16,7 +16,7 @@
 //! Link state and hot-attach: a device configured without `host_dev_name` starts without a
 //! backend and with its link down. [`Net::attach_tap`] / [`Net::detach_tap`] swap the TAP at
 //! run time and [`Net::set_link`] drives the link state alone; each change of the link state
-//! bumps [`VirtioDevice::config_generation`] and, when the driver is running, raises a
+//! bumps the config generation and, when the driver is running, raises a
 //! config-change interrupt (the guest sees carrier on/off). While the link is down transmitted
 //! frames are dropped (counted) and nothing is read from the TAP. A TAP that disappears under
 //! the device (the interface is deleted) is detached the same way.
@@ -24,29 +24,30 @@
 //! Rate limiting: [`RateLimiter`]s for each direction (bytes and packets). A refused frame
 //! stays where it is (in the ring for TX, staged for RX) until the limiter's timerfd fires.
 //!
-//! Threads: [`VirtioDevice`] runs on vCPU threads (activation only stores the queues and wakes
-//! the loop); all queue and TAP work happens in the [`MutEventSubscriber`] on the VM's event
-//! loop. The public control calls ([`Net::attach_tap`], [`Net::detach_tap`], [`Net::set_link`],
+//! Threads: the device half (this module: config space, activation, control calls) runs on
+//! vCPU and API threads (activation only stores the queues and wakes the loop); all queue and
+//! TAP work happens in the queue handler ([`handler`]) on the VM's event loop. The public control calls ([`Net::attach_tap`], [`Net::detach_tap`], [`Net::set_link`],
 //! [`Net::update_rate_limiters`]) may come from any thread holding the device lock: they change
 //! the device's state and wake the loop through an internal `EventFd`; the loop then updates
 //! which descriptors it watches. A replaced TAP stays open until the loop has stopped watching
 //! it, so its descriptor number cannot be reused under the loop.
 //!
-//! Wiring (VMM): register the two [`VirtioDevice::queue_events`] as ioeventfds on the
+//! Wiring (VMM): register the two queue events (`VirtioDevice::queue_events`) as ioeventfds on the
 //! transport's QueueNotify register with datamatch 0 (RX) and 1 (TX); hand the same
 //! `Arc<Mutex<Net>>` to the transport and to the event manager (`add_subscriber`). The device
 //! watches its own other descriptors (the TAP, its wake-up `EventFd` and the two limiters'
 //! timerfds) from `init` on.
 
+pub mod handler;
 pub mod rx;
 pub mod tx;
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::EventSet;
 use kestrel_api::RateLimiterConfig;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::{
@@ -54,17 +55,11 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddressSpace, VolatileSlice};
-use vmm_sys_util::eventfd::EventFd;
+use vm_memory::VolatileSlice;
 
-use self::rx::{Rx, RxState};
-use self::tx::{Tx, TxStop};
-use super::{
-    drain_eventfd, ignore_config_write, new_eventfd, take_queues, wake_event_loop, watch_events,
-    ActivateError, Active, DeviceName, EventFdError, GuestMem, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-};
+use self::rx::RxState;
+use super::device::{CoreSpec, DeviceModel, RestoreError, Virtio, VirtioCore, VirtioState};
+use super::{ActivateError, EventFdError, GuestMem, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 use crate::rate_limiter::RateLimiter;
 use crate::tap::{offload, Tap, TapError};
 
@@ -80,18 +75,66 @@ pub const VNET_HDR_LEN: usize = crate::tap::VNET_HDR_LEN_V1;
 pub const MAX_FRAME_LEN: usize = 65550;
 /// Length of the config space: `mac` and `status` (no multiqueue, no MTU).
 pub const CONFIG_SPACE_LEN: usize = 8;
+/// `VIRTIO_NET_S_LINK_UP` as the config space's le16 `status` holds it.
+#[allow(clippy::cast_possible_truncation)] // The constant is 1.
+const S_LINK_UP: u16 = VIRTIO_NET_S_LINK_UP as u16;
 /// Most descriptors the device accepts in one chain (indirect tables can be long).
 pub(crate) const MAX_CHAIN_DESCS: usize = 1024;
 
-/// `Net::new` takes an interface as configured (`network-interfaces[]` in the VM config).
-pub type NetConfig = kestrel_api::NetConfig;
+/// What a network device is built from (from a `network-interfaces[]` entry of the VM config
+/// with `TryFrom<&kestrel_api::NetConfig>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The interface's id (names the device in logs and the API).
+    pub iface_id: String,
+    /// The TAP interface to open; `None`: no backend and the link down (a hot-attach slot).
+    pub tap: Option<String>,
+    /// Create the TAP when it does not exist.
+    pub create_tap: bool,
+    /// The guest's MAC address (unicast, not all zeros).
+    pub mac: [u8; 6],
+    /// Limits on received bytes and frames (no buckets: unlimited).
+    pub rx_rate_limiter: RateLimiterConfig,
+    /// Limits on transmitted bytes and frames.
+    pub tx_rate_limiter: RateLimiterConfig,
+}
 
-const RX_QUEUE_EVENT: u32 = 0;
-const TX_QUEUE_EVENT: u32 = 1;
-const WAKE_EVENT: u32 = 2;
-const BACKEND_EVENT: u32 = 3;
-const RX_LIMITER_EVENT: u32 = 4;
-const TX_LIMITER_EVENT: u32 = 5;
+impl NetConfig {
+    /// A hot-attach slot `iface_id` (no TAP, link down) with the MAC derived from its id.
+    pub fn slot(iface_id: &str) -> Self {
+        NetConfig {
+            iface_id: iface_id.to_string(),
+            mac: kestrel_api::derived_mac(iface_id),
+            ..NetConfig::default()
+        }
+    }
+}
+
+impl TryFrom<&kestrel_api::NetConfig> for NetConfig {
+    type Error = NetError;
+
+    /// The interface's settings; [`NetError::InvalidMac`] for a `guest_mac` that is not a
+    /// unicast `aa:bb:cc:dd:ee:ff` address (absent: one derived from `iface_id`).
+    fn try_from(n: &kestrel_api::NetConfig) -> Result<Self, NetError> {
+        let mac = n
+            .mac()
+            .filter(is_unicast)
+            .ok_or_else(|| NetError::InvalidMac(n.guest_mac.clone().unwrap_or_default()))?;
+        Ok(NetConfig {
+            iface_id: n.iface_id.clone(),
+            tap: n.tap_name().map(str::to_string),
+            create_tap: n.create_tap,
+            mac,
+            rx_rate_limiter: n.rx_rate_limiter.unwrap_or_default(),
+            tx_rate_limiter: n.tx_rate_limiter.unwrap_or_default(),
+        })
+    }
+}
+
+/// Whether `mac` is usable for a guest: unicast and not all zeros.
+fn is_unicast(mac: &[u8; 6]) -> bool {
+    mac[0] & 1 == 0 && *mac != [0; 6]
+}
 
 /// Errors creating a network device or attaching its TAP.
 #[derive(Debug, Error)]
@@ -100,8 +143,11 @@ pub enum NetError {
     #[error(transparent)]
     Tap(#[from] TapError),
     /// `guest_mac` is not a unicast `aa:bb:cc:dd:ee:ff` address.
-    #[error("invalid guest MAC address {0:?}")]
+    #[error("guest_mac {0:?} is not a unicast MAC address")]
     InvalidMac(String),
+    /// A saved state does not fit the interface.
+    #[error("cannot restore: {0}")]
+    Restore(#[from] RestoreError),
     /// An `EventFd` could not be created.
     #[error(transparent)]
     EventFd(#[from] EventFdError),
@@ -244,13 +290,31 @@ pub fn tap_offload_flags(acked: u64) -> u32 {
     flags
 }
 
+/// The run-time state of a network device ([`Net::state`], [`Net::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    /// The virtio core.
+    pub virtio: VirtioState,
+    /// The interface's id.
+    pub iface_id: String,
+    /// The MAC the guest knows (the config to restore with normally keeps it).
+    pub mac: [u8; 6],
+    /// The link state the guest saw.
+    pub link_up: bool,
+    /// The TAP attached at save time, if any.
+    pub tap: Option<String>,
+    /// The receive offloads (`TUNSETOFFLOAD` flags) the driver's features asked for.
+    pub offloads: u32,
+}
+
 /// A virtio-net device. See the module documentation.
-pub struct Net {
-    iface_id: String,
+pub type Net = Virtio<NetDevice>;
+
+/// virtio-net's own part of a [`Net`]: MAC, link, backend, in-flight RX state and the
+/// limiters.
+pub struct NetDevice {
     mac: [u8; 6],
-    acked_features: u64,
     link_up: bool,
-    config_generation: u32,
     backend: Option<Box<dyn NetBackend>>,
     /// Replaced backends still registered with the event loop; it unregisters and drops them.
     retired: Vec<Box<dyn NetBackend>>,
@@ -258,11 +322,6 @@ pub struct Net {
     registered: Option<(RawFd, EventSet)>,
     /// `init` ran: the device is an event-loop subscriber.
     in_event_loop: bool,
-    queue_sizes: [u16; 2],
-    queue_events: [EventFd; 2],
-    wake_evt: EventFd,
-    active: Option<Active<[Queue; 2]>>,
-    failed: bool,
     rx: RxState,
     /// The TX queue waits for the backend to become writable.
     tx_backend_full: bool,
@@ -271,21 +330,14 @@ pub struct Net {
     metrics: NetMetrics,
 }
 
-impl std::fmt::Debug for Net {
+impl std::fmt::Debug for NetDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Net")
-            .field("iface_id", &self.iface_id)
+        f.debug_struct("NetDevice")
             .field("mac", &kestrel_api::format_mac(&self.mac))
-            .field("backend", &self.backend_name())
+            .field("backend", &self.backend.as_deref().map(NetBackend::name))
             .field("link_up", &self.link_up)
-            .field("activated", &self.active.is_some())
             .finish_non_exhaustive()
     }
-}
-
-/// A rate limiter for `cfg` (no buckets when absent).
-fn new_limiter(cfg: Option<&RateLimiterConfig>) -> Result<RateLimiter, NetError> {
-    RateLimiter::new(&cfg.copied().unwrap_or_default()).map_err(NetError::RateLimiter)
 }
 
 /// Open (or create) TAP `name` with the 12-byte header and no offloads yet.
@@ -302,83 +354,98 @@ fn open_tap(name: &str, create: bool) -> Result<Tap, TapError> {
 
 impl Net {
     /// A network device for `config`: its TAP opened (created first when `create_tap` is set
-    /// and it does not exist), or no backend and the link down when `host_dev_name` is absent
-    /// or empty. The MAC is `guest_mac` or one derived from `iface_id`.
+    /// and it does not exist), or no backend and the link down when `tap` is `None`.
     pub fn new(config: &NetConfig) -> Result<Net, NetError> {
-        let mac = config
-            .mac()
-            .filter(|m| m[0] & 1 == 0 && *m != [0; 6])
-            .ok_or_else(|| NetError::InvalidMac(config.guest_mac.clone().unwrap_or_default()))?;
-        let backend: Option<Box<dyn NetBackend>> = match config.tap_name() {
+        if !is_unicast(&config.mac) {
+            return Err(NetError::InvalidMac(kestrel_api::format_mac(&config.mac)));
+        }
+        let backend: Option<Box<dyn NetBackend>> = match &config.tap {
             Some(name) => Some(Box::new(open_tap(name, config.create_tap)?)),
             None => None,
         };
-        Ok(Net {
-            iface_id: config.iface_id.clone(),
-            mac,
-            acked_features: 0,
+        let limiter = |cfg| RateLimiter::new(cfg).map_err(NetError::RateLimiter);
+        let device = NetDevice {
+            mac: config.mac,
             link_up: backend.is_some(),
-            config_generation: 0,
             backend,
             retired: Vec::new(),
             registered: None,
             in_event_loop: false,
-            queue_sizes: [QUEUE_SIZE; 2],
-            queue_events: [new_eventfd()?, new_eventfd()?],
-            wake_evt: new_eventfd()?,
-            active: None,
-            failed: false,
             rx: RxState::new(),
             tx_backend_full: false,
-            rx_limiter: new_limiter(config.rx_rate_limiter.as_ref())?,
-            tx_limiter: new_limiter(config.tx_rate_limiter.as_ref())?,
+            rx_limiter: limiter(&config.rx_rate_limiter)?,
+            tx_limiter: limiter(&config.tx_rate_limiter)?,
             metrics: NetMetrics::default(),
-        })
+        };
+        let core = VirtioCore::new(CoreSpec {
+            kind: "net",
+            id: &config.iface_id,
+            device_type: VIRTIO_ID_NET,
+            avail_features: AVAIL_FEATURES,
+            queue_max_sizes: vec![QUEUE_SIZE; 2],
+        })?;
+        Ok(Virtio::from_parts(core, device))
+    }
+
+    /// A device for `config` with the run-time state `state` (the link comes back up only
+    /// when the config has a TAP); the transport activates it again when it restores a
+    /// running driver.
+    pub fn restore(config: &NetConfig, state: &NetState) -> Result<Net, NetError> {
+        let mut net = Net::new(config)?;
+        RestoreError::check("iface_id", state.iface_id.as_str(), net.iface_id())?;
+        net.core.restore(&state.virtio)?;
+        net.device.link_up = state.link_up && net.device.backend.is_some();
+        Ok(net)
+    }
+
+    /// The run-time state to save.
+    pub fn state(&self) -> NetState {
+        NetState {
+            virtio: self.core.state(),
+            iface_id: self.iface_id().to_string(),
+            mac: self.device.mac,
+            link_up: self.device.link_up,
+            tap: self.tap_name().map(str::to_string),
+            offloads: tap_offload_flags(self.core.acked_features()),
+        }
     }
 
     /// The interface's id.
     pub fn iface_id(&self) -> &str {
-        &self.iface_id
-    }
-
-    /// How log lines name the device.
-    fn log_name(&self) -> DeviceName<'_> {
-        DeviceName::new("net", &self.iface_id)
+        self.core.id()
     }
 
     /// The guest's MAC address.
     pub fn mac(&self) -> [u8; 6] {
-        self.mac
+        self.device.mac
     }
 
     /// The attached TAP's interface name, if a TAP is attached.
     pub fn tap_name(&self) -> Option<&str> {
-        self.backend.as_deref().and_then(NetBackend::tap_name)
+        self.device
+            .backend
+            .as_deref()
+            .and_then(NetBackend::tap_name)
     }
 
     /// The attached backend's name (a TAP's interface name), if any.
     pub fn backend_name(&self) -> Option<&str> {
-        self.backend.as_deref().map(NetBackend::name)
+        self.device.backend.as_deref().map(NetBackend::name)
     }
 
     /// Whether the guest sees its link up.
     pub fn link_up(&self) -> bool {
-        self.link_up
+        self.device.link_up
     }
 
     /// A snapshot of the device's counters.
     pub fn metrics(&self) -> NetMetrics {
-        self.metrics
+        self.device.metrics
     }
 
     /// The features the driver accepted.
     pub fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    /// The `EventFd` the device wakes its event loop with (registered in `init`).
-    pub fn wake_event(&self) -> &EventFd {
-        &self.wake_evt
+        self.core.acked_features()
     }
 
     /// Attach TAP `name` (created first if `create` and it does not exist), replacing the
@@ -390,9 +457,10 @@ impl Net {
             self.set_link(true);
             return Ok(());
         }
-        if let Some(i) = self.retired.iter().position(|b| b.tap_name() == Some(name)) {
+        let retired = &mut self.device.retired;
+        if let Some(i) = retired.iter().position(|b| b.tap_name() == Some(name)) {
             // Still open (and maybe watched): a second attach would fail with EBUSY.
-            let tap = self.retired.swap_remove(i);
+            let tap = retired.swap_remove(i);
             return self.attach_backend(tap);
         }
         let tap = open_tap(name, create)?;
@@ -402,38 +470,44 @@ impl Net {
     /// Attach any backend (see [`NetBackend`]; tests and fuzzing use stand-ins), replacing
     /// the current one, and bring the link up. On error nothing changes.
     pub fn attach_backend(&mut self, mut backend: Box<dyn NetBackend>) -> Result<(), NetError> {
-        backend.set_offload(self.offload_flags())?;
+        let (core, dev) = (&mut self.core, &mut self.device);
+        let flags = match core.is_activated() {
+            true => tap_offload_flags(core.acked_features()),
+            false => 0,
+        };
+        backend.set_offload(flags)?;
         tracing::info!(
-            "net {}: backend {} -> {}",
-            self.iface_id,
-            self.backend_name().unwrap_or("(none)"),
+            "{}: backend {} -> {}",
+            core.name(),
+            dev.backend.as_deref().map_or("(none)", NetBackend::name),
             backend.name()
         );
-        if let Some(old) = self.backend.replace(backend) {
-            self.retire(old);
+        if let Some(old) = dev.backend.replace(backend) {
+            dev.retire(old);
         }
-        self.tx_backend_full = false;
-        self.set_link_state(true);
-        self.wake();
+        dev.tx_backend_full = false;
+        dev.set_link_state(core, true);
+        core.wake();
         Ok(())
     }
 
     /// Detach the backend (a TAP this device created goes away) and take the link down.
     pub fn detach_tap(&mut self) {
-        if let Some(old) = self.backend.take() {
-            tracing::info!("net {}: backend {} detached", self.iface_id, old.name());
-            self.retire(old);
+        let (core, dev) = (&mut self.core, &mut self.device);
+        if let Some(old) = dev.backend.take() {
+            tracing::info!("{}: backend {} detached", core.name(), old.name());
+            dev.retire(old);
         }
-        self.tx_backend_full = false;
-        self.set_link_state(false);
-        self.wake();
+        dev.tx_backend_full = false;
+        dev.set_link_state(core, false);
+        core.wake();
     }
 
     /// Set the link state the guest sees, keeping the backend. While the link is down,
     /// transmitted frames are dropped and nothing is received.
     pub fn set_link(&mut self, up: bool) {
-        self.set_link_state(up);
-        self.wake();
+        self.device.set_link_state(&mut self.core, up);
+        self.core.wake();
     }
 
     /// Replace the rate limiters' buckets: `None` leaves a direction as it is; a config
@@ -445,41 +519,29 @@ impl Net {
         tx: Option<&RateLimiterConfig>,
     ) {
         if let Some(cfg) = rx {
-            self.rx_limiter.update(cfg);
+            self.device.rx_limiter.update(cfg);
         }
         if let Some(cfg) = tx {
-            self.tx_limiter.update(cfg);
+            self.device.tx_limiter.update(cfg);
         }
-        self.wake();
+        self.core.wake();
     }
 
     /// Run the transmit queue now. The event loop calls this on a TX notification; it is
     /// public for tests and the fuzz target (outside the loop the backend's watch set is only
     /// updated on the loop's next event).
     pub fn process_tx(&mut self) {
-        self.run(false, true);
+        self.device.run(&mut self.core, false, true);
     }
 
     /// Run the receive path now (deliver the staged frame, read more). See
     /// [`Net::process_tx`].
     pub fn process_rx(&mut self) {
-        self.run(true, false);
+        self.device.run(&mut self.core, true, false);
     }
+}
 
-    fn wake(&self) {
-        if let Err(e) = self.wake_evt.write(1) {
-            tracing::warn!("net {}: cannot wake the event loop: {e}", self.iface_id);
-        }
-    }
-
-    fn offload_flags(&self) -> u32 {
-        if self.active.is_some() {
-            tap_offload_flags(self.acked_features)
-        } else {
-            0
-        }
-    }
-
+impl NetDevice {
     /// Hand a replaced backend to the event loop to unregister, or drop it if the device is
     /// not on a loop.
     fn retire(&mut self, backend: Box<dyn NetBackend>) {
@@ -488,343 +550,57 @@ impl Net {
         }
     }
 
-    fn set_link_state(&mut self, up: bool) {
+    /// Set the link state; a change moves the config generation on and, when the driver is
+    /// running, raises a config-change interrupt.
+    fn set_link_state(&mut self, core: &mut VirtioCore, up: bool) {
         if self.link_up == up {
             return;
         }
-        tracing::info!(
-            "net {}: link {}",
-            self.iface_id,
-            if up { "up" } else { "down" }
-        );
+        let state = if up { "up" } else { "down" };
+        tracing::info!("{}: link {state}", core.name());
         self.link_up = up;
         if !up {
             // Frames waiting for a full backend are dropped like the rest.
             self.tx_backend_full = false;
         }
-        self.config_generation = self.config_generation.wrapping_add(1);
-        if let Some(a) = &self.active {
-            a.interrupt.signal_config_change();
+        core.bump_config_generation();
+        if core.signal_config_change() {
             self.metrics.config_changes += 1;
         }
-    }
-
-    /// The backend failed or went away: detach it and take the link down.
-    fn backend_lost(&mut self) {
-        if let Some(b) = self.backend.take() {
-            tracing::warn!(
-                "net {}: backend {} failed or disappeared; detached",
-                self.iface_id,
-                b.name()
-            );
-            self.metrics.backends_lost += 1;
-            self.retire(b);
-        }
-        self.tx_backend_full = false;
-        self.set_link_state(false);
-    }
-
-    /// Work the queues (TX first when both: it frees guest memory the driver may reuse for
-    /// RX), then raise at most one used-ring interrupt.
-    fn run(&mut self, do_rx: bool, do_tx: bool) {
-        if self.failed {
-            return;
-        }
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let mem = active.mem.memory();
-        let [rxq, txq] = &mut active.queues;
-        let link = self.link_up;
-        let mut used = [false; 2];
-        let mut ring_error = None;
-        let mut backend_failed = false;
-        if do_tx && !self.tx_backend_full {
-            let mut tx = Tx {
-                mem: &mem,
-                queue: txq,
-                backend: self.backend.as_deref_mut().filter(|_| link),
-                limiter: &mut self.tx_limiter,
-                acked: self.acked_features,
-                metrics: &mut self.metrics,
-            };
-            match tx.run() {
-                Ok(r) => {
-                    used[TX_QUEUE] = r.used;
-                    match r.stop {
-                        TxStop::BackendFull => self.tx_backend_full = true,
-                        TxStop::BatchLimit => {
-                            // Come back through the event loop, after other devices had a turn.
-                            if let Err(e) = self.queue_events[TX_QUEUE].write(1) {
-                                tracing::warn!("net {}: cannot re-arm tx: {e}", self.iface_id);
-                            }
-                        }
-                        TxStop::Idle | TxStop::Throttled => {}
-                    }
-                }
-                Err(e) => ring_error = Some(format!("tx queue: {e}")),
-            }
-        }
-        if do_rx && link && ring_error.is_none() {
-            let mut rx = Rx {
-                mem: &mem,
-                queue: rxq,
-                backend: self.backend.as_deref_mut(),
-                limiter: &mut self.rx_limiter,
-                state: &mut self.rx,
-                acked: self.acked_features,
-                metrics: &mut self.metrics,
-            };
-            match rx.run() {
-                Ok(r) => {
-                    used[RX_QUEUE] = r.used;
-                    backend_failed = r.backend_failed;
-                }
-                Err(e) => ring_error = Some(format!("rx queue: {e}")),
-            }
-        }
-        let mut notify = false;
-        for (q, queue) in [(RX_QUEUE, &mut *rxq), (TX_QUEUE, &mut *txq)] {
-            if used[q] {
-                // On an error, still tell the guest about what completed.
-                notify |= queue.needs_notification(&*mem).unwrap_or(true);
-            }
-        }
-        if notify {
-            active.interrupt.signal_used_queue();
-            self.metrics.interrupts += 1;
-        }
-        if let Some(why) = ring_error {
-            tracing::warn!(
-                "net {}: malformed queue, device needs a reset: {why}",
-                self.iface_id
-            );
-            self.failed = true;
-            self.metrics.queue_errors += 1;
-            self.metrics.config_changes += 1;
-            active.interrupt.signal_config_change();
-        }
-        drop(mem);
-        if backend_failed {
-            self.backend_lost();
-        }
-    }
-
-    /// What the event loop should watch the backend for.
-    fn backend_interest(&self) -> EventSet {
-        let mut set = EventSet::empty();
-        if self.active.is_some() && !self.failed && self.link_up {
-            if !self.rx.has_frame() && !self.rx_limiter.is_blocked() {
-                set |= EventSet::IN;
-            }
-            if self.tx_backend_full {
-                set |= EventSet::OUT;
-            }
-        }
-        set
-    }
-
-    /// Bring the event loop's watch list in line with the device: unregister and drop retired
-    /// backends, register or update the current one.
-    fn sync_backend(&mut self, ops: &mut EventOps) {
-        for old in self.retired.drain(..) {
-            let fd = old.as_raw_fd();
-            if self.registered.is_some_and(|(r, _)| r == fd) {
-                if let Err(e) = ops.remove(Events::empty_raw(fd)) {
-                    tracing::warn!(
-                        "net {}: cannot unwatch the old backend: {e:?}",
-                        self.iface_id
-                    );
-                }
-                self.registered = None;
-            }
-        }
-        let want = self
-            .backend
-            .as_ref()
-            .map(|b| (b.as_raw_fd(), self.backend_interest()));
-        match (self.registered, want) {
-            (None, None) => {}
-            (Some((fd, _)), None) => {
-                // Not expected: a registered backend is current or retired.
-                let _ = ops.remove(Events::empty_raw(fd));
-                self.registered = None;
-            }
-            (None, Some((fd, set))) => self.watch_backend(ops, fd, set, false),
-            (Some((old, old_set)), Some((fd, set))) => {
-                if old != fd {
-                    let _ = ops.remove(Events::empty_raw(old));
-                    self.registered = None;
-                    self.watch_backend(ops, fd, set, false);
-                } else if old_set != set {
-                    self.watch_backend(ops, fd, set, true);
-                }
-            }
-        }
-    }
-
-    /// Watch backend descriptor `fd` for `set` (`modify`: it is watched already, for another
-    /// set). On success it is the registered backend; on failure nothing changes.
-    fn watch_backend(&mut self, ops: &mut EventOps, fd: RawFd, set: EventSet, modify: bool) {
-        let events = Events::with_data_raw(fd, BACKEND_EVENT, set);
-        let r = if modify {
-            ops.modify(events)
-        } else {
-            ops.add(events)
-        };
-        match r {
-            Ok(()) => self.registered = Some((fd, set)),
-            Err(e) => tracing::error!("{}: cannot watch the backend: {e:?}", self.log_name()),
-        }
-    }
-
-    fn config_space(&self) -> [u8; CONFIG_SPACE_LEN] {
-        let mut c = [0u8; CONFIG_SPACE_LEN];
-        c[..6].copy_from_slice(&self.mac);
-        let status = if self.link_up {
-            VIRTIO_NET_S_LINK_UP as u16
-        } else {
-            0
-        };
-        c[6..8].copy_from_slice(&status.to_le_bytes());
-        c
     }
 }
 
-impl VirtioDevice for Net {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_NET
+impl DeviceModel for NetDevice {
+    type ConfigSpace = [u8; CONFIG_SPACE_LEN];
+
+    fn config_space(&self, _core: &VirtioCore) -> [u8; CONFIG_SPACE_LEN] {
+        let mut c = [0u8; CONFIG_SPACE_LEN];
+        c[..6].copy_from_slice(&self.mac);
+        let status = if self.link_up { S_LINK_UP } else { 0 };
+        c[6..8].copy_from_slice(&status.to_le_bytes());
+        c
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    fn avail_features(&self) -> u64 {
-        AVAIL_FEATURES
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & AVAIL_FEATURES;
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        crate::virtio::read_config_bytes(&self.config_space(), offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // The MAC is writable only for legacy drivers.
-        ignore_config_write(self.log_name(), offset, data);
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMem,
-        interrupt: Arc<VirtioInterrupt>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        let queues = take_queues(queues)?;
-        let flags = tap_offload_flags(self.acked_features);
+    fn activate(&mut self, core: &VirtioCore, _mem: &GuestMem) -> Result<(), ActivateError> {
+        let flags = tap_offload_flags(core.acked_features());
         if let Some(b) = self.backend.as_mut() {
             if let Err(e) = b.set_offload(flags) {
                 // The guest then gets complete frames only, which it always takes.
-                tracing::warn!("net {}: {e}; receive offloads off", self.iface_id);
+                tracing::warn!("{}: {e}; receive offloads off", core.name());
                 b.set_offload(0)
                     .map_err(|e| ActivateError::Backend(e.to_string()))?;
             }
         }
-        wake_event_loop(&self.wake_evt)?;
-        self.active = Some(Active::new(mem, interrupt, queues));
-        self.failed = false;
         self.rx.clear();
         self.tx_backend_full = false;
         Ok(())
     }
 
-    fn reset(&mut self) {
-        self.active = None;
-        self.failed = false;
-        self.acked_features = 0;
+    fn reset(&mut self, core: &mut VirtioCore) {
         self.rx.clear();
         self.tx_backend_full = false;
         // The loop stops watching the backend for input.
-        self.wake();
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_events
-    }
-
-    fn needs_reset(&self) -> bool {
-        self.failed
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-
-    fn config_generation(&self) -> u32 {
-        self.config_generation
-    }
-}
-
-impl MutEventSubscriber for Net {
-    fn init(&mut self, ops: &mut EventOps) {
-        self.in_event_loop = true;
-        let mut events = vec![
-            Events::with_data(&self.queue_events[RX_QUEUE], RX_QUEUE_EVENT, EventSet::IN),
-            Events::with_data(&self.queue_events[TX_QUEUE], TX_QUEUE_EVENT, EventSet::IN),
-            Events::with_data(&self.wake_evt, WAKE_EVENT, EventSet::IN),
-        ];
-        for (rl, data) in [
-            (&self.rx_limiter, RX_LIMITER_EVENT),
-            (&self.tx_limiter, TX_LIMITER_EVENT),
-        ] {
-            if rl.as_raw_fd() >= 0 {
-                events.push(Events::with_data(rl, data, EventSet::IN));
-            }
-        }
-        watch_events(ops, events, self.log_name());
-        self.sync_backend(ops);
-    }
-
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let set = events.event_set();
-        let (mut do_rx, mut do_tx) = (false, false);
-        match events.data() {
-            RX_QUEUE_EVENT => {
-                drain_eventfd(&self.queue_events[RX_QUEUE], self.log_name(), "rx queue");
-                do_rx = true;
-            }
-            TX_QUEUE_EVENT => {
-                drain_eventfd(&self.queue_events[TX_QUEUE], self.log_name(), "tx queue");
-                do_tx = true;
-            }
-            WAKE_EVENT => {
-                drain_eventfd(&self.wake_evt, self.log_name(), "wake-up");
-                (do_rx, do_tx) = (true, true);
-            }
-            BACKEND_EVENT => {
-                let current = self.backend.as_ref().map(|b| b.as_raw_fd());
-                // Events of a retired backend: the sync below unregisters it.
-                if current == Some(events.fd()) {
-                    if set.intersects(EventSet::ERROR | EventSet::HANG_UP) {
-                        self.backend_lost();
-                    } else {
-                        do_rx = set.contains(EventSet::IN);
-                        if set.contains(EventSet::OUT) {
-                            self.tx_backend_full = false;
-                            do_tx = true;
-                        }
-                    }
-                }
-            }
-            RX_LIMITER_EVENT => do_rx = self.rx_limiter.on_timer(),
-            TX_LIMITER_EVENT => do_tx = self.tx_limiter.on_timer(),
-            other => tracing::warn!("net {}: unexpected event {other}", self.iface_id),
-        }
-        self.run(do_rx, do_tx);
-        self.sync_backend(ops);
+        core.wake();
     }
 }
 

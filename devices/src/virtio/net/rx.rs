@@ -32,6 +32,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
 
 use super::{NetBackend, NetMetrics, MAX_CHAIN_DESCS, MAX_FRAME_LEN, VNET_HDR_LEN};
 use crate::rate_limiter::RateLimiter;
+use crate::virtio::len_u32;
 
 /// Size of the staging buffer: one frame, plus one byte to recognise a frame that was longer.
 pub(super) const STAGING_LEN: usize = VNET_HDR_LEN + MAX_FRAME_LEN + 1;
@@ -250,7 +251,34 @@ impl Rx<'_> {
                 .map_err(|e| format!("cannot disable notifications: {e}"))?;
             self.state.notify_enabled = false;
         }
-        // Reserve guest buffers until the frame fits.
+        if let Some(waiting) = self.reserve(need, mrg, used)? {
+            return Ok(waiting);
+        }
+        self.state.stalled = false;
+        let bytes = (need - VNET_HDR_LEN) as u64;
+        if !self.limiter.consume(bytes) {
+            self.metrics.rx_throttled += 1;
+            return Ok(Delivery::Throttled);
+        }
+        let copied = self.write_frame(need, used)?;
+        self.state.len = 0;
+        if !copied {
+            self.metrics.rx_bad_buffers += 1;
+            return Ok(Delivery::Dropped);
+        }
+        self.metrics.rx_packets += 1;
+        self.metrics.rx_bytes += bytes;
+        Ok(Delivery::Delivered)
+    }
+
+    /// Reserve guest buffers until a frame of `need` bytes fits. `None` when it does; else
+    /// what happened to the frame (dropped: it can never fit; waiting for buffers).
+    fn reserve(
+        &mut self,
+        need: usize,
+        mrg: bool,
+        used: &mut bool,
+    ) -> Result<Option<Delivery>, String> {
         let mut empty_pops = 0;
         while !self.room(need, mrg) {
             let never_fits = if mrg {
@@ -263,7 +291,7 @@ impl Rx<'_> {
                 tracing::debug!("virtio-net: {need}-byte frame does not fit the rx buffers");
                 self.metrics.rx_dropped_oversized += 1;
                 self.state.len = 0;
-                return Ok(Delivery::Dropped);
+                return Ok(Some(Delivery::Dropped));
             }
             let chain = match self.queue.iter(self.mem) {
                 Ok(mut it) => it.next(),
@@ -272,23 +300,11 @@ impl Rx<'_> {
             let Some(chain) = chain else {
                 // Out of buffers: ask for a notification and look again (the driver may have
                 // added some meanwhile).
-                let more = self
-                    .queue
-                    .enable_notification(self.mem)
-                    .map_err(|e| format!("cannot enable notifications: {e}"))?;
-                self.state.notify_enabled = true;
                 empty_pops += 1;
-                if more && empty_pops < 2 {
+                if self.out_of_buffers(empty_pops)? {
                     continue;
                 }
-                if more {
-                    return Err("available ring entries cannot be read".into());
-                }
-                if !self.state.stalled {
-                    self.state.stalled = true;
-                    self.metrics.rx_no_buffer += 1;
-                }
-                return Ok(Delivery::NoBuffers);
+                return Ok(Some(Delivery::NoBuffers));
             };
             let head = chain.head_index();
             match RxChain::parse(chain, self.mem) {
@@ -296,20 +312,46 @@ impl Rx<'_> {
                 Err(()) => {
                     tracing::debug!("virtio-net: rx chain {head} unusable, returned empty");
                     self.metrics.rx_bad_buffers += 1;
-                    self.queue
-                        .add_used(self.mem, head, 0)
-                        .map_err(|e| format!("used ring (head {head}): {e}"))?;
-                    *used = true;
+                    self.add_used(head, 0, used)?;
                 }
             }
         }
-        self.state.stalled = false;
-        let bytes = (need - VNET_HDR_LEN) as u64;
-        if !self.limiter.consume(bytes) {
-            self.metrics.rx_throttled += 1;
-            return Ok(Delivery::Throttled);
+        Ok(None)
+    }
+
+    /// The ring had no buffer (for the `pops`-th time in a row): turn notifications on.
+    /// Returns whether to look again (the driver added buffers meanwhile).
+    fn out_of_buffers(&mut self, pops: u32) -> Result<bool, String> {
+        let more = self
+            .queue
+            .enable_notification(self.mem)
+            .map_err(|e| format!("cannot enable notifications: {e}"))?;
+        self.state.notify_enabled = true;
+        if more && pops < 2 {
+            return Ok(true);
         }
-        // The chains the frame takes.
+        if more {
+            return Err("available ring entries cannot be read".into());
+        }
+        if !self.state.stalled {
+            self.state.stalled = true;
+            self.metrics.rx_no_buffer += 1;
+        }
+        Ok(false)
+    }
+
+    fn add_used(&mut self, head: u16, len: u32, used: &mut bool) -> Result<(), String> {
+        self.queue
+            .add_used(self.mem, head, len)
+            .map_err(|e| format!("used ring (head {head}): {e}"))?;
+        *used = true;
+        Ok(())
+    }
+
+    /// Copy the staged frame (`need` bytes, header included) into the reserved chains it
+    /// takes and return them used. Returns whether the frame was copied whole (a guest
+    /// memory error returns its chains empty).
+    fn write_frame(&mut self, need: usize, used: &mut bool) -> Result<bool, String> {
         let mut count = 0usize;
         let mut room = 0usize;
         for c in &self.state.reserve {
@@ -319,47 +361,35 @@ impl Rx<'_> {
                 break;
             }
         }
-        // At most the queue size (256).
-        let num_buffers = count as u16;
+        // At most the queue size.
+        let num_buffers = u16::try_from(count).unwrap_or(u16::MAX);
         self.state.frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN]
             .copy_from_slice(&num_buffers.to_le_bytes());
         let mut offset = 0usize;
         let mut mem_error = false;
-        for chain in self.state.reserve.drain(..count) {
+        for _ in 0..count {
+            let Some(chain) = self.state.reserve.pop_front() else {
+                break;
+            };
             let mut written = 0usize;
             for &(addr, len) in &chain.descs {
                 if offset == need || mem_error {
                     break;
                 }
                 let n = len.min(need - offset);
-                match self
-                    .mem
-                    .write_slice(&self.state.frame[offset..offset + n], addr)
-                {
-                    Ok(()) => {
-                        offset += n;
-                        written += n;
-                    }
-                    Err(e) => {
-                        tracing::warn!("virtio-net: rx buffer write failed: {e}");
-                        mem_error = true;
-                    }
+                let bytes = &self.state.frame[offset..offset + n];
+                if let Err(e) = self.mem.write_slice(bytes, addr) {
+                    tracing::warn!("virtio-net: rx buffer write failed: {e}");
+                    mem_error = true;
+                    break;
                 }
+                offset += n;
+                written += n;
             }
             // Within the chain's capacity, which is below 4 GiB.
-            let len = if mem_error { 0 } else { written as u32 };
-            self.queue
-                .add_used(self.mem, chain.head, len)
-                .map_err(|e| format!("used ring (head {}): {e}", chain.head))?;
-            *used = true;
+            let len = if mem_error { 0 } else { len_u32(written) };
+            self.add_used(chain.head, len, used)?;
         }
-        self.state.len = 0;
-        if mem_error {
-            self.metrics.rx_bad_buffers += 1;
-            return Ok(Delivery::Dropped);
-        }
-        self.metrics.rx_packets += 1;
-        self.metrics.rx_bytes += bytes;
-        Ok(Delivery::Delivered)
+        Ok(!mem_error)
     }
 }

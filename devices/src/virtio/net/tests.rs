@@ -18,8 +18,9 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_F_DATA_VALID, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
 };
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::bus::BusDevice;
@@ -27,9 +28,12 @@ use crate::rate_limiter::test_util::bucket;
 use crate::tap::test_util::{self, PacketSocket};
 use crate::virtio::mmio::MmioTransport;
 use crate::virtio::test_util::{
-    assert_pass_bounded, on_event_loop, pump, with_refilling_guest, Ring as SplitRing, WAIT,
+    assert_pass_bounded, on_event_loop, pump, with_refilling_guest, Ring as SplitRing,
+    VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
 };
 use crate::virtio::{status, INTERRUPT_CONFIG_CHANGE, INTERRUPT_USED_RING};
+use crate::virtio::{ActivateError, VirtioDevice, VirtioInterrupt};
+use kestrel_api::NetConfig as ApiNetConfig;
 
 const MEM_SIZE: usize = 16 << 20;
 const QSIZE: u16 = QUEUE_SIZE;
@@ -39,7 +43,7 @@ const RX_BUFS: (u64, u64) = (0x10_0000, 0x80_0000);
 const TX_BUFS: (u64, u64) = (0x80_0000, 0xf0_0000);
 const OUTSIDE: u64 = 0x1_0000_0000;
 const READ: u16 = 0;
-const WRITE: u16 = VRING_DESC_F_WRITE as u16;
+const WRITE: u16 = VRING_DESC_F_WRITE;
 
 fn bit(b: u32) -> u64 {
     1 << b
@@ -48,11 +52,17 @@ fn bit(b: u32) -> u64 {
 /// The basic features a modern driver takes, without offloads or mergeable buffers.
 const BASIC: u64 = VIRTIO_F_VERSION_1 | 1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS;
 
-fn slot(id: &str) -> NetConfig {
-    NetConfig {
+/// An interface as the VM config has it: a slot without TAP unless changed.
+fn slot(id: &str) -> ApiNetConfig {
+    ApiNetConfig {
         iface_id: id.into(),
-        ..NetConfig::default()
+        ..ApiNetConfig::default()
     }
+}
+
+/// A device for a VM config's interface (through the device's own config type).
+fn new_net(cfg: &ApiNetConfig) -> Result<Net, NetError> {
+    Net::new(&NetConfig::try_from(cfg)?)
 }
 
 /// An Ethernet frame: broadcast, from 02:00:00:00:00:42, EtherType 0x88b5, `len` payload bytes
@@ -60,15 +70,15 @@ fn slot(id: &str) -> NetConfig {
 fn eth(len: usize, seed: u8) -> Vec<u8> {
     let mut f = vec![0xff; 6];
     f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x42, 0x88, 0xb5]);
-    f.extend((0..len).map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed)));
+    f.extend((0..len).map(|i| i.to_le_bytes()[0].wrapping_mul(7).wrapping_add(seed)));
     f
 }
 
 /// A virtio-net header with `flags` and `gso_type`.
 fn hdr(flags: u32, gso: u32) -> [u8; VNET_HDR_LEN] {
     let mut h = [0u8; VNET_HDR_LEN];
-    h[0] = flags as u8;
-    h[1] = gso as u8;
+    h[0] = flags.to_le_bytes()[0];
+    h[1] = gso.to_le_bytes()[0];
     h
 }
 
@@ -149,7 +159,7 @@ fn small_socket_backend() -> (Box<dyn NetBackend>, UnixDatagram) {
             libc::SOL_SOCKET,
             libc::SO_SNDBUF,
             (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
+            u32::try_from(std::mem::size_of::<libc::c_int>()).unwrap(),
         )
     };
     assert_eq!(r, 0);
@@ -213,7 +223,7 @@ impl Ring {
             let flags = if last {
                 flags
             } else {
-                flags | VRING_DESC_F_NEXT as u16
+                flags | VRING_DESC_F_NEXT
             };
             self.split
                 .set_desc(mem, id, addr, len, flags, self.next_desc);
@@ -313,8 +323,8 @@ impl Harness {
         Self::with_socket_config(slot("eth0"), features)
     }
 
-    fn with_socket_config(cfg: NetConfig, features: u64) -> (Harness, UnixDatagram) {
-        let mut net = Net::new(&cfg).unwrap();
+    fn with_socket_config(cfg: ApiNetConfig, features: u64) -> (Harness, UnixDatagram) {
+        let mut net = new_net(&cfg).unwrap();
         let (b, peer) = socket_backend();
         net.attach_backend(b).unwrap();
         (Harness::new(net, features), peer)
@@ -382,9 +392,9 @@ impl Harness {
         let mut start = 0;
         for &end in cuts.iter().chain([&bytes.len()]) {
             let piece = &bytes[start..end];
-            let a = self.tx.alloc(piece.len().max(1) as u32);
+            let a = self.tx.alloc(u32::try_from(piece.len().max(1)).unwrap());
             self.mem.write_slice(piece, GuestAddress(a)).unwrap();
-            descs.push((a, piece.len() as u32, READ));
+            descs.push((a, u32::try_from(piece.len()).unwrap(), READ));
             start = end;
         }
         let head = self.tx.add_chain(&self.mem, &descs);
@@ -433,7 +443,7 @@ fn num_buffers(h: &[u8; VNET_HDR_LEN]) -> u16 {
 fn features_and_config_space() {
     let mut cfg = slot("eth0");
     cfg.guest_mac = Some("06:00:ac:10:00:02".into());
-    let mut net = Net::new(&cfg).unwrap();
+    let mut net = new_net(&cfg).unwrap();
     assert_eq!(net.device_type(), 1);
     assert_eq!(net.queue_max_sizes(), &[256, 256]);
     let f = net.avail_features();
@@ -480,14 +490,14 @@ fn features_and_config_space() {
     assert_eq!(net.iface_id(), "eth0");
 
     // Default MAC: derived from the id.
-    let net = Net::new(&slot("eth1")).unwrap();
+    let net = new_net(&slot("eth1")).unwrap();
     assert_eq!(net.mac(), kestrel_api::derived_mac("eth1"));
     // Bad MACs.
     for bad in ["01:00:00:00:00:01", "00:00:00:00:00:00", "zz"] {
         let mut cfg = slot("x");
         cfg.guest_mac = Some(bad.into());
         assert!(
-            matches!(Net::new(&cfg), Err(NetError::InvalidMac(m)) if m == bad),
+            matches!(new_net(&cfg), Err(NetError::InvalidMac(m)) if m == bad),
             "{bad}"
         );
     }
@@ -495,7 +505,7 @@ fn features_and_config_space() {
     let mut cfg = slot("x");
     cfg.host_dev_name = Some("kt-no-such-tap".into());
     assert!(matches!(
-        Net::new(&cfg),
+        new_net(&cfg),
         Err(NetError::Tap(TapError::NotFound(_)))
     ));
 }
@@ -561,7 +571,7 @@ fn malformed_tx_chains_are_dropped_and_counted() {
     let a = h.tx.alloc(0x1_0100);
     let frame = wire(hdr(0, 0), &eth(64, 9));
     h.mem.write_slice(&frame, GuestAddress(a)).unwrap();
-    let n = frame.len() as u32;
+    let n = u32::try_from(frame.len()).unwrap();
     let mut heads = vec![
         // A device-writable descriptor.
         h.send_raw(&[(a, 12, READ), (a + 12, n - 12, WRITE)]),
@@ -621,7 +631,7 @@ fn host_offloads_pass_through_when_negotiated() {
 
 #[test]
 fn tx_waits_for_a_full_backend_without_spinning() {
-    let mut net = Net::new(&slot("eth0")).unwrap();
+    let mut net = new_net(&slot("eth0")).unwrap();
     let (b, peer) = small_socket_backend();
     net.attach_backend(b).unwrap();
     let mut h = Harness::new(net, BASIC);
@@ -658,7 +668,7 @@ fn tx_waits_for_a_full_backend_without_spinning() {
 
 #[test]
 fn link_down_drops_frames_waiting_for_a_full_backend() {
-    let mut net = Net::new(&slot("eth0")).unwrap();
+    let mut net = new_net(&slot("eth0")).unwrap();
     let (b, _peer) = small_socket_backend();
     net.attach_backend(b).unwrap();
     let mut h = Harness::new(net, BASIC);
@@ -707,7 +717,7 @@ fn rx_frames_reach_the_guest() {
 #[test]
 fn rx_waits_for_guest_buffers_without_spinning() {
     let (mut h, peer) = Harness::with_socket(BASIC);
-    let frames: Vec<_> = (0..3).map(|i| eth(100 + i, i as u8)).collect();
+    let frames: Vec<_> = (0..3).map(|i| eth(100 + i, i.to_le_bytes()[0])).collect();
     for f in &frames {
         peer.send(&wire(hdr(0, 0), f)).unwrap();
     }
@@ -997,7 +1007,7 @@ fn rate_limiters_can_be_lifted_at_run_time() {
 
 #[test]
 fn link_state_changes_bump_the_generation_and_interrupt() {
-    let mut h = Harness::new(Net::new(&slot("eth0")).unwrap(), BASIC);
+    let mut h = Harness::new(new_net(&slot("eth0")).unwrap(), BASIC);
     let gen = |h: &Harness| h.dev().config_generation();
     let status = |h: &Harness| {
         let mut s = [0u8; 2];
@@ -1048,7 +1058,7 @@ fn link_state_changes_bump_the_generation_and_interrupt() {
 
 #[test]
 fn attach_and_detach_swap_the_backend() {
-    let mut h = Harness::new(Net::new(&slot("eth0")).unwrap(), BASIC);
+    let mut h = Harness::new(new_net(&slot("eth0")).unwrap(), BASIC);
     h.post_rx(8, 2048);
     let (b1, p1) = socket_backend();
     h.dev().attach_backend(b1).unwrap();
@@ -1155,7 +1165,7 @@ fn activation_checks_and_reset_drops_in_flight_state() {
     let irq = Arc::new(VirtioInterrupt::new(
         EventFd::new(libc::EFD_NONBLOCK).unwrap(),
     ));
-    let mut net = Net::new(&slot("eth0")).unwrap();
+    let mut net = new_net(&slot("eth0")).unwrap();
     let e = net
         .activate(mem.clone(), irq.clone(), vec![Queue::new(256).unwrap()])
         .unwrap_err();
@@ -1222,7 +1232,7 @@ fn event_idx_suppresses_interrupts() {
 #[test]
 fn through_the_mmio_transport() {
     let (b, peer) = socket_backend();
-    let mut net = Net::new(&slot("eth0")).unwrap();
+    let mut net = new_net(&slot("eth0")).unwrap();
     net.attach_backend(b).unwrap();
     let net = Arc::new(Mutex::new(net));
     let gm = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
@@ -1239,7 +1249,10 @@ fn through_the_mmio_transport() {
     let mut w = |off: u64, v: u32| transport.write(off, &v.to_le_bytes());
     w(0x70, status::ACKNOWLEDGE | status::DRIVER);
     w(0x24, 0);
-    w(0x20, (BASIC | bit(VIRTIO_NET_F_MRG_RXBUF)) as u32);
+    w(
+        0x20,
+        u32::try_from((BASIC | bit(VIRTIO_NET_F_MRG_RXBUF)) & 0xffff_ffff).unwrap(),
+    );
     w(0x24, 1);
     w(0x20, 1); // VERSION_1
     w(
@@ -1249,9 +1262,9 @@ fn through_the_mmio_transport() {
     for (q, r) in [(0u32, &rx), (1, &tx)] {
         w(0x30, q);
         w(0x38, u32::from(QSIZE));
-        w(0x80, r.desc as u32);
-        w(0x90, r.avail as u32);
-        w(0xa0, r.used as u32);
+        w(0x80, u32::try_from(r.desc).unwrap());
+        w(0x90, u32::try_from(r.avail).unwrap());
+        w(0xa0, u32::try_from(r.used).unwrap());
         w(0x44, 1);
     }
     w(
@@ -1271,7 +1284,7 @@ fn through_the_mmio_transport() {
     let f = wire(hdr(0, 0), &eth(64, 1));
     let b = tx.alloc(256);
     gm.write_slice(&f, GuestAddress(b)).unwrap();
-    tx.add_chain(&gm, &[(b, f.len() as u32, READ)]);
+    tx.add_chain(&gm, &[(b, u32::try_from(f.len()).unwrap(), READ)]);
     w(0x50, 1);
     peer.send(&wire(hdr(0, 0), &eth(65, 2))).unwrap();
     let end = Instant::now() + WAIT;
@@ -1343,7 +1356,7 @@ mod real_tap {
             return;
         }
         test_util::private_netns();
-        let mut h = Harness::new(Net::new(&slot("eth0")).unwrap(), BASIC);
+        let mut h = Harness::new(new_net(&slot("eth0")).unwrap(), BASIC);
         let name = test_util::tap_name();
         // Missing and not to be created: refused, nothing changes.
         let e = h.dev().attach_tap(&name, false).unwrap_err();
@@ -1395,7 +1408,7 @@ mod real_tap {
         test_util::ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
         let mut cfg = slot("eth0");
         cfg.host_dev_name = Some(name.clone());
-        let net = Net::new(&cfg).unwrap();
+        let net = new_net(&cfg).unwrap();
         assert!(net.link_up());
         let features = BASIC
             | bit(VIRTIO_NET_F_GUEST_CSUM)
@@ -1419,7 +1432,7 @@ mod real_tap {
         let mut cfg = slot("eth0");
         cfg.host_dev_name = Some(name.clone());
         cfg.create_tap = true;
-        let mut h = Harness::new(Net::new(&cfg).unwrap(), BASIC);
+        let mut h = Harness::new(new_net(&cfg).unwrap(), BASIC);
         test_util::up(&name);
         h.post_rx(4, 2048);
         h.pump();
@@ -1440,7 +1453,10 @@ mod real_tap {
         let mut t: libc::timespec = unsafe { std::mem::zeroed() };
         // SAFETY: as above; the clock id is valid.
         unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-        Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+        Duration::new(
+            u64::try_from(t.tv_sec).unwrap(),
+            u32::try_from(t.tv_nsec).unwrap(),
+        )
     }
 
     /// The device's own CPU per frame on a real TAP, without a guest: only the event-loop work
@@ -1455,7 +1471,7 @@ mod real_tap {
         }
         test_util::private_netns();
         let name = test_util::tap_name();
-        let mut h = Harness::new(Net::new(&slot("eth0")).unwrap(), BASIC);
+        let mut h = Harness::new(new_net(&slot("eth0")).unwrap(), BASIC);
         h.dev().attach_tap(&name, true).unwrap();
         h.pump();
         test_util::ip(&["link", "set", &name, "mtu", "65520"]);
@@ -1479,12 +1495,12 @@ mod real_tap {
             let mut busy = Duration::ZERO;
             let mut got = 0u32;
             for _ in 0..N {
-                h.post_rx(1, (len + 64) as u32);
+                h.post_rx(1, u32::try_from(len + 64).unwrap());
                 sock.send(&frame);
                 let t = thread_cpu();
                 h.pump();
                 busy += thread_cpu() - t;
-                got += h.rx_used().len() as u32;
+                got += u32::try_from(h.rx_used().len()).unwrap();
                 let _ = h.irqs();
             }
             // Frames the host stack sent on its own (IPv6 router solicitations) also count.
@@ -1527,7 +1543,7 @@ impl NetBackend for EndlessBackend {
 #[test]
 fn tx_queue_kept_full_is_served_in_bounded_passes() {
     // No backend: frames are dropped, which is the cheapest way through the queue.
-    let mut h = Harness::new(Net::new(&slot("eth0")).unwrap(), BASIC);
+    let mut h = Harness::new(new_net(&slot("eth0")).unwrap(), BASIC);
     for i in 0..100 {
         h.send(&eth(50, i));
     }
@@ -1535,7 +1551,7 @@ fn tx_queue_kept_full_is_served_in_bounded_passes() {
     assert_pass_bounded(tx::TX_BATCH, || {
         while kick.read().is_ok() {}
         let used = with_refilling_guest(mem, TX_RING, QSIZE, 20 * tx::TX_BATCH, || {
-            dev.lock().unwrap().run(false, true)
+            dev.lock().unwrap().process_tx()
         });
         (used, kick.read().is_ok())
     });
@@ -1543,7 +1559,7 @@ fn tx_queue_kept_full_is_served_in_bounded_passes() {
 
 #[test]
 fn rx_from_an_endless_backend_is_served_in_bounded_passes() {
-    let mut net = Net::new(&slot("eth0")).unwrap();
+    let mut net = new_net(&slot("eth0")).unwrap();
     let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     evt.write(1).unwrap();
     net.attach_backend(Box::new(EndlessBackend(evt))).unwrap();
@@ -1554,15 +1570,65 @@ fn rx_from_an_endless_backend_is_served_in_bounded_passes() {
     let (dev, mem) = (&h.dev, &h.mem);
     assert_pass_bounded(rx::RX_BATCH, || {
         let used = with_refilling_guest(mem, RX_RING, QSIZE, 20 * rx::RX_BATCH, || {
-            dev.lock().unwrap().run(true, false)
+            dev.lock().unwrap().process_rx()
         });
         // The loop comes back for the rest: the backend stays readable and watched
         // (level-triggered), no re-arm needed.
-        let watched = dev
-            .lock()
-            .unwrap()
-            .backend_interest()
-            .contains(EventSet::IN);
+        let watched = {
+            let d = dev.lock().unwrap();
+            d.device.backend_interest(&d.core).contains(EventSet::IN)
+        };
         (used, watched)
     });
+}
+
+/// A running device saved and rebuilt from its state keeps the driver's features and link,
+/// and transmits the next frame from the restored TX queue where the old device stopped.
+#[test]
+fn saved_state_restores_a_running_device() {
+    let features = BASIC | bit(VIRTIO_NET_F_GUEST_CSUM);
+    let (mut h, peer) = Harness::with_socket(features);
+    h.send(&eth(60, 1));
+    h.pump();
+    assert_eq!(h.tx_used().len(), 1);
+    assert!(try_recv(&peer).is_some());
+    let state = h.dev().state();
+    assert!(state.link_up && state.virtio.activated);
+    assert_eq!(state.offloads, offload::CSUM);
+    assert_eq!(state.virtio.queues[TX_QUEUE].next_avail, 1);
+    assert_eq!(state.mac, kestrel_api::derived_mac("eth0"));
+    let state: NetState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    let cfg = NetConfig::try_from(&slot("eth0")).unwrap();
+    assert!(matches!(
+        Net::restore(&NetConfig::slot("eth1"), &state),
+        Err(NetError::Restore(_))
+    ));
+
+    // Restored into a slot without TAP: the link stays down until one is attached.
+    let mut net = Net::restore(&cfg, &state).unwrap();
+    assert_eq!(net.acked_features(), features);
+    assert!(!net.link_up());
+    let (backend, peer) = socket_backend();
+    net.attach_backend(backend).unwrap();
+    let (dev, mut em, kicks) = on_event_loop(net);
+    let gm = GuestMemoryAtomic::new(h.mem.clone());
+    dev.lock()
+        .unwrap()
+        .activate_restored(gm, h.interrupt.clone())
+        .unwrap();
+    assert_eq!(
+        dev.lock().unwrap().state().virtio.queues,
+        state.virtio.queues
+    );
+    pump(&mut em);
+    // The next frame, on the old rings, without waking the old device.
+    let frame = wire(hdr(0, 0), &eth(60, 2));
+    let a = h.tx.alloc(u32::try_from(frame.len()).unwrap());
+    h.mem.write_slice(&frame, GuestAddress(a)).unwrap();
+    let head =
+        h.tx.add_chain(&h.mem, &[(a, u32::try_from(frame.len()).unwrap(), READ)]);
+    kicks[TX_QUEUE].write(1).unwrap();
+    pump(&mut em);
+    assert_eq!(h.tx_used(), [(head, 0)]);
+    assert_eq!(try_recv(&peer), Some(frame));
 }

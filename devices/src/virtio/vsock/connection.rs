@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use super::packet::{
     op, Header, HOST_CID, MAX_PKT_DATA, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
+use crate::virtio::len_u32;
 
 /// Receive buffer we advertise per connection (`buf_alloc`): the most guest payload we hold
 /// for a Unix peer that reads slowly. With [`super::muxer::MAX_CONNECTIONS`] connections this
@@ -256,7 +257,7 @@ impl<S: ConnStream> Connection<S> {
 
     /// The guest's view of our free receive space.
     fn guest_view_free(&self) -> u32 {
-        let guest_tx_cnt = self.fwd_cnt + Wrapping(self.out.len() as u32);
+        let guest_tx_cnt = self.fwd_cnt + Wrapping(len_u32(self.out.len()));
         CONN_BUF_ALLOC.saturating_sub((guest_tx_cnt - self.last_fwd_cnt_sent).0)
     }
 
@@ -367,8 +368,8 @@ impl<S: ConnStream> Connection<S> {
                     }
                     Ok(n) => {
                         let n = n.min(max);
-                        self.rx_cnt += Wrapping(n as u32);
-                        return Some(self.header(op::RW, 0, n as u32));
+                        self.rx_cnt += Wrapping(len_u32(n));
+                        return Some(self.header(op::RW, 0, len_u32(n)));
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => self.readable = false,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -467,7 +468,7 @@ impl<S: ConnStream> Connection<S> {
                     Ok(0) => return Err(RecvError::Stream),
                     Ok(n) => {
                         let n = n.min(data.len());
-                        self.fwd_cnt += Wrapping(n as u32);
+                        self.fwd_cnt += Wrapping(len_u32(n));
                         data = &data[n..];
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -513,7 +514,7 @@ impl<S: ConnStream> Connection<S> {
                     } else {
                         let n = n.min(self.out.len());
                         self.out.drain(..n);
-                        self.fwd_cnt += Wrapping(n as u32);
+                        self.fwd_cnt += Wrapping(len_u32(n));
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
@@ -543,7 +544,7 @@ impl<S: ConnStream> Connection<S> {
         if self.state != State::Established || self.peer_shut & SHUTDOWN_SEND != 0 {
             return;
         }
-        let really_free = CONN_BUF_ALLOC.saturating_sub(self.out.len() as u32);
+        let really_free = CONN_BUF_ALLOC.saturating_sub(len_u32(self.out.len()));
         if self.guest_view_free() < CREDIT_UPDATE_THRESHOLD
             && really_free >= CREDIT_UPDATE_THRESHOLD
         {
@@ -817,16 +818,24 @@ mod tests {
         let now = Instant::now();
         let mut c = established(10, 4096);
         let chunk = vec![9u8; 60 * 1024];
-        c.recv_pkt(&guest(op::RW, chunk.len() as u32, 4096, 0), &chunk, now)
-            .unwrap();
+        c.recv_pkt(
+            &guest(op::RW, u32::try_from(chunk.len()).unwrap(), 4096, 0),
+            &chunk,
+            now,
+        )
+        .unwrap();
         assert_eq!(c.stream().output.len(), 10);
         assert_eq!(c.buffered(), chunk.len() - 10);
         assert_eq!(c.interest(), Some((true, true)));
         // Fill up to exactly buf_alloc (counting what the peer took: 10 bytes were forwarded).
         let rest = CONN_BUF_ALLOC as usize - c.buffered();
         let big = vec![1u8; rest];
-        c.recv_pkt(&guest(op::RW, rest as u32, 4096, 0), &big, now)
-            .unwrap();
+        c.recv_pkt(
+            &guest(op::RW, u32::try_from(rest).unwrap(), 4096, 0),
+            &big,
+            now,
+        )
+        .unwrap();
         assert_eq!(c.buffered(), CONN_BUF_ALLOC as usize);
         // One byte more than the credit: reset.
         assert_eq!(
@@ -843,8 +852,12 @@ mod tests {
         // The peer reads nothing: the guest fills 56 KiB of our 64.
         let data = vec![5u8; 14 * 1024];
         for _ in 0..4 {
-            c.recv_pkt(&guest(op::RW, data.len() as u32, 4096, 0), &data, now)
-                .unwrap();
+            c.recv_pkt(
+                &guest(op::RW, u32::try_from(data.len()).unwrap(), 4096, 0),
+                &data,
+                now,
+            )
+            .unwrap();
         }
         assert!(!c.has_rx(), "no update while space is really short");
         // The peer drains 20 KiB: the guest view (8 KiB free) is low, real free is 28 KiB.

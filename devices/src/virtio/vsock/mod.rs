@@ -19,38 +19,35 @@
 //! Per VM: at most [`muxer::MAX_CONNECTIONS`] connections and [`muxer::MAX_BUFFERED_BYTES`]
 //! buffered; per event-loop pass at most [`TX_BATCH`] / [`RX_BATCH`] chains.
 //!
-//! Threads: [`Vsock::activate`] (vCPU thread) only stores the queues and kicks the event loop;
-//! all queue and socket work happens in the [`MutEventSubscriber`] implementation on the VM's
-//! event-loop thread. A driver reset ([`VirtioDevice::reset`]) drops every connection on the
-//! next loop iteration.
+//! Threads: activation (vCPU thread) only stores the queues and kicks the event loop; all queue
+//! and socket work happens in the queue handler ([`handler`]) on the VM's event-loop thread. A
+//! driver reset drops every connection on the next loop iteration.
 //!
-//! Wiring (VMM): register the three [`VirtioDevice::queue_events`] as ioeventfds on the
+//! Save and restore ([`Vsock::state`], [`Vsock::restore`]): only the guest CID and the virtio
+//! core survive; connections do not. As in Firecracker, a restored device that the driver had
+//! running sends `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue, so the guest drops
+//! its connections and listens afresh.
+//!
+//! Wiring (VMM): register the three queue events (`VirtioDevice::queue_events`) as ioeventfds on the
 //! transport's QueueNotify register with datamatch 0, 1, 2; hand the same
 //! `Arc<Mutex<Vsock>>` to the transport and to the event manager (`add_subscriber`).
 
 pub mod connection;
+pub mod handler;
 pub mod muxer;
 pub mod packet;
 pub mod registry;
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
-use vmm_sys_util::eventfd::EventFd;
 
-use super::{
-    check_queue_count, ignore_config_write, new_eventfd, read_config_bytes, wake_event_loop,
-    watch_events, ActivateError, Active, DeviceName, EventFdError, GuestMem, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1,
-};
+use super::device::{CoreSpec, DeviceModel, RestoreError, Virtio, VirtioCore, VirtioState};
+use super::{EventFdError, VIRTIO_F_VERSION_1};
 use muxer::Muxer;
-use packet::{RxBuffer, MAX_PKT_DATA};
+use packet::MAX_PKT_DATA;
 
 /// `VIRTIO_ID_VSOCK`.
 pub const VIRTIO_ID_VSOCK: u32 = 19;
@@ -60,23 +57,60 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;
 /// Index of the tx queue (driver → device packets).
 pub const TX_QUEUE: usize = 1;
-/// Index of the event queue (unused: the device sends no events).
+/// Index of the event queue (the device sends one event: the transport reset after a
+/// restore).
 pub const EVENT_QUEUE: usize = 2;
-const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
 /// Most tx chains handled per event-loop pass (each carries at most
 /// [`packet::MAX_PKT_DATA`]); the rest waits for the next pass (the tx queue event is re-armed),
 /// so a guest that keeps the tx queue full cannot keep the event loop to itself.
 pub const TX_BATCH: usize = 64;
 /// Most rx chains filled per event-loop pass (the rx queue event is re-armed for the rest).
 pub const RX_BATCH: usize = 64;
-/// How log lines name the device.
-const LOG_NAME: DeviceName<'static> = DeviceName::new("vsock", "");
+
+/// What a vsock device is built from (from the `vsock` section of the VM config with
+/// `TryFrom<&kestrel_api::VsockConfig>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 to `u32::MAX - 1`).
+    pub guest_cid: u64,
+    /// Where the host-side Unix listener is bound (it must not exist).
+    pub uds_path: PathBuf,
+}
+
+impl VsockConfig {
+    /// A device for guest `guest_cid` listening at `uds_path`.
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Self {
+        VsockConfig {
+            guest_cid,
+            uds_path: uds_path.to_path_buf(),
+        }
+    }
+}
+
+impl TryFrom<&kestrel_api::VsockConfig> for VsockConfig {
+    type Error = VsockError;
+
+    /// The section's settings; [`VsockError::InvalidCid`] for a reserved `guest_cid`.
+    fn try_from(v: &kestrel_api::VsockConfig) -> Result<Self, VsockError> {
+        let config = VsockConfig::new(u64::from(v.guest_cid), &v.uds_path);
+        check_cid(config.guest_cid)?;
+        Ok(config)
+    }
+}
+
+/// [`VsockError::InvalidCid`] unless `cid` is a guest CID (3 to `u32::MAX - 1`).
+fn check_cid(cid: u64) -> Result<(), VsockError> {
+    if cid < 3 || cid >= u64::from(u32::MAX) {
+        return Err(VsockError::InvalidCid(cid));
+    }
+    Ok(())
+}
 
 /// Why a vsock device could not be created.
 #[derive(Debug, Error)]
 pub enum VsockError {
-    /// The guest CID is reserved (0, 1, 2 or `u32::MAX`) or above 32 bits.
-    #[error("guest CID {0} is not usable: guest CIDs are 3 to 4294967294")]
+    /// The `guest_cid` is reserved (0, 1, 2 or `u32::MAX`) or above 32 bits.
+    #[error("guest_cid {0} is not usable: guest CIDs are 3 to 4294967294")]
     InvalidCid(u64),
     /// The Unix listener could not be created at the path.
     #[error("cannot listen on {}: {source}", path.display())]
@@ -107,6 +141,9 @@ pub enum VsockError {
     /// The timer could not be created.
     #[error("cannot create the timer: {0}")]
     Timer(#[source] io::Error),
+    /// A saved state does not fit the device.
+    #[error("cannot restore: {0}")]
+    Restore(#[from] RestoreError),
 }
 
 /// The device's counters.
@@ -136,355 +173,119 @@ pub struct VsockMetrics {
     pub rx_ctrl_dropped: u64,
 }
 
+/// The run-time state of a vsock device ([`Vsock::state`], [`Vsock::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VsockState {
+    /// The virtio core.
+    pub virtio: VirtioState,
+    /// The guest's CID (a restored device must have it: the guest knows it).
+    pub guest_cid: u64,
+}
+
 /// The virtio-vsock device. See the module documentation.
-pub struct Vsock {
+pub type Vsock = Virtio<VsockDevice>;
+
+/// virtio-vsock's own part of a [`Vsock`]: the CID and the connection multiplexer.
+pub struct VsockDevice {
     cid: u64,
-    acked_features: u64,
-    queue_evts: Vec<EventFd>,
-    activate_evt: EventFd,
-    active: Option<Active<Vec<Queue>>>,
-    needs_reset: bool,
+    /// A driver reset happened: the loop drops the connections (their fds are in its set).
     teardown_pending: bool,
+    /// A restored device owes the guest a transport-reset event.
+    reset_event_pending: bool,
     muxer: Muxer,
     scratch: Box<[u8]>,
 }
 
-impl std::fmt::Debug for Vsock {
+impl std::fmt::Debug for VsockDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vsock")
+        f.debug_struct("VsockDevice")
             .field("cid", &self.cid)
             .field("uds_path", &self.muxer.uds_path())
-            .field("activated", &self.active.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl Vsock {
-    /// A device for guest `cid` whose host side listens at `uds_path`. The listener is bound
-    /// here, so a bad path fails before the VM starts; the socket file is removed when the
-    /// device is dropped.
-    pub fn new(cid: u64, uds_path: &Path) -> Result<Vsock, VsockError> {
-        if cid < 3 || cid >= u64::from(u32::MAX) {
-            return Err(VsockError::InvalidCid(cid));
-        }
-        let queue_evts = vec![new_eventfd()?, new_eventfd()?, new_eventfd()?];
-        let activate_evt = new_eventfd()?;
-        let muxer = Muxer::new(cid, uds_path)?;
-        Ok(Vsock {
+    /// A device for `config`. The listener is bound here, so a bad path fails before the VM
+    /// starts; the socket file is removed when the device is dropped.
+    pub fn new(config: &VsockConfig) -> Result<Vsock, VsockError> {
+        let cid = config.guest_cid;
+        check_cid(cid)?;
+        let core = VirtioCore::new(CoreSpec {
+            kind: "vsock",
+            id: "",
+            device_type: VIRTIO_ID_VSOCK,
+            avail_features: VIRTIO_F_VERSION_1,
+            queue_max_sizes: vec![QUEUE_SIZE; 3],
+        })?;
+        let device = VsockDevice {
             cid,
-            acked_features: 0,
-            queue_evts,
-            activate_evt,
-            active: None,
-            needs_reset: false,
             teardown_pending: false,
-            muxer,
+            reset_event_pending: false,
+            muxer: Muxer::new(cid, &config.uds_path)?,
             scratch: vec![0u8; MAX_PKT_DATA].into_boxed_slice(),
-        })
+        };
+        Ok(Virtio::from_parts(core, device))
     }
 
-    /// A device from the API's `vsock` section.
-    pub fn from_config(cfg: &kestrel_api::VsockConfig) -> Result<Vsock, VsockError> {
-        Vsock::new(u64::from(cfg.guest_cid), &cfg.uds_path)
+    /// A device for `config` (the same CID; the listener path may differ) with the run-time
+    /// state `state`. It has no connections; once the transport has activated it again it
+    /// tells the guest so with a transport-reset event.
+    pub fn restore(config: &VsockConfig, state: &VsockState) -> Result<Vsock, VsockError> {
+        let mut vsock = Vsock::new(config)?;
+        RestoreError::check("guest_cid", state.guest_cid, vsock.guest_cid())?;
+        vsock.core.restore(&state.virtio)?;
+        vsock.device.reset_event_pending = state.virtio.activated;
+        Ok(vsock)
+    }
+
+    /// The run-time state to save.
+    pub fn state(&self) -> VsockState {
+        VsockState {
+            virtio: self.core.state(),
+            guest_cid: self.device.cid,
+        }
     }
 
     /// The guest's CID.
     pub fn guest_cid(&self) -> u64 {
-        self.cid
+        self.device.cid
     }
 
     /// Where the host listener is.
     pub fn uds_path(&self) -> &Path {
-        self.muxer.uds_path()
+        self.device.muxer.uds_path()
     }
 
     /// A snapshot of the counters.
     pub fn metrics(&self) -> VsockMetrics {
-        self.muxer.metrics
+        self.device.muxer.metrics
     }
 
     /// Live connections.
     pub fn connection_count(&self) -> usize {
-        self.muxer.connection_count()
+        self.device.muxer.connection_count()
     }
 
     /// Guest payload held for Unix peers that have not read it yet (at most
     /// [`muxer::MAX_BUFFERED_BYTES`]).
     pub fn buffered_bytes(&self) -> usize {
-        self.muxer.buffered_bytes()
-    }
-
-    /// Process both queues until neither makes progress or a queue used up its per-pass
-    /// budget ([`TX_BATCH`], [`RX_BATCH`]); signal the guest once. A queue that used up its
-    /// budget has its queue event re-armed: the loop comes back to it after the other events
-    /// (and a stop request) had their turn.
-    fn process_queues(&mut self, ops: &mut EventOps) {
-        if self.needs_reset {
-            return;
-        }
-        let Some(active) = self.active.as_mut() else {
-            return;
-        };
-        let mem = active.mem.memory();
-        let mut tx_budget = TX_BATCH;
-        let mut rx_budget = RX_BATCH;
-        loop {
-            Self::process_tx(
-                &mem,
-                active,
-                &mut self.muxer,
-                &mut self.scratch,
-                self.cid,
-                &mut self.needs_reset,
-                &mut tx_budget,
-                ops,
-            );
-            // The tx queue stops while the control backlog is full.
-            let tx_held_back = self.muxer.ctrl_full();
-            let rx_used = Self::process_rx(
-                &mem,
-                active,
-                &mut self.muxer,
-                &mut self.scratch,
-                &mut self.needs_reset,
-                &mut rx_budget,
-                ops,
-            );
-            // Another round only if the rx side drained a backlog that held tx back.
-            if !(tx_held_back && rx_used > 0) || self.needs_reset || tx_budget == 0 {
-                break;
-            }
-        }
-        for (budget, q) in [(tx_budget, TX_QUEUE), (rx_budget, RX_QUEUE)] {
-            if budget == 0 && !self.needs_reset {
-                if let Err(e) = self.queue_evts[q].write(1) {
-                    tracing::warn!("vsock: cannot re-arm queue {q}: {e}");
-                }
-            }
-        }
-        let used = [
-            (rx_budget < RX_BATCH, RX_QUEUE),
-            (tx_budget < TX_BATCH, TX_QUEUE),
-        ];
-        for (used, q) in used {
-            if !used {
-                continue;
-            }
-            match active.queues[q].needs_notification(&*mem) {
-                Ok(true) => active.interrupt.signal_used_queue(),
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!("vsock: queue {q}: {e}");
-                    active.interrupt.signal_used_queue();
-                }
-            }
-        }
-    }
-
-    /// Consume the tx queue, at most `budget` chains (decremented per chain used). Returns
-    /// how many chains were used.
-    #[allow(clippy::too_many_arguments)]
-    fn process_tx(
-        mem: &GuestMemoryMmap,
-        active: &mut Active<Vec<Queue>>,
-        muxer: &mut Muxer,
-        scratch: &mut [u8],
-        cid: u64,
-        needs_reset: &mut bool,
-        budget: &mut usize,
-        ops: &mut EventOps,
-    ) -> usize {
-        let queue = &mut active.queues[TX_QUEUE];
-        let mut used = 0;
-        while !muxer.ctrl_full() && *budget > 0 {
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    tracing::warn!("vsock: tx queue: {e}; device needs reset");
-                    *needs_reset = true;
-                    break;
-                }
-            };
-            let Some(mut chain) = chain else {
-                break;
-            };
-            let head = chain.head_index();
-            muxer.metrics.packets_from_guest += 1;
-            match packet::read_tx(mem, &mut chain, cid, scratch) {
-                Ok(hdr) => muxer.recv_pkt(&hdr, &scratch[..hdr.len as usize], ops),
-                Err(e) => {
-                    tracing::debug!("vsock: dropped a tx packet: {e}");
-                    muxer.metrics.packets_dropped += 1;
-                }
-            }
-            if let Err(e) = queue.add_used(mem, head, 0) {
-                tracing::warn!("vsock: tx queue: {e}; device needs reset");
-                *needs_reset = true;
-                break;
-            }
-            used += 1;
-            *budget -= 1;
-        }
-        used
-    }
-
-    /// Fill rx buffers while packets are waiting, at most `budget` chains (decremented per
-    /// chain used). Returns how many chains were used.
-    fn process_rx(
-        mem: &GuestMemoryMmap,
-        active: &mut Active<Vec<Queue>>,
-        muxer: &mut Muxer,
-        scratch: &mut [u8],
-        needs_reset: &mut bool,
-        budget: &mut usize,
-        ops: &mut EventOps,
-    ) -> usize {
-        let queue = &mut active.queues[RX_QUEUE];
-        let mut used = 0;
-        while muxer.has_rx() && *budget > 0 {
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    tracing::warn!("vsock: rx queue: {e}; device needs reset");
-                    *needs_reset = true;
-                    break;
-                }
-            };
-            // No buffer: the packets wait for the guest's next rx notification.
-            let Some(mut chain) = chain else {
-                break;
-            };
-            let head = chain.head_index();
-            let len = match RxBuffer::new(mem, &mut chain) {
-                Ok(mut buf) => {
-                    let cap = buf.capacity().min(scratch.len());
-                    let Some(hdr) = muxer.next_rx(&mut scratch[..cap], ops) else {
-                        // Nothing to send after all: give the buffer back for later.
-                        queue.go_to_previous_position();
-                        break;
-                    };
-                    let n = (hdr.len as usize).min(cap);
-                    match buf.write(&hdr, &scratch[..n]) {
-                        Ok(len) => {
-                            muxer.metrics.packets_to_guest += 1;
-                            len
-                        }
-                        Err(e) => {
-                            tracing::warn!("vsock: lost a packet for the guest: {e}");
-                            0
-                        }
-                    }
-                }
-                Err(e) => {
-                    // Unusable buffer: return it empty.
-                    tracing::debug!("vsock: dropped an rx buffer: {e}");
-                    muxer.metrics.packets_dropped += 1;
-                    0
-                }
-            };
-            if let Err(e) = queue.add_used(mem, head, len) {
-                tracing::warn!("vsock: rx queue: {e}; device needs reset");
-                *needs_reset = true;
-                break;
-            }
-            used += 1;
-            *budget -= 1;
-        }
-        used
+        self.device.muxer.buffered_bytes()
     }
 }
 
-impl VirtioDevice for Vsock {
-    fn device_type(&self) -> u32 {
-        VIRTIO_ID_VSOCK
+impl DeviceModel for VsockDevice {
+    type ConfigSpace = [u8; 8];
+
+    fn config_space(&self, _core: &VirtioCore) -> [u8; 8] {
+        self.cid.to_le_bytes()
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
-    }
-
-    fn set_acked_features(&mut self, features: u64) {
-        self.acked_features = features & self.avail_features();
-    }
-
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
-    }
-
-    fn write_config(&mut self, offset: u64, data: &[u8]) {
-        // The CID is read-only.
-        ignore_config_write(LOG_NAME, offset, data);
-    }
-
-    fn activate(
-        &mut self,
-        mem: GuestMem,
-        interrupt: Arc<VirtioInterrupt>,
-        queues: Vec<Queue>,
-    ) -> Result<(), ActivateError> {
-        check_queue_count(&queues, QUEUE_SIZES.len())?;
-        wake_event_loop(&self.activate_evt)?;
-        self.active = Some(Active::new(mem, interrupt, queues));
-        self.needs_reset = false;
-        Ok(())
-    }
-
-    fn reset(&mut self) {
-        self.active = None;
-        self.needs_reset = false;
-        self.acked_features = 0;
+    fn reset(&mut self, core: &mut VirtioCore) {
         // Connections hold fds in the event loop's epoll set: the loop drops them.
         self.teardown_pending = true;
-        if let Err(e) = self.activate_evt.write(1) {
-            tracing::warn!("vsock: cannot wake the event loop for a reset: {e}");
-        }
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn needs_reset(&self) -> bool {
-        self.needs_reset
-    }
-
-    fn is_activated(&self) -> bool {
-        self.active.is_some()
-    }
-}
-
-impl MutEventSubscriber for Vsock {
-    fn init(&mut self, ops: &mut EventOps) {
-        let evts = self.queue_evts.iter().chain([&self.activate_evt]);
-        let events = evts.map(|evt| Events::new(evt, EventSet::IN));
-        watch_events(ops, events, LOG_NAME);
-        self.muxer.init(ops);
-    }
-
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self.teardown_pending {
-            self.teardown_pending = false;
-            self.muxer.teardown(ops);
-        }
-        let fd = events.fd();
-        if fd == self.activate_evt.as_raw_fd() {
-            let _ = self.activate_evt.read();
-        } else if let Some(evt) = self.queue_evts.iter().find(|e| e.as_raw_fd() == fd) {
-            // rx: new buffers; tx: new packets; event: buffers for events we never send.
-            let _ = evt.read();
-        } else if self.muxer.owns(fd) {
-            let active = self.active.is_some() && !self.needs_reset;
-            self.muxer.handle_event(fd, events.event_set(), ops, active);
-        } else {
-            tracing::debug!("vsock: event for unknown fd {fd}");
-            let _ = ops.remove(Events::empty_raw(fd));
-        }
-        self.process_queues(ops);
-        self.muxer.rearm_timer();
+        self.reset_event_pending = false;
+        core.wake();
     }
 }
 

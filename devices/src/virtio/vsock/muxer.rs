@@ -21,6 +21,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::connection::{ConnStream, ConnTimeouts, Connection, RecvError, CONN_BUF_ALLOC};
 use super::packet::{op, Header, HOST_CID, TYPE_STREAM};
 use super::{VsockError, VsockMetrics};
+use crate::virtio::device::{own_events, own_events_raw};
 
 /// Host ports handed to host-initiated connections start here (below are the ports guests
 /// usually connect to on the host).
@@ -131,6 +132,10 @@ pub fn port_path(uds_path: &Path, port: u32) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// `AF_UNIX` as `sockaddr_un` holds it.
+#[allow(clippy::cast_possible_truncation)] // AF_UNIX is 1.
+const AF_UNIX: libc::sa_family_t = libc::AF_UNIX as libc::sa_family_t;
+
 /// Connect to a Unix stream listener without blocking: a listener whose backlog is full
 /// fails (`EAGAIN`) instead of stalling the event loop.
 fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
@@ -143,11 +148,14 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
             "path does not fit a Unix socket address",
         ));
     }
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    addr.sun_family = AF_UNIX;
     for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-        *d = *s as libc::c_char;
+        *d = libc::c_char::from_ne_bytes([*s]);
     }
-    let len = (std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1) as libc::socklen_t;
+    // At most the size of `sockaddr_un` (the path length was checked above).
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    let len =
+        libc::socklen_t::try_from(len).map_err(|_| io::Error::from(ErrorKind::InvalidInput))?;
     // SAFETY: socket(2) takes no pointers; the result is checked.
     let fd = unsafe {
         libc::socket(
@@ -234,6 +242,13 @@ fn rst_reply(to: &Header) -> Header {
     }
 }
 
+/// Token (see [`crate::virtio::device::own_events`]) of the host-side listener.
+pub const LISTENER: u32 = 0;
+/// Token of the timer for handshake, connection and listener-retry deadlines.
+pub const TIMER: u32 = 1;
+/// Token of a host stream (a client in its `CONNECT` handshake, or a connection).
+pub const STREAM: u32 = 2;
+
 /// The connection multiplexer. See the module documentation.
 pub struct Muxer {
     guest_cid: u64,
@@ -316,7 +331,7 @@ impl Muxer {
     /// Start watching the listener and the timer.
     pub fn init(&mut self, ops: &mut EventOps) {
         self.watch_listener(ops);
-        if let Err(e) = ops.add(Events::new(&self.timer, EventSet::IN)) {
+        if let Err(e) = ops.add(own_events(&self.timer, TIMER, EventSet::IN)) {
             tracing::error!("vsock: cannot watch the timer: {e:?}");
         }
     }
@@ -325,58 +340,62 @@ impl Muxer {
         if self.listener_watched {
             return;
         }
-        match ops.add(Events::new(&self.listener, EventSet::IN)) {
+        match ops.add(own_events(&self.listener, LISTENER, EventSet::IN)) {
             Ok(()) => self.listener_watched = true,
             Err(e) => tracing::error!("vsock: cannot watch the listener: {e:?}"),
         }
     }
 
-    /// Whether `fd` belongs to the muxer.
-    pub fn owns(&self, fd: RawFd) -> bool {
-        fd == self.listener.as_raw_fd()
-            || fd == self.timer.as_raw_fd()
-            || self.fds.contains_key(&fd)
-    }
-
-    /// Readiness of one of the muxer's fds. `active`: the driver is up (host connections can
-    /// be forwarded).
-    pub fn handle_event(&mut self, fd: RawFd, set: EventSet, ops: &mut EventOps, active: bool) {
+    /// Readiness of one of the muxer's descriptors: `token` is what it was watched as
+    /// ([`LISTENER`], [`TIMER`] or [`STREAM`]). `active`: the driver is up (host connections
+    /// can be forwarded).
+    pub fn handle_event(
+        &mut self,
+        token: u32,
+        fd: RawFd,
+        set: EventSet,
+        ops: &mut EventOps,
+        active: bool,
+    ) {
         let now = Instant::now();
-        if fd == self.listener.as_raw_fd() {
-            self.accept_all(ops, now);
-        } else if fd == self.timer.as_raw_fd() {
-            // Non-blocking: a timer re-armed since the event was queued reads EAGAIN.
-            let _ = self.timer.wait();
-            self.timer_deadline = None;
-            self.expire(ops, now);
-        } else {
-            match self.fds.get(&fd).copied() {
+        match token {
+            LISTENER => self.accept_all(ops, now),
+            TIMER => {
+                // Non-blocking: a timer re-armed since the event was queued reads EAGAIN.
+                let _ = self.timer.wait();
+                self.timer_deadline = None;
+                self.expire(ops, now);
+            }
+            _ => match self.fds.get(&fd).copied().filter(|_| token == STREAM) {
                 Some(FdOwner::Handshake) => self.handshake_event(fd, set, ops, active, now),
-                Some(FdOwner::Conn(key)) => {
-                    if let Some(e) = self.conns.get_mut(&key) {
-                        if set.contains(EventSet::ERROR) {
-                            e.conn.on_error();
-                        } else {
-                            if set.contains(EventSet::OUT) {
-                                e.conn.on_writable(now);
-                            }
-                            if set.contains(EventSet::IN) {
-                                e.conn.on_readable();
-                            }
-                            if set.contains(EventSet::HANG_UP) {
-                                e.conn.on_hup();
-                            }
-                        }
-                        self.settle(key, ops);
-                    }
-                }
+                Some(FdOwner::Conn(key)) => self.conn_event(key, set, ops, now),
                 None => {
                     // Not ours (any more): make sure it stops firing.
-                    tracing::debug!("vsock: event for unknown fd {fd}");
+                    tracing::debug!("vsock: event {token} for unknown fd {fd}");
                     let _ = ops.remove(Events::empty_raw(fd));
                 }
+            },
+        }
+    }
+
+    fn conn_event(&mut self, key: ConnKey, set: EventSet, ops: &mut EventOps, now: Instant) {
+        let Some(e) = self.conns.get_mut(&key) else {
+            return;
+        };
+        if set.contains(EventSet::ERROR) {
+            e.conn.on_error();
+        } else {
+            if set.contains(EventSet::OUT) {
+                e.conn.on_writable(now);
+            }
+            if set.contains(EventSet::IN) {
+                e.conn.on_readable();
+            }
+            if set.contains(EventSet::HANG_UP) {
+                e.conn.on_hup();
             }
         }
+        self.settle(key, ops);
     }
 
     fn accept_all(&mut self, ops: &mut EventOps, now: Instant) {
@@ -395,7 +414,7 @@ impl Muxer {
                         continue;
                     }
                     let fd = stream.as_raw_fd();
-                    if let Err(e) = ops.add(Events::new_raw(fd, EventSet::IN)) {
+                    if let Err(e) = ops.add(own_events_raw(fd, STREAM, EventSet::IN)) {
                         tracing::warn!("vsock: cannot watch a host connection: {e:?}");
                         continue;
                     }
@@ -417,7 +436,7 @@ impl Muxer {
                     // of spinning on it.
                     tracing::warn!("vsock: accept on {}: {e}", self.uds_path.display());
                     if self.listener_watched {
-                        let _ = ops.remove(Events::new(&self.listener, EventSet::IN));
+                        let _ = ops.remove(Events::empty(&self.listener));
                         self.listener_watched = false;
                     }
                     self.listener_retry_at = Some(now + self.timeouts.listener_retry);
@@ -574,8 +593,8 @@ impl Muxer {
             }
             let fd = e.conn.stream().as_raw_fd();
             let r = match (e.watched, want) {
-                (None, Some(w)) => ops.add(Events::new_raw(fd, event_set(w))),
-                (Some(_), Some(w)) => ops.modify(Events::new_raw(fd, event_set(w))),
+                (None, Some(w)) => ops.add(own_events_raw(fd, STREAM, event_set(w))),
+                (Some(_), Some(w)) => ops.modify(own_events_raw(fd, STREAM, event_set(w))),
                 (Some(_), None) => ops.remove(Events::empty_raw(fd)),
                 (None, None) => Ok(()),
             };

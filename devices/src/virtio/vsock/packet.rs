@@ -7,6 +7,8 @@ use virtio_queue::DescriptorChain;
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::GuestMemoryMmap;
 
+use crate::virtio::len_u32;
+
 /// The host's context id: the only destination the guest may address.
 pub const HOST_CID: u64 = 2;
 /// Size of the packet header.
@@ -230,7 +232,7 @@ impl<'a> RxBuffer<'a> {
         mem: &'a GuestMemoryMmap,
         chain: &mut DescriptorChain<&GuestMemoryMmap>,
     ) -> Result<Self, PacketError> {
-        let pkt = VsockPacket::from_rx_virtq_chain(mem, chain, MAX_PKT_DATA as u32)
+        let pkt = VsockPacket::from_rx_virtq_chain(mem, chain, len_u32(MAX_PKT_DATA))
             .map_err(PacketError::Chain)?;
         let buf = RxBuffer { pkt };
         if buf.capacity() == 0 {
@@ -261,7 +263,7 @@ impl<'a> RxBuffer<'a> {
                 slice.copy_from(data);
             }
         }
-        Ok((HDR_SIZE + data.len()) as u32)
+        Ok(len_u32(HDR_SIZE + data.len()))
     }
 }
 

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use event_manager::EventManager;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::CONN_BUF_ALLOC;
 use super::muxer::{ConnKey, LOCAL_PORT_BASE};
@@ -20,6 +22,7 @@ use crate::virtio::test_util::{
     assert_pass_bounded, on_event_loop, pump, with_refilling_guest, Ring, TmpDir,
     VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, WAIT,
 };
+use crate::virtio::{ActivateError, RestoreError, VirtioDevice, VirtioInterrupt};
 
 const CID: u64 = 3;
 const MEM_SIZE: usize = 24 << 20;
@@ -75,9 +78,9 @@ impl Guest {
     fn with_timeouts(rx_bufs: u16, t: Option<muxer::Timeouts>) -> Guest {
         let dir = TmpDir::new("kvs");
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-        let mut dev = Vsock::new(CID, &dir.0.join("v.sock")).unwrap();
+        let mut dev = Vsock::new(&VsockConfig::new(CID, &dir.0.join("v.sock"))).unwrap();
         if let Some(t) = t {
-            dev.muxer.timeouts = t;
+            dev.device.muxer.timeouts = t;
         }
         let (dev, em, evts) = on_event_loop(dev);
         let (rx, rxq) = Ring::new(&mem, 0, QSIZE);
@@ -152,7 +155,7 @@ impl Guest {
                 &self.mem,
                 id,
                 addr,
-                HDR_SIZE as u32 + RX_DATA,
+                u32::try_from(HDR_SIZE).unwrap() + RX_DATA,
                 VRING_DESC_F_WRITE,
                 0,
             );
@@ -186,7 +189,7 @@ impl Guest {
             self.rx_free.push(*id);
         }
         if self.rx_refill {
-            self.post_rx(used.len() as u16);
+            self.post_rx(u16::try_from(used.len()).unwrap());
         }
     }
 
@@ -199,7 +202,7 @@ impl Guest {
 
     /// Queue a packet on the tx queue and notify.
     fn send(&mut self, mut h: Header, data: &[u8]) {
-        h.len = data.len() as u32;
+        h.len = u32::try_from(data.len()).unwrap();
         self.tx_reclaim();
         let slot = match self.tx_free.pop() {
             Some(s) => s,
@@ -215,15 +218,28 @@ impl Guest {
             .unwrap();
         let (d0, d1) = (slot * 2, slot * 2 + 1);
         if data.is_empty() {
-            self.tx.set_desc(&self.mem, d0, base, HDR_SIZE as u32, 0, 0);
+            self.tx
+                .set_desc(&self.mem, d0, base, u32::try_from(HDR_SIZE).unwrap(), 0, 0);
         } else {
             self.mem
                 .write_slice(data, GuestAddress(base + 0x100))
                 .unwrap();
-            self.tx
-                .set_desc(&self.mem, d0, base, HDR_SIZE as u32, VRING_DESC_F_NEXT, d1);
-            self.tx
-                .set_desc(&self.mem, d1, base + 0x100, data.len() as u32, 0, 0);
+            self.tx.set_desc(
+                &self.mem,
+                d0,
+                base,
+                u32::try_from(HDR_SIZE).unwrap(),
+                VRING_DESC_F_NEXT,
+                d1,
+            );
+            self.tx.set_desc(
+                &self.mem,
+                d1,
+                base + 0x100,
+                u32::try_from(data.len()).unwrap(),
+                0,
+                0,
+            );
         }
         self.tx.publish(&self.mem, d0);
         self.evts[TX_QUEUE].write(1).unwrap();
@@ -320,7 +336,7 @@ impl Guest {
             let (h, d) = self.expect(op::RW);
             assert_eq!((h.src_port, h.dst_port), (local, peer));
             out.extend_from_slice(&d);
-            *fwd = fwd.wrapping_add(d.len() as u32);
+            *fwd = fwd.wrapping_add(u32::try_from(d.len()).unwrap());
             let mut cu = ghdr(op::CREDIT_UPDATE, peer, local);
             cu.fwd_cnt = *fwd;
             self.send(cu, &[]);
@@ -331,14 +347,14 @@ impl Guest {
 
 fn pattern(n: usize, seed: u8) -> Vec<u8> {
     (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .map(|i| i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(seed))
         .collect()
 }
 
 #[test]
 fn device_identity_config_and_features() {
     let dir = TmpDir::new("kvs");
-    let mut v = Vsock::new(0x1234_5678, &dir.0.join("v.sock")).unwrap();
+    let mut v = Vsock::new(&VsockConfig::new(0x1234_5678, &dir.0.join("v.sock"))).unwrap();
     assert_eq!(v.device_type(), 19);
     assert_eq!(v.queue_max_sizes(), &[256, 256, 256]);
     assert_eq!(v.avail_features(), VIRTIO_F_VERSION_1);
@@ -385,15 +401,15 @@ fn creation_errors_and_drop_removes_socket() {
     let path = dir.0.join("v.sock");
     for bad in [0, 1, 2, u64::from(u32::MAX), 1 << 40] {
         assert!(matches!(
-            Vsock::new(bad, &path),
+            Vsock::new(&VsockConfig::new(bad, &path)),
             Err(VsockError::InvalidCid(_))
         ));
     }
     assert!(!path.exists());
-    let v = Vsock::new(3, &path).unwrap();
+    let v = Vsock::new(&VsockConfig::new(3, &path)).unwrap();
     assert!(path.exists(), "listener bound at creation");
     // A second device on the same path fails, and names it.
-    let err = Vsock::new(4, &path).unwrap_err();
+    let err = Vsock::new(&VsockConfig::new(4, &path)).unwrap_err();
     assert!(matches!(err, VsockError::Bind { .. }));
     assert!(err.to_string().contains("v.sock"), "{err}");
     assert!(path.exists(), "the failed device removed nothing");
@@ -401,7 +417,7 @@ fn creation_errors_and_drop_removes_socket() {
     assert!(!path.exists(), "socket file removed on drop");
     // Missing directory.
     assert!(matches!(
-        Vsock::new(3, &dir.0.join("nope/v.sock")),
+        Vsock::new(&VsockConfig::new(3, &dir.0.join("nope/v.sock"))),
         Err(VsockError::Bind { .. })
     ));
     // From the API config.
@@ -410,9 +426,15 @@ fn creation_errors_and_drop_removes_socket() {
         uds_path: path.clone(),
         vsock_id: None,
     };
-    let v = Vsock::from_config(&cfg).unwrap();
+    let v = Vsock::new(&VsockConfig::try_from(&cfg).unwrap()).unwrap();
     assert_eq!(v.guest_cid(), 7);
     assert_eq!(v.uds_path(), path);
+    let bad = kestrel_api::VsockConfig {
+        guest_cid: 2,
+        ..cfg
+    };
+    let e = VsockConfig::try_from(&bad).unwrap_err();
+    assert!(e.to_string().starts_with("guest_cid 2"), "{e}");
 }
 
 #[test]
@@ -617,7 +639,7 @@ fn device_never_exceeds_guest_credit_and_slow_guest_throttles_host_writer() {
     fwd = fwd.wrapping_add(10_000);
     let rest = g.guest_read(local, 52, written - 14_000, &mut fwd);
     assert_eq!(rest.len(), written - 14_000);
-    assert!(g.metrics().bytes_to_guest as usize == written);
+    assert!(usize::try_from(g.metrics().bytes_to_guest).unwrap() == written);
 }
 
 #[test]
@@ -678,7 +700,7 @@ fn well_behaved_guest_is_throttled_by_slow_unix_reader() {
         if n > 0 {
             g.send(ghdr(op::RW, 52, local), &msg[off..off + n]);
             off += n;
-            tx_cnt = tx_cnt.wrapping_add(n as u32);
+            tx_cnt = tx_cnt.wrapping_add(u32::try_from(n).unwrap());
         } else if off < msg.len() {
             stalls += 1;
         }
@@ -738,33 +760,46 @@ fn malformed_packets_are_dropped_and_counted() {
         Header { op: 0, ..good },
     ] {
         put(&mut g, h);
-        g.send_raw(&[(base, HDR_SIZE as u32, 0)]);
+        g.send_raw(&[(base, u32::try_from(HDR_SIZE).unwrap(), 0)]);
         g.pump();
     }
     let mut h = good;
     h.op = op::SHUTDOWN;
     h.len = 8;
     put(&mut g, h);
-    g.send_raw(&[(base, HDR_SIZE as u32, 0), (base + 0x100, 8, 0)]);
+    g.send_raw(&[
+        (base, u32::try_from(HDR_SIZE).unwrap(), 0),
+        (base + 0x100, 8, 0),
+    ]);
     // RW whose len is larger than its buffer; larger than 64 KiB.
     let mut h = good;
     h.op = op::RW;
     h.len = 100;
     put(&mut g, h);
-    g.send_raw(&[(base, HDR_SIZE as u32, 0), (base + 0x100, 10, 0)]);
+    g.send_raw(&[
+        (base, u32::try_from(HDR_SIZE).unwrap(), 0),
+        (base + 0x100, 10, 0),
+    ]);
     g.pump();
     h.len = 1 << 20;
     put(&mut g, h);
-    g.send_raw(&[(base, HDR_SIZE as u32, 0), (base + 0x100, 1 << 20, 0)]);
+    g.send_raw(&[
+        (base, u32::try_from(HDR_SIZE).unwrap(), 0),
+        (base + 0x100, 1 << 20, 0),
+    ]);
     g.pump();
     // Header descriptor too short; write-only; outside guest memory; data write-only.
     g.send_raw(&[(base, 10, 0)]);
-    g.send_raw(&[(base, HDR_SIZE as u32, VRING_DESC_F_WRITE)]);
-    g.send_raw(&[(MEM_SIZE as u64 + 0x1000, HDR_SIZE as u32, 0)]);
+    g.send_raw(&[(base, u32::try_from(HDR_SIZE).unwrap(), VRING_DESC_F_WRITE)]);
+    g.send_raw(&[(
+        MEM_SIZE as u64 + 0x1000,
+        u32::try_from(HDR_SIZE).unwrap(),
+        0,
+    )]);
     h.len = 8;
     put(&mut g, h);
     g.send_raw(&[
-        (base, HDR_SIZE as u32, 0),
+        (base, u32::try_from(HDR_SIZE).unwrap(), 0),
         (base + 0x100, 8, VRING_DESC_F_WRITE),
     ]);
     g.pump();
@@ -791,7 +826,7 @@ fn unusable_rx_buffers_are_returned_empty() {
         &g.mem,
         1,
         RX_BUF_BASE + RX_STRIDE,
-        HDR_SIZE as u32,
+        u32::try_from(HDR_SIZE).unwrap(),
         VRING_DESC_F_WRITE,
         0,
     );
@@ -1019,7 +1054,7 @@ fn interrupts_are_raised_for_used_buffers() {
     let _ = g.expect(op::RST);
     assert!(g.irq.read().unwrap() >= 1);
     assert_ne!(
-        g.dev().active.as_ref().unwrap().interrupt.status() & crate::virtio::INTERRUPT_USED_RING,
+        g.dev().core().active().unwrap().interrupt.status() & crate::virtio::INTERRUPT_USED_RING,
         0
     );
 }
@@ -1050,10 +1085,10 @@ fn duplicate_request_resets_the_connection() {
         local_port: 60,
         peer_port: 900,
     };
-    assert!(g.dev().muxer.conn_state(key).is_some());
+    assert!(g.dev().device.muxer.conn_state(key).is_some());
     g.send(ghdr(op::REQUEST, 900, 60), &[]);
     g.expect(op::RST);
-    assert!(g.dev().muxer.conn_state(key).is_none());
+    assert!(g.dev().device.muxer.conn_state(key).is_none());
 }
 
 #[test]
@@ -1083,7 +1118,7 @@ fn tx_queue_kept_full_is_served_in_bounded_passes() {
 #[test]
 fn connection_cap_refuses_with_rst_and_buffered_bytes_stay_bounded() {
     let mut g = Guest::new(64);
-    g.dev().muxer.limits = muxer::Limits {
+    g.dev().device.muxer.limits = muxer::Limits {
         connections: 4,
         handshakes: 2,
     };
@@ -1147,7 +1182,7 @@ fn pending_handshakes_are_bounded_in_number_and_time() {
         ..Default::default()
     };
     let mut g = Guest::with_timeouts(8, Some(t));
-    g.dev().muxer.limits.handshakes = 2;
+    g.dev().device.muxer.limits.handshakes = 2;
     let start = Instant::now();
     let mut silent = UnixStream::connect(g.uds()).unwrap();
     // A client trickling its line byte by byte gets no more time.
@@ -1178,25 +1213,25 @@ fn pending_handshakes_are_bounded_in_number_and_time() {
 #[test]
 fn uds_path_prefix_collisions_are_refused() {
     let dir = TmpDir::new("kvs");
-    let a = Vsock::new(3, &dir.0.join("a.vsock")).unwrap();
+    let a = Vsock::new(&VsockConfig::new(3, &dir.0.join("a.vsock"))).unwrap();
     // Another VM at <a>_<port>: a's guest could reach its main socket.
-    let err = Vsock::new(4, &dir.0.join("a.vsock_52")).unwrap_err();
+    let err = Vsock::new(&VsockConfig::new(4, &dir.0.join("a.vsock_52"))).unwrap_err();
     assert!(matches!(err, VsockError::PathCollision { .. }), "{err}");
     assert!(err.to_string().contains("a.vsock"), "{err}");
     assert!(!dir.0.join("a.vsock_52").exists());
     // Same directory spelled differently.
-    let err = Vsock::new(4, &dir.0.join(".").join("a.vsock_7")).unwrap_err();
+    let err = Vsock::new(&VsockConfig::new(4, &dir.0.join(".").join("a.vsock_7"))).unwrap_err();
     assert!(matches!(err, VsockError::PathCollision { .. }), "{err}");
     // The other order: a device whose <path>_<port> is an existing listener.
-    let b = Vsock::new(5, &dir.0.join("b.vsock_52")).unwrap();
-    let err = Vsock::new(6, &dir.0.join("b.vsock")).unwrap_err();
+    let b = Vsock::new(&VsockConfig::new(5, &dir.0.join("b.vsock_52"))).unwrap();
+    let err = Vsock::new(&VsockConfig::new(6, &dir.0.join("b.vsock"))).unwrap_err();
     assert!(matches!(err, VsockError::PathCollision { .. }), "{err}");
     // Not a port suffix: fine.
-    let c = Vsock::new(7, &dir.0.join("a.vsock2")).unwrap();
-    let d = Vsock::new(8, &dir.0.join("a.vsock_x")).unwrap();
+    let c = Vsock::new(&VsockConfig::new(7, &dir.0.join("a.vsock2"))).unwrap();
+    let d = Vsock::new(&VsockConfig::new(8, &dir.0.join("a.vsock_x"))).unwrap();
     // Once a device is gone its name is free.
     drop(a);
-    let e = Vsock::new(9, &dir.0.join("a.vsock_52")).unwrap();
+    let e = Vsock::new(&VsockConfig::new(9, &dir.0.join("a.vsock_52"))).unwrap();
     drop((b, c, d, e));
 }
 
@@ -1205,7 +1240,7 @@ fn guest_cannot_reach_another_vsock_listener() {
     let mut g = Guest::new(8);
     let other_dir = TmpDir::new("kvs");
     let other_path = other_dir.0.join("other.sock");
-    let _other = Vsock::new(4, &other_path).unwrap();
+    let _other = Vsock::new(&VsockConfig::new(4, &other_path)).unwrap();
     // <uds>_53 leads to the other VM's listener (a symlink, or a hard link, placed there).
     std::os::unix::fs::symlink(&other_path, muxer::port_path(&g.uds(), 53)).unwrap();
     g.send(ghdr(op::REQUEST, 2000, 53), &[]);
@@ -1252,4 +1287,53 @@ fn rx_kept_busy_is_served_in_bounded_passes() {
     });
     drop(g);
     writer.join().unwrap();
+}
+
+/// A restored vsock device keeps the guest's CID and nothing of its connections, and tells the
+/// guest so: once activated again from the saved queues it puts
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` in the first event buffer the driver posts (once).
+#[test]
+fn restored_device_sends_a_transport_reset_event() {
+    let g = Guest::new(4);
+    let state = g.dev().state();
+    assert!(state.virtio.activated);
+    assert_eq!(state.guest_cid, CID);
+    let json = serde_json::to_string(&state).unwrap();
+    // A clone restores with its own listener path, never with another CID.
+    let other = VsockConfig::new(CID + 1, &g.dir.0.join("x.sock"));
+    assert!(matches!(
+        Vsock::restore(&other, &state),
+        Err(VsockError::Restore(RestoreError::Mismatch {
+            field: "guest_cid",
+            ..
+        }))
+    ));
+    let cfg = VsockConfig::new(CID, &g.dir.0.join("r.sock"));
+    let restored = Vsock::restore(&cfg, &serde_json::from_str(&json).unwrap()).unwrap();
+    assert_eq!(restored.connection_count(), 0);
+    let (dev, mut em, kicks) = on_event_loop(restored);
+    let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let interrupt = Arc::new(VirtioInterrupt::new(irq.try_clone().unwrap()));
+    let gm = GuestMemoryAtomic::new(g.mem.clone());
+    dev.lock()
+        .unwrap()
+        .activate_restored(gm, interrupt)
+        .unwrap();
+    pump(&mut em);
+    // The event ring was never used: the same layout, driven by a fresh view.
+    let (mut events, _) = Ring::new(&g.mem, 0x2_0000, QSIZE);
+    const EVENT_BUF: u64 = 0x2_8000;
+    g.mem.write_obj(u32::MAX, GuestAddress(EVENT_BUF)).unwrap();
+    events.set_desc(&g.mem, 0, EVENT_BUF, 8, VRING_DESC_F_WRITE, 0);
+    events.publish(&g.mem, 0);
+    kicks[EVENT_QUEUE].write(1).unwrap();
+    pump(&mut em);
+    assert_eq!(events.take_used(&g.mem), [(0, 4)]);
+    let id: u32 = g.mem.read_obj(GuestAddress(EVENT_BUF)).unwrap();
+    assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+    assert!(irq.read().is_ok());
+    events.publish(&g.mem, 0);
+    kicks[EVENT_QUEUE].write(1).unwrap();
+    pump(&mut em);
+    assert!(events.take_used(&g.mem).is_empty(), "sent once");
 }
