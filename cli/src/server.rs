@@ -21,6 +21,9 @@ pub const MAX_CONNECTIONS: usize = 10;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a client has to read a response.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection must have been quiet before it may be closed for a newcomer (so
+/// one whose request is on its way but not read yet is not taken for idle).
+const IDLE_GRACE: Duration = Duration::from_secs(1);
 /// Bytes read from a connection at a time.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -69,9 +72,12 @@ impl Conn {
         }
     }
 
-    /// Idle: nothing received, nothing to send.
+    /// Idle: nothing received, nothing to send, for [`IDLE_GRACE`] at least.
     fn idle(&self) -> bool {
-        self.input.is_empty() && self.output.is_empty() && self.head.is_none()
+        self.input.is_empty()
+            && self.output.is_empty()
+            && self.head.is_none()
+            && self.last_active.elapsed() >= IDLE_GRACE
     }
 
     fn wants_read(&self) -> bool {
@@ -480,7 +486,7 @@ mod tests {
         for _ in 0..MAX_CONNECTIONS {
             idle.push(UnixStream::connect(&p).unwrap());
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(IDLE_GRACE + Duration::from_millis(100));
         let mut s = UnixStream::connect(&p).unwrap();
         s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
         let r = read_response(&mut s);

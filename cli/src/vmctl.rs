@@ -21,9 +21,9 @@ pub enum MachineError {
     /// The library refused or failed it.
     #[error(transparent)]
     Vmm(#[from] VmmError),
-    /// This build of Kestrel cannot do it.
-    #[error("{0}")]
-    Unsupported(String),
+    /// A device refused or failed it.
+    #[error(transparent)]
+    Device(#[from] kestrel_vmm::DeviceError),
     /// The request asks for something impossible (the message says what).
     #[error("{0}")]
     Invalid(String),
@@ -181,7 +181,7 @@ impl Machine for VmMachine {
         path: Option<&Path>,
         read_only: bool,
     ) -> Result<(), MachineError> {
-        Ok(self.0.swap_drive(id, path, read_only)?)
+        Ok(self.block(id)?.swap_backing(path, read_only)?)
     }
 
     fn update_drive_rate_limiter(
@@ -189,7 +189,7 @@ impl Machine for VmMachine {
         id: &str,
         rl: &RateLimiterConfig,
     ) -> Result<(), MachineError> {
-        Ok(self.0.update_drive_rate_limiter(id, rl)?)
+        Ok(self.block(id)?.update_rate_limiter(rl)?)
     }
 
     fn update_net_rate_limiters(
@@ -198,27 +198,23 @@ impl Machine for VmMachine {
         rx: Option<&RateLimiterConfig>,
         tx: Option<&RateLimiterConfig>,
     ) -> Result<(), MachineError> {
-        Ok(self.0.update_net_rate_limiters(id, rx, tx)?)
+        let dev = self.device(id)?;
+        let net = dev
+            .net()
+            .ok_or_else(|| MachineError::Invalid(format!("`{id}` is not a network interface")))?;
+        Ok(net.update_rate_limiters(rx, tx)?)
     }
 
     fn pause(&self) -> Result<(), MachineError> {
-        Err(MachineError::Unsupported(
-            "Pausing the microVM is not supported by this build of Kestrel (kestrel_vmm::Vm \
-             has no pause yet)."
-                .into(),
-        ))
+        Ok(self.0.pause()?)
     }
 
     fn resume(&self) -> Result<(), MachineError> {
-        Err(MachineError::Unsupported(
-            "Resuming the microVM is not supported by this build of Kestrel (kestrel_vmm::Vm \
-             has no resume yet)."
-                .into(),
-        ))
+        Ok(self.0.resume()?)
     }
 
     fn send_ctrl_alt_del(&self) -> Result<(), MachineError> {
-        Err(MachineError::Unsupported("SendCtrlAltDel: not yet".into()))
+        Ok(self.0.send_ctrl_alt_del()?)
     }
 
     fn set_vcpu_count(&self, n: u32) -> Result<(), MachineError> {
@@ -302,31 +298,30 @@ impl Machine for VmMachine {
 
     fn counters(&self, config: &VmConfig) -> MachineCounters {
         let vm = &self.0;
+        let metrics = |id: &str| vm.device(id).map(|d| d.metrics());
         let blocks = config
             .drives
             .iter()
             .filter_map(|d| {
-                Some((
-                    d.drive_id.clone(),
-                    block_fields(&vm.drive_metrics(&d.drive_id)?),
-                ))
+                let m = metrics(&d.drive_id)?.block()?;
+                Some((d.drive_id.clone(), block_fields(&m)))
             })
             .collect();
         let nets = config
             .network_interfaces
             .iter()
             .filter_map(|n| {
-                Some((
-                    n.iface_id.clone(),
-                    net_fields(&vm.net_metrics(&n.iface_id)?),
-                ))
+                let m = metrics(&n.iface_id)?.net()?;
+                Some((n.iface_id.clone(), net_fields(&m)))
             })
             .collect();
         let m = vm.metrics();
         MachineCounters {
             blocks,
             nets,
-            vsock: vm.vsock_metrics().map(|v| vsock_fields(&v)),
+            vsock: metrics("vsock")
+                .and_then(|d| d.vsock())
+                .map(|v| vsock_fields(&v)),
             vcpu: vec![
                 ("exit_io", m.pio_exits),
                 ("exit_mmio", m.mmio_exits),
@@ -339,6 +334,20 @@ impl Machine for VmMachine {
             ],
             device_panics: m.device_panics,
         }
+    }
+}
+
+impl VmMachine {
+    fn device(&self, id: &str) -> Result<&kestrel_vmm::Device, MachineError> {
+        self.0
+            .device(id)
+            .ok_or_else(|| MachineError::Invalid(format!("no device with id `{id}`")))
+    }
+
+    fn block(&self, id: &str) -> Result<kestrel_vmm::BlockControl<'_>, MachineError> {
+        self.device(id)?
+            .block()
+            .ok_or_else(|| MachineError::Invalid(format!("`{id}` is not a drive")))
     }
 }
 

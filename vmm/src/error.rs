@@ -91,6 +91,9 @@ pub enum VmmError {
     /// The VM has stopped; the request needs a running VM.
     #[error("the VM is not running")]
     NotRunning,
+    /// Ctrl-Alt-Del could not be pressed on the i8042 keyboard.
+    #[error("cannot send Ctrl-Alt-Del: {0}")]
+    CtrlAltDel(#[source] kestrel_devices::legacy::I8042Error),
 }
 
 /// Shorthand for KVM errors.

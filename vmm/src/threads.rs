@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use kestrel_api::ThreadNames;
+
 use crate::seccomp::{self, FilterClass, Filters, SeccompError};
 
 /// How long [`crate::Vm::stop`], [`crate::Vm::wait`] and drop wait for the VM's threads to
@@ -36,8 +38,9 @@ pub enum ThreadKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThreadInfo {
     /// Thread name (`kestrel-<vm>-vcpu<N>` / `kestrel-<vm>-evloop` /
-    /// `kestrel-<vm>-fs<N>-q<Q>`); Linux keeps a 15-byte form
-    /// ([`kestrel_devices::os_thread_name`]: `k-<vm>-vcpu<N>`...).
+    /// `kestrel-<vm>-fs<N>-q<Q>`; vCPUs are `fc_vcpu <N>` with `kestrel.thread_names` =
+    /// `firecracker`); Linux keeps a 15-byte form ([`kestrel_devices::os_thread_name`]:
+    /// `k-<vm>-vcpu<N>`...).
     pub name: String,
     /// Linux thread id.
     pub tid: i32,
@@ -65,14 +68,17 @@ pub(crate) struct ThreadEnv {
     vm_name: String,
     info: Mutex<Vec<ThreadInfo>>,
     filters: Option<Filters>,
+    /// `kestrel.thread_names`: Firecracker's `fc_vcpu <N>` for vCPU threads, or Kestrel's.
+    names: ThreadNames,
 }
 
 impl ThreadEnv {
-    pub(crate) fn new(vm_name: &str, filters: Option<Filters>) -> Self {
+    pub(crate) fn new(vm_name: &str, filters: Option<Filters>, names: ThreadNames) -> Self {
         ThreadEnv {
             vm_name: vm_name.to_string(),
             info: Mutex::new(Vec::new()),
             filters,
+            names,
         }
     }
 
@@ -81,9 +87,12 @@ impl ThreadEnv {
         self.filters.as_ref()
     }
 
-    /// `kestrel-<vm>-<role>`.
+    /// `kestrel-<vm>-<role>`; a vCPU (`vcpu<N>`) with Firecracker's names: `fc_vcpu <N>`.
     pub(crate) fn thread_name(&self, role: &str) -> String {
-        format!("kestrel-{}-{role}", self.vm_name)
+        match (self.names, role.strip_prefix("vcpu")) {
+            (ThreadNames::Firecracker, Some(n)) => format!("fc_vcpu {n}"),
+            _ => format!("kestrel-{}-{role}", self.vm_name),
+        }
     }
 
     /// Threads that registered and have not been cleared.
@@ -153,7 +162,7 @@ mod tests {
 
     #[test]
     fn spawned_threads_register_their_tid_and_report_their_filter() {
-        let env = Arc::new(ThreadEnv::new("t", None));
+        let env = Arc::new(ThreadEnv::new("t", None, ThreadNames::Kestrel));
         let (tx, rx) = mpsc::channel();
         let (body_tx, body_rx) = mpsc::channel();
         let h = spawn(
@@ -182,5 +191,14 @@ mod tests {
         );
         env.clear();
         assert!(env.list().is_empty());
+    }
+
+    #[test]
+    fn vcpu_threads_take_firecrackers_names_when_asked() {
+        let kestrel = ThreadEnv::new("vm", None, ThreadNames::Kestrel);
+        assert_eq!(kestrel.thread_name("vcpu3"), "kestrel-vm-vcpu3");
+        let fc = ThreadEnv::new("vm", None, ThreadNames::Firecracker);
+        assert_eq!(fc.thread_name("vcpu3"), "fc_vcpu 3");
+        assert_eq!(fc.thread_name("evloop"), "kestrel-vm-evloop");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use kestrel_api::{SeccompMode, SerialOutput, VmConfig};
-use kestrel_devices::legacy::SerialDevice;
+use kestrel_devices::legacy::{SerialDevice, I8042};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_memory::{GuestAddressSpace, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
@@ -18,7 +18,7 @@ use crate::device_manager::registry::DeviceRegistry;
 use crate::device_manager::Device;
 use crate::error::{io_err, VmmError};
 use crate::evloop::{Console, EventLoop};
-use crate::exit::{ExitState, ThreadClass, VmExit};
+use crate::exit::{ExitState, ResetTrigger, ThreadClass, VmExit};
 use crate::memory::{MemoryManager, PluggedRange};
 use crate::metrics::VmMetrics;
 use crate::threads::{ThreadEnv, ThreadInfo, ThreadKind, STOP_JOIN_TIMEOUT};
@@ -53,6 +53,8 @@ pub struct Vm {
     seccomp_mode: SeccompMode,
     // Keeps the serial irqfd alive as long as KVM may signal through it.
     _serial_irq: EventFd,
+    /// The i8042, for [`Vm::send_ctrl_alt_del`].
+    i8042: Arc<Mutex<I8042<ResetTrigger>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -125,7 +127,11 @@ impl Vm {
         );
         let m = p.machine;
         Vm {
-            threads: Arc::new(ThreadEnv::new(&name, p.seccomp)),
+            threads: Arc::new(ThreadEnv::new(
+                &name,
+                p.seccomp,
+                p.config.kestrel.thread_names(),
+            )),
             name,
             cmdline: p.cmdline,
             vcpus: p.vcpus,
@@ -144,6 +150,7 @@ impl Vm {
             create_us,
             seccomp_mode: p.seccomp_mode,
             _serial_irq: m.legacy.serial_irq,
+            i8042: m.legacy.i8042,
         }
     }
 
@@ -261,6 +268,16 @@ impl Vm {
         self.ensure_running()?;
         self.vcpus.resume();
         Ok(())
+    }
+
+    /// Press Ctrl-Alt-Del on the guest's i8042 keyboard (Firecracker's `SendCtrlAltDel`): a
+    /// Linux guest with the i8042 and AT keyboard drivers reboots (the VM then stops with
+    /// [`VmExit::Reset`]) or, if its init asked for it, gets `SIGINT` in init.
+    pub fn send_ctrl_alt_del(&self) -> Result<(), VmmError> {
+        self.ensure_running()?;
+        lock(&self.i8042)
+            .trigger_ctrl_alt_del()
+            .map_err(VmmError::CtrlAltDel)
     }
 
     /// Hot-plug `size` bytes of RAM (a multiple of `block`) at the lowest free address of the

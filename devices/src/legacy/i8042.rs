@@ -316,7 +316,10 @@ mod tests {
         for _ in 0..4 {
             d.trigger_ctrl_alt_del().unwrap();
         }
-        assert!(matches!(d.trigger_ctrl_alt_del(), Err(I8042Error::BufferFull)));
+        assert!(matches!(
+            d.trigger_ctrl_alt_del(),
+            Err(I8042Error::BufferFull)
+        ));
         // Interrupt disabled by the guest: the keys are queued, no IRQ.
         let (mut d, _, irq) = device();
         d.write(4, &[CMD_WRITE_CTR]);
@@ -325,6 +328,9 @@ mod tests {
         assert!(irq.read().is_err());
         // Without an interrupt line there is no keyboard.
         let mut bare = I8042::new(EventFdTrigger(EventFd::new(0).unwrap()));
-        assert!(matches!(bare.trigger_ctrl_alt_del(), Err(I8042Error::NoKeyboardIrq)));
+        assert!(matches!(
+            bare.trigger_ctrl_alt_del(),
+            Err(I8042Error::NoKeyboardIrq)
+        ));
     }
 }
