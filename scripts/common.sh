@@ -13,7 +13,7 @@ need_root() {
 }
 
 # Debian packages the build and the tests use, beyond what build-guest.sh installs.
-HOST_PACKAGES=(e2fsprogs iproute2 procps iputils-ping cpio)
+HOST_PACKAGES=(e2fsprogs iproute2 procps iputils-ping cpio curl)
 
 install_host_packages() {
     install_packages "${HOST_PACKAGES[@]}"

@@ -385,6 +385,9 @@ impl Handler for Controller {
             req.path
         );
         let (key, route) = api::parse(&req.method, &req.path, req.body.as_deref());
+        if let Some(k) = key {
+            self.metrics.count_request(k);
+        }
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             route.and_then(|r| self.dispatch(r))
         }));
@@ -396,8 +399,8 @@ impl Handler for Controller {
             }
             Err(_) => Response::fault(500, "internal error: the request handler panicked"),
         };
-        if let Some(k) = key {
-            self.metrics.count_request(k, response.status < 300);
+        if let Some(k) = key.filter(|_| response.status >= 300) {
+            self.metrics.count_failure(k);
         }
         response
     }

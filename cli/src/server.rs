@@ -343,10 +343,19 @@ impl<H: Handler> Server<H> {
     }
 }
 
-/// Best effort: tell a connection there is no room, then drop it.
+/// Best effort: tell a connection there is no room, then drop it. What it sent already is
+/// read first, so closing does not reset the connection under the client's feet.
 fn refuse(stream: UnixStream) {
     if stream.set_nonblocking(true).is_ok() {
+        let mut sink = [0u8; 4096];
+        // At most 16 reads: a client that keeps sending does not keep the server here.
+        for _ in 0..16 {
+            if !matches!((&stream).read(&mut sink), Ok(n) if n > 0) {
+                break;
+            }
+        }
         let _ = (&stream).write(&http::server_full());
+        let _ = stream.shutdown(std::net::Shutdown::Write);
     }
 }
 

@@ -8,6 +8,7 @@
 mod boot;
 mod devices;
 mod durability;
+mod firecracker_api;
 mod fs;
 mod hotplug;
 mod net;
