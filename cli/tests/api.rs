@@ -18,6 +18,11 @@ fn scratch(tag: &str) -> PathBuf {
 
 /// A 64-bit ELF whose code is `jmp $` at 1 MiB (a guest that spins).
 fn spin_kernel(dir: &Path) -> PathBuf {
+    tiny_kernel(dir, "spin.elf", &[0xeb, 0xfe])
+}
+
+/// A 64-bit ELF whose code at 1 MiB is `code`.
+fn tiny_kernel(dir: &Path, name: &str, code: &[u8]) -> PathBuf {
     let mut e = Vec::new();
     e.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     e.extend_from_slice(&2u16.to_le_bytes());
@@ -32,11 +37,12 @@ fn spin_kernel(dir: &Path) -> PathBuf {
     }
     e.extend_from_slice(&1u32.to_le_bytes());
     e.extend_from_slice(&7u32.to_le_bytes());
-    for v in [120u64, 0x10_0000, 0x10_0000, 2, 2, 0x1000] {
+    let len = code.len() as u64;
+    for v in [120u64, 0x10_0000, 0x10_0000, len, len, 0x1000] {
         e.extend_from_slice(&v.to_le_bytes());
     }
-    e.extend_from_slice(&[0xeb, 0xfe]);
-    let p = dir.join("spin.elf");
+    e.extend_from_slice(code);
+    let p = dir.join(name);
     std::fs::write(&p, e).unwrap();
     p
 }
@@ -245,7 +251,8 @@ fn api_socket_answers_quickly_and_bounds_connections() {
     let end = Instant::now() + Duration::from_secs(5);
     loop {
         let mut s = UnixStream::connect(&k.sock).unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
         let mut resp = String::new();
         let _ = s.read_to_string(&mut resp);
         if resp.starts_with("HTTP/1.1 200 ") {
@@ -443,4 +450,55 @@ fn config_file_and_api_socket_together() {
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
         .any(|c| c.trim() == "fc_vcpu 0");
     assert!(comm, "no fc_vcpu 0 thread");
+}
+
+/// A configuration file's `logger` and `metrics` sections, without an API socket: the log
+/// gets Firecracker's lines and the metrics file a line when the guest stops (it resets
+/// through the i8042 at once; kestrel exits 0).
+#[test]
+fn config_file_logger_and_metrics_sections() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = scratch("sections");
+    // mov al, 0xfe; out 0x64, al; jmp $
+    let kernel = tiny_kernel(&dir, "reset.elf", &[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]);
+    let (log, metrics) = (dir.join("vm.log"), dir.join("metrics.json"));
+    for p in [&log, &metrics] {
+        let _ = std::fs::remove_file(p);
+    }
+    let cfg = dir.join("vm.json");
+    std::fs::write(
+        &cfg,
+        json!({
+            "boot-source": {"kernel_image_path": kernel},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 32},
+            "serial": {"output": "none"},
+            "logger": {"log_path": log, "level": "Info", "show_level": true},
+            "metrics": {"metrics_path": metrics, "emit_id": true}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kestrel"))
+        .args(["--id", "cfg-vm", "--config-file"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("[cfg-vm:main:INFO] VM stopped")),
+        "{text}"
+    );
+    let lines = std::fs::read_to_string(&metrics).unwrap();
+    let m: Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    assert_eq!(m["id"], "cfg-vm");
+    assert!(m["vcpu"]["exit_io"].as_u64().unwrap() >= 1, "{m}");
 }

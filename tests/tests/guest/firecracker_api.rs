@@ -27,7 +27,8 @@ fn kestrel_bin() -> PathBuf {
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "kestrel"]).current_dir(repo_root());
+        cmd.args(["build", "-p", "kestrel"])
+            .current_dir(repo_root());
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -124,7 +125,11 @@ fn firecracker_getting_started_sequence_boots_the_guest() {
     for p in [&sock, &uds, &log, &fifo] {
         let _ = std::fs::remove_file(p);
     }
-    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
     let metrics = read_metrics(&fifo);
     std::fs::write(&log, "").unwrap();
     let small = random_file(&dir.join("small.img"), MIB, 31);
@@ -267,7 +272,10 @@ fn firecracker_getting_started_sequence_boots_the_guest() {
         lines.iter().filter_map(|m| m[comp][field].as_u64()).sum()
     };
     assert!(
-        wait_until(Duration::from_secs(10), || total("patch_api_requests", "drive_count") >= 2),
+        wait_until(Duration::from_secs(10), || total(
+            "patch_api_requests",
+            "drive_count"
+        ) >= 2),
         "no metrics line after FlushMetrics: {:?}",
         metrics.lock().unwrap()
     );
@@ -275,7 +283,10 @@ fn firecracker_getting_started_sequence_boots_the_guest() {
     assert!(last["utc_timestamp_ms"].as_u64().unwrap() > 0, "{last}");
     assert!(last["vcpu"]["exit_mmio"].is_u64(), "{last}");
     assert!(total("block_scratch", "read_bytes") >= 2 * MIB);
-    assert_eq!(total("block", "read_bytes"), total("block_scratch", "read_bytes"));
+    assert_eq!(
+        total("block", "read_bytes"),
+        total("block_scratch", "read_bytes")
+    );
     assert!(total("vsock", "tx_bytes_count") > 0);
     assert!(total("vsock", "rx_bytes_count") > 0);
     assert!(total("put_api_requests", "actions_count") >= 2);
