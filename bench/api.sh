@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # API socket benchmark: process start -> the API socket answering `GET /` (200), and the idle
 # RSS of `kestrel --api-sock` before InstanceStart. Prints a markdown table next to
-# Firecracker's figures measured on this kind of machine (issue 11: 1.68 ms median, 3.8 MiB
-# idle); with FIRECRACKER=/path/to/firecracker it measures that binary the same way instead.
+# Firecracker's figures from issue 11 (1.68 ms median, 3.8 MiB idle); with
+# FIRECRACKER=/path/to/firecracker it also measures that binary the same way, its runs
+# interleaved with Kestrel's.
 #
 # Each run: fork+exec the binary with a fresh socket path, then connect and send `GET /` in a
 # loop until a 200 comes back (the time from just before the exec to the answer), then 200 ms
@@ -57,10 +58,17 @@ def measure(cmd):
         sys.exit(f"{cmd[0]}: the API socket never answered")
     return (answered - t0) * 1000, rss
 
-def series(cmd):
-    measure(cmd)  # warm-up: page cache
-    ms, rss = zip(*(measure(cmd) for _ in range(runs)))
-    return ms, rss
+def series(cmds):
+    """Runs of every command in turn (A B A B ...), so a drift of the machine hits all."""
+    for c in cmds:
+        measure(c)  # warm-up: page cache
+    results = [([], []) for _ in cmds]
+    for _ in range(runs):
+        for c, (ms, rss) in zip(cmds, results):
+            m, r = measure(c)
+            ms.append(m)
+            rss.append(r)
+    return results
 
 def row(name, ms, rss):
     return (f"| {name} | {statistics.median(ms):.2f} ms ({min(ms):.2f} to {max(ms):.2f}) "
@@ -71,11 +79,11 @@ print(f"API socket: exec -> `GET /` answered, and idle RSS before InstanceStart 
       " median (min to max))\n")
 print("| binary | start -> API answering | idle RSS |")
 print("|---|---|---|")
-ms, rss = series(kestrel)
-print(row("kestrel --api-sock (release)", ms, rss))
+cmds = [kestrel] + ([firecracker] if firecracker else [])
+results = series(cmds)
+print(row("kestrel --api-sock (release)", *results[0]))
 if firecracker:
-    ms, rss = series(firecracker)
-    print(row(f"{os.path.basename(firecracker[0])} --api-sock", ms, rss))
-else:
-    print("| Firecracker (issue 11, measured on this kind of machine) | 1.68 ms (median) | 3.8 MiB |")
+    print(row(f"{os.path.basename(firecracker[0])} --api-sock (measured here, same runs)",
+              *results[1]))
+print("| Firecracker (issue 11's figures) | 1.68 ms (median) | 3.8 MiB |")
 EOF

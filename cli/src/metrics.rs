@@ -224,82 +224,39 @@ impl Metrics {
         emit_id: bool,
         properties: Option<BTreeMap<String, String>>,
     ) -> String {
-        let mut comps: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
-        let mut delta = |comp: &str,
-                         field: &str,
-                         now: u64,
-                         comps: &mut BTreeMap<String, Map<String, Value>>| {
-            let key = (comp.to_string(), field.to_string());
-            let before = s.previous.insert(key, now).unwrap_or(0);
-            comps
-                .entry(comp.to_string())
-                .or_default()
-                .insert(field.to_string(), now.saturating_sub(before).into());
+        let mut line = Line {
+            previous: &mut s.previous,
+            comps: BTreeMap::new(),
         };
-        let mut block_total: BTreeMap<&str, u64> = BTreeMap::new();
-        for (id, fields) in &m.blocks {
-            for (f, v) in fields {
-                delta(&format!("block_{id}"), f, *v, &mut comps);
-                *block_total.entry(f).or_default() += v;
-            }
-        }
-        for (f, v) in block_total {
-            delta("block", f, v, &mut comps);
-        }
-        let mut net_total: BTreeMap<&str, u64> = BTreeMap::new();
-        for (id, fields) in &m.nets {
-            for (f, v) in fields {
-                delta(&format!("net_{id}"), f, *v, &mut comps);
-                *net_total.entry(f).or_default() += v;
-            }
-        }
-        for (f, v) in net_total {
-            delta("net", f, v, &mut comps);
-        }
-        for (f, v) in m.vsock.iter().flatten() {
-            delta("vsock", f, *v, &mut comps);
-        }
-        for (f, v) in &m.vcpu {
-            delta("vcpu", f, *v, &mut comps);
-        }
-        for (f, v) in &m.uart {
-            delta("uart", f, *v, &mut comps);
-        }
-        delta("vmm", "device_panics", m.device_panics, &mut comps);
+        line.per_device("block", &m.blocks);
+        line.per_device("net", &m.nets);
+        line.fields("vsock", m.vsock.iter().flatten());
+        line.fields("vcpu", &m.vcpu);
+        line.fields("uart", &m.uart);
+        line.delta("vmm", "device_panics", m.device_panics);
+        let own = |c: &str, f: &str| s.own.get(&(c.into(), f.into())).copied().unwrap_or(0);
         for (group, names) in API_COUNTERS {
             for name in *names {
-                let mut fields = vec![format!("{name}_count")];
+                line.delta(
+                    group,
+                    &format!("{name}_count"),
+                    own(group, &format!("{name}_count")),
+                );
                 if *group != "get_api_requests" {
-                    fields.push(format!("{name}_fails"));
-                }
-                for f in fields {
-                    let v = s
-                        .own
-                        .get(&(group.to_string(), f.clone()))
-                        .copied()
-                        .unwrap_or(0);
-                    delta(group, &f, v, &mut comps);
+                    let f = format!("{name}_fails");
+                    line.delta(group, &f, own(group, &f));
                 }
             }
         }
-        for f in ["missed_metrics_count", "metrics_fails", "missed_log_count"] {
-            let v = s
-                .own
-                .get(&("logger".into(), f.into()))
-                .copied()
-                .unwrap_or(0)
-                + if f == "missed_log_count" {
-                    crate::logger::missed_logs()
-                } else {
-                    0
-                };
-            delta("logger", f, v, &mut comps);
-        }
+        line.delta(
+            "logger",
+            "missed_metrics_count",
+            own("logger", "missed_metrics_count"),
+        );
+        line.delta("logger", "metrics_fails", own("logger", "metrics_fails"));
+        line.delta("logger", "missed_log_count", crate::logger::missed_logs());
         for ((c, f), v) in &s.stored {
-            comps
-                .entry(c.clone())
-                .or_default()
-                .insert(f.clone(), (*v).into());
+            line.set(c, f, *v);
         }
         let mut top = Map::new();
         if emit_id {
@@ -308,7 +265,7 @@ impl Metrics {
         if let Some(p) = properties {
             top.insert("properties".into(), serde_json::json!(p));
         }
-        for (c, fields) in comps {
+        for (c, fields) in line.comps {
             top.insert(c, Value::Object(fields));
         }
         let rest = Value::Object(top).to_string();
@@ -317,6 +274,56 @@ impl Metrics {
             utc_ms(),
             rest.strip_prefix('{').unwrap_or(&rest)
         )
+    }
+}
+
+/// One metrics line being built: components and their fields, counters as deltas.
+struct Line<'a> {
+    previous: &'a mut HashMap<(String, String), u64>,
+    comps: BTreeMap<String, Map<String, Value>>,
+}
+
+impl Line<'_> {
+    /// Counter `comp.field`, now at `now`: what it gained since the previous line.
+    fn delta(&mut self, comp: &str, field: &str, now: u64) {
+        let before = self
+            .previous
+            .insert((comp.to_string(), field.to_string()), now)
+            .unwrap_or(0);
+        self.set(comp, field, now.saturating_sub(before));
+    }
+
+    /// Value `comp.field` as it is.
+    fn set(&mut self, comp: &str, field: &str, value: u64) {
+        self.comps
+            .entry(comp.to_string())
+            .or_default()
+            .insert(field.to_string(), value.into());
+    }
+
+    fn fields<'f>(
+        &mut self,
+        comp: &str,
+        fields: impl IntoIterator<Item = &'f (&'static str, u64)>,
+    ) {
+        for (f, v) in fields {
+            self.delta(comp, f, *v);
+        }
+    }
+
+    /// `<kind>_<id>` per device and `<kind>` for all of them together (Firecracker's
+    /// aggregate).
+    fn per_device(&mut self, kind: &str, devices: &[(String, Fields)]) {
+        let mut total: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for (id, fields) in devices {
+            self.fields(&format!("{kind}_{id}"), fields);
+            for (f, v) in fields {
+                *total.entry(f).or_default() += v;
+            }
+        }
+        for (f, v) in total {
+            self.delta(kind, f, v);
+        }
     }
 }
 
