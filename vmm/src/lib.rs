@@ -39,7 +39,8 @@
 //! - `threads`: thread names/ids ([`ThreadInfo`]) and the common start of every VM thread;
 //! - `boot`, `memory`, `exit`, `metrics`, [`pvfpu`], [`seccomp`], `error`.
 //!
-//! Threads of one VM: one per vCPU (`kestrel-<vm>-vcpu<N>`) and one event loop
+//! Threads of one VM: one per vCPU (`kestrel-<vm>-vcpu<N>`, or Firecracker's `fc_vcpu <N>`
+//! with `kestrel.thread_names` = `"firecracker"`) and one event loop
 //! (`kestrel-<vm>-evloop`), each under its class's seccomp filter ([`seccomp`]; never the
 //! caller's threads) and with `SIGPIPE` blocked (`kestrel_devices::sigpipe`: no write of
 //! Kestrel's raises it, whatever the process's disposition). Dropping a [`Vm`] stops it and

@@ -18,23 +18,21 @@ use super::{hex, sh, wait_until};
 
 const MIB: u64 = 1 << 20;
 
-/// The `kestrel` binary of this build (`target/<profile>/kestrel`), built first if missing.
+/// The `kestrel` binary of this build (`target/<profile>/kestrel`), brought up to date first
+/// (`cargo build -p kestrel`: a no-op when `cargo test --workspace` built it already).
 fn kestrel_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     // target/<profile>/deps/guest-<hash>
     let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let bin = profile_dir.join("kestrel");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-p", "kestrel"])
-            .current_dir(repo_root());
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        assert!(cmd.status().unwrap().success(), "cargo build -p kestrel");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet", "-p", "kestrel"])
+        .current_dir(repo_root());
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
     }
-    bin
+    assert!(cmd.status().unwrap().success(), "cargo build -p kestrel");
+    profile_dir.join("kestrel")
 }
 
 /// `curl -X <method> --unix-socket <sock> --data <body> http://localhost<path>`, as
