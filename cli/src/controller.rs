@@ -384,11 +384,14 @@ impl Handler for Controller {
             req.method,
             req.path
         );
-        let (key, route) = api::parse(&req.method, &req.path, req.body.as_deref());
-        if let Some(k) = key {
-            self.metrics.count_request(k);
-        }
+        let mut key = None;
+        // A panic while handling one request answers 500 and leaves the server running.
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let (k, route) = api::parse(&req.method, &req.path, req.body.as_deref());
+            key = k;
+            if let Some(k) = k {
+                self.metrics.count_request(k);
+            }
             route.and_then(|r| self.dispatch(r))
         }));
         let response = match result {

@@ -233,12 +233,16 @@ fn local_time() -> String {
 /// until [`Logger::apply`] gives it a file). Lines carry `instance_id`.
 pub fn init(instance_id: &str) -> Logger {
     let state = initial_state();
-    let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KESTREL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        );
+    let fmt = tracing_subscriber::fmt::layer();
+    // Unit tests: through the test harness's capture.
+    #[cfg(test)]
+    let fmt = fmt.with_test_writer();
+    #[cfg(not(test))]
+    let fmt = fmt.with_writer(std::io::stderr);
+    let stderr = fmt.with_filter(
+        tracing_subscriber::EnvFilter::try_from_env("KESTREL_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+    );
     let fc = FirecrackerLayer {
         state: state.clone(),
         instance_id: instance_id.to_string(),
