@@ -308,7 +308,7 @@ fn boot_through_the_api() {
     k.ok(
         "PUT",
         "/machine-config",
-        json!({"vcpu_count": 2, "mem_size_mib": 64}),
+        json!({"vcpu_count": 2, "mem_size_mib": 64, "max_vcpus": 3, "max_mem_size_mib": 320}),
     );
     k.ok(
         "PUT",
@@ -386,6 +386,31 @@ fn boot_through_the_api() {
     let (_, v) = k.req("GET", "/vm/config", None);
     assert_eq!(v["drives"][0]["path_on_host"], json!(img2));
     k.ok("PUT", "/actions", json!({"action_type": "SendCtrlAltDel"}));
+
+    // Kestrel's extensions: vCPUs and memory at run time (the guest would online them).
+    let states = |k: &Kestrel| -> Vec<String> {
+        let (_, v) = k.req("GET", "/kestrel/vcpus", None);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["state"].as_str().unwrap().to_string())
+            .collect()
+    };
+    k.ok("PATCH", "/kestrel/vcpus", json!({"vcpu_count": 3}));
+    assert_eq!(states(&k), ["running", "running", "running"]);
+    k.ok("PATCH", "/kestrel/vcpus", json!({"vcpu_count": 1}));
+    assert_eq!(states(&k), ["running", "parked", "parked"]);
+    let (s, v) = k.req("PATCH", "/kestrel/vcpus", Some(json!({"vcpu_count": 4})));
+    assert_eq!(s, 400, "{v}");
+    let (s, range) = k.req("PUT", "/kestrel/memory", Some(json!({"size_mib": 128})));
+    assert_eq!((s, range["size_mib"].as_u64()), (200, Some(128)), "{range}");
+    let (_, v) = k.req("GET", "/kestrel/memory", None);
+    assert_eq!(v["plugged"][0], range, "{v}");
+    let (s, v) = k.req("PUT", "/kestrel/memory", Some(json!({"size_mib": 1024})));
+    assert_eq!(s, 400, "more than max_mem_size_mib: {v}");
+    k.ok("PUT", "/kestrel/memory/unplug", range.clone());
+    let (_, v) = k.req("GET", "/kestrel/memory", None);
+    assert_eq!(v["plugged"], json!([]), "{v}");
 
     // Metrics: one JSON object per line in Firecracker's shape.
     k.ok("PUT", "/actions", json!({"action_type": "FlushMetrics"}));
