@@ -254,12 +254,14 @@ fn devices_are_reached_by_id_and_ids_are_unique_across_kinds() {
     assert!(!slot.needs_reset());
     assert!(vm.device("nope").is_none());
     drop(vm);
-    // A drive may not take the id the first share gets.
+    // A drive may not take the id the first share gets: validation (which create runs first)
+    // refuses it, naming the share, before anything is created.
     c.drives[0].drive_id = "fs0".into();
     match Vm::create(&c) {
-        Err(VmmError::Device(DeviceError::DuplicateId { id, kind })) => {
-            assert_eq!((id.as_str(), kind), ("fs0", DeviceKind::Block));
+        Err(VmmError::Config(e)) => {
+            assert_eq!(e.field(), Some("fs[0]"), "{e}");
+            assert!(e.to_string().contains("\"fs0\" is already the id"), "{e}");
         }
-        other => panic!("expected DuplicateId, got {:?}", other.map(|_| ())),
+        other => panic!("expected a config error, got {:?}", other.map(|_| ())),
     }
 }
