@@ -230,7 +230,7 @@ fn pause_parks_every_vcpu_and_the_guest_stands_still_until_resume() {
 #[test]
 fn devices_are_reached_by_id_and_ids_are_unique_across_kinds() {
     use kestrel_api::{DriveConfig, FsConfig};
-    use kestrel_vmm::{DeviceError, DeviceKind, VmmError};
+    use kestrel_vmm::{DeviceKind, VmmError};
     let share = scratch_dir().join("ids-share");
     std::fs::create_dir_all(&share).unwrap();
     let mut c = config(write_tiny_guest("ids.elf", &spin()), 1);
