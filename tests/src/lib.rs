@@ -1,12 +1,14 @@
 //! Helpers for Kestrel's integration tests and benches: tiny hand-assembled guests packaged as
-//! ELF files, console capture, guest-artifact lookup, process resource counts.
+//! ELF files, console capture, guest-artifact lookup, process resource counts; [`guest`] for
+//! the real Linux guest, [`netns`] for TAP devices in a namespace of their own.
 
+pub mod guest;
+pub mod netns;
 pub mod soak;
 pub mod virtio_script;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -372,16 +374,7 @@ pub fn skip_without(what: &str) {
 /// Build (or find in the cache) the guest kernel and initramfs. Panics with the build log's
 /// tail on failure: a real-guest test must not silently skip.
 pub fn guest_artifacts() -> GuestArtifacts {
-    let out = Command::new("bash")
-        .arg(repo_root().join("resources/build-guest.sh"))
-        .output()
-        .expect("run resources/build-guest.sh");
-    assert!(
-        out.status.success(),
-        "resources/build-guest.sh failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = guest::run_repo_script("resources/build-guest.sh");
     let get = |key: &str| {
         stdout
             .lines()

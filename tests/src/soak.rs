@@ -18,11 +18,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -31,6 +29,7 @@ use kestrel_api::{DriveConfig, FsCache, FsConfig, NetConfig, SerialOutput, VmCon
 use kestrel_vmm::{VcpuRunState, Vm, VmExit};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::guest::KillOnDrop;
 use crate::virtio_script::{Buf, Script, UsedRing};
 
 /// RSS growth allowed over the 1000 tiny cycles (after the warm-up cycle). Leaks are caught
@@ -542,68 +541,12 @@ pub fn tiny_soak(cycles: usize) -> SoakReport {
 
 // ---------------------------------------------------------------------------------- devices
 
-/// A network namespace made for the soak (`ip netns add`), deleted on drop.
-pub struct Netns(pub String);
-
-impl Netns {
-    /// Create namespace `name` (replacing a stale one).
-    pub fn new(name: &str) -> Netns {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
-        let ok = Command::new("ip")
-            .args(["netns", "add", name])
-            .status()
-            .expect("run ip")
-            .success();
-        assert!(ok, "ip netns add {name} (needs root and iproute2)");
-        Netns(name.to_string())
-    }
-
-    /// Move the calling thread into the namespace.
-    pub fn enter(&self) {
-        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).expect("open netns");
-        // SAFETY: setns on a valid namespace fd; it affects only the calling thread.
-        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-    }
-
-    /// `ip -n <ns> <args>`; panics with its output on failure.
-    pub fn ip(&self, args: &[&str]) {
-        let out = Command::new("ip")
-            .args(["-n", &self.0])
-            .args(args)
-            .output()
-            .expect("run ip");
-        assert!(
-            out.status.success(),
-            "ip -n {} {args:?}: {}",
-            self.0,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+pub use crate::netns::Netns;
 
 /// The virtiofsd binary: `$VIRTIOFSD` or what `scripts/install-virtiofsd.sh` finds or
 /// installs. Panics (never skips) when there is none.
 pub fn virtiofsd() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(crate::repo_root().join("scripts/install-virtiofsd.sh"))
-        .output()
-        .expect("run scripts/install-virtiofsd.sh");
-    assert!(
-        out.status.success(),
-        "no virtiofsd (scripts/install-virtiofsd.sh failed): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    PathBuf::from(crate::guest::run_repo_script("scripts/install-virtiofsd.sh").trim())
 }
 
 /// Guest CID and ports of the vsock traffic.
@@ -801,25 +744,14 @@ impl DeviceEnv {
         }
     }
 
-    fn spawn_virtiofsd(&self) -> Child {
-        let sock = self.vfsd_dir.join("vfsd.sock");
-        let _ = std::fs::remove_file(&sock);
-        let child = Command::new(&self.virtiofsd)
-            .arg(format!("--socket-path={}", sock.display()))
-            .arg(format!("--shared-dir={}", self.dir.join("vhu").display()))
-            .arg("--sandbox=chroot")
-            .arg("--cache=never")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn virtiofsd");
-        let end = Instant::now() + STEP_TIMEOUT;
-        while !sock.exists() {
-            assert!(Instant::now() < end, "virtiofsd never created {sock:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        child
+    fn spawn_virtiofsd(&self) -> KillOnDrop {
+        crate::guest::spawn_virtiofsd(
+            &self.virtiofsd,
+            &self.vfsd_dir.join("vfsd.sock"),
+            &self.dir.join("vhu"),
+            "never",
+            STEP_TIMEOUT,
+        )
     }
 
     /// One cycle; panics naming what did not happen.
@@ -882,12 +814,11 @@ impl DeviceEnv {
             // virtiofsd ends by itself once the frontend is gone.
             let end = Instant::now() + STEP_TIMEOUT;
             loop {
-                if vfsd.try_wait().expect("wait virtiofsd").is_some() {
+                if vfsd.0.try_wait().expect("wait virtiofsd").is_some() {
                     break;
                 }
                 if Instant::now() > end {
-                    let _ = vfsd.kill();
-                    let _ = vfsd.wait();
+                    drop(vfsd);
                     panic!("virtiofsd still running after the VM was dropped");
                 }
                 std::thread::sleep(Duration::from_millis(2));
