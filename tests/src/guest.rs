@@ -15,6 +15,8 @@ use crate::{agent_vsock, guest_artifacts, scratch_dir, XorShift};
 
 /// One MiB.
 pub const MIB: u64 = 1 << 20;
+/// One MiB as a buffer length.
+pub const MIB_BYTES: usize = 1 << 20;
 
 /// A real-guest VM config with the agent's vsock, and where its files go.
 pub struct AgentGuest {
@@ -126,7 +128,7 @@ pub fn hybrid_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
 pub fn send_stream(w: &mut impl Write, seed: u64, mib: u64) -> std::io::Result<String> {
     let mut rng = XorShift::new(seed);
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut buf = vec![0u8; MIB_BYTES];
     for _ in 0..mib {
         rng.fill(&mut buf);
         w.write_all(&buf)?;
