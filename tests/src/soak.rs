@@ -64,6 +64,12 @@ pub struct CountingAlloc;
 static LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
 static LIVE_BLOCKS: AtomicI64 = AtomicI64::new(0);
 
+/// An allocation size as the signed counters keep it.
+#[allow(clippy::cast_possible_wrap)] // a `Layout`'s size is at most `isize::MAX`
+fn signed(size: usize) -> i64 {
+    size as i64
+}
+
 // SAFETY: every call is forwarded to `System` with the same arguments; the counters do not
 // touch the memory.
 unsafe impl GlobalAlloc for CountingAlloc {
@@ -71,7 +77,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
         // SAFETY: forwarded as is (the caller upholds `alloc`'s contract).
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
-            LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+            LIVE_BYTES.fetch_add(signed(layout.size()), Ordering::Relaxed);
             LIVE_BLOCKS.fetch_add(1, Ordering::Relaxed);
         }
         p
@@ -80,7 +86,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: forwarded as is (the caller upholds `dealloc`'s contract).
         unsafe { System.dealloc(ptr, layout) };
-        LIVE_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        LIVE_BYTES.fetch_sub(signed(layout.size()), Ordering::Relaxed);
         LIVE_BLOCKS.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -88,7 +94,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
         // SAFETY: forwarded as is.
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
-            LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+            LIVE_BYTES.fetch_add(signed(layout.size()), Ordering::Relaxed);
             LIVE_BLOCKS.fetch_add(1, Ordering::Relaxed);
         }
         p
@@ -98,10 +104,15 @@ unsafe impl GlobalAlloc for CountingAlloc {
         // SAFETY: forwarded as is (the caller upholds `realloc`'s contract).
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
-            LIVE_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+            LIVE_BYTES.fetch_add(signed(new_size) - signed(layout.size()), Ordering::Relaxed);
         }
         p
     }
+}
+
+/// `total` spread over `cycles` (at least one).
+fn per_cycle(total: Duration, cycles: usize) -> Duration {
+    total / u32::try_from(cycles.max(1)).unwrap_or(u32::MAX)
 }
 
 /// Live Rust heap (bytes, blocks) counted by [`CountingAlloc`] ((0, 0) when not installed).
@@ -317,7 +328,7 @@ impl SoakReport {
     ) -> SoakReport {
         let mut phases = phases.0;
         for p in &mut phases {
-            p.1 /= cycles.max(1) as u32;
+            p.1 = per_cycle(p.1, cycles);
         }
         SoakReport {
             title,
@@ -335,7 +346,7 @@ impl SoakReport {
 
     /// Mean wall time of one cycle.
     pub fn per_cycle(&self) -> Duration {
-        self.total / self.cycles.max(1) as u32
+        per_cycle(self.total, self.cycles)
     }
 
     /// Everything that did not come back: fds, threads, socket files, network interfaces,
@@ -723,7 +734,7 @@ impl DeviceEnv {
             ..NetConfig::default()
         });
         c.vsock = Some(VsockConfig {
-            guest_cid: GUEST_CID as u32,
+            guest_cid: u32::try_from(GUEST_CID).expect("a small CID"),
             uds_path: dir.join("v.sock"),
             vsock_id: None,
         });

@@ -224,7 +224,7 @@ fn fs_worker_panic_fails_the_device_not_the_vm() {
 /// A FUSE request: header (`fuse_in_header`, 40 bytes) and body.
 fn fuse_request(opcode: u32, unique: u64, nodeid: u64, body: &[u8]) -> Vec<u8> {
     let mut m = Vec::with_capacity(40 + body.len());
-    m.extend_from_slice(&(40 + body.len() as u32).to_le_bytes());
+    m.extend_from_slice(&desc_len(40 + body.len()).to_le_bytes());
     m.extend_from_slice(&opcode.to_le_bytes());
     m.extend_from_slice(&unique.to_le_bytes());
     m.extend_from_slice(&nodeid.to_le_bytes());
@@ -287,7 +287,10 @@ fn fs_workers_are_listed_as_vm_threads_run_filtered_and_end_with_the_vm() {
         mem.write_slice(req, GuestAddress(at)).unwrap();
         q.push(
             &mem,
-            &[(at, req.len() as u32, 0), (at + 0x1000, 0x1000, DESC_WRITE)],
+            &[
+                (at, desc_len(req.len()), 0),
+                (at + 0x1000, 0x1000, DESC_WRITE),
+            ],
         );
     };
     // FUSE 7.31 (virtio-fs), no flags.

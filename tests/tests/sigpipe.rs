@@ -40,7 +40,7 @@ fn no_write_of_kestrel_raises_sigpipe_in_the_embedding_process() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("re-run the test binary");
-    let pid = child.id();
+    let child_pid = libc::pid_t::try_from(child.id()).expect("pids fit pid_t");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
@@ -48,9 +48,9 @@ fn no_write_of_kestrel_raises_sigpipe_in_the_embedding_process() {
     let out = match rx.recv_timeout(Duration::from_secs(120)) {
         Ok(out) => out.expect("wait for the child"),
         Err(_) => {
-            // SAFETY: kill takes no pointers; `pid` is the child this test started, not yet
+            // SAFETY: kill takes no pointers; `child_pid` is the child this test started, not yet
             // reaped (its waiter is still blocked).
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            unsafe { libc::kill(child_pid, libc::SIGKILL) };
             panic!("the child did not finish within 120 s");
         }
     };
@@ -266,7 +266,7 @@ fn vsock_peer_closes() {
     c.kestrel.name = Some("sigpipe-vsock".into());
     c.serial.output = SerialOutput::None;
     c.vsock = Some(VsockConfig {
-        guest_cid: GUEST_CID as u32,
+        guest_cid: u32::try_from(GUEST_CID).expect("a small CID"),
         uds_path: uds.clone(),
         vsock_id: None,
     });
@@ -280,7 +280,7 @@ fn vsock_peer_closes() {
         rx_ring.push(
             &mem,
             &[
-                (b, HDR_SIZE as u32, DESC_WRITE),
+                (b, desc_len(HDR_SIZE), DESC_WRITE),
                 (b + 0x1000, 0x1000, DESC_WRITE),
             ],
         );
@@ -289,7 +289,7 @@ fn vsock_peer_closes() {
     let req = TX_BUFS;
     mem.write_slice(&header(op::REQUEST, 0).to_bytes(), GuestAddress(req))
         .unwrap();
-    tx_ring.push(&mem, &[(req, HDR_SIZE as u32, 0)]);
+    tx_ring.push(&mem, &[(req, desc_len(HDR_SIZE), 0)]);
     vm.start().unwrap();
 
     let mut peer = None;
@@ -327,7 +327,7 @@ fn vsock_peer_closes() {
             .unwrap();
         mem.write_slice(&[b'v'; 16], GuestAddress(h + 0x800))
             .unwrap();
-        tx_ring.push(&mem, &[(h, HDR_SIZE as u32, 0), (h + 0x800, 16, 0)]);
+        tx_ring.push(&mem, &[(h, desc_len(HDR_SIZE), 0), (h + 0x800, 16, 0)]);
     }
     wait_until("the connection ends", Duration::from_secs(20), || {
         vm.device("vsock")
