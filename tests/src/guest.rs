@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use kestrel_agent_proto as proto;
 use kestrel_api::{SerialOutput, VmConfig};
+use kestrel_sandbox::agent::AgentError;
+use kestrel_sandbox::Sandbox;
 use sha2::{Digest, Sha256};
 
 use crate::{agent_vsock, guest_artifacts, scratch_dir, XorShift};
@@ -119,6 +122,34 @@ pub fn hybrid_connect(uds: &Path, port: u32) -> std::io::Result<UnixStream> {
         return Err(std::io::Error::other(format!("unexpected reply {l}")));
     }
     Ok(s)
+}
+
+/// Call `connect` every 100 ms until it succeeds or `timeout` passes: its result, or None.
+pub fn connect_retry<T>(
+    timeout: Duration,
+    mut connect: impl FnMut() -> std::io::Result<T>,
+) -> Option<T> {
+    let end = Instant::now() + timeout;
+    loop {
+        match connect() {
+            Ok(s) => return Some(s),
+            Err(_) if Instant::now() >= end => return None,
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Run the guest's `stream_sink` with `args` on a second agent connection of `sb` (the call
+/// returns only when the stream ends, so it gets a thread and a 15 min limit).
+pub fn spawn_stream_sink(
+    sb: &Sandbox,
+    args: proto::StreamSink,
+) -> std::thread::JoinHandle<Result<proto::StreamStats, AgentError>> {
+    let mut a = sb
+        .connect_agent(Duration::from_secs(30))
+        .expect("a second agent connection");
+    a.set_call_timeout(Some(Duration::from_secs(900)));
+    std::thread::spawn(move || a.request(args))
 }
 
 /// Write `mib` MiB of the [`XorShift`] stream of `seed` to `w`; its SHA-256 (hex).

@@ -16,7 +16,9 @@ use kestrel_agent_proto as proto;
 use kestrel_api::DriveConfig;
 use kestrel_sandbox::agent::AgentClient;
 use kestrel_sandbox::Sandbox;
-use kestrel_tests::guest::{agent_guest, hybrid_connect, send_stream, MIB, MIB_BYTES};
+use kestrel_tests::guest::{
+    agent_guest, connect_retry, hybrid_connect, send_stream, spawn_stream_sink, MIB, MIB_BYTES,
+};
 use kestrel_tests::*;
 use kestrel_vmm::Vm;
 
@@ -149,20 +151,13 @@ fn host_socket_pair_mbps(size: u64) -> f64 {
 fn vsock_row(sb: &Sandbox, uds: &Path) {
     let size = 32 * MIB;
     let vm = sb.vm();
-    let mut a2 = sb.connect_agent(Duration::from_secs(30)).unwrap();
-    a2.set_call_timeout(Some(Duration::from_secs(900)));
-    let sink = std::thread::spawn(move || {
-        a2.request(proto::StreamSink {
-            port: 6000,
-            ..Default::default()
-        })
-    });
-    let mut s = loop {
-        if let Ok(s) = hybrid_connect(uds, 6000) {
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let sink = proto::StreamSink {
+        port: 6000,
+        ..Default::default()
     };
+    let sink = spawn_stream_sink(sb, sink);
+    let connect = || hybrid_connect(uds, 6000);
+    let mut s = connect_retry(Duration::from_secs(600), connect).expect("connect to the sink");
     let e0 = vm_thread_cpu_ns(vm, false);
     let p0 = vsock_packets_to_guest(vm);
     let t0 = Instant::now();

@@ -13,7 +13,9 @@ use kestrel_agent_proto as proto;
 use kestrel_api::{FsConfig, NetConfig};
 use kestrel_sandbox::agent::AgentClient;
 use kestrel_sandbox::Sandbox;
-use kestrel_tests::guest::{agent_guest, spawn_virtiofsd, MIB, MIB_BYTES};
+use kestrel_tests::guest::{
+    agent_guest, connect_retry, spawn_stream_sink, spawn_virtiofsd, MIB, MIB_BYTES,
+};
 use kestrel_tests::netns::Netns;
 use kestrel_tests::*;
 use kestrel_vmm::Vm;
@@ -110,21 +112,14 @@ fn tcp_each_way(sb: &Sandbox, a: &mut AgentClient, leg: &Leg) {
         rd.join().unwrap();
     });
 
-    let mut a2 = sb.connect_agent(Duration::from_secs(30)).unwrap();
-    a2.set_call_timeout(Some(Duration::from_secs(900)));
-    let sink = std::thread::spawn(move || {
-        a2.request(proto::StreamSink {
-            port: u32::from(port + 1),
-            timeout_ms: None,
-            tcp: true,
-        })
-    });
-    let mut s = loop {
-        if let Ok(s) = TcpStream::connect(("10.0.9.2", port + 1)) {
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let sink = proto::StreamSink {
+        port: u32::from(port + 1),
+        timeout_ms: None,
+        tcp: true,
     };
+    let sink = spawn_stream_sink(sb, sink);
+    let connect = || TcpStream::connect(("10.0.9.2", port + 1));
+    let mut s = connect_retry(Duration::from_secs(600), connect).expect("connect to the sink");
     leg.measure("host→guest", false, || {
         let buf = vec![9u8; MIB_BYTES];
         for _ in 0..size / MIB {

@@ -20,7 +20,7 @@ use kestrel_tests::*;
 use kestrel_vmm::VmExit;
 use sha2::{Digest, Sha256};
 
-use super::{boot, create_captured, read_trimmed, sh, wait_until};
+use super::{boot, check_stream_into_guest, create_captured, read_trimmed, sh, wait_until};
 
 /// SHA-256 (hex) of the first `len` bytes of the host file `path`.
 fn sha_file(path: &Path, len: u64) -> String {
@@ -283,27 +283,12 @@ fn check_slot_hot_swap(sb: &Sandbox, agent: &mut AgentClient, name: &str, swap: 
 /// 32 MiB host -> guest over hybrid vsock: the guest's `stream_sink` counts and hashes
 /// exactly what the host sent.
 fn check_vsock_host_to_guest(sb: &Sandbox, uds: &Path) {
-    let mut a2 = sb.connect_agent(Duration::from_secs(30)).unwrap();
-    a2.set_call_timeout(Some(Duration::from_secs(900)));
-    let sink = std::thread::spawn(move || {
-        a2.request(proto::StreamSink {
-            port: 5000,
-            ..Default::default()
-        })
-    });
-    let mut s = None;
-    assert!(wait_until(Duration::from_secs(60), || {
-        s = hybrid_connect(uds, 5000).ok();
-        s.is_some()
-    }));
-    let mut s = s.unwrap();
-    let t = Instant::now();
-    let want = send_stream(&mut s, 11, 32).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let r = sink.join().unwrap().expect("stream_sink");
-    eprintln!("vsock host->guest 32 MiB in {:?}", t.elapsed());
-    assert_eq!(r.bytes, 32 * MIB);
-    assert_eq!(r.sha256, want);
+    let sink = proto::StreamSink {
+        port: 5000,
+        ..Default::default()
+    };
+    let connect = || hybrid_connect(uds, 5000);
+    check_stream_into_guest(sb, sink, connect, (11, 32), "vsock host->guest");
 }
 
 /// 32 MiB guest -> host, guest-initiated to the host socket `<uds>_5001`: the host receives

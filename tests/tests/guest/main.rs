@@ -16,8 +16,14 @@ mod xstate;
 
 use std::time::{Duration, Instant};
 
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+
+use kestrel_agent_proto as proto;
 use kestrel_sandbox::agent::AgentClient;
 use kestrel_sandbox::Sandbox;
+use kestrel_tests::guest::{connect_retry, send_stream, spawn_stream_sink, MIB};
 use kestrel_tests::Capture;
 use kestrel_vmm::VmExit;
 
@@ -97,4 +103,43 @@ pub(crate) fn read_trimmed(agent: &mut AgentClient, path: &str) -> String {
         .read_file(path)
         .map(|b| String::from_utf8_lossy(&b).trim().to_string())
         .unwrap_or_else(|e| format!("error: {e}"))
+}
+
+/// A stream whose writing half can be closed alone (the reader sees the end of the stream).
+pub(crate) trait CloseWrite: Write {
+    /// `shutdown(SHUT_WR)`.
+    fn close_write(&self) -> std::io::Result<()>;
+}
+
+impl CloseWrite for UnixStream {
+    fn close_write(&self) -> std::io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl CloseWrite for TcpStream {
+    fn close_write(&self) -> std::io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+/// `mib` MiB of the stream of `seed` sent by the host into the guest's `stream_sink` (started
+/// with `sink`; the host connects with `connect`, retried for up to 60 s): the guest counts
+/// and hashes exactly what the host sent. `what` names the path in the timing line.
+pub(crate) fn check_stream_into_guest<S: CloseWrite>(
+    sb: &Sandbox,
+    sink: proto::StreamSink,
+    connect: impl FnMut() -> std::io::Result<S>,
+    (seed, mib): (u64, u64),
+    what: &str,
+) {
+    let sink = spawn_stream_sink(sb, sink);
+    let mut s = connect_retry(Duration::from_secs(60), connect).expect("connect to the sink");
+    let t = Instant::now();
+    let want = send_stream(&mut s, seed, mib).unwrap();
+    s.close_write().unwrap();
+    let r = sink.join().unwrap().expect("stream_sink");
+    eprintln!("{what} {mib} MiB in {:?}", t.elapsed());
+    assert_eq!(r.bytes, mib * MIB);
+    assert_eq!(r.sha256, want);
 }

@@ -9,11 +9,14 @@ use kestrel_agent_proto as proto;
 use kestrel_api::{NetConfig, RateLimiterConfig, TokenBucketConfig};
 use kestrel_sandbox::agent::AgentClient;
 use kestrel_sandbox::Sandbox;
-use kestrel_tests::guest::{agent_guest, receive_all, send_stream, Received, MIB};
+use kestrel_tests::guest::{agent_guest, receive_all, Received, MIB};
 use kestrel_tests::netns::Netns;
 use kestrel_tests::Capture;
 
-use super::{check_clean_shutdown, create_captured, read_trimmed, sandbox, sh_ok, wait_until};
+use super::{
+    check_clean_shutdown, check_stream_into_guest, create_captured, read_trimmed, sandbox, sh_ok,
+    wait_until,
+};
 
 /// The host's TAP devices: `eth0`'s (10.0.2.1, made by the VM) and the one hot-attached to
 /// the slot `hot` (10.0.3.1).
@@ -121,28 +124,13 @@ fn check_tcp_guest_to_host_jumbo(ns: &Netns, taps: &Taps, a: &mut AgentClient) {
 /// 64 MiB host -> guest over TCP: the guest's `stream_sink` counts and hashes exactly what
 /// the host sent.
 fn check_tcp_host_to_guest(sb: &Sandbox) {
-    let mut a2 = sb.connect_agent(Duration::from_secs(30)).unwrap();
-    a2.set_call_timeout(Some(Duration::from_secs(900)));
-    let sink = std::thread::spawn(move || {
-        a2.request(proto::StreamSink {
-            port: 5002,
-            timeout_ms: None,
-            tcp: true,
-        })
-    });
-    let mut s = None;
-    assert!(wait_until(Duration::from_secs(60), || {
-        s = TcpStream::connect("10.0.2.2:5002").ok();
-        s.is_some()
-    }));
-    let mut s = s.unwrap();
-    let t = Instant::now();
-    let want = send_stream(&mut s, 32, 64).unwrap();
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let r = sink.join().unwrap().expect("guest tcp receive");
-    eprintln!("TCP host->guest 64 MiB in {:?}", t.elapsed());
-    assert_eq!(r.bytes, 64 * MIB);
-    assert_eq!(r.sha256, want);
+    let sink = proto::StreamSink {
+        port: 5002,
+        timeout_ms: None,
+        tcp: true,
+    };
+    let connect = || TcpStream::connect("10.0.2.2:5002");
+    check_stream_into_guest(sb, sink, connect, (32, 64), "TCP host->guest");
 }
 
 /// Link down and up through the API are seen by the guest as its carrier.
