@@ -1,12 +1,14 @@
 //! Helpers for Kestrel's integration tests and benches: tiny hand-assembled guests packaged as
-//! ELF files, console capture, guest-artifact lookup, process resource counts.
+//! ELF files, console capture, guest-artifact lookup, process resource counts; [`guest`] for
+//! the real Linux guest, [`netns`] for TAP devices in a namespace of their own.
 
+pub mod guest;
+pub mod netns;
 pub mod soak;
 pub mod virtio_script;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,7 +56,8 @@ pub fn serial_then_reset(msg: &[u8]) -> Vec<u8> {
     let code_after_lea: i32 = 5 + 4 + 4 + 3; // mov ecx + lodsb/out/loop + reset + hlt/jmp
     c.extend_from_slice(&[0x48, 0x8d, 0x35]);
     c.extend_from_slice(&code_after_lea.to_le_bytes());
-    c.extend_from_slice(&[0xb9, msg.len() as u8, 0, 0, 0]); // mov ecx, len
+    let len = u8::try_from(msg.len()).expect("checked above");
+    c.extend_from_slice(&[0xb9, len, 0, 0, 0]); // mov ecx, len
     c.extend_from_slice(&[0xac, 0xee, 0xe2, 0xfc]); // lodsb; out dx, al; loop -4
     c.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
     c.extend_from_slice(&[0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
@@ -130,8 +133,9 @@ pub fn mmio_writer(writes: &[(u32, u32)], repeat: &[(u32, u32)], pause: u32) -> 
     c.extend_from_slice(&pause.max(1).to_le_bytes());
     c.extend_from_slice(&[0xf3, 0x90, 0xe2, 0xfc]); // wait: pause; loop wait
     c.push(0xe9); // jmp again (rel32)
-    let rel = again as i64 - (c.len() as i64 + 4);
-    c.extend_from_slice(&(rel as i32).to_le_bytes());
+    let offset = |n: usize| i32::try_from(n).expect("tiny guest code is far below 2 GiB");
+    let rel = offset(again) - offset(c.len() + 4);
+    c.extend_from_slice(&rel.to_le_bytes());
     c
 }
 
@@ -175,24 +179,23 @@ pub fn virtio_mmio_bring_up(base: u64, features: u64, queues: &[RingLayout]) -> 
         (r(reg::STATUS), status::ACKNOWLEDGE),
         (r(reg::STATUS), status::ACKNOWLEDGE | status::DRIVER),
         (r(reg::DRIVER_FEATURES_SEL), 0),
-        (r(reg::DRIVER_FEATURES), features as u32),
+        (r(reg::DRIVER_FEATURES), low_high(features).0),
         (r(reg::DRIVER_FEATURES_SEL), 1),
-        (r(reg::DRIVER_FEATURES), (features >> 32) as u32),
+        (r(reg::DRIVER_FEATURES), low_high(features).1),
         (
             r(reg::STATUS),
             status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
         ),
     ];
-    let split = |a: u64| (a as u32, (a >> 32) as u32);
-    for (i, q) in queues.iter().enumerate() {
-        w.push((r(reg::QUEUE_SEL), i as u32));
+    for (i, q) in (0u32..).zip(queues) {
+        w.push((r(reg::QUEUE_SEL), i));
         w.push((r(reg::QUEUE_NUM), u32::from(q.size)));
         for (low, high, addr) in [
             (reg::QUEUE_DESC_LOW, reg::QUEUE_DESC_HIGH, q.desc),
             (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, q.avail),
             (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, q.used),
         ] {
-            let (lo, hi) = split(addr);
+            let (lo, hi) = low_high(addr);
             w.push((r(low), lo));
             w.push((r(high), hi));
         }
@@ -203,6 +206,12 @@ pub fn virtio_mmio_bring_up(base: u64, features: u64, queues: &[RingLayout]) -> 
         status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
     ));
     w
+}
+
+/// The low and high 32 bits of `v` (64-bit values go to virtio-mmio as two registers).
+#[allow(clippy::cast_possible_truncation)] // the truncation is the point: the low half
+fn low_high(v: u64) -> (u32, u32) {
+    (v as u32, (v >> 32) as u32)
 }
 
 /// The store that notifies queue `queue` of the device whose window is at `base`.
@@ -222,6 +231,12 @@ pub struct HostDriverRing {
     layout: RingLayout,
     next_desc: u16,
     avail_idx: u16,
+}
+
+/// `n` bytes as a descriptor's 32-bit length. Panics at 4 GiB or more (no test buffer is
+/// that large).
+pub fn desc_len(n: usize) -> u32 {
+    u32::try_from(n).expect("descriptor lengths are below 4 GiB")
 }
 
 /// A descriptor the device writes (`VIRTQ_DESC_F_WRITE`).
@@ -372,16 +387,7 @@ pub fn skip_without(what: &str) {
 /// Build (or find in the cache) the guest kernel and initramfs. Panics with the build log's
 /// tail on failure: a real-guest test must not silently skip.
 pub fn guest_artifacts() -> GuestArtifacts {
-    let out = Command::new("bash")
-        .arg(repo_root().join("resources/build-guest.sh"))
-        .output()
-        .expect("run resources/build-guest.sh");
-    assert!(
-        out.status.success(),
-        "resources/build-guest.sh failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = guest::run_repo_script("resources/build-guest.sh");
     let get = |key: &str| {
         stdout
             .lines()
@@ -469,10 +475,9 @@ pub fn host_getxattr(path: &Path, name: &str) -> Result<Vec<u8>, i32> {
     let mut buf = vec![0u8; 4096];
     // SAFETY: NUL-terminated strings and a writable buffer of `buf.len()` bytes.
     let r = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        return Err(errno());
-    }
-    buf.truncate(r as usize);
+    // Negative: failed, errno says why.
+    let len = usize::try_from(r).map_err(|_| errno())?;
+    buf.truncate(len);
     Ok(buf)
 }
 
@@ -564,7 +569,8 @@ Swap:                  0 kB
         assert_eq!(&c[again..again + 5], &[0xbb, 0x50, 0x00, 0x00, 0xd0]);
         assert_eq!(&c[again - 11..again - 6], &[0xbb, 0x70, 0x00, 0x00, 0xd0]);
         let rel = i32::from_le_bytes(c[c.len() - 4..].try_into().unwrap());
-        assert_eq!(c.len() as i64 + i64::from(rel), again as i64);
+        let end = i64::try_from(c.len()).unwrap();
+        assert_eq!(end + i64::from(rel), i64::try_from(again).unwrap());
     }
 
     #[test]
@@ -583,7 +589,8 @@ Swap:                  0 kB
     fn serial_code_points_at_message() {
         let c = serial_then_reset(b"hi");
         // lea is at offset 4; disp32 at 7..11; rip after lea = 11.
-        let disp = i32::from_le_bytes(c[7..11].try_into().unwrap()) as usize;
+        let disp = i32::from_le_bytes(c[7..11].try_into().unwrap());
+        let disp = usize::try_from(disp).unwrap();
         assert_eq!(&c[11 + disp..], b"hi");
     }
 }

@@ -18,11 +18,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::io::{Read, Write};
 use std::net::UdpSocket;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -31,6 +29,7 @@ use kestrel_api::{DriveConfig, FsCache, FsConfig, NetConfig, SerialOutput, VmCon
 use kestrel_vmm::{VcpuRunState, Vm, VmExit};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::guest::KillOnDrop;
 use crate::virtio_script::{Buf, Script, UsedRing};
 
 /// RSS growth allowed over the 1000 tiny cycles (after the warm-up cycle). Leaks are caught
@@ -65,6 +64,12 @@ pub struct CountingAlloc;
 static LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
 static LIVE_BLOCKS: AtomicI64 = AtomicI64::new(0);
 
+/// An allocation size as the signed counters keep it.
+#[allow(clippy::cast_possible_wrap)] // a `Layout`'s size is at most `isize::MAX`
+fn signed(size: usize) -> i64 {
+    size as i64
+}
+
 // SAFETY: every call is forwarded to `System` with the same arguments; the counters do not
 // touch the memory.
 unsafe impl GlobalAlloc for CountingAlloc {
@@ -72,7 +77,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
         // SAFETY: forwarded as is (the caller upholds `alloc`'s contract).
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
-            LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+            LIVE_BYTES.fetch_add(signed(layout.size()), Ordering::Relaxed);
             LIVE_BLOCKS.fetch_add(1, Ordering::Relaxed);
         }
         p
@@ -81,7 +86,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         // SAFETY: forwarded as is (the caller upholds `dealloc`'s contract).
         unsafe { System.dealloc(ptr, layout) };
-        LIVE_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        LIVE_BYTES.fetch_sub(signed(layout.size()), Ordering::Relaxed);
         LIVE_BLOCKS.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -89,7 +94,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
         // SAFETY: forwarded as is.
         let p = unsafe { System.alloc_zeroed(layout) };
         if !p.is_null() {
-            LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+            LIVE_BYTES.fetch_add(signed(layout.size()), Ordering::Relaxed);
             LIVE_BLOCKS.fetch_add(1, Ordering::Relaxed);
         }
         p
@@ -99,10 +104,15 @@ unsafe impl GlobalAlloc for CountingAlloc {
         // SAFETY: forwarded as is (the caller upholds `realloc`'s contract).
         let p = unsafe { System.realloc(ptr, layout, new_size) };
         if !p.is_null() {
-            LIVE_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+            LIVE_BYTES.fetch_add(signed(new_size) - signed(layout.size()), Ordering::Relaxed);
         }
         p
     }
+}
+
+/// `total` spread over `cycles` (at least one).
+fn per_cycle(total: Duration, cycles: usize) -> Duration {
+    total / u32::try_from(cycles.max(1)).unwrap_or(u32::MAX)
 }
 
 /// Live Rust heap (bytes, blocks) counted by [`CountingAlloc`] ((0, 0) when not installed).
@@ -318,7 +328,7 @@ impl SoakReport {
     ) -> SoakReport {
         let mut phases = phases.0;
         for p in &mut phases {
-            p.1 /= cycles.max(1) as u32;
+            p.1 = per_cycle(p.1, cycles);
         }
         SoakReport {
             title,
@@ -336,7 +346,7 @@ impl SoakReport {
 
     /// Mean wall time of one cycle.
     pub fn per_cycle(&self) -> Duration {
-        self.total / self.cycles.max(1) as u32
+        per_cycle(self.total, self.cycles)
     }
 
     /// Everything that did not come back: fds, threads, socket files, network interfaces,
@@ -542,68 +552,12 @@ pub fn tiny_soak(cycles: usize) -> SoakReport {
 
 // ---------------------------------------------------------------------------------- devices
 
-/// A network namespace made for the soak (`ip netns add`), deleted on drop.
-pub struct Netns(pub String);
-
-impl Netns {
-    /// Create namespace `name` (replacing a stale one).
-    pub fn new(name: &str) -> Netns {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
-        let ok = Command::new("ip")
-            .args(["netns", "add", name])
-            .status()
-            .expect("run ip")
-            .success();
-        assert!(ok, "ip netns add {name} (needs root and iproute2)");
-        Netns(name.to_string())
-    }
-
-    /// Move the calling thread into the namespace.
-    pub fn enter(&self) {
-        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).expect("open netns");
-        // SAFETY: setns on a valid namespace fd; it affects only the calling thread.
-        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-    }
-
-    /// `ip -n <ns> <args>`; panics with its output on failure.
-    pub fn ip(&self, args: &[&str]) {
-        let out = Command::new("ip")
-            .args(["-n", &self.0])
-            .args(args)
-            .output()
-            .expect("run ip");
-        assert!(
-            out.status.success(),
-            "ip -n {} {args:?}: {}",
-            self.0,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
+pub use crate::netns::Netns;
 
 /// The virtiofsd binary: `$VIRTIOFSD` or what `scripts/install-virtiofsd.sh` finds or
 /// installs. Panics (never skips) when there is none.
 pub fn virtiofsd() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(crate::repo_root().join("scripts/install-virtiofsd.sh"))
-        .output()
-        .expect("run scripts/install-virtiofsd.sh");
-    assert!(
-        out.status.success(),
-        "no virtiofsd (scripts/install-virtiofsd.sh failed): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+    PathBuf::from(crate::guest::run_repo_script("scripts/install-virtiofsd.sh").trim())
 }
 
 /// Guest CID and ports of the vsock traffic.
@@ -780,7 +734,7 @@ impl DeviceEnv {
             ..NetConfig::default()
         });
         c.vsock = Some(VsockConfig {
-            guest_cid: GUEST_CID as u32,
+            guest_cid: u32::try_from(GUEST_CID).expect("a small CID"),
             uds_path: dir.join("v.sock"),
             vsock_id: None,
         });
@@ -801,25 +755,14 @@ impl DeviceEnv {
         }
     }
 
-    fn spawn_virtiofsd(&self) -> Child {
-        let sock = self.vfsd_dir.join("vfsd.sock");
-        let _ = std::fs::remove_file(&sock);
-        let child = Command::new(&self.virtiofsd)
-            .arg(format!("--socket-path={}", sock.display()))
-            .arg(format!("--shared-dir={}", self.dir.join("vhu").display()))
-            .arg("--sandbox=chroot")
-            .arg("--cache=never")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn virtiofsd");
-        let end = Instant::now() + STEP_TIMEOUT;
-        while !sock.exists() {
-            assert!(Instant::now() < end, "virtiofsd never created {sock:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        child
+    fn spawn_virtiofsd(&self) -> KillOnDrop {
+        crate::guest::spawn_virtiofsd(
+            &self.virtiofsd,
+            &self.vfsd_dir.join("vfsd.sock"),
+            &self.dir.join("vhu"),
+            "never",
+            STEP_TIMEOUT,
+        )
     }
 
     /// One cycle; panics naming what did not happen.
@@ -882,12 +825,11 @@ impl DeviceEnv {
             // virtiofsd ends by itself once the frontend is gone.
             let end = Instant::now() + STEP_TIMEOUT;
             loop {
-                if vfsd.try_wait().expect("wait virtiofsd").is_some() {
+                if vfsd.0.try_wait().expect("wait virtiofsd").is_some() {
                     break;
                 }
                 if Instant::now() > end {
-                    let _ = vfsd.kill();
-                    let _ = vfsd.wait();
+                    drop(vfsd);
                     panic!("virtiofsd still running after the VM was dropped");
                 }
                 std::thread::sleep(Duration::from_millis(2));

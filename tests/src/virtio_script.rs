@@ -139,7 +139,7 @@ impl Script {
         self.mem.push((addr, data.to_vec()));
         Buf {
             addr,
-            len: data.len() as u32,
+            len: u32::try_from(data.len()).expect("script buffers are small"),
             writable: false,
         }
     }

@@ -30,7 +30,9 @@ pub extern "C" fn fdatasync(fd: libc::c_int) -> libc::c_int {
             .push((st.st_dev, st.st_ino));
     }
     // SAFETY: fdatasync takes a descriptor by value; errors come back through errno.
-    unsafe { libc::syscall(libc::SYS_fdatasync, fd) as libc::c_int }
+    let r = unsafe { libc::syscall(libc::SYS_fdatasync, fd) };
+    // 0 or -1: both fit.
+    libc::c_int::try_from(r).unwrap_or(-1)
 }
 
 fn id(p: &std::path::Path) -> (u64, u64) {

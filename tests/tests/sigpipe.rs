@@ -13,14 +13,16 @@ use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kestrel_api::{SerialOutput, VmConfig, VsockConfig};
 use kestrel_devices::virtio::vsock::packet::{op, Header, HDR_SIZE, HOST_CID, TYPE_STREAM};
 use kestrel_tests::*;
 use kestrel_vmm::{Vm, VmExit};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 const CHILD_ENV: &str = "KESTREL_TEST_SIGPIPE_CHILD";
 const TEST_NAME: &str = "no_write_of_kestrel_raises_sigpipe_in_the_embedding_process";
@@ -40,7 +42,7 @@ fn no_write_of_kestrel_raises_sigpipe_in_the_embedding_process() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("re-run the test binary");
-    let pid = child.id();
+    let child_pid = libc::pid_t::try_from(child.id()).expect("pids fit pid_t");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
@@ -48,9 +50,9 @@ fn no_write_of_kestrel_raises_sigpipe_in_the_embedding_process() {
     let out = match rx.recv_timeout(Duration::from_secs(120)) {
         Ok(out) => out.expect("wait for the child"),
         Err(_) => {
-            // SAFETY: kill takes no pointers; `pid` is the child this test started, not yet
+            // SAFETY: kill takes no pointers; `child_pid` is the child this test started, not yet
             // reaped (its waiter is still blocked).
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            unsafe { libc::kill(child_pid, libc::SIGKILL) };
             panic!("the child did not finish within 120 s");
         }
     };
@@ -145,20 +147,35 @@ fn create_with_stdout(config: &VmConfig, fd: &OwnedFd) -> Vm {
     }
 }
 
-fn serial_reader_closes() {
-    let dir = scratch_dir();
-    let fifo = dir.join("serial.fifo");
+/// A fresh FIFO in the scratch directory, opened: (reader, non-blocking; writer).
+fn open_fifo() -> (std::fs::File, OwnedFd) {
+    let fifo = scratch_dir().join("serial.fifo");
     let _ = std::fs::remove_file(&fifo);
     let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: `path` is NUL-terminated; the opens return new descriptors owned below.
-    let (reader, writer) = unsafe {
+    unsafe {
         assert_eq!(libc::mkfifo(path.as_ptr(), 0o600), 0, "mkfifo");
         let r = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK);
         assert!(r >= 0, "open the FIFO for reading");
         let w = libc::open(path.as_ptr(), libc::O_WRONLY);
         assert!(w >= 0, "open the FIFO for writing");
         (std::fs::File::from_raw_fd(r), OwnedFd::from_raw_fd(w))
-    };
+    }
+}
+
+/// Every thread of the VM blocks SIGPIPE; the test's own thread does not.
+fn check_vm_threads_block_sigpipe(vm: &Vm) {
+    let threads = vm.threads();
+    assert_eq!(threads.len(), 2, "{threads:?}");
+    for t in &threads {
+        assert!(blocks_sigpipe(t.tid), "{} does not block SIGPIPE", t.name);
+    }
+    // SAFETY: gettid has no preconditions.
+    assert!(!blocks_sigpipe(unsafe { libc::gettid() }));
+}
+
+fn serial_reader_closes() {
+    let (mut reader, writer) = open_fifo();
     let mut c = VmConfig::new(write_tiny_guest("flood.elf", &serial_flood()), 1, 32);
     c.kestrel.name = Some("sigpipe-serial".into());
     c.serial.output = SerialOutput::Stdout;
@@ -169,7 +186,6 @@ fn serial_reader_closes() {
     // Output arrives through the FIFO...
     let mut got = 0usize;
     let mut buf = [0u8; 4096];
-    let mut reader = reader;
     wait_until(
         "4 KiB of serial output in the FIFO",
         Duration::from_secs(20),
@@ -196,14 +212,7 @@ fn serial_reader_closes() {
     );
     let m = vm.metrics();
     assert!(m.serial_tx_bytes > closed_at.serial_tx_bytes, "{m:?}");
-    // Every thread of the VM blocks SIGPIPE; the test's own thread does not.
-    let threads = vm.threads();
-    assert_eq!(threads.len(), 2, "{threads:?}");
-    for t in &threads {
-        assert!(blocks_sigpipe(t.tid), "{} does not block SIGPIPE", t.name);
-    }
-    // SAFETY: gettid has no preconditions.
-    assert!(!blocks_sigpipe(unsafe { libc::gettid() }));
+    check_vm_threads_block_sigpipe(&vm);
     assert_eq!(
         vm.wait_timeout(Duration::from_millis(100)),
         None,
@@ -237,6 +246,85 @@ fn header(op: u16, len: u32) -> Header {
     }
 }
 
+/// A tiny guest with the vsock device on `uds` that brings the device up, then notifies rx
+/// and tx every few milliseconds; the test plays the rest of the driver on guest memory.
+fn vsock_guest(uds: &Path) -> VmConfig {
+    let rings = [RX_RING, TX_RING, EV_RING].map(|base| RingLayout::at(base, 16));
+    let notify = [0, 1].map(|q| virtio_mmio_notify(VIRTIO_MMIO_BASE, q));
+    let code = mmio_writer(
+        &virtio_mmio_bring_up(VIRTIO_MMIO_BASE, 0, &rings),
+        &notify,
+        20_000,
+    );
+    let mut c = VmConfig::new(write_tiny_guest("vsock-driver.elf", &code), 1, 32);
+    c.kestrel.name = Some("sigpipe-vsock".into());
+    c.serial.output = SerialOutput::None;
+    c.vsock = Some(VsockConfig {
+        guest_cid: u32::try_from(GUEST_CID).expect("a small CID"),
+        uds_path: uds.to_path_buf(),
+        vsock_id: None,
+    });
+    c
+}
+
+/// The test's side of the guest's vsock driver: 8 receive buffers, the transmit ring.
+struct VsockDriver {
+    mem: Arc<GuestMemoryMmap>,
+    rx: HostDriverRing,
+    tx: HostDriverRing,
+}
+
+impl VsockDriver {
+    /// The rings set up (before the guest starts) with 8 receive buffers posted.
+    fn new(mem: Arc<GuestMemoryMmap>) -> VsockDriver {
+        let mut rx = HostDriverRing::new(&mem, RingLayout::at(RX_RING, 16));
+        let tx = HostDriverRing::new(&mem, RingLayout::at(TX_RING, 16));
+        HostDriverRing::new(&mem, RingLayout::at(EV_RING, 16));
+        for i in 0..8 {
+            let b = RX_BUFS + i * 0x2000;
+            let chain = [
+                (b, desc_len(HDR_SIZE), DESC_WRITE),
+                (b + 0x1000, 0x1000, DESC_WRITE),
+            ];
+            rx.push(&mem, &chain);
+        }
+        VsockDriver { mem, rx, tx }
+    }
+
+    /// Send packet `op` from the `slot`-th transmit buffer, with `payload` after the header.
+    fn send(&mut self, slot: u64, op: u16, payload: &[u8]) {
+        let h = TX_BUFS + 0x1000 * slot;
+        let hdr = header(op, desc_len(payload.len())).to_bytes();
+        self.mem.write_slice(&hdr, GuestAddress(h)).unwrap();
+        let mut chain = vec![(h, desc_len(HDR_SIZE), 0)];
+        if !payload.is_empty() {
+            self.mem
+                .write_slice(payload, GuestAddress(h + 0x800))
+                .unwrap();
+            chain.push((h + 0x800, desc_len(payload.len()), 0));
+        }
+        self.tx.push(&self.mem, &chain);
+    }
+
+    /// Whether a received packet is a reset of the guest's connection.
+    fn got_rst(&self) -> bool {
+        (0..self.rx.used_idx(&self.mem)).any(|i| {
+            let (id, _) = self.rx.used(&self.mem, i);
+            let at = RX_BUFS + u64::from(id / 2) * 0x2000;
+            let mut b = [0u8; HDR_SIZE];
+            self.mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+            let h = Header::from_bytes(&b);
+            h.op == op::RST && h.dst_port == GUEST_PORT
+        })
+    }
+}
+
+/// The vsock device's counters.
+fn vsock_metrics(vm: &Vm) -> kestrel_devices::virtio::vsock::VsockMetrics {
+    let m = vm.device("vsock").and_then(|d| d.metrics().vsock());
+    m.expect("the vsock device")
+}
+
 fn vsock_peer_closes() {
     let dir = scratch_dir();
     let uds = dir.join("sigpipe-v.sock");
@@ -246,50 +334,10 @@ fn vsock_peer_closes() {
     }
     let listener = UnixListener::bind(&port_path).unwrap();
     listener.set_nonblocking(true).unwrap();
-
-    let (rx, tx, ev) = (
-        RingLayout::at(RX_RING, 16),
-        RingLayout::at(TX_RING, 16),
-        RingLayout::at(EV_RING, 16),
-    );
-    // The guest brings the device up, then notifies rx and tx every few milliseconds; the test
-    // plays the rest of the driver on guest memory.
-    let code = mmio_writer(
-        &virtio_mmio_bring_up(VIRTIO_MMIO_BASE, 0, &[rx, tx, ev]),
-        &[
-            virtio_mmio_notify(VIRTIO_MMIO_BASE, 0),
-            virtio_mmio_notify(VIRTIO_MMIO_BASE, 1),
-        ],
-        20_000,
-    );
-    let mut c = VmConfig::new(write_tiny_guest("vsock-driver.elf", &code), 1, 32);
-    c.kestrel.name = Some("sigpipe-vsock".into());
-    c.serial.output = SerialOutput::None;
-    c.vsock = Some(VsockConfig {
-        guest_cid: GUEST_CID as u32,
-        uds_path: uds.clone(),
-        vsock_id: None,
-    });
-    let vm = Vm::create(&c).unwrap();
-    let mem = vm.guest_memory();
-    let mut rx_ring = HostDriverRing::new(&mem, rx);
-    let mut tx_ring = HostDriverRing::new(&mem, tx);
-    HostDriverRing::new(&mem, ev);
-    for i in 0..8 {
-        let b = RX_BUFS + i * 0x2000;
-        rx_ring.push(
-            &mem,
-            &[
-                (b, HDR_SIZE as u32, DESC_WRITE),
-                (b + 0x1000, 0x1000, DESC_WRITE),
-            ],
-        );
-    }
+    let vm = Vm::create(&vsock_guest(&uds)).unwrap();
+    let mut driver = VsockDriver::new(vm.guest_memory());
     // The guest connects to host port 5000 (the listener above).
-    let req = TX_BUFS;
-    mem.write_slice(&header(op::REQUEST, 0).to_bytes(), GuestAddress(req))
-        .unwrap();
-    tx_ring.push(&mem, &[(req, HDR_SIZE as u32, 0)]);
+    driver.send(0, op::REQUEST, &[]);
     vm.start().unwrap();
 
     let mut peer = None;
@@ -309,43 +357,20 @@ fn vsock_peer_closes() {
     wait_until(
         "the RESPONSE reaches the guest",
         Duration::from_secs(20),
-        || rx_ring.used_idx(&mem) >= 1,
+        || driver.rx.used_idx(&driver.mem) >= 1,
     );
-    assert_eq!(
-        vm.device("vsock")
-            .and_then(|d| d.metrics().vsock())
-            .unwrap()
-            .conns_opened,
-        1
-    );
+    assert_eq!(vsock_metrics(&vm).conns_opened, 1);
 
     // The host peer stops reading: the device's next write to it fails with EPIPE.
     peer.shutdown(Shutdown::Read).unwrap();
     for i in 0..4u64 {
-        let h = TX_BUFS + 0x1000 * (i + 1);
-        mem.write_slice(&header(op::RW, 16).to_bytes(), GuestAddress(h))
-            .unwrap();
-        mem.write_slice(&[b'v'; 16], GuestAddress(h + 0x800))
-            .unwrap();
-        tx_ring.push(&mem, &[(h, HDR_SIZE as u32, 0), (h + 0x800, 16, 0)]);
+        driver.send(i + 1, op::RW, &[b'v'; 16]);
     }
     wait_until("the connection ends", Duration::from_secs(20), || {
-        vm.device("vsock")
-            .and_then(|d| d.metrics().vsock())
-            .unwrap()
-            .conns_closed
-            >= 1
+        vsock_metrics(&vm).conns_closed >= 1
     });
     // The guest is told with a reset.
-    let rst = (0..rx_ring.used_idx(&mem)).any(|i| {
-        let (id, _) = rx_ring.used(&mem, i);
-        let at = RX_BUFS + u64::from(id / 2) * 0x2000;
-        let mut b = [0u8; HDR_SIZE];
-        mem.read_slice(&mut b, GuestAddress(at)).unwrap();
-        let h = Header::from_bytes(&b);
-        h.op == op::RST && h.dst_port == GUEST_PORT
-    });
-    assert!(rst, "the guest got no RST");
+    assert!(driver.got_rst(), "the guest got no RST");
     // And the peer's last close changes nothing either.
     drop(peer);
     assert_eq!(

@@ -67,7 +67,7 @@ fn one(vcpus: u32, mem: u64) -> Run {
 }
 
 fn main() {
-    let vcpus = cli_arg("--vcpus", 1) as u32;
+    let vcpus = u32::try_from(cli_arg("--vcpus", 1)).expect("--vcpus: a vCPU count");
     let mem = cli_arg("--mem", 128);
     let runs = cli_arg("--runs", 1);
     println!("Kestrel boot bench: {vcpus} vCPU(s), {mem} MiB, {runs} run(s)");

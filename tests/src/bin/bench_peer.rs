@@ -54,6 +54,23 @@ struct Sample {
     threads: usize,
 }
 
+impl Sample {
+    /// Process `pid` became ready after `ready`: its CPU time now, then (2 s later, once its
+    /// threads run) its RSS outside and inside the `mem_mib` MiB of guest RAM and its threads.
+    fn take(pid: u32, ready: Duration, mem_mib: u64) -> Sample {
+        let cpu = cpu_ms(pid);
+        std::thread::sleep(Duration::from_secs(2));
+        let (rss, guest) = rss_split(pid, mem_mib);
+        Sample {
+            ready_ms: ready.as_secs_f64() * 1000.0,
+            cpu_ms: cpu,
+            rss_kib: rss,
+            guest_rss_kib: guest,
+            threads: threads(pid),
+        }
+    }
+}
+
 fn stop(mut child: Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -93,17 +110,8 @@ fn kestrel(g: &GuestArtifacts, vcpus: u64, mem: u64, dir: &std::path::Path) -> S
         }
     }
     let ready = ready.expect("kestrel never logged 'created'");
-    let cpu = cpu_ms(pid);
     // Let the vCPU threads and the event loop start, as for QEMU below.
-    std::thread::sleep(Duration::from_secs(2));
-    let (rss, guest) = rss_split(pid, mem);
-    let s = Sample {
-        ready_ms: ready.as_secs_f64() * 1000.0,
-        cpu_ms: cpu,
-        rss_kib: rss,
-        guest_rss_kib: guest,
-        threads: threads(pid),
-    };
+    let s = Sample::take(pid, ready, mem);
     stop(child);
     s
 }
@@ -161,17 +169,7 @@ fn qemu(g: &GuestArtifacts, vcpus: u64, mem: u64, dir: &std::path::Path) -> Opti
         .unwrap();
     let ok = qmp_line(&mut r);
     assert!(ok.contains("return"), "{ok}");
-    let ready = t0.elapsed();
-    let cpu = cpu_ms(pid);
-    std::thread::sleep(Duration::from_secs(2));
-    let (rss, guest) = rss_split(pid, mem);
-    let s = Sample {
-        ready_ms: ready.as_secs_f64() * 1000.0,
-        cpu_ms: cpu,
-        rss_kib: rss,
-        guest_rss_kib: guest,
-        threads: threads(pid),
-    };
+    let s = Sample::take(pid, t0.elapsed(), mem);
     let _ = w.write_all(b"{\"execute\":\"quit\"}\n");
     let mut rest = Vec::new();
     let _ = r.get_mut().set_read_timeout(Some(Duration::from_secs(5)));

@@ -14,8 +14,13 @@ use kestrel_tests::soak::{device_soak, tiny_soak, CountingAlloc, DEVICE_CYCLES, 
 static ALLOC: CountingAlloc = CountingAlloc;
 
 fn main() {
-    let tiny = cli_arg("--tiny", TINY_CYCLES as u64) as usize;
-    let devices = cli_arg("--devices", DEVICE_CYCLES as u64) as usize;
+    let cycles = |name: &str, default: usize| {
+        usize::try_from(cli_arg(name, default as u64)).expect("a cycle count")
+    };
+    let (tiny, devices) = (
+        cycles("--tiny", TINY_CYCLES),
+        cycles("--devices", DEVICE_CYCLES),
+    );
     let mut clean = true;
     for (n, run) in [
         (

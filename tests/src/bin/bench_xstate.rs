@@ -6,9 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use kestrel_api::{SerialOutput, VmConfig};
 use kestrel_sandbox::agent::ExecRequest;
 use kestrel_sandbox::Sandbox;
+use kestrel_tests::guest::agent_guest;
 use kestrel_tests::*;
 use kestrel_vmm::pvfpu::{self, Request};
 use kestrel_vmm::Vm;
@@ -113,19 +113,20 @@ struct GuestRun {
 }
 
 fn guest_side(assist: bool, pipelines: u64) -> GuestRun {
-    let g = guest_artifacts();
-    let dir = scratch_dir().join(format!("bench-xstate-{assist}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let uds = dir.join("v.sock");
-    let _ = std::fs::remove_file(&uds);
-    let mut c = VmConfig::new(g.vmlinux, 1, 256);
-    c.boot_source.initrd_path = Some(g.initramfs);
-    c.serial.output = SerialOutput::None;
-    c.kestrel.xstate_assist = assist;
-    c.vsock = agent_vsock(&uds);
+    let mut guest = agent_guest(
+        if assist {
+            "bench-xs-on"
+        } else {
+            "bench-xs-off"
+        },
+        1,
+        256,
+    );
+    guest.config.kestrel.xstate_assist = assist;
+    let c = &guest.config;
     let cap = Capture::default();
-    let vm = Vm::create_with_console(&c, Box::new(cap.clone())).expect("create");
-    let sb = Sandbox::from_vm(&c, vm, Duration::from_secs(900)).expect("boot");
+    let vm = Vm::create_with_console(c, Box::new(cap.clone())).expect("create");
+    let sb = Sandbox::from_vm(c, vm, Duration::from_secs(900)).expect("boot");
     let mut a = sb.agent();
     a.set_call_timeout(Some(Duration::from_secs(3600)));
     let run = |a: &mut kestrel_sandbox::agent::AgentClient, script: &str| {

@@ -57,7 +57,7 @@ fn check_boot(vcpus: u32, expect_online: &str) {
     }
     let m = vm.metrics();
     eprintln!("boot with {vcpus} vCPU(s): {m:?}");
-    assert!(m.serial_tx_bytes as usize >= text.len());
+    assert!(m.serial_tx_bytes >= text.len() as u64);
 }
 
 #[test]

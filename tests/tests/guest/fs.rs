@@ -2,70 +2,154 @@
 //! thread under the library's default seccomp filters, a read-only share served on the event
 //! loop and a vhost-user share served by a real virtiofsd. One boot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kestrel_api::{FsCache, FsConfig, SeccompMode, SerialOutput, VmConfig};
-use kestrel_tests::*;
-
-use super::{agent_vsock, create_captured, hex, sandbox, sh_merged};
+use kestrel_api::{FsCache, FsConfig, SeccompMode};
 use kestrel_sandbox::agent::AgentClient;
-use kestrel_vmm::{ThreadKind, Vm, VmExit};
-use sha2::{Digest, Sha256};
+use kestrel_sandbox::Sandbox;
+use kestrel_tests::guest::{agent_guest, sha256_hex, spawn_virtiofsd};
+use kestrel_tests::*;
+use kestrel_vmm::{ThreadKind, Vm};
 
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+use super::{check_clean_shutdown, create_captured, sandbox, sh, sh_merged, sh_ok};
+
+/// The share directories on the host and what the guest must find in them.
+struct Shares {
+    /// The in-process share `share` (on a worker thread, xattrs on), mounted at `/mnt/s`.
+    rw: PathBuf,
+    /// The read-only in-process share `roshare`, mounted at `/mnt/ro`.
+    ro: PathBuf,
+    /// The directory virtiofsd serves as `vhushare`, mounted at `/mnt/v`.
+    vhu: PathBuf,
+    /// `./tree/...` path -> SHA-256 of the 500 files in `rw`.
+    tree: BTreeMap<String, String>,
+}
+
+impl Shares {
+    /// Fresh share directories in `dir`: 500 files in a small tree with known checksums and
+    /// two symlinks pointing outside in `rw`, a `readme` in `ro`, nothing yet in `vhu`.
+    fn create(dir: &Path) -> Shares {
+        let (rw, ro, vhu) = (dir.join("rw"), dir.join("ro"), dir.join("vhu"));
+        for d in [&rw, &ro, &vhu] {
+            let _ = std::fs::remove_dir_all(d);
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let mut tree = BTreeMap::new();
+        let mut rng = XorShift::new(77);
+        for i in 0..500 {
+            let sub = format!("tree/d{}", i % 10);
+            std::fs::create_dir_all(rw.join(&sub)).unwrap();
+            let mut data = vec![0u8; 512 + (i * 37) % 4096];
+            rng.fill(&mut data);
+            let rel = format!("{sub}/f{i}");
+            std::fs::write(rw.join(&rel), &data).unwrap();
+            tree.insert(format!("./{rel}"), sha256_hex(&data));
+        }
+        // Symlinks pointing outside the share.
+        std::os::unix::fs::symlink("/etc/hostname", rw.join("evil")).unwrap();
+        std::fs::write(dir.join("secret"), b"host secret").unwrap();
+        std::os::unix::fs::symlink(dir.join("secret"), rw.join("evil2")).unwrap();
+        std::fs::write(ro.join("readme"), b"read only").unwrap();
+        Shares { rw, ro, vhu, tree }
+    }
+
+    /// The shares: the one the guest uses most is served on a worker thread (the
+    /// high-priority queue stays on the event loop) with xattrs on; the read-only one on
+    /// the loop; the third by virtiofsd on `sock`.
+    fn configs(&self, sock: &Path) -> Vec<FsConfig> {
+        let plain = |tag: &str, dir: &Path| FsConfig {
+            cache: FsCache::None,
+            ..FsConfig::shared_dir(tag, dir)
+        };
+        let mut rw = plain("share", &self.rw);
+        rw.worker_threads = true;
+        rw.xattr = true;
+        let mut ro = plain("roshare", &self.ro);
+        ro.read_only = true;
+        vec![rw, ro, FsConfig::vhost_user("vhushare", sock)]
     }
 }
 
-fn share(tag: &str, dir: &Path) -> FsConfig {
-    FsConfig {
-        tag: tag.into(),
-        shared_dir: Some(dir.to_path_buf()),
-        socket: None,
-        read_only: false,
-        cache: FsCache::None,
-        xattr: false,
-        num_queues: 1,
-        queue_size: 256,
-        worker_threads: false,
-        max_open_handles: kestrel_api::DEFAULT_FS_MAX_OPEN_HANDLES,
-        allow_setid: false,
-        allow_devices: false,
+#[test]
+fn virtio_fs_in_process_read_only_and_vhost_user() {
+    let mut guest = agent_guest("fs", 1, 256);
+    let shares = Shares::create(&guest.dir);
+    let sock = guest.dir.join("vfsd.sock");
+    let bin = kestrel_tests::soak::virtiofsd();
+    let timeout = Duration::from_secs(20);
+    let _daemon = spawn_virtiofsd(&bin, &sock, &shares.vhu, "never", timeout);
+    guest.config.fs = shares.configs(&sock);
+    // The library's default seccomp mode (`kestrel.seccomp` absent): errno.
+    assert_eq!(guest.config.kestrel.seccomp, None);
+    let (vm, cap) = create_captured(&guest.config);
+    assert_eq!(vm.seccomp_mode(), SeccompMode::Errno);
+    assert!(vm.guest_memory_is_shared(), "vhost-user needs memfd memory");
+    let sb = sandbox(&guest.config, vm, &cap);
+    let mut a = sb.agent();
+    a.set_call_timeout(Some(Duration::from_secs(900)));
+    for (tag, mnt) in [
+        ("share", "/mnt/s"),
+        ("roshare", "/mnt/ro"),
+        ("vhushare", "/mnt/v"),
+    ] {
+        a.mount(tag, mnt, "virtiofs", None, &[])
+            .unwrap_or_else(|e| panic!("mount {tag}: {e}\nconsole:\n{}", cap.text()));
     }
+
+    check_tree_read_in_guest(&mut a, &shares.tree);
+    check_mutations_seen_on_host(&mut a, "/mnt/s", &shares.rw);
+    check_large_read_host_to_guest(&mut a, "/mnt/s", &shares.rw);
+    check_guest_file_ops_seen_on_host(&mut a, "/mnt/s", &shares.rw);
+    check_exec_and_xattrs_from_share(&mut a, "/mnt/s", &shares.rw);
+    check_read_only_share(&mut a, &shares.ro);
+    check_symlinks_stay_inside_the_share(&mut a);
+    check_vhost_user_share(&mut a, &shares.vhu);
+    check_worker_served_the_share(&sb, &mut a);
+    drop(a);
+    check_clean_shutdown(&sb);
+    assert!(sb.vm().threads().is_empty(), "the worker ended with the VM");
 }
 
-/// Create, rename, truncate and delete through the guest; the host sees each change.
-fn mutations(a: &mut AgentClient, mnt: &str, host: &Path) {
-    let (code, out) = sh_merged(a, &format!("echo created-in-guest > {mnt}/new.txt"));
-    assert_eq!(code, 0, "{out}");
+/// The guest lists exactly the 500 files of the tree and reads each intact (the agent hashes
+/// each file it reads through the share; no process per file).
+fn check_tree_read_in_guest(a: &mut AgentClient, want: &BTreeMap<String, String>) {
+    let t = Instant::now();
+    let out = sh_ok(a, "cd /mnt/s && find ./tree -type f");
+    let listed: BTreeSet<&str> = out.lines().collect();
+    let expected: BTreeSet<&str> = want.keys().map(String::as_str).collect();
+    assert_eq!(listed, expected, "guest listing of the share");
+    for (path, sum) in want {
+        let d = a
+            .sha256_file(&format!("/mnt/s/{}", path.trim_start_matches("./")))
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(&d.sha256, sum, "{path}");
+    }
+    eprintln!("guest checksummed 500 files in {:?}", t.elapsed());
+}
+
+/// Create, rename, truncate and delete through the guest: the host sees each change; and a
+/// host-side change is visible in the guest at once (no caching).
+fn check_mutations_seen_on_host(a: &mut AgentClient, mnt: &str, host: &Path) {
+    sh_ok(a, &format!("echo created-in-guest > {mnt}/new.txt"));
     assert_eq!(
         std::fs::read_to_string(host.join("new.txt")).unwrap(),
         "created-in-guest\n"
     );
-    let (code, out) = sh_merged(a, &format!("mv {mnt}/new.txt {mnt}/renamed.txt"));
-    assert_eq!(code, 0, "{out}");
+    sh_ok(a, &format!("mv {mnt}/new.txt {mnt}/renamed.txt"));
     assert!(!host.join("new.txt").exists());
     assert!(host.join("renamed.txt").exists());
-    let (code, out) = sh_merged(a, &format!("truncate -s 7 {mnt}/renamed.txt"));
-    assert_eq!(code, 0, "{out}");
+    sh_ok(a, &format!("truncate -s 7 {mnt}/renamed.txt"));
     assert_eq!(std::fs::read(host.join("renamed.txt")).unwrap(), b"created");
-    let (code, out) = sh_merged(a, &format!("rm {mnt}/renamed.txt"));
-    assert_eq!(code, 0, "{out}");
+    sh_ok(a, &format!("rm {mnt}/renamed.txt"));
     assert!(!host.join("renamed.txt").exists());
-    // And a host-side change is visible in the guest (no caching).
-    std::fs::write(host.join("from-host.txt"), b"written on the host").unwrap();
-    let (code, out) = sh_merged(a, &format!("cat {mnt}/from-host.txt"));
-    assert_eq!((code, out.as_str()), (0, "written on the host"));
-    std::fs::write(host.join("from-host.txt"), b"changed on the host").unwrap();
-    let (code, out) = sh_merged(a, &format!("cat {mnt}/from-host.txt"));
-    assert_eq!((code, out.as_str()), (0, "changed on the host"));
+    for text in ["written on the host", "changed on the host"] {
+        std::fs::write(host.join("from-host.txt"), text).unwrap();
+        let (code, out) = sh_merged(a, &format!("cat {mnt}/from-host.txt"));
+        assert_eq!((code, out.as_str()), (0, text));
+    }
 }
 
 /// The fs worker threads of `vm` listed for share `fs<share>`.
@@ -158,24 +242,19 @@ fn xattr_probe_elf() -> Vec<u8> {
     e
 }
 
-/// What the in-process share's worker serves beyond lookups and reads: large writes and reads
-/// both ways (checksummed), fsync/fdatasync, fallocate, links, chmod, utimes, a FIFO, a
-/// directory tree removed again, statfs, and — the host file system allowing user xattrs —
-/// exec from the share (the kernel reads `security.capability`) and set/get/list/remove of
-/// an xattr.
-fn worker_share_ops(a: &mut AgentClient, mnt: &str, host: &Path) {
-    // Host -> guest: 1.5 MiB (READs of up to 1 MiB each).
+/// 1.5 MiB written on the host reads intact in the guest (READs of up to 1 MiB each).
+fn check_large_read_host_to_guest(a: &mut AgentClient, mnt: &str, host: &Path) {
     let mut big = vec![0u8; 3 << 19];
     XorShift::new(5).fill(&mut big);
     std::fs::write(host.join("host.bin"), &big).unwrap();
     let d = a.sha256_file(&format!("{mnt}/host.bin")).unwrap();
-    assert_eq!(
-        d.sha256,
-        hex(&Sha256::digest(&big)),
-        "host.bin read in the guest"
-    );
+    assert_eq!(d.sha256, sha256_hex(&big), "host.bin read in the guest");
+}
 
-    // Guest -> host, and the rest of the file operations, in one exec.
+/// What the share serves beyond lookups and reads, done by the guest in one exec and seen on
+/// the host: a 1.5 MiB write (checksummed), fsync/fdatasync, fallocate, links, chmod, utimes,
+/// a FIFO, a directory tree renamed in and removed again, statfs.
+fn check_guest_file_ops_seen_on_host(a: &mut AgentClient, mnt: &str, host: &Path) {
     let script = format!(
         "set -e; mkdir {mnt}/w; cd {mnt}/w
          dd if=/dev/urandom of=/tmp/g.bin bs=512k count=3 2>/dev/null
@@ -189,8 +268,7 @@ fn worker_share_ops(a: &mut AgentClient, mnt: &str, host: &Path) {
          df -k {mnt} | tail -n 1 | wc -w
          sha256sum /tmp/g.bin | cut -d ' ' -f 1"
     );
-    let (code, out) = sh_merged(a, &script);
-    assert_eq!(code, 0, "{out}");
+    let out = sh_ok(a, &script);
     let w = host.join("w");
     let guest_bin = std::fs::read(w.join("guest.bin")).unwrap();
     let lines: Vec<&str> = out.lines().collect();
@@ -202,7 +280,7 @@ fn worker_share_ops(a: &mut AgentClient, mnt: &str, host: &Path) {
             "1572864 2 600 981173106",
             "d falloc.bin fifo guest.bin hard sym ",
             "6",
-            hex(&Sha256::digest(&guest_bin)).as_str(),
+            sha256_hex(&guest_bin).as_str(),
         ],
         "guest view; the last line is the guest's checksum of what it wrote"
     );
@@ -211,24 +289,21 @@ fn worker_share_ops(a: &mut AgentClient, mnt: &str, host: &Path) {
         (m.len(), m.nlink(), m.mode() & 0o777, m.mtime()),
         (3 << 19, 2, 0o600, 981173106)
     );
-    assert_eq!(
-        std::fs::metadata(w.join("falloc.bin")).unwrap().len(),
-        65536
-    );
-    assert_eq!(
-        std::fs::read_link(w.join("sym")).unwrap(),
-        Path::new("guest.bin")
-    );
-    assert!(std::fs::symlink_metadata(w.join("fifo"))
-        .unwrap()
-        .file_type()
-        .is_fifo());
+    let falloc = std::fs::metadata(w.join("falloc.bin")).unwrap();
+    assert_eq!(falloc.len(), 65536);
+    let sym = std::fs::read_link(w.join("sym")).unwrap();
+    assert_eq!(sym, Path::new("guest.bin"));
+    let fifo = std::fs::symlink_metadata(w.join("fifo")).unwrap();
+    assert!(fifo.file_type().is_fifo());
     assert_eq!(std::fs::read(w.join("d/e/g")).unwrap(), b"deep\n");
-    let (code, out) = sh_merged(a, &format!("rm -r {mnt}/w"));
-    assert_eq!(code, 0, "{out}");
+    sh_ok(a, &format!("rm -r {mnt}/w"));
     assert!(!w.exists(), "the guest removed the tree");
+}
 
-    // Exec from the share and xattrs.
+/// The host file system allowing user xattrs: exec from the share works (the kernel reads
+/// `security.capability`) and the guest sets, gets, lists and removes an xattr, seen on the
+/// host.
+fn check_exec_and_xattrs_from_share(a: &mut AgentClient, mnt: &str, host: &Path) {
     let target = host.join("xattr-target");
     std::fs::write(&target, b"x").unwrap();
     match host_setxattr(&target, "user.from-host", b"h") {
@@ -238,13 +313,10 @@ fn worker_share_ops(a: &mut AgentClient, mnt: &str, host: &Path) {
         }
         r => r.unwrap(),
     }
-    a.write_file(
-        &format!("{mnt}/xattr-probe"),
-        &xattr_probe_elf(),
-        Some(0o755),
-    )
-    .unwrap();
-    let (code, out, err) = super::sh(a, &format!("{mnt}/xattr-probe {mnt}/xattr-target"));
+    let probe = format!("{mnt}/xattr-probe");
+    a.write_file(&probe, &xattr_probe_elf(), Some(0o755))
+        .unwrap();
+    let (code, out, err) = sh(a, &format!("{probe} {mnt}/xattr-target"));
     // Exit status 0, or the errno of the failing call (after its letter).
     assert_eq!(code, 0, "xattr probe: {out:?} {err}");
     assert!(
@@ -267,139 +339,44 @@ fn worker_share_ops(a: &mut AgentClient, mnt: &str, host: &Path) {
     );
 }
 
-#[test]
-fn virtio_fs_in_process_read_only_and_vhost_user() {
-    let g = guest_artifacts();
-    let dir = scratch_dir().join("fs");
-    let _ = std::fs::remove_dir_all(&dir);
-    let (rw, ro, vhu) = (dir.join("rw"), dir.join("ro"), dir.join("vhu"));
-    for d in [&rw, &ro, &vhu] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    // 500 files in a small tree, with known checksums.
-    let mut want = BTreeMap::new();
-    let mut rng = XorShift::new(77);
-    for i in 0..500 {
-        let sub = format!("tree/d{}", i % 10);
-        std::fs::create_dir_all(rw.join(&sub)).unwrap();
-        let mut data = vec![0u8; 512 + (i * 37) % 4096];
-        rng.fill(&mut data);
-        let rel = format!("{sub}/f{i}");
-        std::fs::write(rw.join(&rel), &data).unwrap();
-        want.insert(format!("./{rel}"), hex(&Sha256::digest(&data)));
-    }
-    // A symlink pointing outside the share.
-    std::os::unix::fs::symlink("/etc/hostname", rw.join("evil")).unwrap();
-    std::fs::write(dir.join("secret"), b"host secret").unwrap();
-    std::os::unix::fs::symlink(dir.join("secret"), rw.join("evil2")).unwrap();
-    std::fs::write(ro.join("readme"), b"read only").unwrap();
-
-    let sock = dir.join("vfsd.sock");
-    let bin = kestrel_tests::soak::virtiofsd();
-    let _daemon = Daemon(
-        Command::new(&bin)
-            .arg(format!("--socket-path={}", sock.display()))
-            .arg(format!("--shared-dir={}", vhu.display()))
-            .arg("--sandbox=chroot")
-            .arg("--cache=never")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn virtiofsd"),
-    );
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "virtiofsd socket");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-
-    let uds = dir.join("v.sock");
-    let mut c = VmConfig::new(g.vmlinux, 1, 256);
-    c.boot_source.initrd_path = Some(g.initramfs);
-    c.serial.output = SerialOutput::None;
-    c.kestrel.name = Some("fs".into());
-    // The share the guest uses most is served on a worker thread (the high-priority queue
-    // stays on the event loop), with xattrs on; the read-only share is served on the loop.
-    let mut rw_share = share("share", &rw);
-    rw_share.worker_threads = true;
-    rw_share.xattr = true;
-    let mut ro_share = share("roshare", &ro);
-    ro_share.read_only = true;
-    let vhu_share = FsConfig {
-        tag: "vhushare".into(),
-        shared_dir: None,
-        socket: Some(sock.clone()),
-        cache: FsCache::Auto,
-        ..share("x", &vhu)
-    };
-    c.fs = vec![rw_share, ro_share, vhu_share];
-    c.vsock = agent_vsock(&uds);
-    // The library's default seccomp mode (`kestrel.seccomp` absent): errno.
-    assert_eq!(c.kestrel.seccomp, None);
-    let (vm, cap) = create_captured(&c);
-    assert_eq!(vm.seccomp_mode(), SeccompMode::Errno);
-    assert!(vm.guest_memory_is_shared(), "vhost-user needs memfd memory");
-    let sb = sandbox(&c, vm, &cap);
-    let mut a = sb.agent();
-    a.set_call_timeout(Some(Duration::from_secs(900)));
-    for (tag, mnt) in [
-        ("share", "/mnt/s"),
-        ("roshare", "/mnt/ro"),
-        ("vhushare", "/mnt/v"),
-    ] {
-        a.mount(tag, mnt, "virtiofs", None, &[])
-            .unwrap_or_else(|e| panic!("mount {tag}: {e}\nconsole:\n{}", cap.text()));
-    }
-
-    // 500 files read and checked in the guest (the agent hashes each file it reads through
-    // the share; no process per file).
-    let t = Instant::now();
-    let (code, out) = sh_merged(&mut a, "cd /mnt/s && find ./tree -type f");
-    assert_eq!(code, 0, "{out}");
-    let listed: std::collections::BTreeSet<&str> = out.lines().collect();
-    let expected: std::collections::BTreeSet<&str> = want.keys().map(String::as_str).collect();
-    assert_eq!(listed, expected, "guest listing of the share");
-    for (path, sum) in &want {
-        let d = a
-            .sha256_file(&format!("/mnt/s/{}", path.trim_start_matches("./")))
-            .unwrap_or_else(|e| panic!("{path}: {e}"));
-        assert_eq!(&d.sha256, sum, "{path}");
-    }
-    eprintln!("guest checksummed 500 files in {:?}", t.elapsed());
-
-    mutations(&mut a, "/mnt/s", &rw);
-    worker_share_ops(&mut a, "/mnt/s", &rw);
-
-    // Read-only share: reads work, writes fail with EROFS.
-    let (code, out) = sh_merged(&mut a, "cat /mnt/ro/readme");
+/// The read-only share: reads work, writes fail with EROFS and create nothing on the host.
+fn check_read_only_share(a: &mut AgentClient, ro: &Path) {
+    let (code, out) = sh_merged(a, "cat /mnt/ro/readme");
     assert_eq!((code, out.as_str()), (0, "read only"));
-    let (code, out) = sh_merged(&mut a, "echo x > /mnt/ro/new");
+    let (code, out) = sh_merged(a, "echo x > /mnt/ro/new");
     assert_ne!(code, 0);
     assert!(out.contains("Read-only file system"), "{out}");
     assert!(!ro.join("new").exists());
+}
 
-    // Symlinks pointing outside the share do not expose host files.
+/// Symlinks pointing outside the share do not expose host files: the guest resolves them in
+/// its own namespace.
+fn check_symlinks_stay_inside_the_share(a: &mut AgentClient) {
     let host_hostname = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-    let (_, out) = sh_merged(&mut a, "cat /mnt/s/evil /mnt/s/evil2");
+    let (_, out) = sh_merged(a, "cat /mnt/s/evil /mnt/s/evil2");
     assert!(!out.contains("host secret"), "{out}");
     assert!(
         host_hostname.is_empty() || !out.contains(host_hostname.trim()) || {
-            // The guest resolves the link in its own namespace: equal content can only come
-            // from the guest's own /etc/hostname.
-            let (_, g) = sh_merged(&mut a, "cat /etc/hostname");
+            // Equal content can only come from the guest's own /etc/hostname.
+            let (_, g) = sh_merged(a, "cat /etc/hostname");
             out.contains(g.trim()) && !g.trim().is_empty()
         }
     );
+}
 
-    // The same read/write checks through vhost-user and virtiofsd.
+/// The same read and write checks through vhost-user and virtiofsd.
+fn check_vhost_user_share(a: &mut AgentClient, vhu: &Path) {
     std::fs::write(vhu.join("hello"), b"served by virtiofsd").unwrap();
-    let (code, out) = sh_merged(&mut a, "cat /mnt/v/hello");
+    let (code, out) = sh_merged(a, "cat /mnt/v/hello");
     assert_eq!((code, out.as_str()), (0, "served by virtiofsd"));
-    mutations(&mut a, "/mnt/v", &vhu);
+    check_mutations_seen_on_host(a, "/mnt/v", vhu);
+}
 
-    // The worker really served the share: it is listed among the VM's threads, runs under
-    // two filters (the event loop's, inherited, and its own), and every request-queue chain
-    // went through it — none fell back to the loop.
+/// The worker really served the in-process share: it is listed among the VM's threads, runs
+/// under two filters (the event loop's, inherited, and its own), and every request-queue
+/// chain went through it (none fell back to the loop), up to the FUSE_DESTROY of the unmount;
+/// the read-only share served on the loop; nothing failed or panicked.
+fn check_worker_served_the_share(sb: &Sandbox, a: &mut AgentClient) {
     let vm = sb.vm();
     let workers = fs_workers(vm, 0);
     assert_eq!(workers.len(), 1, "{:?}", vm.threads());
@@ -413,32 +390,18 @@ fn virtio_fs_in_process_read_only_and_vhost_user() {
     );
     assert_eq!(task_status(w.tid, "Seccomp"), "2");
     assert_eq!(task_status(w.tid, "Seccomp_filters"), "2");
-    assert!(
-        fs_workers(vm, 1).is_empty(),
-        "roshare serves on the event loop"
-    );
+    let loop_served = fs_workers(vm, 1).is_empty();
+    assert!(loop_served, "roshare serves on the event loop");
     // Unmounting sends FUSE_DESTROY, served on the worker (it re-imports the root).
-    let (code, out) = sh_merged(&mut a, "umount /mnt/s");
-    assert_eq!(code, 0, "{out}");
+    sh_ok(a, "umount /mnt/s");
     let m = vm.device("fs0").and_then(|d| d.metrics().fs()).unwrap();
     eprintln!("in-process share metrics: {m:?}");
     assert!(m.requests > 500, "{m:?}");
     assert_eq!(m.worker_requests, m.requests, "{m:?}");
-    assert_eq!(
-        (
-            m.failed_requests,
-            m.malformed_chains,
-            m.queue_errors,
-            m.panics
-        ),
-        (0, 0, 0, 0),
-        "{m:?}"
-    );
+    let failures = (m.failed_requests, m.malformed_chains, m.queue_errors);
+    assert_eq!((failures, m.panics), ((0, 0, 0), 0), "{m:?}");
     let ro_m = vm.device("fs1").and_then(|d| d.metrics().fs()).unwrap();
     assert!(ro_m.requests > 0 && ro_m.worker_requests == 0, "{ro_m:?}");
     assert_eq!(vm.metrics().device_panics, 0);
     assert_eq!(vm.device("fs0").map(|d| d.needs_reset()), Some(false));
-    drop(a);
-    assert_eq!(sb.shutdown(Duration::from_secs(120)), Some(VmExit::Reset));
-    assert!(sb.vm().threads().is_empty(), "the worker ended with the VM");
 }

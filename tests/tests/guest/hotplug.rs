@@ -3,25 +3,20 @@
 
 use std::time::{Duration, Instant};
 
-use kestrel_api::{SerialOutput, VmConfig};
-use kestrel_tests::*;
+use kestrel_agent_proto as proto;
+use kestrel_sandbox::{Sandbox, SandboxError};
+use kestrel_tests::guest::agent_guest;
+use kestrel_vmm::{ThreadKind, VcpuRunState};
 
-use super::{agent_vsock, create_captured, sandbox, sh};
-use kestrel_sandbox::SandboxError;
-use kestrel_vmm::{ThreadKind, VcpuRunState, VmExit};
+use super::{check_clean_shutdown, create_captured, sandbox, sh};
 
 /// Resident KiB of the host pages in [start, end) (mincore; 0 when the range is unmapped).
 fn rss_in(start: u64, end: u64) -> u64 {
-    let pages = ((end - start) / 4096) as usize;
-    let mut v = vec![0u8; pages];
-    // SAFETY: mincore only writes `pages` bytes into `v`; the range is page-aligned.
-    let r = unsafe {
-        libc::mincore(
-            start as *mut libc::c_void,
-            (end - start) as usize,
-            v.as_mut_ptr(),
-        )
-    };
+    let len = usize::try_from(end - start).expect("a host range fits the address space");
+    let mut v = vec![0u8; len / 4096];
+    // SAFETY: mincore only writes one byte per page of the range into `v` (`len / 4096`
+    // bytes); the range is page-aligned. It reads no memory.
+    let r = unsafe { libc::mincore(start as *mut libc::c_void, len, v.as_mut_ptr()) };
     if r != 0 {
         return 0;
     }
@@ -36,66 +31,70 @@ fn vm_rss_kb() -> u64 {
         .unwrap_or(0)
 }
 
+/// Print how long a resize took: in all, in the VMM and in the guest.
+fn report(what: &str, t: Instant, vmm: Duration, guest: Duration) {
+    eprintln!(
+        "{what}: {:?} total (VMM {vmm:?}, guest {guest:?})",
+        t.elapsed()
+    );
+}
+
 #[test]
 fn vcpu_and_memory_hotplug() {
-    let g = guest_artifacts();
-    let dir = scratch_dir().join("hotplug");
-    std::fs::create_dir_all(&dir).unwrap();
-    let uds = dir.join("v.sock");
-    let _ = std::fs::remove_file(&uds);
-    let mut c = VmConfig::new(g.vmlinux, 1, 256);
-    c.boot_source.initrd_path = Some(g.initramfs);
-    c.machine_config.max_vcpus = Some(2);
-    c.machine_config.max_mem_size_mib = Some(1024);
-    c.serial.output = SerialOutput::None;
-    c.kestrel.name = Some("hp".into());
-    c.vsock = agent_vsock(&uds);
-    let (vm, cap) = create_captured(&c);
+    let mut guest = agent_guest("hotplug", 1, 256);
+    guest.config.kestrel.name = Some("hp".into());
+    guest.config.machine_config.max_vcpus = Some(2);
+    guest.config.machine_config.max_mem_size_mib = Some(1024);
+    let (vm, cap) = create_captured(&guest.config);
     assert!(vm.cmdline().contains("maxcpus=1"), "{}", vm.cmdline());
-    let sb = sandbox(&c, vm, &cap);
-    {
-        let mut a = sb.agent();
-        let cpus = a.cpus().unwrap();
-        assert_eq!(cpus.online, "0");
-        assert_eq!(cpus.possible, "0-1", "the MP table lists max_vcpus CPUs");
-    }
+    let sb = sandbox(&guest.config, vm, &cap);
+    let cpus = sb.agent().cpus().unwrap();
+    assert_eq!(cpus.online, "0");
+    assert_eq!(cpus.possible, "0-1", "the MP table lists max_vcpus CPUs");
 
-    // Grow to 2 vCPUs.
+    check_vcpu_grow_runs_work_on_the_new_cpu(&sb);
+    check_vcpu_shrink_parks_and_grow_reuses(&sb);
+    let grown_kb = check_memory_grow_is_usable(&sb);
+    check_memory_shrink_releases_host_pages(&sb, grown_kb);
+    // Grow again after a shrink reuses the freed range.
+    let r = sb.resize_memory(512).unwrap();
+    assert_eq!(r.total_mib, 512);
+    check_clean_shutdown(&sb);
+}
+
+/// Growing to 2 vCPUs onlines CPU 1 in the guest, lists its thread, and a CPU-bound process
+/// pinned to it runs there.
+fn check_vcpu_grow_runs_work_on_the_new_cpu(sb: &Sandbox) {
     let t = Instant::now();
     let r = sb.resize_vcpus(2).unwrap();
-    eprintln!(
-        "resize_vcpus 1->2: {:?} total (VMM {:?}, guest {:?})",
-        t.elapsed(),
-        r.vmm_time,
-        r.guest_time
-    );
+    report("resize_vcpus 1->2", t, r.vmm_time, r.guest_time);
     assert_eq!(r.online, "0-1");
     let threads = sb.vm().threads();
     assert!(
         threads.iter().any(|t| t.kind == ThreadKind::Vcpu(1)),
         "new vCPU thread listed: {threads:?}"
     );
-    {
-        let mut a = sb.agent();
-        let (code, out, err) = sh(
-            &mut a,
-            "taskset -c 1 sh -c 'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; \
-             set -- $(cat /proc/self/stat); shift 38; echo cpu=$1'",
-        );
-        assert_eq!(code, 0, "{err}");
-        assert_eq!(
-            out.trim(),
-            "cpu=1",
-            "CPU-bound process did not run on CPU 1"
-        );
-    }
+    let (code, out, err) = sh(
+        &mut sb.agent(),
+        "taskset -c 1 sh -c 'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; \
+         set -- $(cat /proc/self/stat); shift 38; echo cpu=$1'",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.trim(),
+        "cpu=1",
+        "CPU-bound process did not run on CPU 1"
+    );
+}
 
-    // Shrink to 1: CPU 1 goes offline, its thread is parked.
+/// Shrinking to 1 offlines CPU 1 and parks its thread; vCPU 0 is never removed and
+/// out-of-range requests are typed errors; growing again reuses the parked vCPU (no new
+/// thread).
+fn check_vcpu_shrink_parks_and_grow_reuses(sb: &Sandbox) {
     let r = sb.resize_vcpus(1).unwrap();
     assert_eq!(r.online, "0");
     assert!(sb.vm().vcpu_states().contains(&(1, VcpuRunState::Parked)));
     let nthreads = sb.vm().threads().len();
-    // vCPU 0 is never removed; out-of-range requests are typed errors.
     assert!(matches!(
         sb.resize_vcpus(0),
         Err(SandboxError::VcpuRange { .. })
@@ -104,22 +103,19 @@ fn vcpu_and_memory_hotplug() {
         sb.resize_vcpus(3),
         Err(SandboxError::VcpuRange { max: 2, .. })
     ));
-    // Grow again: the parked vCPU is reused, no new thread.
     let r = sb.resize_vcpus(2).unwrap();
     assert_eq!(r.online, "0-1");
     assert_eq!(sb.vm().threads().len(), nthreads);
     assert!(sb.vm().vcpu_states().contains(&(1, VcpuRunState::Running)));
+}
 
-    // Memory: +256 MiB.
+/// +256 MiB in 128 MiB blocks shows in the guest's MemTotal, and a process can allocate and
+/// touch 200 MiB (more than was free before the grow). Returns MemTotal (kB) after the grow.
+fn check_memory_grow_is_usable(sb: &Sandbox) -> u64 {
     let before_kb = sb.agent().meminfo().unwrap().mem_total_kb;
     let t = Instant::now();
     let r = sb.resize_memory(512).unwrap();
-    eprintln!(
-        "resize_memory +256 MiB: {:?} total (VMM {:?}, guest {:?})",
-        t.elapsed(),
-        r.vmm_time,
-        r.guest_time
-    );
+    report("resize_memory +256 MiB", t, r.vmm_time, r.guest_time);
     assert_eq!(r.block_size, 128 << 20);
     assert_eq!(r.total_mib, 512);
     let after_kb = sb.agent().meminfo().unwrap().mem_total_kb;
@@ -127,19 +123,21 @@ fn vcpu_and_memory_hotplug() {
         after_kb >= before_kb + 240 * 1024,
         "MemTotal {before_kb} -> {after_kb} kB"
     );
-    // A process can allocate and touch 200 MiB (more than was free before the grow).
-    {
-        let mut a = sb.agent();
-        a.set_call_timeout(Some(Duration::from_secs(900)));
-        let t = Instant::now();
-        let r = a
-            .call("alloc_touch", serde_json::json!({"mib": 200}))
-            .expect("allocate and touch 200 MiB");
-        eprintln!("touching 200 MiB in the guest took {:?}", t.elapsed());
-        assert_eq!(r["pages"], 51200);
-    }
-    // Shrink by 128 MiB: the top block goes offline in the guest, its slot is deleted and its
-    // host pages are released.
+    let mut a = sb.agent();
+    a.set_call_timeout(Some(Duration::from_secs(900)));
+    let t = Instant::now();
+    let r = a
+        .request(proto::AllocTouch { mib: 200 })
+        .expect("allocate and touch 200 MiB");
+    eprintln!("touching 200 MiB in the guest took {:?}", t.elapsed());
+    assert_eq!(r.pages, 51200);
+    after_kb
+}
+
+/// Shrinking by 128 MiB offlines the top block in the guest (MemTotal drops below
+/// `grown_kb`), deletes its slot and releases its host pages; beyond the maximum is a typed
+/// error.
+fn check_memory_shrink_releases_host_pages(sb: &Sandbox, grown_kb: u64) {
     let top = *sb.vm().plugged_memory().last().unwrap();
     let ranges = sb.vm().guest_memory_host_ranges();
     // Host ranges come in guest-address order: the top block is the last one.
@@ -166,16 +164,10 @@ fn vcpu_and_memory_hotplug() {
         "{block_rss_after} kB still resident"
     );
     let mt = sb.agent().meminfo().unwrap().mem_total_kb;
-    assert!(mt < after_kb, "guest MemTotal {after_kb} -> {mt} kB");
+    assert!(mt < grown_kb, "guest MemTotal {grown_kb} -> {mt} kB");
     assert_eq!(sb.vm().plugged_memory().len(), 1);
-    // Beyond the maximum: a typed error.
     assert!(matches!(
         sb.resize_memory(2048),
         Err(SandboxError::MemoryRange { .. })
     ));
-    // Grow again after a shrink reuses the freed range.
-    let r = sb.resize_memory(512).unwrap();
-    assert_eq!(r.total_mib, 512);
-
-    assert_eq!(sb.shutdown(Duration::from_secs(120)), Some(VmExit::Reset));
 }

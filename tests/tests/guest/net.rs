@@ -2,245 +2,173 @@
 //! each way with checksums (jumbo frames), link down/up seen by the guest, a hot-attached slot
 //! carrying traffic (MTU 1500), and a 1 MiB/s TX rate limit set at run time. One boot.
 
-use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use kestrel_api::{NetConfig, RateLimiterConfig, SerialOutput, TokenBucketConfig, VmConfig};
-use kestrel_tests::*;
-
-use super::{agent_vsock, create_captured, hex, sandbox, sh_merged, wait_until};
+use kestrel_agent_proto as proto;
+use kestrel_api::{NetConfig, RateLimiterConfig, TokenBucketConfig};
 use kestrel_sandbox::agent::AgentClient;
-use kestrel_vmm::VmExit;
-use serde_json::json;
-use sha2::{Digest, Sha256};
+use kestrel_sandbox::Sandbox;
+use kestrel_tests::guest::{agent_guest, receive_all, Received, MIB};
+use kestrel_tests::netns::Netns;
+use kestrel_tests::Capture;
 
-const MIB: u64 = 1 << 20;
+use super::{
+    check_clean_shutdown, check_stream_into_guest, create_captured, read_trimmed, sandbox, sh_ok,
+    wait_until,
+};
 
-struct Netns(String);
-
-impl Netns {
-    fn new(name: &str) -> Netns {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
-        let ok = Command::new("ip")
-            .args(["netns", "add", name])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "ip netns add {name}");
-        Netns(name.to_string())
-    }
-
-    /// Move the calling thread into the namespace (sockets and TAPs it creates live there).
-    fn enter(&self) {
-        let f = std::fs::File::open(format!("/var/run/netns/{}", self.0)).unwrap();
-        // SAFETY: setns on a valid namespace fd; affects only this thread.
-        let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-    }
-
-    fn run(&self, args: &[&str]) -> (bool, String) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+/// The host's TAP devices: `eth0`'s (10.0.2.1, made by the VM) and the one hot-attached to
+/// the slot `hot` (10.0.3.1).
+struct Taps {
+    eth0: String,
+    hot: String,
 }
 
 fn carrier(agent: &mut AgentClient, iface: &str) -> String {
-    agent
-        .read_file(&format!("/sys/class/net/{iface}/carrier"))
-        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
-        .unwrap_or_else(|e| format!("error: {e}"))
+    read_trimmed(agent, &format!("/sys/class/net/{iface}/carrier"))
 }
 
-/// Receive everything on one TCP connection; returns (bytes, sha256, first byte, last byte).
-fn receive(l: TcpListener) -> (u64, String, Instant, Instant) {
-    let (mut c, _) = l.accept().unwrap();
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let mut n = 0u64;
-    let mut first = None;
-    loop {
-        let k = c.read(&mut buf).unwrap();
-        if k == 0 {
-            break;
-        }
-        first.get_or_insert_with(Instant::now);
-        h.update(&buf[..k]);
-        n += k as u64;
-    }
-    (
-        n,
-        hex(&h.finalize()),
-        first.unwrap_or_else(Instant::now),
-        Instant::now(),
-    )
+/// Wait up to 60 s for `iface`'s carrier to read `want` in the guest.
+fn carrier_becomes(agent: &mut AgentClient, iface: &str, want: &str) -> bool {
+    wait_until(Duration::from_secs(60), || carrier(agent, iface) == want)
+}
+
+/// The guest's `stream_source` sends `bytes` of stream `seed` over TCP to the host's
+/// 10.0.2.1:`port`; what the host received, and the guest's account of what it sent.
+fn guest_tcp_send(
+    a: &mut AgentClient,
+    port: u32,
+    bytes: u64,
+    seed: u64,
+) -> (Received, proto::StreamStats) {
+    let l = TcpListener::bind(format!("10.0.2.1:{port}")).unwrap();
+    let rx = std::thread::spawn(move || receive_all(l.accept().unwrap().0));
+    let sent = a.request(proto::StreamSource {
+        port,
+        bytes,
+        seed,
+        tcp_host: Some("10.0.2.1".into()),
+    });
+    let sent = sent.expect("guest tcp send");
+    (rx.join().unwrap(), sent)
 }
 
 #[test]
 fn tap_networking_in_a_namespace() {
-    let g = guest_artifacts();
+    let mut guest = agent_guest("net", 1, 256);
     let pid = std::process::id();
     let ns = Netns::new(&format!("ktn{pid}"));
-    let (tap0, tap1) = (format!("kt{pid}a"), format!("kt{pid}b"));
+    let taps = Taps {
+        eth0: format!("kt{pid}a"),
+        hot: format!("kt{pid}b"),
+    };
     ns.enter();
-    let dir = scratch_dir().join("net");
-    std::fs::create_dir_all(&dir).unwrap();
-    let uds = dir.join("v.sock");
-    let _ = std::fs::remove_file(&uds);
-
-    let mut c = VmConfig::new(g.vmlinux, 1, 256);
-    c.boot_source.initrd_path = Some(g.initramfs);
-    c.boot_source.boot_args =
+    guest.config.boot_source.boot_args =
         Some("console=ttyS0 reboot=k panic=1 ip=10.0.2.2::10.0.2.1:255.255.255.0::eth0:off".into());
-    c.serial.output = SerialOutput::None;
-    c.kestrel.name = Some("net".into());
-    c.network_interfaces = vec![
+    guest.config.network_interfaces = vec![
         NetConfig {
             iface_id: "eth0".into(),
-            host_dev_name: Some(tap0.clone()),
+            host_dev_name: Some(taps.eth0.clone()),
             guest_mac: Some("06:00:0a:00:02:02".into()),
-            rx_rate_limiter: None,
-            tx_rate_limiter: None,
             create_tap: true,
             ..NetConfig::default()
         },
         NetConfig {
             iface_id: "hot".into(),
-            host_dev_name: None,
             guest_mac: Some("06:00:0a:00:03:02".into()),
-            rx_rate_limiter: None,
-            tx_rate_limiter: None,
-            create_tap: false,
             ..NetConfig::default()
         },
     ];
-    c.vsock = agent_vsock(&uds);
-    let (vm, cap) = create_captured(&c);
+    let (vm, cap) = create_captured(&guest.config);
     // Host side of eth0, inside the namespace.
-    let (ok, out) = ns.run(&["ip", "addr", "add", "10.0.2.1/24", "dev", &tap0]);
-    assert!(ok, "{out}");
-    let (ok, out) = ns.run(&["ip", "link", "set", &tap0, "up"]);
-    assert!(ok, "{out}");
-    let sb = sandbox(&c, vm, &cap);
+    ns.ip(&["addr", "add", "10.0.2.1/24", "dev", &taps.eth0]);
+    ns.ip(&["link", "set", &taps.eth0, "up"]);
+    let sb = sandbox(&guest.config, vm, &cap);
     let mut a = sb.agent();
     a.set_call_timeout(Some(Duration::from_secs(900)));
 
-    // Ping the guest from the host.
-    let (ok, out) = ns.run(&["ping", "-c", "3", "-W", "10", "10.0.2.2"]);
+    check_ping_from_host(&ns, &cap);
+    check_tcp_guest_to_host_jumbo(&ns, &taps, &mut a);
+    check_tcp_host_to_guest(&sb);
+    check_link_down_up_seen_by_guest(&sb, &mut a);
+    check_hot_attached_tap_carries_traffic(&sb, &ns, &taps, &mut a);
+    check_tx_rate_limit_at_run_time(&sb, &mut a);
+    drop(a);
+    check_clean_shutdown(&sb);
+}
+
+/// The host pings the guest through its TAP.
+fn check_ping_from_host(ns: &Netns, cap: &Capture) {
+    let (ok, out) = ns.exec(&["ping", "-c", "3", "-W", "10", "10.0.2.2"]);
     assert!(ok, "ping failed: {out}\nconsole:\n{}", cap.text());
     assert!(out.contains("3 received"), "{out}");
+}
 
-    // The bulk transfers use jumbo frames (MTU 65520 on both ends): the emulated guest kernel
-    // on the CI machines spends milliseconds per packet, and at its low TCP rates Linux sizes
-    // TSO bursts at two segments, so with MTU 1500 the guest moves ~0.2 MB/s; 64 KiB frames
-    // carry ~20x more per packet. Ping and hot-attach above/below stay at the default MTU.
-    let (ok, out) = ns.run(&["ip", "link", "set", &tap0, "mtu", "65520"]);
-    assert!(ok, "{out}");
-    let (code, out) = sh_merged(&mut a, "ip link set eth0 mtu 65520");
-    assert_eq!(code, 0, "{out}");
-
-    // Guest -> host: 64 MiB over TCP.
-    let l = TcpListener::bind("10.0.2.1:5001").unwrap();
-    let rx = std::thread::spawn(move || receive(l));
+/// 64 MiB guest -> host over TCP with jumbo frames arrive intact.
+///
+/// The bulk transfers use jumbo frames (MTU 65520 on both ends): the emulated guest kernel
+/// on the CI machines spends milliseconds per packet, and at its low TCP rates Linux sizes
+/// TSO bursts at two segments, so with MTU 1500 the guest moves ~0.2 MB/s; 64 KiB frames
+/// carry ~20x more per packet. Ping and hot-attach stay at the default MTU.
+fn check_tcp_guest_to_host_jumbo(ns: &Netns, taps: &Taps, a: &mut AgentClient) {
+    ns.ip(&["link", "set", &taps.eth0, "mtu", "65520"]);
+    sh_ok(a, "ip link set eth0 mtu 65520");
     let t = Instant::now();
-    let r = a
-        .call(
-            "stream_source",
-            json!({"port": 5001, "bytes": 64 * MIB, "seed": 31, "tcp_host": "10.0.2.1"}),
-        )
-        .expect("guest tcp send");
-    let (n, sha, _, _) = rx.join().unwrap();
+    let (got, sent) = guest_tcp_send(a, 5001, 64 * MIB, 31);
     eprintln!("TCP guest->host 64 MiB in {:?}", t.elapsed());
-    assert_eq!(n, 64 * MIB);
-    assert_eq!(r["sha256"], sha.as_str());
+    assert_eq!(got.bytes, 64 * MIB);
+    assert_eq!(sent.sha256, got.sha256);
+}
 
-    // Host -> guest: 64 MiB over TCP.
-    let mut a2 = sb.connect_agent(Duration::from_secs(30)).unwrap();
-    a2.set_call_timeout(Some(Duration::from_secs(900)));
-    let sink =
-        std::thread::spawn(move || a2.call("stream_sink", json!({"port": 5002, "tcp": true})));
-    let mut s = None;
-    assert!(wait_until(Duration::from_secs(60), || {
-        s = TcpStream::connect("10.0.2.2:5002").ok();
-        s.is_some()
-    }));
-    let mut s = s.unwrap();
-    let mut rng = XorShift::new(32);
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; MIB as usize];
-    let t = Instant::now();
-    for _ in 0..64 {
-        rng.fill(&mut buf);
-        s.write_all(&buf).unwrap();
-        h.update(&buf);
-    }
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let r = sink.join().unwrap().expect("guest tcp receive");
-    eprintln!("TCP host->guest 64 MiB in {:?}", t.elapsed());
-    assert_eq!(r["bytes"], 64 * MIB);
-    assert_eq!(r["sha256"], hex(&h.finalize()).as_str());
+/// 64 MiB host -> guest over TCP: the guest's `stream_sink` counts and hashes exactly what
+/// the host sent.
+fn check_tcp_host_to_guest(sb: &Sandbox) {
+    let sink = proto::StreamSink {
+        port: 5002,
+        timeout_ms: None,
+        tcp: true,
+    };
+    let connect = || TcpStream::connect("10.0.2.2:5002");
+    check_stream_into_guest(sb, sink, connect, (32, 64), "TCP host->guest");
+}
 
-    // Link down / up through the API, seen in the guest.
-    assert_eq!(carrier(&mut a, "eth0"), "1");
+/// Link down and up through the API are seen by the guest as its carrier.
+fn check_link_down_up_seen_by_guest(sb: &Sandbox, a: &mut AgentClient) {
+    assert_eq!(carrier(a, "eth0"), "1");
     let eth0 = sb.vm().device("eth0").and_then(|d| d.net()).expect("eth0");
     eth0.set_link(false);
-    assert!(
-        wait_until(Duration::from_secs(60), || carrier(&mut a, "eth0") == "0"),
-        "carrier stayed up"
-    );
+    assert!(carrier_becomes(a, "eth0", "0"), "carrier stayed up");
     eth0.set_link(true);
-    assert!(
-        wait_until(Duration::from_secs(60), || carrier(&mut a, "eth0") == "1"),
-        "carrier stayed down"
-    );
+    assert!(carrier_becomes(a, "eth0", "1"), "carrier stayed down");
+}
 
-    // Hot-attach: the slot has no TAP (link down) until the API attaches one. (carrier is
-    // readable only on an interface that is administratively up.)
-    let (code, out) = sh_merged(&mut a, "ip link set eth1 up");
-    assert_eq!(code, 0, "{out}");
-    assert_eq!(carrier(&mut a, "eth1"), "0");
+/// The slot has no TAP (link down) until the API attaches one; then its link comes up and
+/// carries a ping; detaching takes the link down again. (carrier is readable only on an
+/// interface that is administratively up.)
+fn check_hot_attached_tap_carries_traffic(
+    sb: &Sandbox,
+    ns: &Netns,
+    taps: &Taps,
+    a: &mut AgentClient,
+) {
+    sh_ok(a, "ip link set eth1 up");
+    assert_eq!(carrier(a, "eth1"), "0");
     let hot = sb.vm().device("hot").and_then(|d| d.net()).expect("hot");
-    hot.attach_tap(&tap1, true).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(60), || carrier(&mut a, "eth1") == "1"),
-        "hot link never came up"
-    );
-    let (ok, out) = ns.run(&["ip", "addr", "add", "10.0.3.1/24", "dev", &tap1]);
-    assert!(ok, "{out}");
-    let (ok, out) = ns.run(&["ip", "link", "set", &tap1, "up"]);
-    assert!(ok, "{out}");
-    let (code, out) = sh_merged(
-        &mut a,
-        "ip addr add 10.0.3.2/24 dev eth1 && ip link set eth1 up",
-    );
-    assert_eq!(code, 0, "{out}");
-    let (ok, out) = ns.run(&["ping", "-c", "3", "-W", "10", "10.0.3.2"]);
+    hot.attach_tap(&taps.hot, true).unwrap();
+    assert!(carrier_becomes(a, "eth1", "1"), "hot link never came up");
+    ns.ip(&["addr", "add", "10.0.3.1/24", "dev", &taps.hot]);
+    ns.ip(&["link", "set", &taps.hot, "up"]);
+    sh_ok(a, "ip addr add 10.0.3.2/24 dev eth1 && ip link set eth1 up");
+    let (ok, out) = ns.exec(&["ping", "-c", "3", "-W", "10", "10.0.3.2"]);
     assert!(ok && out.contains("3 received"), "hot-attached slot: {out}");
     hot.detach_tap();
-    assert!(wait_until(Duration::from_secs(60), || carrier(
-        &mut a, "eth1"
-    ) == "0"));
+    assert!(carrier_becomes(a, "eth1", "0"));
+}
 
-    // A 1 MiB/s TX limit, set at run time, holds within 20 % over a ~5 s transfer.
+/// A 1 MiB/s TX limit set at run time holds within 20 % over a ~5 s transfer (after the full
+/// bucket, which goes at once) and counts throttled packets.
+fn check_tx_rate_limit_at_run_time(sb: &Sandbox, a: &mut AgentClient) {
     const RATE: u64 = MIB;
     let limit = RateLimiterConfig {
         bandwidth: Some(TokenBucketConfig {
@@ -250,32 +178,21 @@ fn tap_networking_in_a_namespace() {
         }),
         ops: None,
     };
+    let eth0 = sb.vm().device("eth0").and_then(|d| d.net()).expect("eth0");
     eth0.update_rate_limiters(None, Some(&limit)).unwrap();
-    let l = TcpListener::bind("10.0.2.1:5003").unwrap();
-    let rx = std::thread::spawn(move || receive(l));
-    a.call(
-        "stream_source",
-        json!({"port": 5003, "bytes": 6 * RATE, "seed": 33, "tcp_host": "10.0.2.1"}),
-    )
-    .expect("rate-limited send");
-    let (n, _, first, last) = rx.join().unwrap();
+    let (got, _) = guest_tcp_send(a, 5003, 6 * RATE, 33);
+    let n = got.bytes;
     assert_eq!(n, 6 * RATE);
-    // The full bucket goes out at once; the rest at the refill rate.
-    let secs = last.duration_since(first).as_secs_f64();
+    let secs = got.last.duration_since(got.first).as_secs_f64();
     let rate = (n - RATE) as f64 / secs / RATE as f64;
     eprintln!(
         "rate-limited TX: {n} bytes in {secs:.2} s -> {rate:.3} x the limit after the bucket"
     );
     assert!((0.8..=1.2).contains(&rate), "rate {rate:.3} x the limit");
-    let m = sb
-        .vm()
-        .device("eth0")
-        .and_then(|d| d.metrics().net())
-        .unwrap();
+    let m = sb.vm().device("eth0").and_then(|d| d.metrics().net());
+    let m = m.unwrap();
     assert!(m.tx_throttled > 0, "{m:?}");
     eprintln!("eth0 metrics: {m:?}");
     eth0.update_rate_limiters(None, Some(&RateLimiterConfig::default()))
         .unwrap();
-    drop(a);
-    assert_eq!(sb.shutdown(Duration::from_secs(120)), Some(VmExit::Reset));
 }
