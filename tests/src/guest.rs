@@ -218,3 +218,26 @@ pub fn run_repo_script(script: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// The `kestrel` binary of the running test's profile, built into the same target directory (a
+/// no-op when it is up to date; the tests crate does not depend on the binary).
+pub fn kestrel_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // <target>/<profile>/deps/guest-<hash>
+    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let target_dir = profile_dir.parent().unwrap();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(crate::repo_root())
+        .args(["build", "--quiet", "-p", "kestrel", "--bin", "kestrel"])
+        .arg("--target-dir")
+        .arg(target_dir);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("run cargo build");
+    assert!(status.success(), "cargo build -p kestrel --bin kestrel");
+    let bin = profile_dir.join("kestrel");
+    assert!(bin.exists(), "{bin:?}");
+    bin
+}

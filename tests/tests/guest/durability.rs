@@ -52,29 +52,6 @@ fn intact(bytes: &[u8], seq: u64) -> bool {
         && bytes == record(seq).as_slice()
 }
 
-/// The `kestrel` binary of this test's profile, built into the same target directory (a
-/// no-op when it is up to date; the tests crate does not depend on the binary).
-fn kestrel_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // <target>/<profile>/deps/guest-<hash>
-    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let target_dir = profile_dir.parent().unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(repo_root())
-        .args(["build", "--quiet", "-p", "kestrel", "--bin", "kestrel"])
-        .arg("--target-dir")
-        .arg(target_dir);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let status = cmd.status().expect("run cargo build");
-    assert!(status.success(), "cargo build -p kestrel --bin kestrel");
-    let bin = profile_dir.join("kestrel");
-    assert!(bin.exists(), "{bin:?}");
-    bin
-}
-
 fn logs(dir: &Path) -> String {
     let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap_or_default();
     let console = read("console.log");
@@ -161,7 +138,7 @@ impl Run {
     /// directory with an empty drive file of [`COUNT`] records.
     fn new() -> Run {
         let guest = guest_artifacts();
-        let bin = kestrel_binary();
+        let bin = kestrel_tests::guest::kestrel_binary();
         let dir = scratch_dir().join("durability");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

@@ -6,7 +6,7 @@
 //! `SendCtrlAltDel` makes the guest reboot (the `kestrel` process then exits 0). One boot.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,26 +14,11 @@ use kestrel_sandbox::agent::AgentClient;
 use kestrel_tests::*;
 use serde_json::{json, Value};
 
-use super::{hex, sh, wait_until};
+use kestrel_tests::guest::{hex, kestrel_binary};
+
+use super::{sh, wait_until};
 
 const MIB: u64 = 1 << 20;
-
-/// The `kestrel` binary of this build (`target/<profile>/kestrel`), brought up to date first
-/// (`cargo build -p kestrel`: a no-op when `cargo test --workspace` built it already).
-fn kestrel_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // target/<profile>/deps/guest-<hash>
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--quiet", "-p", "kestrel"])
-        .current_dir(repo_root());
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    assert!(cmd.status().unwrap().success(), "cargo build -p kestrel");
-    profile_dir.join("kestrel")
-}
 
 /// `curl -X <method> --unix-socket <sock> --data <body> http://localhost<path>`, as
 /// Firecracker's getting-started guide runs it: (status, body).
@@ -134,7 +119,7 @@ fn firecracker_getting_started_sequence_boots_the_guest() {
     let large = random_file(&dir.join("large.img"), 3 * MIB, 32);
 
     let t0 = Instant::now();
-    let child = Command::new(kestrel_bin())
+    let child = Command::new(kestrel_binary())
         .args(["--api-sock", sock.to_str().unwrap(), "--id", "fc-api-test"])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&console).unwrap())
@@ -227,7 +212,7 @@ fn firecracker_getting_started_sequence_boots_the_guest() {
     let d = agent
         .sha256_file_range("/dev/vda", 2 * MIB, Some(MIB))
         .unwrap();
-    assert_eq!(d.sha256, sha(&large[2 * MIB as usize..]));
+    assert_eq!(d.sha256, sha(&large[2 * kestrel_tests::guest::MIB_BYTES..]));
     patch(
         &sock,
         "/drives/scratch",
