@@ -268,17 +268,23 @@ fn finish(vm: &Vm, metrics: &Metrics) -> ExitCode {
     }
 }
 
+/// The configuration file (or the default guest's) loaded and checked, its logger and metrics
+/// sections applied, its VM booted; the exit status on failure.
+fn boot_config_file(
+    cli: &Cli,
+    logger: &Logger,
+    metrics: &Metrics,
+) -> Result<(VmConfig, Arc<Vm>), ExitCode> {
+    let config = prepared_config(cli)?;
+    apply_sections(&config, logger, metrics).map_err(|e| fail(2, e))?;
+    let vm = start_vm(cli, &config)?;
+    Ok((config, vm))
+}
+
 /// Boot from the configuration file (or the default guest) without an API socket.
 fn run_config(cli: &Cli, logger: &Logger, metrics: &Metrics) -> ExitCode {
-    let config = match prepared_config(cli) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    if let Err(e) = apply_sections(&config, logger, metrics) {
-        return fail(2, e);
-    }
-    let vm = match start_vm(cli, &config) {
-        Ok(vm) => vm,
+    let (config, vm) = match boot_config_file(cli, logger, metrics) {
+        Ok(booted) => booted,
         Err(code) => return code,
     };
     let machine: Arc<dyn Machine> = Arc::new(VmMachine(vm.clone()));
@@ -307,15 +313,8 @@ fn run_api(
     let _cleanup = RemoveOnDrop(sock.to_path_buf());
     let (tx, rx) = mpsc::channel::<Arc<Vm>>();
     let controller = if cli.config_path().is_some() {
-        let config = match prepared_config(cli) {
-            Ok(c) => c,
-            Err(code) => return code,
-        };
-        if let Err(e) = apply_sections(&config, logger, metrics) {
-            return fail(2, e);
-        }
-        let vm = match start_vm(cli, &config) {
-            Ok(vm) => vm,
+        let (config, vm) = match boot_config_file(cli, logger, metrics) {
+            Ok(booted) => booted,
             Err(code) => return code,
         };
         let _ = tx.send(vm.clone());
