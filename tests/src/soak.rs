@@ -159,6 +159,18 @@ impl Snapshot {
             children: children(),
         }
     }
+
+    /// The thread names that start with one of `prefixes` (Kestrel's: `k-<vm>-...`).
+    pub fn threads_named(&self, prefixes: &[&str]) -> Vec<&String> {
+        let named = |n: &&String| prefixes.iter().any(|p| n.starts_with(p));
+        self.thread_names.iter().filter(named).collect()
+    }
+
+    /// KVM's own workers of a VM (`kvm-nx-lpage-recovery` on some hosts), which the kernel
+    /// counts as threads of this process.
+    pub fn kvm_threads(&self) -> usize {
+        self.threads_named(&["kvm-"]).len()
+    }
 }
 
 /// A value from `/proc/self/status`, in KiB.
@@ -767,7 +779,7 @@ impl DeviceEnv {
 
     /// One cycle; panics naming what did not happen.
     fn cycle(&self, times: &mut Phases, during: Option<&mut Option<Snapshot>>) {
-        let mut vfsd = timed(times, "virtiofsd spawn", || self.spawn_virtiofsd());
+        let vfsd = timed(times, "virtiofsd spawn", || self.spawn_virtiofsd());
         let port_path = self.dir.join(format!("v.sock_{HOST_PORT}"));
         let listener = UnixListener::bind(&port_path).expect("bind the host port listener");
 
@@ -804,36 +816,8 @@ impl DeviceEnv {
             drop(vm);
         });
         timed(times, "teardown checks", || {
-            // Both vsock peers see the VMM's side close.
-            for (what, mut s) in [("host client", host_conn), ("guest connection", accepted)] {
-                s.set_read_timeout(Some(STEP_TIMEOUT)).expect("timeout");
-                let mut b = [0u8; 64];
-                match s.read(&mut b) {
-                    Ok(0) => {}
-                    Ok(n) => panic!("{what}: {n} unexpected bytes"),
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        panic!("{what}: the VMM's end stayed open")
-                    }
-                    Err(_) => {} // reset: closed as well
-                }
-            }
-            // virtiofsd ends by itself once the frontend is gone.
-            let end = Instant::now() + STEP_TIMEOUT;
-            loop {
-                if vfsd.0.try_wait().expect("wait virtiofsd").is_some() {
-                    break;
-                }
-                if Instant::now() > end {
-                    drop(vfsd);
-                    panic!("virtiofsd still running after the VM was dropped");
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            check_closed_by_the_vmm([("host client", host_conn), ("guest connection", accepted)]);
+            check_virtiofsd_ends(vfsd);
             drop(listener);
             std::fs::remove_file(&port_path).expect("remove the host port listener");
         });
@@ -848,13 +832,33 @@ impl DeviceEnv {
         mem: &vm_memory::GuestMemoryMmap,
         listener: &UnixListener,
     ) -> (UnixStream, UnixStream) {
-        let c = &self.checks;
-        // vsock, host -> guest: the device asks the guest (an RX packet) for port 1024.
+        let conns = self.vsock_both_ways(listener);
+        // net: the host ARPs for a neighbour behind the TAP; the frame lands in the guest.
+        let udp = UdpSocket::bind(format!("{TAP_HOST_IP}:0")).expect("udp bind");
+        udp.send_to(b"soak", format!("{TAP_PEER_IP}:9"))
+            .expect("udp send");
+        hot_plug(vm);
+        self.check_blk(mem);
+        self.check_net(vm, mem);
+        self.check_vsock(mem);
+        self.check_fs(vm, mem);
+        for id in ["blk0", "eth0", "vsock", "fs0", "fs1"] {
+            assert_eq!(
+                vm.device(id).map(|d| d.needs_reset()),
+                Some(false),
+                "{id} failed"
+            );
+        }
+        conns
+    }
+
+    /// vsock, host -> guest: connect to the agent's port (the device asks the guest with an
+    /// RX packet); guest -> host: the guest's REQUEST reaches `listener`. Both host ends.
+    fn vsock_both_ways(&self, listener: &UnixListener) -> (UnixStream, UnixStream) {
         let mut host_conn = UnixStream::connect(self.dir.join("v.sock")).expect("connect v.sock");
         host_conn
             .write_all(format!("CONNECT {AGENT_PORT}\n").as_bytes())
             .expect("write CONNECT");
-        // vsock, guest -> host: the guest's REQUEST reached our listener.
         listener.set_nonblocking(true).expect("nonblocking");
         let end = Instant::now() + STEP_TIMEOUT;
         let accepted = loop {
@@ -870,27 +874,12 @@ impl DeviceEnv {
                 Err(e) => panic!("accept: {e}"),
             }
         };
-        // net: the host ARPs for a neighbour behind the TAP; the frame lands in the guest.
-        let udp = UdpSocket::bind(format!("{TAP_HOST_IP}:0")).expect("udp bind");
-        udp.send_to(b"soak", format!("{TAP_PEER_IP}:9"))
-            .expect("udp send");
-        // Hot-plug a vCPU and a memory block.
-        vm.plug_vcpu(1).expect("plug vCPU 1");
-        let r = vm.add_memory(128 << 20, 128 << 20).expect("add memory");
-        let gm = vm.guest_memory();
-        gm.write_obj(0x5eed_u64, GuestAddress(r.addr + 4096))
-            .expect("write hot-plugged memory");
-        assert_eq!(
-            gm.read_obj::<u64>(GuestAddress(r.addr + 4096)).ok(),
-            Some(0x5eed)
-        );
-        drop(gm);
-        assert_eq!(
-            vm.vcpu_states(),
-            vec![(0, VcpuRunState::Running), (1, VcpuRunState::Running)]
-        );
+        (host_conn, accepted)
+    }
 
-        // blk: completed OK, the sector is in the file.
+    /// blk: the request completed OK and the sector is in the file.
+    fn check_blk(&self, mem: &vm_memory::GuestMemoryMmap) {
+        let c = &self.checks;
         assert_eq!(
             c.blk.wait(mem, 1, STEP_TIMEOUT),
             1,
@@ -909,7 +898,11 @@ impl DeviceEnv {
             sector.iter().all(|&b| b == BLK_PATTERN),
             "sector not written"
         );
-        // net: the frame went out, the ARP request came in.
+    }
+
+    /// net: the guest's frame went out, the host's ARP request came in.
+    fn check_net(&self, vm: &Vm, mem: &vm_memory::GuestMemoryMmap) {
+        let c = &self.checks;
         assert_eq!(
             c.net_tx.wait(mem, 1, STEP_TIMEOUT),
             1,
@@ -924,8 +917,12 @@ impl DeviceEnv {
             .and_then(|d| d.metrics().net())
             .expect("net metrics");
         assert!(m.tx_packets == 1 && m.rx_packets >= 1, "{m:?}");
-        // vsock: the guest's request was answered (RESPONSE to GUEST_PORT) and the host's
-        // CONNECT became a REQUEST to AGENT_PORT.
+    }
+
+    /// vsock: the guest's request was answered (RESPONSE to GUEST_PORT) and the host's
+    /// CONNECT became a REQUEST to AGENT_PORT.
+    fn check_vsock(&self, mem: &vm_memory::GuestMemoryMmap) {
+        let c = &self.checks;
         assert_eq!(
             c.vsock_tx.wait(mem, 1, STEP_TIMEOUT),
             1,
@@ -952,8 +949,11 @@ impl DeviceEnv {
                 && ops.contains(&(VSOCK_OP_REQUEST, AGENT_PORT)),
             "vsock RX packets (op, dst_port): {ops:?}"
         );
-        // fs, both backends: FUSE_INIT answered without error.
-        for (i, (used, reply)) in c.fs.iter().enumerate() {
+    }
+
+    /// fs, both backends: FUSE_INIT answered without error, and counted by the worker.
+    fn check_fs(&self, vm: &Vm, mem: &vm_memory::GuestMemoryMmap) {
+        for (i, (used, reply)) in self.checks.fs.iter().enumerate() {
             assert_eq!(
                 used.wait(mem, 1, STEP_TIMEOUT),
                 1,
@@ -967,31 +967,72 @@ impl DeviceEnv {
             assert_eq!((error, unique), (0, FUSE_UNIQUE), "fs{i}: FUSE_INIT reply");
         }
         // A worker adds its counts after it published the reply.
-        let end = Instant::now() + STEP_TIMEOUT;
-        while vm
-            .device("fs0")
-            .and_then(|d| d.metrics().fs())
-            .map(|m| m.requests)
-            != Some(1)
-            && Instant::now() < end
-        {
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        assert_eq!(
+        let requests = || {
             vm.device("fs0")
                 .and_then(|d| d.metrics().fs())
-                .map(|m| m.requests),
-            Some(1)
-        );
-        for id in ["blk0", "eth0", "vsock", "fs0", "fs1"] {
-            assert_eq!(
-                vm.device(id).map(|d| d.needs_reset()),
-                Some(false),
-                "{id} failed"
-            );
+                .map(|m| m.requests)
+        };
+        let end = Instant::now() + STEP_TIMEOUT;
+        while requests() != Some(1) && Instant::now() < end {
+            std::thread::sleep(Duration::from_micros(200));
         }
-        (host_conn, accepted)
+        assert_eq!(requests(), Some(1));
     }
+}
+
+/// Both vsock peers see the VMM's side close (end of stream or reset, within the step
+/// timeout).
+fn check_closed_by_the_vmm(peers: [(&str, UnixStream); 2]) {
+    for (what, mut s) in peers {
+        s.set_read_timeout(Some(STEP_TIMEOUT)).expect("timeout");
+        let mut b = [0u8; 64];
+        match s.read(&mut b) {
+            Ok(0) => {}
+            Ok(n) => panic!("{what}: {n} unexpected bytes"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("{what}: the VMM's end stayed open")
+            }
+            Err(_) => {} // reset: closed as well
+        }
+    }
+}
+
+/// virtiofsd ends by itself once the frontend is gone (within the step timeout).
+fn check_virtiofsd_ends(mut vfsd: KillOnDrop) {
+    let end = Instant::now() + STEP_TIMEOUT;
+    loop {
+        if vfsd.0.try_wait().expect("wait virtiofsd").is_some() {
+            break;
+        }
+        if Instant::now() > end {
+            drop(vfsd);
+            panic!("virtiofsd still running after the VM was dropped");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Hot-plug a vCPU and a 128 MiB memory block: the block is usable, both vCPUs run.
+fn hot_plug(vm: &Vm) {
+    vm.plug_vcpu(1).expect("plug vCPU 1");
+    let r = vm.add_memory(128 << 20, 128 << 20).expect("add memory");
+    let gm = vm.guest_memory();
+    gm.write_obj(0x5eed_u64, GuestAddress(r.addr + 4096))
+        .expect("write hot-plugged memory");
+    assert_eq!(
+        gm.read_obj::<u64>(GuestAddress(r.addr + 4096)).ok(),
+        Some(0x5eed)
+    );
+    drop(gm);
+    assert_eq!(
+        vm.vcpu_states(),
+        vec![(0, VcpuRunState::Running), (1, VcpuRunState::Running)]
+    );
 }
 
 /// `cycles` cycles of a VM with every device kind (see the module documentation), on a

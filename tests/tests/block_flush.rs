@@ -5,6 +5,7 @@
 //! `fstat` on the descriptor, so the descriptor was still open) and then makes the real system
 //! call. A tiny guest dirties the first image through virtio-blk beforehand.
 
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -35,10 +36,59 @@ pub extern "C" fn fdatasync(fd: libc::c_int) -> libc::c_int {
     libc::c_int::try_from(r).unwrap_or(-1)
 }
 
-fn id(p: &std::path::Path) -> (u64, u64) {
+fn id(p: &Path) -> (u64, u64) {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(p).unwrap();
     (m.dev(), m.ino())
+}
+
+/// A tiny guest with drive `d0` on `image` that writes sector 2 of it; returned once the
+/// write completed, with its config.
+fn guest_writes_sector_2(dir: &Path, image: &Path) -> (Vm, VmConfig) {
+    let mut s = Script::new();
+    let blk = s.device(0, 1);
+    let mut hdr = 1u32.to_le_bytes().to_vec(); // VIRTIO_BLK_T_OUT
+    hdr.extend_from_slice(&0u32.to_le_bytes());
+    hdr.extend_from_slice(&2u64.to_le_bytes());
+    let (h, d, st) = (s.buf(&hdr), s.buf(&[0xc3; 512]), s.out_buf(1));
+    s.chain(&blk, 0, &[h, d, st]);
+    s.notify(&blk, 0);
+    let kernel = dir.join("guest.elf");
+    std::fs::write(&kernel, s.guest_elf()).unwrap();
+    let mut cfg = VmConfig::new(&kernel, 1, 32);
+    cfg.serial.output = SerialOutput::None;
+    cfg.drives.push(DriveConfig {
+        drive_id: "d0".into(),
+        path_on_host: Some(image.to_path_buf()),
+        ..DriveConfig::default()
+    });
+    let vm = Vm::create(&cfg).unwrap();
+    s.apply(&vm.guest_memory());
+    vm.start().unwrap();
+    let mem = vm.guest_memory();
+    assert!(Script::wait_done(&mem, Duration::from_secs(20)));
+    assert_eq!(s.used(&blk, 0).wait(&mem, 1, Duration::from_secs(20)), 1);
+    (vm, cfg)
+}
+
+/// Swap: the old image `a` is synced before swap_backing returns (once by the swap, which
+/// reports a failure, once more when its descriptor is closed); detaching does the same for
+/// `b`, the image that goes. Each counts one backing flush.
+fn check_swap_and_detach_sync_the_image_that_goes(vm: &Vm, a: &Path, b: &Path) {
+    let dev = vm.device("d0").expect("drive d0");
+    let d0 = dev.block().expect("a block device");
+    d0.swap_backing(Some(b), false).unwrap();
+    let synced = take_synced();
+    assert!(!synced.is_empty(), "no fdatasync at all on swap");
+    assert!(synced.iter().all(|f| *f == id(a)), "{synced:?}");
+    assert_eq!(dev.metrics().block().unwrap().backing_flushes, 1);
+    d0.swap_backing(None, false).unwrap();
+    let synced = take_synced();
+    assert!(
+        !synced.is_empty() && synced.iter().all(|f| *f == id(b)),
+        "{synced:?}"
+    );
+    assert_eq!(dev.metrics().block().unwrap().backing_flushes, 2);
 }
 
 /// Syncs recorded since the last call.
@@ -57,52 +107,11 @@ fn swap_detach_and_drop_fdatasync_the_image_before_letting_go() {
         p
     });
 
-    // The guest writes sector 2 of the first image.
-    let mut s = Script::new();
-    let blk = s.device(0, 1);
-    let mut hdr = 1u32.to_le_bytes().to_vec(); // VIRTIO_BLK_T_OUT
-    hdr.extend_from_slice(&0u32.to_le_bytes());
-    hdr.extend_from_slice(&2u64.to_le_bytes());
-    let (h, d, st) = (s.buf(&hdr), s.buf(&[0xc3; 512]), s.out_buf(1));
-    s.chain(&blk, 0, &[h, d, st]);
-    s.notify(&blk, 0);
-    let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, s.guest_elf()).unwrap();
-    let mut cfg = VmConfig::new(&kernel, 1, 32);
-    cfg.serial.output = SerialOutput::None;
-    cfg.drives.push(DriveConfig {
-        drive_id: "d0".into(),
-        path_on_host: Some(a.clone()),
-        ..DriveConfig::default()
-    });
-    let vm = Vm::create(&cfg).unwrap();
-    s.apply(&vm.guest_memory());
-    vm.start().unwrap();
-    let mem = vm.guest_memory();
-    assert!(Script::wait_done(&mem, Duration::from_secs(20)));
-    assert_eq!(s.used(&blk, 0).wait(&mem, 1, Duration::from_secs(20)), 1);
-    drop(mem);
+    let (vm, mut cfg) = guest_writes_sector_2(&dir, &a);
     assert_eq!(std::fs::read(&a).unwrap()[1024..1536], [0xc3; 512]);
     take_synced();
-
-    // Swap: the old image is synced before swap_backing returns (once by the swap, which
-    // reports a failure, once more when its descriptor is closed).
-    let dev = vm.device("d0").expect("drive d0");
-    let d0 = dev.block().expect("a block device");
-    d0.swap_backing(Some(&b), false).unwrap();
-    let synced = take_synced();
-    assert!(!synced.is_empty(), "no fdatasync at all on swap");
-    assert!(synced.iter().all(|f| *f == id(&a)), "{synced:?}");
-    assert_eq!(dev.metrics().block().unwrap().backing_flushes, 1);
-
-    // Detach: the same for the image that goes.
-    d0.swap_backing(None, false).unwrap();
-    let synced = take_synced();
-    assert!(
-        !synced.is_empty() && synced.iter().all(|f| *f == id(&b)),
-        "{synced:?}"
-    );
-    assert_eq!(dev.metrics().block().unwrap().backing_flushes, 2);
+    check_swap_and_detach_sync_the_image_that_goes(&vm, &a, &b);
+    let d0 = vm.device("d0").and_then(|d| d.block()).expect("drive d0");
 
     // Attaching to an empty slot has nothing to flush.
     d0.swap_backing(Some(&c), false).unwrap();

@@ -18,17 +18,11 @@ fn thousand_tiny_cycles_leave_nothing_behind() {
     // runs one, the VM's `kvm-nx-lpage-recovery` worker, which the kernel counts as a thread
     // of this process), its fds, its vsock socket.
     let (b, d) = (&r.before, &r.during);
-    let kestrel: Vec<&String> = d
-        .thread_names
-        .iter()
-        .filter(|n| n.starts_with("k-soak-"))
-        .collect();
-    assert_eq!(kestrel, ["k-soak-evloop", "k-soak-vcpu0"]);
-    let kvm = d
-        .thread_names
-        .iter()
-        .filter(|n| n.starts_with("kvm-"))
-        .count();
+    assert_eq!(
+        d.threads_named(&["k-soak-"]),
+        ["k-soak-evloop", "k-soak-vcpu0"]
+    );
+    let kvm = d.kvm_threads();
     assert_eq!(d.threads, b.threads + 2 + kvm, "{:?}", d.thread_names);
     assert!(d.fds > b.fds, "{d:?}");
     assert_eq!(d.sockets, ["v.sock"]);

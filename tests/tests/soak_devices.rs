@@ -21,22 +21,13 @@ fn twenty_cycles_with_every_device_kind_leave_nothing_behind() {
     let (b, d) = (&r.before, &r.during);
     // (Linux keeps 15 bytes of a thread name, so Kestrel's threads carry the short
     // `k-<vm>-...` form: loop, vCPUs, and the share's worker `k-<vm>-fs0-q1`.)
-    let kestrel: Vec<&String> = d
-        .thread_names
-        .iter()
-        .filter(|n| n.starts_with("k-") || n.starts_with("kestrel-"))
-        .collect();
     assert_eq!(
-        kestrel,
+        d.threads_named(&["k-", "kestrel-"]),
         ["k-sd-evloop", "k-sd-fs0-q1", "k-sd-vcpu0", "k-sd-vcpu1"],
         "{:?}",
         d.thread_names
     );
-    let kvm = d
-        .thread_names
-        .iter()
-        .filter(|n| n.starts_with("kvm-"))
-        .count();
+    let kvm = d.kvm_threads();
     assert_eq!(d.threads, b.threads + 4 + kvm, "{:?}", d.thread_names);
     assert!(d.fds > b.fds, "{d:?}");
     assert_eq!(d.sockets, ["v.sock", "v.sock_5000"]);
