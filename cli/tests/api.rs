@@ -23,27 +23,8 @@ fn spin_kernel(dir: &Path) -> PathBuf {
 
 /// A 64-bit ELF whose code at 1 MiB is `code`.
 fn tiny_kernel(dir: &Path, name: &str, code: &[u8]) -> PathBuf {
-    let mut e = Vec::new();
-    e.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    e.extend_from_slice(&2u16.to_le_bytes());
-    e.extend_from_slice(&0x3eu16.to_le_bytes());
-    e.extend_from_slice(&1u32.to_le_bytes());
-    e.extend_from_slice(&0x10_0000u64.to_le_bytes());
-    e.extend_from_slice(&64u64.to_le_bytes());
-    e.extend_from_slice(&0u64.to_le_bytes());
-    e.extend_from_slice(&0u32.to_le_bytes());
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        e.extend_from_slice(&v.to_le_bytes());
-    }
-    e.extend_from_slice(&1u32.to_le_bytes());
-    e.extend_from_slice(&7u32.to_le_bytes());
-    let len = code.len() as u64;
-    for v in [120u64, 0x10_0000, 0x10_0000, len, len, 0x1000] {
-        e.extend_from_slice(&v.to_le_bytes());
-    }
-    e.extend_from_slice(code);
     let p = dir.join(name);
-    std::fs::write(&p, e).unwrap();
+    std::fs::write(&p, kestrel_tests::tiny_elf(code)).unwrap();
     p
 }
 
@@ -127,15 +108,13 @@ fn fault(v: &Value) -> &str {
     v["fault_message"].as_str().unwrap_or_default()
 }
 
+/// Whether /dev/kvm exists; when it does not, [`kestrel_tests::skip_without`] (a failure under
+/// scripts/test.sh).
 fn have_kvm() -> bool {
     if Path::new("/dev/kvm").exists() {
         return true;
     }
-    assert!(
-        std::env::var_os("KESTREL_TEST_REQUIRE_ALL").is_none(),
-        "/dev/kvm is missing"
-    );
-    eprintln!("skipped: no /dev/kvm");
+    kestrel_tests::skip_without("/dev/kvm");
     false
 }
 

@@ -14,27 +14,8 @@ fn scratch(tag: &str) -> PathBuf {
 
 /// A 64-bit ELF whose code is `jmp $` at 1 MiB (a guest that spins).
 fn spin_kernel() -> PathBuf {
-    let code = [0xebu8, 0xfe];
-    let mut e = Vec::new();
-    e.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    e.extend_from_slice(&2u16.to_le_bytes());
-    e.extend_from_slice(&0x3eu16.to_le_bytes());
-    e.extend_from_slice(&1u32.to_le_bytes());
-    e.extend_from_slice(&0x10_0000u64.to_le_bytes()); // entry
-    e.extend_from_slice(&64u64.to_le_bytes()); // phoff
-    e.extend_from_slice(&0u64.to_le_bytes());
-    e.extend_from_slice(&0u32.to_le_bytes());
-    for v in [64u16, 56, 1, 64, 0, 0] {
-        e.extend_from_slice(&v.to_le_bytes());
-    }
-    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-    e.extend_from_slice(&7u32.to_le_bytes());
-    for v in [120u64, 0x10_0000, 0x10_0000, 2, 2, 0x1000] {
-        e.extend_from_slice(&v.to_le_bytes());
-    }
-    e.extend_from_slice(&code);
     let p = scratch("k").join("spin.elf");
-    std::fs::write(&p, e).unwrap();
+    std::fs::write(&p, kestrel_tests::tiny_elf(&[0xeb, 0xfe])).unwrap();
     p
 }
 
@@ -241,12 +222,7 @@ fn overflowing_rate_limiter_exits_2() {
 #[test]
 fn thread_panics_exit_1_naming_the_thread() {
     if !Path::new("/dev/kvm").exists() {
-        // scripts/test.sh sets KESTREL_TEST_REQUIRE_ALL: there a missing prerequisite fails.
-        assert!(
-            std::env::var_os("KESTREL_TEST_REQUIRE_ALL").is_none(),
-            "/dev/kvm is missing"
-        );
-        eprintln!("skipped: no /dev/kvm");
+        kestrel_tests::skip_without("/dev/kvm");
         return;
     }
     let cfg = write_config("panic", &config_json(&spin_kernel(), ""));
