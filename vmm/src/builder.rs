@@ -439,7 +439,7 @@ impl<'a> DeviceSteps<'a> {
         saved: Option<&SavedDevice>,
     ) -> Result<(), VmmError> {
         no_saved_state(saved);
-        let id = format!("fs{index}");
+        let id = kestrel_api::fs_device_id(index);
         let tag = cfg.tag.clone();
         let model = if cfg.socket.is_some() {
             let dev = VhostUserFsConfig::try_from(cfg)

@@ -55,6 +55,12 @@ pub const CMDLINE_RESERVED_LEN: usize = 160;
 /// and a separator: 36, rounded up).
 pub const CMDLINE_RESERVED_PER_DEVICE: usize = 40;
 
+/// The device id of the `index`-th virtio-fs share (`fs<index>`): shares are reached by
+/// position, since their tags need not be valid ids.
+pub fn fs_device_id(index: usize) -> String {
+    format!("fs{index}")
+}
+
 /// A whole VM: what the `kestrel` binary reads with `--config` (or Firecracker's
 /// `--config-file`) and what a runtime passes to `kestrel_vmm::Vm::create`.
 ///
@@ -264,7 +270,7 @@ impl VmConfig {
         if self.vsock.is_some() {
             v.push(("vsock".into(), "vsock".into()));
         }
-        v.extend((0..self.fs.len()).map(|i| (format!("fs[{i}]"), format!("fs{i}"))));
+        v.extend((0..self.fs.len()).map(|i| (format!("fs[{i}]"), fs_device_id(i))));
         v
     }
 
@@ -294,24 +300,10 @@ impl VmConfig {
         check_kernel_format(field, &self.boot_source.kernel_image_path, kernel)
     }
 
-    /// Virtio devices in the order create wires them: drives, interfaces, vsock, fs.
-    fn device_fields(&self) -> Vec<String> {
-        let mut v: Vec<String> = (0..self.drives.len())
-            .map(|i| format!("drives[{i}]"))
-            .collect();
-        v.extend((0..self.network_interfaces.len()).map(|i| format!("network-interfaces[{i}]")));
-        if self.vsock.is_some() {
-            v.push("vsock".into());
-        }
-        v.extend((0..self.fs.len()).map(|i| format!("fs[{i}]")));
-        v
-    }
-
     /// `boot_args` plus what Kestrel appends must fit the boot protocol's command line.
     fn check_cmdline_room(&self) -> Result<(), ConfigError> {
         let args = self.boot_source.boot_args_or_default();
-        let reserved =
-            CMDLINE_RESERVED_LEN + CMDLINE_RESERVED_PER_DEVICE * self.device_fields().len();
+        let reserved = CMDLINE_RESERVED_LEN + CMDLINE_RESERVED_PER_DEVICE * self.device_ids().len();
         let room = MAX_CMDLINE_LEN.saturating_sub(reserved);
         if args.trim().len() > room {
             return Err(ConfigError::invalid(
