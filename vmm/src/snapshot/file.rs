@@ -153,7 +153,7 @@ pub fn decode_state(bytes: &[u8]) -> Result<SnapshotState, StateFileError> {
     }
     let body = &bytes[HEADER_LEN..];
     let sum: [u8; 32] = field(bytes, 24);
-    if Sha256::digest(body).as_slice() != sum {
+    if Sha256::digest(body).as_slice() != sum.as_slice() {
         return Err(StateFileError::Checksum);
     }
     let state: SnapshotState = serde_json::from_slice(body).map_err(StateFileError::Decode)?;
@@ -309,10 +309,9 @@ mod tests {
             (0, len_u64(HEADER_LEN)),
         ] {
             match decode_state(&bytes[..cut]) {
-                Err(StateFileError::Truncated {
-                    expected: e,
-                    found,
-                }) => assert_eq!((e, found), (expected, len_u64(cut))),
+                Err(StateFileError::Truncated { expected: e, found }) => {
+                    assert_eq!((e, found), (expected, len_u64(cut)))
+                }
                 other => panic!("cut at {cut}: {other:?}"),
             }
         }

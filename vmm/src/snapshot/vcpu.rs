@@ -3,8 +3,8 @@
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs,
-    KVM_MAX_CPUID_ENTRIES, KVM_MAX_MSR_ENTRIES,
+    kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MAX_MSR_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -194,7 +194,9 @@ fn read_msrs(fd: &VcpuFd, id: u32, indices: &[u32]) -> Result<Vec<kvm_msr_entry>
                 })
                 .collect();
             let mut msrs = msrs_from(id, &entries)?;
-            let n = fd.get_msrs(&mut msrs).map_err(kvm_err(id, "KVM_GET_MSRS"))?;
+            let n = fd
+                .get_msrs(&mut msrs)
+                .map_err(kvm_err(id, "KVM_GET_MSRS"))?;
             let n = n.min(rest.len());
             out.extend_from_slice(&msrs.as_slice()[..n]);
             if n < rest.len() {

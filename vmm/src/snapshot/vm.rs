@@ -34,7 +34,8 @@ fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, SnapshotError> {
         chip_id,
         ..Default::default()
     };
-    vm.get_irqchip(&mut chip).map_err(kvm_err("KVM_GET_IRQCHIP"))?;
+    vm.get_irqchip(&mut chip)
+        .map_err(kvm_err("KVM_GET_IRQCHIP"))?;
     Ok(chip)
 }
 
