@@ -6,11 +6,12 @@
 //! - [`vm`]: the state of the VM's in-kernel devices ([`VmState`]: PIC master and slave,
 //!   IOAPIC, PIT, kvmclock), read from and written back to a KVM VM fd;
 //! - [`file`]: the state file (magic, format version, body length, SHA-256, JSON body) and its
-//!   typed refusals ([`StateFileError`]).
+//!   typed refusals ([`StateFileError`]);
+//! - [`memory`]: the guest memory file ([`MemoryRange`]s: every region, page-aligned).
 //!
-//! [`SnapshotState`] ties them together with the format version. Devices, guest memory and the
-//! hotplug state join it when `Vm::snapshot` exists; until then this module only saves and
-//! restores what KVM holds.
+//! [`SnapshotState`] ties them together with the format version, every device's state
+//! ([`DeviceSnapshot`]) and the memory layout. [`crate::Vm::snapshot`] writes a paused VM's
+//! snapshot directory ([`STATE_FILE`], [`MEMORY_FILE`]); restore is still to come.
 //!
 //! The save/restore order is the one a probe VMM proved on the nested KVM of the project's
 //! machines (a booting Linux guest, saved and rebuilt in a new VM, finished its boot): vCPUs
@@ -18,13 +19,20 @@
 //! MP_STATE, VCPU_EVENTS; the VM gets PIT2, CLOCK, then the three irqchips.
 
 pub mod file;
+pub mod memory;
 pub mod vcpu;
 pub mod vm;
 
+use kestrel_devices::virtio::block::BlockState;
+use kestrel_devices::virtio::fs::FsState;
+use kestrel_devices::virtio::mmio::MmioState;
+use kestrel_devices::virtio::net::NetState;
+use kestrel_devices::virtio::vsock::VsockState;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use file::{decode_state, encode_state, read_state_file, write_state_file, StateFileError};
+pub use memory::{write_memory_file, MemoryRange};
 pub use vcpu::{restore_vcpu, save_vcpu, FpuState, KvmSupport, VcpuState};
 pub use vm::{restore_vm, save_vm, VmState};
 
@@ -32,7 +40,13 @@ pub use vm::{restore_vm, save_vm, VmState};
 /// of [`SnapshotState`] or of the types it contains.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// Everything a snapshot holds about a VM (so far: the KVM state of the VM and its vCPUs).
+/// Name of the state file in a snapshot directory.
+pub const STATE_FILE: &str = "state";
+/// Name of the guest memory file in a snapshot directory.
+pub const MEMORY_FILE: &str = "memory";
+
+/// Everything a snapshot holds about a VM except the guest memory's contents (those are in the
+/// memory file, laid out as [`SnapshotState::memory`] says).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotState {
@@ -40,24 +54,84 @@ pub struct SnapshotState {
     pub version: u32,
     /// The VM's in-kernel devices and clock.
     pub vm: VmState,
-    /// Every vCPU that exists, in index order.
+    /// Every vCPU that exists (plugged or hot-removed), in index order.
     pub vcpus: Vec<VcpuState>,
+    /// Every virtio device, in the order the guest sees them.
+    pub devices: Vec<DeviceSnapshot>,
+    /// Every guest memory region (boot RAM and hot-plugged blocks) and where its bytes are in
+    /// the memory file.
+    pub memory: Vec<MemoryRange>,
 }
 
 impl SnapshotState {
-    /// A state of the current [`FORMAT_VERSION`].
+    /// A state of the current [`FORMAT_VERSION`] without devices and memory.
     pub fn new(vm: VmState, vcpus: Vec<VcpuState>) -> Self {
         SnapshotState {
             version: FORMAT_VERSION,
             vm,
             vcpus,
+            devices: Vec::new(),
+            memory: Vec::new(),
         }
     }
 }
 
-/// Why KVM state could not be saved or restored.
+/// One virtio device's saved state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSnapshot {
+    /// The device id (drive id, iface id, `vsock`, `fs<N>`).
+    pub id: String,
+    /// The virtio-mmio transport's registers.
+    pub transport: MmioState,
+    /// The device's own state.
+    pub state: DeviceState,
+}
+
+/// A device's own saved state, by kind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeviceState {
+    /// virtio-blk.
+    Block(BlockState),
+    /// virtio-net.
+    Net(NetState),
+    /// virtio-vsock.
+    Vsock(VsockState),
+    /// virtio-fs (in-process or vhost-user), only while the guest has not brought it up.
+    Fs(FsState),
+}
+
+/// Why a snapshot could not be taken, or KVM state saved or restored.
 #[derive(Debug, Error)]
 pub enum SnapshotError {
+    /// A device is in a state a snapshot cannot hold.
+    #[error("device {device:?} cannot be snapshotted: {reason}")]
+    Unsupported {
+        /// The device id.
+        device: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// The memory file could not be created or written.
+    #[error("memory file {path}: {source}")]
+    MemoryFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Guest memory could not be copied to the memory file.
+    #[error("memory file {path}: copying guest memory at {addr:#x} failed: {source}")]
+    GuestMemory {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The region's guest-physical address.
+        addr: u64,
+        /// The error.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
     /// A vCPU ioctl failed.
     #[error("vCPU {vcpu}: KVM {op} failed: {source}")]
     VcpuKvm {

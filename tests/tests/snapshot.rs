@@ -1,0 +1,81 @@
+//! Snapshots of a running tiny guest (issue 13; restore is still to come): refused unless the
+//! VM is paused, with nothing written; a paused VM's snapshot directory holds a state file
+//! that reads back (every vCPU, the in-kernel devices, every virtio device, the memory layout)
+//! and a memory file with the guest's RAM; the VM resumes afterwards.
+
+use std::time::Duration;
+
+use kestrel_api::{DriveConfig, SerialOutput, VmConfig};
+use kestrel_tests::*;
+use kestrel_vmm::snapshot::{self, DeviceState};
+use kestrel_vmm::{Vm, VmExit, VmmError};
+use vm_memory::{Bytes, GuestAddress};
+
+fn spin_vm(name: &str) -> Vm {
+    let k = write_tiny_guest(&format!("{name}.elf"), &spin());
+    let mut c = VmConfig::new(k, 2, 64);
+    c.serial.output = SerialOutput::None;
+    c.kestrel.name = Some(name.into());
+    let disk = scratch_dir().join(format!("{name}-disk.img"));
+    std::fs::write(&disk, vec![0u8; 4096]).expect("disk");
+    c.drives.push(DriveConfig {
+        drive_id: "d0".into(),
+        path_on_host: Some(disk),
+        ..DriveConfig::default()
+    });
+    let vm = Vm::create(&c).expect("create");
+    vm.start().expect("start");
+    vm
+}
+
+#[test]
+fn a_running_vm_is_not_snapshotted() {
+    let vm = spin_vm("snap-running");
+    let dir = scratch_dir().join("snap-running");
+    assert!(matches!(vm.snapshot(&dir), Err(VmmError::NotPaused)));
+    assert!(!dir.exists(), "nothing is written");
+    vm.pause().expect("pause");
+    vm.resume().expect("resume");
+    assert!(matches!(vm.snapshot(&dir), Err(VmmError::NotPaused)));
+    assert_eq!(vm.stop(), VmExit::Stopped);
+    assert!(matches!(vm.snapshot(&dir), Err(VmmError::NotRunning)));
+}
+
+#[test]
+fn a_paused_vm_is_snapshotted_and_runs_on() {
+    let vm = spin_vm("snap-paused");
+    vm.guest_memory()
+        .write_obj(0x5a5a_1234u32, GuestAddress(0x30_0000))
+        .expect("mark guest memory");
+    std::thread::sleep(Duration::from_millis(20));
+    vm.pause().expect("pause");
+    let dir = scratch_dir().join("snap-paused");
+    vm.snapshot(&dir).expect("snapshot");
+
+    let state = snapshot::read_state_file(&dir.join(snapshot::STATE_FILE)).expect("state file");
+    assert_eq!(state.version, snapshot::FORMAT_VERSION);
+    let ids: Vec<u32> = state.vcpus.iter().map(|v| v.id).collect();
+    assert_eq!(ids, [0, 1]);
+    let v0 = &state.vcpus[0];
+    assert!(!v0.msrs.is_empty() && !v0.cpuid.is_empty());
+    assert_ne!(v0.sregs.cr0 & 1, 0, "vCPU 0 runs in protected (long) mode");
+    assert_eq!(state.devices.len(), 1);
+    assert_eq!(state.devices[0].id, "d0");
+    assert!(matches!(state.devices[0].state, DeviceState::Block(_)));
+
+    let total: u64 = state.memory.iter().map(|r| r.size).sum();
+    assert_eq!(total, 64 << 20);
+    let mem = std::fs::read(dir.join(snapshot::MEMORY_FILE)).expect("memory file");
+    assert_eq!(u64::try_from(mem.len()).expect("size"), total);
+    let r0 = state
+        .memory
+        .iter()
+        .find(|r| r.guest_addr == 0)
+        .expect("low RAM");
+    let at = usize::try_from(r0.file_offset + 0x30_0000).expect("offset");
+    assert_eq!(mem[at..at + 4], 0x5a5a_1234u32.to_le_bytes());
+
+    vm.resume().expect("resume");
+    assert_eq!(vm.wait_timeout(Duration::from_millis(50)), None, "runs on");
+    assert_eq!(vm.stop(), VmExit::Stopped);
+}
