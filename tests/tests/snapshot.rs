@@ -62,6 +62,8 @@ fn a_paused_vm_is_snapshotted_and_runs_on() {
     assert_eq!(state.devices.len(), 1);
     assert_eq!(state.devices[0].id, "d0");
     assert!(matches!(state.devices[0].state, DeviceState::Block(_)));
+    assert_eq!(state.cmdline, vm.cmdline());
+    assert_eq!(state.hotplug, snapshot::HotplugState::default());
 
     let total: u64 = state.memory.iter().map(|r| r.size).sum();
     assert_eq!(total, 64 << 20);
@@ -75,7 +77,48 @@ fn a_paused_vm_is_snapshotted_and_runs_on() {
     let at = usize::try_from(r0.file_offset + 0x30_0000).expect("offset");
     assert_eq!(mem[at..at + 4], 0x5a5a_1234u32.to_le_bytes());
 
+    drop(mem);
+    std::fs::remove_dir_all(&dir).expect("remove the snapshot");
+
     vm.resume().expect("resume");
     assert_eq!(vm.wait_timeout(Duration::from_millis(50)), None, "runs on");
+    assert_eq!(vm.stop(), VmExit::Stopped);
+}
+
+#[test]
+fn the_hotplug_state_is_in_the_snapshot() {
+    let k = write_tiny_guest("snap-hotplug.elf", &spin());
+    let mut c = VmConfig::new(k, 1, 64);
+    c.serial.output = SerialOutput::None;
+    c.kestrel.name = Some("snap-hotplug".into());
+    c.machine_config.max_vcpus = Some(2);
+    c.machine_config.max_mem_size_mib = Some(128);
+    let vm = Vm::create(&c).expect("create");
+    vm.start().expect("start");
+    vm.plug_vcpu(1).expect("plug vCPU 1");
+    vm.park_vcpu(1).expect("park vCPU 1");
+    let block = 2 << 20;
+    let plugged = vm.add_memory(block, block).expect("add memory");
+    vm.pause().expect("pause");
+    let dir = scratch_dir().join("snap-hotplug");
+    vm.snapshot(&dir).expect("snapshot");
+    let state = snapshot::read_state_file(&dir.join(snapshot::STATE_FILE)).expect("state file");
+    std::fs::remove_dir_all(&dir).expect("remove the snapshot");
+    let ids: Vec<u32> = state.vcpus.iter().map(|v| v.id).collect();
+    assert_eq!(ids, [0, 1], "a hot-removed vCPU is saved too");
+    assert_eq!(state.hotplug.unplugged_vcpus, [1]);
+    assert_eq!(
+        state.hotplug.plugged_memory,
+        [snapshot::PluggedMemory {
+            addr: plugged.addr,
+            size: block
+        }]
+    );
+    assert!(state
+        .memory
+        .iter()
+        .any(|r| r.guest_addr == plugged.addr && r.size == block));
+    let total: u64 = state.memory.iter().map(|r| r.size).sum();
+    assert_eq!(total, (64 << 20) + block);
     assert_eq!(vm.stop(), VmExit::Stopped);
 }

@@ -281,8 +281,7 @@ impl Vm {
     ///
     /// Not yet covered (issue 13): devices are not quiesced by [`Vm::pause`] (a request the
     /// event loop completes while the memory file is written may be half in it), rate-limiter
-    /// buckets and the hotplug bookkeeping beyond the memory layout are not saved, and there
-    /// is no restore yet.
+    /// buckets are not saved, and there is no restore yet.
     ///
     /// # Errors
     /// [`VmmError::NotRunning`], [`VmmError::NotPaused`]; [`VmmError::Snapshot`] naming a
@@ -305,9 +304,23 @@ impl Vm {
         std::fs::create_dir_all(dir).map_err(io_err("creating the snapshot directory"))?;
         let mem = self.guest_memory();
         let memory = snapshot::write_memory_file(&dir.join(snapshot::MEMORY_FILE), &mem)?;
+        let plugged_memory = lock(&self.memory)
+            .plugged()
+            .iter()
+            .map(|p| snapshot::PluggedMemory {
+                addr: p.addr,
+                size: p.size,
+            })
+            .collect();
         let mut state = snapshot::SnapshotState::new(vm, vcpus);
         state.devices = devices;
         state.memory = memory;
+        state.hotplug = snapshot::HotplugState {
+            unplugged_vcpus: self.vcpus.unplugged(),
+            plugged_memory,
+        };
+        state.cmdline = self.cmdline.clone();
+        state.pvfpu = self.vcpus.shared().pvfpu;
         snapshot::write_state_file(&dir.join(snapshot::STATE_FILE), &state)?;
         tracing::info!("VM {}: snapshot written to {}", self.name, dir.display());
         Ok(())

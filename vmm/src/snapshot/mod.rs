@@ -61,10 +61,38 @@ pub struct SnapshotState {
     /// Every guest memory region (boot RAM and hot-plugged blocks) and where its bytes are in
     /// the memory file.
     pub memory: Vec<MemoryRange>,
+    /// Hot-removed vCPUs and hot-plugged memory.
+    pub hotplug: HotplugState,
+    /// The guest's kernel command line (a restore must keep what it decided, e.g. the
+    /// paravirtual extended-state switch).
+    pub cmdline: String,
+    /// The vCPUs serve the paravirtual extended-state switch ports (`pvfpu`).
+    pub pvfpu: bool,
+}
+
+/// What CPU and memory hotplug changed since boot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HotplugState {
+    /// vCPUs that exist but are hot-removed (their threads stay parked until a plug).
+    pub unplugged_vcpus: Vec<u32>,
+    /// Hot-plugged memory ranges, in address order.
+    pub plugged_memory: Vec<PluggedMemory>,
+}
+
+/// One hot-plugged memory range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluggedMemory {
+    /// Guest-physical address.
+    pub addr: u64,
+    /// Bytes.
+    pub size: u64,
 }
 
 impl SnapshotState {
-    /// A state of the current [`FORMAT_VERSION`] without devices and memory.
+    /// A state of the current [`FORMAT_VERSION`] with only KVM state (no devices, memory,
+    /// hotplug state or command line).
     pub fn new(vm: VmState, vcpus: Vec<VcpuState>) -> Self {
         SnapshotState {
             version: FORMAT_VERSION,
@@ -72,6 +100,9 @@ impl SnapshotState {
             vcpus,
             devices: Vec::new(),
             memory: Vec::new(),
+            hotplug: HotplugState::default(),
+            cmdline: String::new(),
+            pvfpu: false,
         }
     }
 }

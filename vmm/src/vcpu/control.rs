@@ -87,6 +87,14 @@ impl VcpuControl {
         self.cv.notify_all();
     }
 
+    /// Whether the vCPU is hot-removed (parked until it is plugged again).
+    pub(crate) fn is_unplugged(&self) -> bool {
+        self.wants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unplugged
+    }
+
     /// Whether the vCPU is currently wanted parked for any reason.
     pub(crate) fn wants_parked(&self) -> bool {
         self.wants.lock().unwrap_or_else(|p| p.into_inner()).any()

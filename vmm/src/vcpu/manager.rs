@@ -298,6 +298,15 @@ impl VcpuManager {
         *lock(&self.paused)
     }
 
+    /// The vCPUs that exist but are hot-removed, in index order.
+    pub(crate) fn unplugged(&self) -> Vec<u32> {
+        lock(&self.slots)
+            .iter()
+            .filter(|s| s.ctl.is_unplugged())
+            .map(|s| s.id)
+            .collect()
+    }
+
     /// Save the KVM state of every vCPU that exists (plugged or hot-removed), in index order.
     /// Each is read on its own thread, which owns the fd and is parked: the VM must be paused.
     pub(crate) fn save_states(&self, support: &KvmSupport) -> Result<Vec<VcpuState>, VcpuError> {
