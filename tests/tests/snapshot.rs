@@ -1,7 +1,9 @@
 //! Snapshots of a running tiny guest (issue 13; restore is still to come): refused unless the
 //! VM is paused, with nothing written; a paused VM's snapshot directory holds a state file
 //! that reads back (every vCPU, the in-kernel devices, every virtio device, the memory layout)
-//! and a memory file with the guest's RAM; the VM resumes afterwards.
+//! and a memory file with the guest's RAM; the VM resumes afterwards. And the snapshot is
+//! enough to go on: a guest rebuilt from it in a new KVM VM (by hand, until `Vm::restore`
+//! exists) continues counting where it stopped.
 
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use kestrel_api::{DriveConfig, SerialOutput, VmConfig};
 use kestrel_tests::*;
 use kestrel_vmm::snapshot::{self, DeviceState};
 use kestrel_vmm::{Vm, VmExit, VmmError};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 fn spin_vm(name: &str) -> Vm {
     let k = write_tiny_guest(&format!("{name}.elf"), &spin());
@@ -121,4 +123,123 @@ fn the_hotplug_state_is_in_the_snapshot() {
     let total: u64 = state.memory.iter().map(|r| r.size).sum();
     assert_eq!(total, (64 << 20) + block);
     assert_eq!(vm.stop(), VmExit::Stopped);
+}
+
+/// Counter of the counting guest.
+const COUNTER: u64 = 0x30_0000;
+
+/// Code: `mov eax, COUNTER; l: inc dword [rax]; out 0x80, al; jmp l` (one PIO exit per count).
+fn counting_guest() -> Vec<u8> {
+    vec![
+        0xb8, 0x00, 0x00, 0x30, 0x00, 0xff, 0x00, 0xe6, 0x80, 0xeb, 0xfa,
+    ]
+}
+
+fn counter_in(mem: &[u8], state: &snapshot::SnapshotState) -> u32 {
+    let r = state
+        .memory
+        .iter()
+        .find(|r| r.guest_addr == 0)
+        .expect("low RAM");
+    let at = usize::try_from(r.file_offset + COUNTER).expect("offset");
+    u32::from_le_bytes(mem[at..at + 4].try_into().expect("4 bytes"))
+}
+
+/// A new KVM VM with the guest memory, irqchip, PIT and vCPU 0 of `state`.
+fn rebuild(
+    state: &snapshot::SnapshotState,
+    mem: &[u8],
+) -> (kvm_ioctls::VmFd, kvm_ioctls::VcpuFd, GuestMemoryMmap) {
+    use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+    use vm_memory::{GuestMemory, GuestMemoryRegion};
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    let vm = kvm.create_vm().expect("VM");
+    vm.set_tss_address(0xfffb_d000).expect("TSS");
+    vm.create_irq_chip().expect("irqchip");
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).expect("PIT");
+    let ranges: Vec<(GuestAddress, usize)> = state
+        .memory
+        .iter()
+        .map(|r| {
+            (
+                GuestAddress(r.guest_addr),
+                usize::try_from(r.size).expect("size"),
+            )
+        })
+        .collect();
+    let gm = GuestMemoryMmap::from_ranges(&ranges).expect("guest memory");
+    for (slot, r) in state.memory.iter().enumerate() {
+        let from = usize::try_from(r.file_offset).expect("offset");
+        let len = usize::try_from(r.size).expect("size");
+        gm.write_slice(&mem[from..from + len], GuestAddress(r.guest_addr))
+            .expect("copy memory");
+        let host = gm
+            .find_region(GuestAddress(r.guest_addr))
+            .expect("region")
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .expect("host address");
+        let region = kvm_userspace_memory_region {
+            slot: u32::try_from(slot).expect("slot"),
+            guest_phys_addr: r.guest_addr,
+            memory_size: r.size,
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is mapped by `gm`, which the caller keeps as long as the VM.
+        unsafe { vm.set_user_memory_region(region) }.expect("memory slot");
+    }
+    assert_eq!(gm.num_regions(), state.memory.len());
+    snapshot::restore_vm(&vm, &state.vm).expect("restore the VM state");
+    let support = snapshot::KvmSupport::probe(&kvm, &vm).expect("probe");
+    let vcpu = vm.create_vcpu(0).expect("vCPU");
+    snapshot::restore_vcpu(&vcpu, &state.vcpus[0], &support).expect("restore vCPU 0");
+    (vm, vcpu, gm)
+}
+
+#[test]
+fn a_guest_rebuilt_from_its_snapshot_continues_where_it_stopped() {
+    let k = write_tiny_guest("snap-count.elf", &counting_guest());
+    let mut c = VmConfig::new(k, 1, 64);
+    c.serial.output = SerialOutput::None;
+    c.kestrel.name = Some("snap-count".into());
+    let vm = Vm::create(&c).expect("create");
+    vm.start().expect("start");
+    let live = vm.guest_memory();
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while live
+        .read_obj::<u32>(GuestAddress(COUNTER))
+        .expect("counter")
+        < 100
+    {
+        assert!(std::time::Instant::now() < end, "the guest counts");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    vm.pause().expect("pause");
+    let dir = scratch_dir().join("snap-count");
+    vm.snapshot(&dir).expect("snapshot");
+    assert_eq!(vm.stop(), VmExit::Stopped);
+    drop(live);
+    drop(vm);
+
+    let state = snapshot::read_state_file(&dir.join(snapshot::STATE_FILE)).expect("state file");
+    let mem = std::fs::read(dir.join(snapshot::MEMORY_FILE)).expect("memory file");
+    std::fs::remove_dir_all(&dir).expect("remove the snapshot");
+    let saved = counter_in(&mem, &state);
+    assert!(saved >= 100);
+    let (_vm, mut vcpu, gm) = rebuild(&state, &mem);
+    for _ in 0..1000 {
+        match vcpu.run().expect("KVM_RUN") {
+            kvm_ioctls::VcpuExit::IoOut(0x80, _) => {}
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+    let now = gm.read_obj::<u32>(GuestAddress(COUNTER)).expect("counter");
+    assert!(
+        (saved + 999..=saved + 1001).contains(&now),
+        "counted on from {saved}: {now}"
+    );
 }
