@@ -6,7 +6,11 @@ use std::fs::File;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use super::SnapshotError;
 
@@ -61,6 +65,72 @@ pub fn write_memory_file(
     }
     file.sync_all().map_err(file_err)?;
     Ok(ranges)
+}
+
+/// Page size the memory file's offsets are aligned to.
+const PAGE: u64 = 4096;
+
+/// Map the memory file at `path` as guest memory regions laid out as `ranges` say, each
+/// `MAP_PRIVATE` (copy-on-write: the file never changes, and every mapping of it shares the
+/// pages it does not write) and `MAP_NORESERVE`. The file must be exactly as long as the
+/// ranges need.
+///
+/// # Errors
+/// [`SnapshotError::MemoryFile`] if the file cannot be opened or mapped;
+/// [`SnapshotError::MemoryFileSize`] if its size is not the one `ranges` need;
+/// [`SnapshotError::MemoryLayout`] for a range with an unaligned offset or size, or one that
+/// overflows.
+pub fn map_memory_file(
+    path: &Path,
+    ranges: &[MemoryRange],
+) -> Result<Vec<GuestRegionMmap>, SnapshotError> {
+    let file_err = |source| SnapshotError::MemoryFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(file_err)?;
+    let found = file.metadata().map_err(file_err)?.len();
+    let mut expected = 0u64;
+    for r in ranges {
+        let end = r.file_offset.checked_add(r.size);
+        match end {
+            Some(end)
+                if r.file_offset.is_multiple_of(PAGE)
+                    && r.size.is_multiple_of(PAGE)
+                    && r.size > 0 =>
+            {
+                expected = expected.max(end);
+            }
+            _ => return Err(SnapshotError::MemoryLayout(*r)),
+        }
+    }
+    if found != expected {
+        return Err(SnapshotError::MemoryFileSize {
+            path: path.to_path_buf(),
+            expected,
+            found,
+        });
+    }
+    ranges.iter().map(|r| map_range(path, &file, r)).collect()
+}
+
+/// One range of the memory file, mapped private.
+fn map_range(path: &Path, file: &File, r: &MemoryRange) -> Result<GuestRegionMmap, SnapshotError> {
+    let map_err = |what: String| SnapshotError::MemoryFile {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(what),
+    };
+    let len = usize::try_from(r.size).map_err(|_| SnapshotError::MemoryLayout(*r))?;
+    let dup = file
+        .try_clone()
+        .map_err(|e| map_err(format!("duplicating the fd: {e}")))?;
+    let mapping = MmapRegionBuilder::new(len)
+        .with_file_offset(FileOffset::new(dup, r.file_offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+        .build()
+        .map_err(|e| map_err(format!("mapping {:#x}+{:#x}: {e}", r.file_offset, r.size)))?;
+    GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr)).ok_or(SnapshotError::MemoryLayout(*r))
 }
 
 #[cfg(test)]

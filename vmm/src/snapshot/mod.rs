@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use file::{decode_state, encode_state, read_state_file, write_state_file, StateFileError};
-pub use memory::{write_memory_file, MemoryRange};
+pub use memory::{map_memory_file, write_memory_file, MemoryRange};
 pub use vcpu::{restore_vcpu, save_vcpu, FpuState, KvmSupport, VcpuState};
 pub use vm::{restore_vm, save_vm, VmState};
 
@@ -152,6 +152,19 @@ pub enum SnapshotError {
         #[source]
         source: std::io::Error,
     },
+    /// The memory file's size is not the one the state's memory layout needs.
+    #[error("memory file {path}: {found} bytes, the snapshot's memory layout needs {expected}")]
+    MemoryFileSize {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Bytes the layout needs.
+        expected: u64,
+        /// Bytes in the file.
+        found: u64,
+    },
+    /// A memory range of the state cannot be mapped (unaligned, empty or overflowing).
+    #[error("memory range {0:?} of the state cannot be mapped")]
+    MemoryLayout(MemoryRange),
     /// Guest memory could not be copied to the memory file.
     #[error("memory file {path}: copying guest memory at {addr:#x} failed: {source}")]
     GuestMemory {
