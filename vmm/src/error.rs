@@ -12,6 +12,7 @@ use crate::device_manager::DeviceError;
 use crate::evloop::EventLoopError;
 use crate::memory::MemoryError;
 use crate::seccomp::SeccompError;
+use crate::snapshot::{SnapshotError, StateFileError};
 use crate::threads::SpawnError;
 use crate::vcpu::VcpuError;
 
@@ -60,6 +61,16 @@ pub enum VmmError {
     /// A thread could not be spawned.
     #[error(transparent)]
     Spawn(#[from] SpawnError),
+    /// A snapshot could not be taken (a device that cannot be saved, KVM state, the memory
+    /// file).
+    #[error("snapshot: {0}")]
+    Snapshot(#[from] SnapshotError),
+    /// The state file could not be written or read.
+    #[error(transparent)]
+    StateFile(#[from] StateFileError),
+    /// The request needs a paused VM ([`crate::Vm::pause`]).
+    #[error("the VM is not paused")]
+    NotPaused,
     /// An eventfd operation failed.
     #[error("{what}: {source}")]
     Io {

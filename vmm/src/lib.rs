@@ -37,6 +37,8 @@
 //!   vCPU and its thread: create, plug, park, pause);
 //! - `evloop`: the event loop, console input; it waits for the vCPUs but never kicks them;
 //! - `threads`: thread names/ids ([`ThreadInfo`]) and the common start of every VM thread;
+//! - [`snapshot`]: the KVM state of vCPUs and the VM as serde types, saved from and restored
+//!   into KVM fds, and the versioned, checksummed state file;
 //! - `boot`, `memory`, `exit`, `metrics`, [`pvfpu`], [`seccomp`], `error`.
 //!
 //! Threads of one VM: one per vCPU (`kestrel-<vm>-vcpu<N>`, or Firecracker's `fc_vcpu <N>`
@@ -59,6 +61,7 @@ mod memory;
 mod metrics;
 pub mod pvfpu;
 pub mod seccomp;
+pub mod snapshot;
 mod threads;
 mod vcpu;
 mod vm;

@@ -316,6 +316,13 @@ fn vcpu_ioctls() -> Vec<u64> {
         ioc(r, 0xa4, std::mem::size_of::<kvm_xsave>()),           // KVM_GET_XSAVE
         ioc(w, 0xa5, std::mem::size_of::<kvm_xsave>()),           // KVM_SET_XSAVE
         ioc(r, 0xcf, std::mem::size_of::<kvm_xsave>()),           // KVM_GET_XSAVE2
+        // Saving a parked vCPU's state for a snapshot (`snapshot::save_vcpu`).
+        ioc(r | w, 0x88, std::mem::size_of::<kvm_msrs>()), // KVM_GET_MSRS
+        ioc(r, 0x8c, std::mem::size_of::<kvm_fpu>()),      // KVM_GET_FPU
+        ioc(r, 0x8e, std::mem::size_of::<kvm_lapic_state>()), // KVM_GET_LAPIC
+        ioc(r | w, 0x91, std::mem::size_of::<kvm_cpuid2>()), // KVM_GET_CPUID2
+        ioc(r, 0xa1, std::mem::size_of::<kvm_debugregs>()), // KVM_GET_DEBUGREGS
+        ioc(r, 0xa6, std::mem::size_of::<kvm_xcrs>()),     // KVM_GET_XCRS
     ]
 }
 
@@ -530,6 +537,12 @@ mod tests {
                 0x9000_aea4,
                 0x5000_aea5,
                 0x9000_aecf,
+                0xc008_ae88,
+                0x81a0_ae8c,
+                0x8400_ae8e,
+                0xc008_ae91,
+                0x8080_aea1,
+                0x8188_aea6,
             ]
         );
     }

@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::DeviceError;
 use crate::evloop::Subscriber;
+use crate::snapshot::{DeviceSnapshot, DeviceState, SnapshotError};
 
 /// What kind of virtio device a [`Device`] is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,6 +243,40 @@ impl Device {
             }),
             _ => None,
         }
+    }
+
+    /// The device's state for a snapshot (transport registers and the device's own state), or
+    /// why it cannot be snapshotted: a virtio-fs share the guest has brought up (its FUSE
+    /// session, the guest's open files and node ids, lives in the server or the daemon and is
+    /// not saved) or whose worker threads run.
+    pub(crate) fn snapshot_state(&self) -> Result<DeviceSnapshot, SnapshotError> {
+        let refuse = |reason| SnapshotError::Unsupported {
+            device: self.id.clone(),
+            reason,
+        };
+        const FS_IN_USE: &str = "the guest has brought the virtio-fs share up; its FUSE \
+                                 session (open files, node ids) cannot be saved";
+        let state = match &self.model {
+            Model::Block(d) => DeviceState::Block(lock(d).state()),
+            Model::Net(d) => DeviceState::Net(lock(d).state()),
+            Model::Vsock(d) => DeviceState::Vsock(lock(d).state()),
+            Model::Fs(s) => {
+                if !s.workers.is_empty() {
+                    return Err(refuse("its virtio-fs worker threads are running"));
+                }
+                DeviceState::Fs(lock(&s.dev).state())
+            }
+            Model::VhostUserFs { dev, .. } => DeviceState::Fs(lock(dev).state()),
+        };
+        if matches!(&state, DeviceState::Fs(f) if f.virtio.activated) {
+            return Err(refuse(FS_IN_USE));
+        }
+        let transport = lock(&self.transport).state();
+        Ok(DeviceSnapshot {
+            id: self.id.clone(),
+            transport,
+            state,
+        })
     }
 
     /// Test-only fault injection: the device's next event handler call panics; an event is

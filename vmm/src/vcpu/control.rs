@@ -4,7 +4,13 @@
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use kvm_ioctls::VcpuFd;
+
 use crate::exit::ExitState;
+
+/// Work a parked vCPU thread runs with its vCPU fd (e.g. saving its state for a snapshot: the
+/// fd belongs to the thread, and KVM state is read between two `KVM_RUN`s).
+pub(crate) type ParkedTask = Box<dyn FnOnce(&VcpuFd) + Send>;
 
 /// Whether a vCPU thread runs its guest or waits, parked (hot-removed vCPUs: KVM cannot
 /// destroy one vCPU, so its thread waits until the vCPU is added again; and every vCPU of a
@@ -38,6 +44,8 @@ impl ParkReasons {
 pub(crate) struct VcpuControl {
     wants: Mutex<ParkReasons>,
     state: Mutex<VcpuRunState>,
+    /// Tasks for the thread while it is parked ([`VcpuControl::post_task`]).
+    tasks: Mutex<Vec<ParkedTask>>,
     cv: Condvar,
 }
 
@@ -46,6 +54,7 @@ impl Default for VcpuControl {
         VcpuControl {
             wants: Mutex::default(),
             state: Mutex::new(VcpuRunState::Running),
+            tasks: Mutex::default(),
             cv: Condvar::new(),
         }
     }
@@ -65,6 +74,25 @@ impl VcpuControl {
     pub(crate) fn request_paused(&self, paused: bool) {
         self.wants.lock().unwrap_or_else(|p| p.into_inner()).paused = paused;
         self.cv.notify_all();
+    }
+
+    /// Give the thread `task` to run with its vCPU fd while it is parked (at once if it is
+    /// parked now, else at its next park). A task the thread never runs (it exits first) is
+    /// dropped: a task that reports through a channel sees the sender gone.
+    pub(crate) fn post_task(&self, task: ParkedTask) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+        self.cv.notify_all();
+    }
+
+    /// Whether the vCPU is hot-removed (parked until it is plugged again).
+    pub(crate) fn is_unplugged(&self) -> bool {
+        self.wants
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .unplugged
     }
 
     /// Whether the vCPU is currently wanted parked for any reason.
@@ -102,15 +130,26 @@ impl VcpuControl {
         *st
     }
 
-    /// On the vCPU thread: park here while asked to; returns false when the VM stops
-    /// meanwhile.
-    pub(crate) fn park_while_requested(&self, exit: &ExitState) -> bool {
+    /// On the vCPU thread: park here while asked to, running the posted tasks with `run`;
+    /// returns false when the VM stops meanwhile.
+    pub(crate) fn park_while_requested(
+        &self,
+        exit: &ExitState,
+        run: &mut dyn FnMut(ParkedTask),
+    ) -> bool {
         if !self.wants_parked() {
             return true;
         }
         self.set_state(VcpuRunState::Parked);
         let mut want = self.wants.lock().unwrap_or_else(|p| p.into_inner());
         while want.any() && !exit.stopping() {
+            let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+            if !tasks.is_empty() {
+                drop(want);
+                tasks.into_iter().for_each(&mut *run);
+                want = self.wants.lock().unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
             want = self
                 .cv
                 .wait_timeout(want, Duration::from_millis(20))
@@ -133,7 +172,7 @@ mod tests {
     /// A vCPU loop without KVM: parks when asked, counts passes, ends when the VM stops.
     fn fake_vcpu(ctl: Arc<VcpuControl>, exit: Arc<ExitState>) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
-            while !exit.stopping() && ctl.park_while_requested(&exit) {
+            while !exit.stopping() && ctl.park_while_requested(&exit, &mut |_| {}) {
                 std::thread::sleep(Duration::from_millis(1));
             }
             ctl.set_state(VcpuRunState::Exited);
@@ -177,6 +216,43 @@ mod tests {
             ctl.wait_state(VcpuRunState::Exited, t),
             VcpuRunState::Exited
         );
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn a_parked_thread_runs_posted_tasks_and_stays_parked() {
+        let (ctl, exit) = (
+            Arc::new(VcpuControl::default()),
+            Arc::new(ExitState::new().unwrap()),
+        );
+        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = {
+            let (ctl, exit, ran) = (ctl.clone(), exit.clone(), ran.clone());
+            std::thread::spawn(move || {
+                let mut run = |_task: ParkedTask| {
+                    ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                };
+                while !exit.stopping() && ctl.park_while_requested(&exit, &mut run) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                ctl.set_state(VcpuRunState::Exited);
+            })
+        };
+        let t = Duration::from_secs(5);
+        ctl.request_paused(true);
+        assert_eq!(
+            ctl.wait_state(VcpuRunState::Parked, t),
+            VcpuRunState::Parked
+        );
+        ctl.post_task(Box::new(|_| {}));
+        ctl.post_task(Box::new(|_| {}));
+        let end = Instant::now() + t;
+        while ran.load(std::sync::atomic::Ordering::SeqCst) < 2 && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(ctl.state(), VcpuRunState::Parked);
+        exit.report(VmExit::Stopped);
         h.join().unwrap();
     }
 

@@ -13,6 +13,7 @@ use super::kick::VcpuThreads;
 use super::{create_vcpu, setup_boot_vcpu, Vcpu, VcpuError, VcpuShared};
 use crate::exit::VmExit;
 use crate::seccomp::FilterClass;
+use crate::snapshot::{save_vcpu, KvmSupport, VcpuState};
 use crate::threads::{self, Ready, SpawnError, ThreadEnv, ThreadKind};
 
 /// How long plug, park, pause and resume wait for a vCPU thread to change state.
@@ -290,6 +291,46 @@ impl VcpuManager {
         for ctl in ctls.iter().filter(|c| !c.wants_parked()) {
             ctl.wait_state(VcpuRunState::Running, STATE_CHANGE_TIMEOUT);
         }
+    }
+
+    /// Whether the VM is paused ([`VcpuManager::pause`] without a resume since).
+    pub(crate) fn is_paused(&self) -> bool {
+        *lock(&self.paused)
+    }
+
+    /// The vCPUs that exist but are hot-removed, in index order.
+    pub(crate) fn unplugged(&self) -> Vec<u32> {
+        lock(&self.slots)
+            .iter()
+            .filter(|s| s.ctl.is_unplugged())
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// Save the KVM state of every vCPU that exists (plugged or hot-removed), in index order.
+    /// Each is read on its own thread, which owns the fd and is parked: the VM must be paused.
+    pub(crate) fn save_states(&self, support: &KvmSupport) -> Result<Vec<VcpuState>, VcpuError> {
+        if !*lock(&self.paused) {
+            return Err(VcpuError::NotPaused);
+        }
+        let ctls: Vec<(u32, Arc<VcpuControl>)> = lock(&self.slots)
+            .iter()
+            .map(|s| (s.id, s.ctl.clone()))
+            .collect();
+        let mut states = Vec::with_capacity(ctls.len());
+        for (id, ctl) in ctls {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let support = support.clone();
+            ctl.post_task(Box::new(move |fd| {
+                let _ = tx.send(save_vcpu(fd, id, &support));
+            }));
+            // The sender is dropped unanswered if the thread exits first.
+            match rx.recv_timeout(STATE_CHANGE_TIMEOUT) {
+                Ok(state) => states.push(state?),
+                Err(_) => return Err(VcpuError::NotRunning),
+            }
+        }
+        Ok(states)
     }
 
     /// Kick vCPU `only` (or all) out of `KVM_RUN`.

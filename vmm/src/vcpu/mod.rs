@@ -75,6 +75,12 @@ pub enum VcpuError {
     /// The vCPU's thread did not reach the requested state: the VM stopped meanwhile.
     #[error("the VM is not running")]
     NotRunning,
+    /// The request needs a paused VM ([`crate::Vm::pause`]).
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// A vCPU's KVM state could not be saved.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// The vCPU kick signal (`SIGRTMIN+offset`) already has a disposition the embedding
     /// process set; Kestrel does not replace it. Keep that signal free for Kestrel.
     #[error(
@@ -172,7 +178,7 @@ impl Vcpu {
         let _ = vmm_sys_util::signal::unblock_signal(kick_signal());
         let shared = self.shared.clone();
         let id = self.id;
-        while !shared.exit.stopping() && self.ctl.park_while_requested(&shared.exit) {
+        while !shared.exit.stopping() && self.park_while_requested() {
             shared.exit.faults.check_vcpu(id);
             if id == 0 {
                 let _ = shared.first_run.set(Instant::now());
@@ -192,6 +198,13 @@ impl Vcpu {
                 break;
             }
         }
+    }
+
+    /// Park while asked to, running posted tasks with this vCPU's fd; false when the VM stops.
+    fn park_while_requested(&self) -> bool {
+        let fd = &self.fd;
+        self.ctl
+            .park_while_requested(&self.shared.exit, &mut |task| task(fd))
     }
 
     fn failed(&self, fault: VcpuFault) -> Step {
