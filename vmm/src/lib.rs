@@ -80,4 +80,5 @@ pub use threads::{SpawnError, ThreadInfo, ThreadKind, STOP_JOIN_TIMEOUT};
 pub use vcpu::control::VcpuRunState;
 pub use vcpu::kick::{kick_signal, KICK_SIGNAL_OFFSET};
 pub use vcpu::VcpuError;
+pub use snapshot::SnapshotFiles;
 pub use vm::Vm;

@@ -124,17 +124,18 @@ impl Vm {
     /// [`Vm::start`] runs it on from where the snapshot was taken. The serial console goes
     /// where the snapshot's configuration says.
     pub fn restore(dir: &Path, overrides: &kestrel_api::RestoreOverrides) -> Result<Vm, VmmError> {
-        let _ = (dir, overrides);
-        Err(VmmError::NotPaused)
+        Self::restore_files(&snapshot::SnapshotFiles::in_dir(dir), overrides, None)
     }
 
-    /// Like [`Vm::restore`], the serial console written to `console`.
-    pub fn restore_with_console(
-        dir: &Path,
+    /// Like [`Vm::restore`] from a state file and a memory file anywhere (Firecracker's
+    /// `snapshot_path` and `mem_file_path`), the serial console written to `console` when
+    /// given (else where the snapshot's configuration says).
+    pub fn restore_files(
+        files: &snapshot::SnapshotFiles,
         overrides: &kestrel_api::RestoreOverrides,
-        console: ConsoleSink,
+        console: Option<ConsoleSink>,
     ) -> Result<Vm, VmmError> {
-        let _ = (dir, overrides, console);
+        let _ = (files, overrides, console);
         Err(VmmError::NotPaused)
     }
 
@@ -317,6 +318,13 @@ impl Vm {
     /// device that cannot be saved (checked before anything is written), a KVM ioctl or the
     /// memory file; [`VmmError::StateFile`]; [`VmmError::Io`] if `dir` cannot be created.
     pub fn snapshot(&self, dir: &Path) -> Result<(), VmmError> {
+        std::fs::create_dir_all(dir).map_err(io_err("creating the snapshot directory"))?;
+        self.snapshot_files(&snapshot::SnapshotFiles::in_dir(dir))
+    }
+
+    /// Like [`Vm::snapshot`], the state and the guest memory written to the two files
+    /// `files` names (Firecracker's `snapshot_path` and `mem_file_path`).
+    pub fn snapshot_files(&self, files: &snapshot::SnapshotFiles) -> Result<(), VmmError> {
         let _serial = lock(&self.resize);
         self.ensure_running()?;
         if !self.vcpus.is_paused() {
@@ -330,9 +338,8 @@ impl Vm {
         let support = snapshot::KvmSupport::probe(&self.kvm, &self.vm_fd)?;
         let vcpus = self.vcpus.save_states(&support).map_err(vcpu_err)?;
         let vm = snapshot::save_vm(&self.vm_fd)?;
-        std::fs::create_dir_all(dir).map_err(io_err("creating the snapshot directory"))?;
         let mem = self.guest_memory();
-        let memory = snapshot::write_memory_file(&dir.join(snapshot::MEMORY_FILE), &mem)?;
+        let memory = snapshot::write_memory_file(&files.memory, &mem)?;
         let plugged_memory = lock(&self.memory)
             .plugged()
             .iter()
@@ -350,8 +357,13 @@ impl Vm {
         };
         state.cmdline = self.cmdline.clone();
         state.pvfpu = self.vcpus.shared().pvfpu;
-        snapshot::write_state_file(&dir.join(snapshot::STATE_FILE), &state)?;
-        tracing::info!("VM {}: snapshot written to {}", self.name, dir.display());
+        snapshot::write_state_file(&files.state, &state)?;
+        tracing::info!(
+            "VM {}: snapshot written to {} and {}",
+            self.name,
+            files.state.display(),
+            files.memory.display()
+        );
         Ok(())
     }
 

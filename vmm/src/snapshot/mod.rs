@@ -45,6 +45,25 @@ pub const STATE_FILE: &str = "state";
 /// Name of the guest memory file in a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
 
+/// Where a snapshot's two files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotFiles {
+    /// The state file.
+    pub state: std::path::PathBuf,
+    /// The guest memory file.
+    pub memory: std::path::PathBuf,
+}
+
+impl SnapshotFiles {
+    /// [`STATE_FILE`] and [`MEMORY_FILE`] in `dir`.
+    pub fn in_dir(dir: &std::path::Path) -> Self {
+        SnapshotFiles {
+            state: dir.join(STATE_FILE),
+            memory: dir.join(MEMORY_FILE),
+        }
+    }
+}
+
 /// Everything a snapshot holds about a VM except the guest memory's contents (those are in the
 /// memory file, laid out as [`SnapshotState::memory`] says).
 #[derive(Debug, Clone, Serialize, Deserialize)]
