@@ -1,9 +1,9 @@
-//! Snapshots of a running tiny guest (issue 13; restore is still to come): refused unless the
+//! Snapshots of a running tiny guest (issue 13): refused unless the
 //! VM is paused, with nothing written; a paused VM's snapshot directory holds a state file
 //! that reads back (every vCPU, the in-kernel devices, every virtio device, the memory layout)
-//! and a memory file with the guest's RAM; the VM resumes afterwards. And the snapshot is
-//! enough to go on: a guest rebuilt from it in a new KVM VM (by hand, until `Vm::restore`
-//! exists) continues counting where it stopped.
+//! and a memory file with the guest's RAM; the VM resumes afterwards. `Vm::restore` rebuilds a
+//! guest that counts on where it stopped, clones of one snapshot run side by side without
+//! changing its memory file, and bad snapshots are refused with nothing left behind.
 
 use std::time::Duration;
 
@@ -11,7 +11,14 @@ use kestrel_api::{DriveConfig, SerialOutput, VmConfig};
 use kestrel_tests::*;
 use kestrel_vmm::snapshot::{self, DeviceState};
 use kestrel_vmm::{Vm, VmExit, VmmError};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+
+/// The tests of this file one at a time: the leak checks count the process's fds and threads.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 fn spin_vm(name: &str) -> Vm {
     let k = write_tiny_guest(&format!("{name}.elf"), &spin());
@@ -32,6 +39,7 @@ fn spin_vm(name: &str) -> Vm {
 
 #[test]
 fn a_running_vm_is_not_snapshotted() {
+    let _one = one_at_a_time();
     let vm = spin_vm("snap-running");
     let dir = scratch_dir().join("snap-running");
     assert!(matches!(vm.snapshot(&dir), Err(VmmError::NotPaused)));
@@ -45,6 +53,7 @@ fn a_running_vm_is_not_snapshotted() {
 
 #[test]
 fn a_paused_vm_is_snapshotted_and_runs_on() {
+    let _one = one_at_a_time();
     let vm = spin_vm("snap-paused");
     vm.guest_memory()
         .write_obj(0x5a5a_1234u32, GuestAddress(0x30_0000))
@@ -89,6 +98,7 @@ fn a_paused_vm_is_snapshotted_and_runs_on() {
 
 #[test]
 fn the_hotplug_state_is_in_the_snapshot() {
+    let _one = one_at_a_time();
     let k = write_tiny_guest("snap-hotplug.elf", &spin());
     let mut c = VmConfig::new(k, 1, 64);
     c.serial.output = SerialOutput::None;
@@ -145,101 +155,168 @@ fn counter_in(mem: &[u8], state: &snapshot::SnapshotState) -> u32 {
     u32::from_le_bytes(mem[at..at + 4].try_into().expect("4 bytes"))
 }
 
-/// A new KVM VM with the guest memory, irqchip, PIT and vCPU 0 of `state`.
-fn rebuild(
-    state: &snapshot::SnapshotState,
-    mem: &[u8],
-) -> (kvm_ioctls::VmFd, kvm_ioctls::VcpuFd, GuestMemoryMmap) {
-    use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-    use vm_memory::{GuestMemory, GuestMemoryRegion};
-    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
-    let vm = kvm.create_vm().expect("VM");
-    vm.set_tss_address(0xfffb_d000).expect("TSS");
-    vm.create_irq_chip().expect("irqchip");
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).expect("PIT");
-    let ranges: Vec<(GuestAddress, usize)> = state
-        .memory
-        .iter()
-        .map(|r| {
-            (
-                GuestAddress(r.guest_addr),
-                usize::try_from(r.size).expect("size"),
-            )
-        })
-        .collect();
-    let gm = GuestMemoryMmap::from_ranges(&ranges).expect("guest memory");
-    for (slot, r) in state.memory.iter().enumerate() {
-        let from = usize::try_from(r.file_offset).expect("offset");
-        let len = usize::try_from(r.size).expect("size");
-        gm.write_slice(&mem[from..from + len], GuestAddress(r.guest_addr))
-            .expect("copy memory");
-        let host = gm
-            .find_region(GuestAddress(r.guest_addr))
-            .expect("region")
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .expect("host address");
-        let region = kvm_userspace_memory_region {
-            slot: u32::try_from(slot).expect("slot"),
-            guest_phys_addr: r.guest_addr,
-            memory_size: r.size,
-            userspace_addr: host as u64,
-            flags: 0,
-        };
-        // SAFETY: the region is mapped by `gm`, which the caller keeps as long as the VM.
-        unsafe { vm.set_user_memory_region(region) }.expect("memory slot");
-    }
-    assert_eq!(gm.num_regions(), state.memory.len());
-    snapshot::restore_vm(&vm, &state.vm).expect("restore the VM state");
-    let support = snapshot::KvmSupport::probe(&kvm, &vm).expect("probe");
-    let vcpu = vm.create_vcpu(0).expect("vCPU");
-    snapshot::restore_vcpu(&vcpu, &state.vcpus[0], &support).expect("restore vCPU 0");
-    (vm, vcpu, gm)
-}
-
-#[test]
-fn a_guest_rebuilt_from_its_snapshot_continues_where_it_stopped() {
-    let k = write_tiny_guest("snap-count.elf", &counting_guest());
+fn counting_vm(name: &str) -> Vm {
+    let k = write_tiny_guest(&format!("{name}.elf"), &counting_guest());
     let mut c = VmConfig::new(k, 1, 64);
     c.serial.output = SerialOutput::None;
-    c.kestrel.name = Some("snap-count".into());
+    c.kestrel.name = Some(name.into());
+    let disk = scratch_dir().join(format!("{name}-disk.img"));
+    std::fs::write(&disk, vec![0u8; 4096]).expect("disk");
+    c.drives.push(DriveConfig {
+        drive_id: "d0".into(),
+        path_on_host: Some(disk),
+        ..DriveConfig::default()
+    });
     let vm = Vm::create(&c).expect("create");
     vm.start().expect("start");
-    let live = vm.guest_memory();
-    let end = std::time::Instant::now() + Duration::from_secs(10);
-    while live
+    vm
+}
+
+fn counter(vm: &Vm) -> u32 {
+    vm.guest_memory()
         .read_obj::<u32>(GuestAddress(COUNTER))
         .expect("counter")
-        < 100
-    {
+}
+
+/// Wait until the guest's counter reaches `at_least`.
+fn counts_to(vm: &Vm, at_least: u32) {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while counter(vm) < at_least {
         assert!(std::time::Instant::now() < end, "the guest counts");
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Snapshot of a counting guest stopped past 100; returns the snapshot dir and the count.
+fn counting_snapshot(name: &str) -> (std::path::PathBuf, u32) {
+    let vm = counting_vm(name);
+    counts_to(&vm, 100);
     vm.pause().expect("pause");
-    let dir = scratch_dir().join("snap-count");
+    let saved = counter(&vm);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(counter(&vm), saved, "a paused guest does not count");
+    let dir = scratch_dir().join(name);
     vm.snapshot(&dir).expect("snapshot");
     assert_eq!(vm.stop(), VmExit::Stopped);
-    drop(live);
-    drop(vm);
+    (dir, saved)
+}
 
+#[test]
+fn a_restored_guest_continues_where_it_stopped() {
+    let _one = one_at_a_time();
+    let (dir, saved) = counting_snapshot("snap-count");
     let state = snapshot::read_state_file(&dir.join(snapshot::STATE_FILE)).expect("state file");
     let mem = std::fs::read(dir.join(snapshot::MEMORY_FILE)).expect("memory file");
+    assert_eq!(counter_in(&mem, &state), saved);
+    let overrides = kestrel_api::RestoreOverrides {
+        name: Some("snap-count-clone".into()),
+        ..Default::default()
+    };
+    let vm = Vm::restore(&dir, &overrides).expect("restore");
+    assert_eq!(vm.name(), "snap-count-clone");
+    assert_eq!(counter(&vm), saved, "memory is the snapshot's");
+    vm.start().expect("start");
+    counts_to(&vm, saved + 1000);
+    // Copy-on-write: the memory file did not change.
+    assert_eq!(
+        std::fs::read(dir.join(snapshot::MEMORY_FILE)).expect("memory file"),
+        mem
+    );
+    assert!(vm.device("d0").is_some(), "the drive is back");
+    assert_eq!(vm.stop(), VmExit::Stopped);
     std::fs::remove_dir_all(&dir).expect("remove the snapshot");
-    let saved = counter_in(&mem, &state);
-    assert!(saved >= 100);
-    let (_vm, mut vcpu, gm) = rebuild(&state, &mem);
-    for _ in 0..1000 {
-        match vcpu.run().expect("KVM_RUN") {
-            kvm_ioctls::VcpuExit::IoOut(0x80, _) => {}
-            other => panic!("unexpected exit {other:?}"),
+}
+
+#[test]
+fn clones_of_one_snapshot_run_side_by_side() {
+    let _one = one_at_a_time();
+    let (dir, saved) = counting_snapshot("snap-clones");
+    let clones: Vec<Vm> = (0..3)
+        .map(|i| {
+            let o = kestrel_api::RestoreOverrides {
+                name: Some(format!("snap-clone{i}")),
+                ..Default::default()
+            };
+            let vm = Vm::restore(&dir, &o).expect("restore");
+            vm.start().expect("start");
+            vm
+        })
+        .collect();
+    for vm in &clones {
+        counts_to(vm, saved + 500);
+    }
+    for vm in &clones {
+        assert_eq!(vm.stop(), VmExit::Stopped);
+    }
+    std::fs::remove_dir_all(&dir).expect("remove the snapshot");
+}
+
+/// Threads named after `name` and open fds of this process.
+fn leftovers(name: &str) -> usize {
+    let mut n = 0;
+    for t in std::fs::read_dir("/proc/self/task")
+        .expect("tasks")
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.contains(name) {
+            n += 1;
         }
     }
-    let now = gm.read_obj::<u32>(GuestAddress(COUNTER)).expect("counter");
-    assert!(
-        (saved + 999..=saved + 1001).contains(&now),
-        "counted on from {saved}: {now}"
-    );
+    n
+}
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").expect("fds").count()
+}
+
+#[test]
+fn bad_snapshots_are_refused_and_leave_nothing_behind() {
+    let _one = one_at_a_time();
+    let (dir, _) = counting_snapshot("snap-bad");
+    let state_path = dir.join(snapshot::STATE_FILE);
+    let mem_path = dir.join(snapshot::MEMORY_FILE);
+    let good_state = std::fs::read(&state_path).expect("state");
+    let good_mem = std::fs::read(&mem_path).expect("memory");
+    let o = kestrel_api::RestoreOverrides {
+        name: Some("snapbad".into()),
+        ..Default::default()
+    };
+    let fds = fd_count();
+    let restore_err = || match Vm::restore(&dir, &o) {
+        Ok(_) => panic!("restored a bad snapshot"),
+        Err(e) => e.to_string(),
+    };
+    // Another format version (bytes 8..12 of the header).
+    let mut other = good_state.clone();
+    other[8..12].copy_from_slice(&(snapshot::FORMAT_VERSION + 1).to_le_bytes());
+    std::fs::write(&state_path, &other).expect("write");
+    let e = restore_err();
+    assert!(e.contains("version"), "{e}");
+    // Truncated.
+    std::fs::write(&state_path, &good_state[..good_state.len() / 2]).expect("write");
+    let e = restore_err();
+    assert!(e.contains("truncated") || e.contains("length"), "{e}");
+    std::fs::write(&state_path, &good_state).expect("write");
+    // A memory file of the wrong size.
+    std::fs::write(&mem_path, &good_mem[..good_mem.len() - 4096]).expect("write");
+    let e = restore_err();
+    assert!(e.contains("memory file") && e.contains("bytes"), "{e}");
+    std::fs::write(&mem_path, &good_mem).expect("write");
+    // An override naming a drive the snapshot lacks.
+    let bad = kestrel_api::RestoreOverrides {
+        drives: vec![kestrel_api::DriveOverride {
+            drive_id: "nope".into(),
+            path_on_host: "/nonexistent".into(),
+        }],
+        ..Default::default()
+    };
+    let e = Vm::restore(&dir, &bad).err().expect("refused").to_string();
+    assert!(e.contains("overrides.drives[0].drive_id"), "{e}");
+    assert_eq!(leftovers("snapbad"), 0, "no thread left");
+    assert_eq!(fd_count(), fds, "no fd left");
+    let vm = Vm::restore(&dir, &o).expect("the repaired snapshot restores");
+    vm.start().expect("start");
+    assert_eq!(vm.stop(), VmExit::Stopped);
+    std::fs::remove_dir_all(&dir).expect("remove the snapshot");
 }

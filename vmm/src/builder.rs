@@ -45,6 +45,7 @@ use crate::memory::{GuestMem, MemoryManager};
 use crate::metrics::VmCounters;
 use crate::pvfpu;
 use crate::seccomp::{self, FilterClass, Filters};
+use crate::snapshot::{DeviceSnapshot, DeviceState, SnapshotError};
 use crate::vcpu::manager::VcpuManager;
 use crate::vcpu::VcpuShared;
 
@@ -54,7 +55,7 @@ pub type ConsoleSink = Box<dyn Write + Send>;
 
 /// What the builder hands to [`crate::Vm`]: every part of a VM, no thread started.
 pub(crate) struct BuiltVm<'a> {
-    pub(crate) config: &'a VmConfig,
+    pub(crate) config: std::borrow::Cow<'a, VmConfig>,
     pub(crate) created_at: Instant,
     pub(crate) cmdline: String,
     pub(crate) machine: Machine,
@@ -68,15 +69,24 @@ pub(crate) struct BuiltVm<'a> {
 /// Address of the TSS KVM needs on Intel (three pages well below 4 GiB, under the IOAPIC).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
-/// A device's saved run-time state, for the restore entry point. The snapshot work fills it
-/// with each device's serializable state; until then no value exists, so every device step is
-/// called with `None`.
-pub(crate) enum SavedDevice {}
+/// A device's saved run-time state, for the restore entry point (`None` on boot).
+pub(crate) type SavedDevice = DeviceSnapshot;
 
-/// Steps take `Option<&SavedDevice>`; until restore exists there is nothing to apply.
-fn no_saved_state(saved: Option<&SavedDevice>) {
-    if let Some(s) = saved {
-        match *s {}
+/// The saved state of kind `pick` in `saved`, or why it does not fit the device `id`.
+fn saved_as<'s, T>(
+    saved: Option<&'s SavedDevice>,
+    id: &str,
+    pick: impl Fn(&'s DeviceState) -> Option<&'s T>,
+) -> Result<Option<&'s T>, VmmError> {
+    match saved {
+        None => Ok(None),
+        Some(s) => pick(&s.state).map(Some).ok_or_else(|| {
+            SnapshotError::DeviceMismatch {
+                device: id.to_string(),
+                reason: "the saved state is of another device kind".into(),
+            }
+            .into()
+        }),
     }
 }
 
@@ -130,7 +140,7 @@ pub(crate) fn build_for_boot(
     };
     let cmdline = load_boot_data(&boot, &guest_mem, &image, &vcpus)?;
     Ok(BuiltVm {
-        config,
+        config: std::borrow::Cow::Borrowed(config),
         created_at,
         cmdline,
         machine,
@@ -144,7 +154,7 @@ pub(crate) fn build_for_boot(
 
 /// Whether the guest runs on a software KVM and needs its compatibility switches
 /// (`kestrel.guest_compat`).
-fn software_kvm(config: &VmConfig) -> bool {
+pub(crate) fn software_kvm(config: &VmConfig) -> bool {
     match config.kestrel.guest_compat {
         GuestCompat::Auto => boot::host_kvm_is_software(),
         GuestCompat::Always => true,
@@ -167,9 +177,18 @@ pub(crate) struct Machine {
 impl Machine {
     /// Run steps 1–4 for `config`, the serial console writing to `console`.
     pub(crate) fn new(config: &VmConfig, console: ConsoleSink) -> Result<Self, VmmError> {
+        Self::with_memory(config, console, |vm_fd| create_memory(vm_fd, config))
+    }
+
+    /// Like [`Machine::new`], guest memory made by `memory` (a restore maps a snapshot's).
+    pub(crate) fn with_memory(
+        config: &VmConfig,
+        console: ConsoleSink,
+        memory: impl FnOnce(&VmFd) -> Result<MemoryManager, VmmError>,
+    ) -> Result<Self, VmmError> {
         let (kvm, max_vcpus) = open_kvm(config)?;
         let vm_fd = create_vm(&kvm)?;
-        let memory = create_memory(&vm_fd, config)?;
+        let memory = memory(&vm_fd)?;
         setup_irqchip(&vm_fd)?;
         let exit = Arc::new(ExitState::new().map_err(io_err("creating the control eventfd"))?);
         let legacy = LegacyDevices::new(&vm_fd, &exit, console)?;
@@ -382,16 +401,21 @@ impl<'a> DeviceSteps<'a> {
         cfg: &DriveConfig,
         saved: Option<&SavedDevice>,
     ) -> Result<(), VmmError> {
-        no_saved_state(saved);
         let id = &cfg.drive_id;
-        let blk = BlockConfig::try_from(cfg).and_then(|c| Block::new(&c));
+        let state = saved_as(saved, id, |s| match s {
+            DeviceState::Block(b) => Some(b),
+            _ => None,
+        })?;
+        let blk = BlockConfig::try_from(cfg).and_then(|c| match state {
+            Some(s) => Block::restore(&c, s),
+            None => Block::new(&c),
+        });
         let blk = blk.map_err(|source| DeviceError::Block {
             drive_id: id.clone(),
             source,
         })?;
         let position = self.dm.count();
-        self.dm
-            .add_virtio(self.vm_fd, id, Model::Block(shared(blk)))?;
+        self.wire(id, Model::Block(shared(blk)), saved)?;
         if cfg.is_root_device {
             self.root_args.extend(boot::root_args(cfg, position));
         }
@@ -404,15 +428,19 @@ impl<'a> DeviceSteps<'a> {
         cfg: &NetConfig,
         saved: Option<&SavedDevice>,
     ) -> Result<(), VmmError> {
-        no_saved_state(saved);
-        let net = NetDeviceConfig::try_from(cfg).and_then(|c| Net::new(&c));
+        let state = saved_as(saved, &cfg.iface_id, |s| match s {
+            DeviceState::Net(n) => Some(n),
+            _ => None,
+        })?;
+        let net = NetDeviceConfig::try_from(cfg).and_then(|c| match state {
+            Some(s) => Net::restore(&c, s),
+            None => Net::new(&c),
+        });
         let net = net.map_err(|source| DeviceError::Net {
             iface_id: cfg.iface_id.clone(),
             source,
         })?;
-        self.dm
-            .add_virtio(self.vm_fd, &cfg.iface_id, Model::Net(shared(net)))?;
-        Ok(())
+        self.wire(&cfg.iface_id, Model::Net(shared(net)), saved)
     }
 
     /// The vsock device (`vsock`).
@@ -421,12 +449,16 @@ impl<'a> DeviceSteps<'a> {
         cfg: &VsockConfig,
         saved: Option<&SavedDevice>,
     ) -> Result<(), VmmError> {
-        no_saved_state(saved);
-        let v = VsockDeviceConfig::try_from(cfg).and_then(|c| Vsock::new(&c));
+        let state = saved_as(saved, "vsock", |s| match s {
+            DeviceState::Vsock(v) => Some(v),
+            _ => None,
+        })?;
+        let v = VsockDeviceConfig::try_from(cfg).and_then(|c| match state {
+            Some(s) => Vsock::restore(&c, s),
+            None => Vsock::new(&c),
+        });
         let v = v.map_err(DeviceError::Vsock)?;
-        self.dm
-            .add_virtio(self.vm_fd, "vsock", Model::Vsock(shared(v)))?;
-        Ok(())
+        self.wire("vsock", Model::Vsock(shared(v)), saved)
     }
 
     /// The `index`-th virtio-fs share (`fs<index>`): served by a vhost-user backend when it
@@ -438,13 +470,19 @@ impl<'a> DeviceSteps<'a> {
         cfg: &FsConfig,
         saved: Option<&SavedDevice>,
     ) -> Result<(), VmmError> {
-        no_saved_state(saved);
         let id = kestrel_api::fs_device_id(index);
         let tag = cfg.tag.clone();
+        let state = saved_as(saved, &id, |s| match s {
+            DeviceState::Fs(f) => Some(f),
+            _ => None,
+        })?;
         let model = if cfg.socket.is_some() {
             let dev = VhostUserFsConfig::try_from(cfg)
                 .map_err(VhostUserFsError::from)
-                .and_then(|c| VhostUserFs::new(&c));
+                .and_then(|c| match state {
+                    Some(s) => VhostUserFs::restore(&c, s),
+                    None => VhostUserFs::new(&c),
+                });
             let dev = dev.map_err(|source| DeviceError::VhostUserFs {
                 tag: tag.clone(),
                 source,
@@ -454,9 +492,28 @@ impl<'a> DeviceSteps<'a> {
                 dev: shared(dev),
             }
         } else {
-            Model::Fs(self.in_process_share(index, &id, cfg)?)
+            Model::Fs(self.in_process_share(index, &id, cfg, state)?)
         };
-        self.dm.add_virtio(self.vm_fd, &id, model)?;
+        self.wire(&id, model, saved)
+    }
+
+    /// Wire `model` as `id`; a restored device's transport takes over its saved registers
+    /// (activating the device again if the driver had it running).
+    fn wire(
+        &mut self,
+        id: &str,
+        model: Model,
+        saved: Option<&SavedDevice>,
+    ) -> Result<(), VmmError> {
+        let device = self.dm.add_virtio(self.vm_fd, id, model)?;
+        if let Some(s) = saved {
+            device.restore_transport(&s.transport).map_err(|source| {
+                SnapshotError::DeviceRestore {
+                    device: id.to_string(),
+                    source,
+                }
+            })?;
+        }
         Ok(())
     }
 
@@ -465,8 +522,12 @@ impl<'a> DeviceSteps<'a> {
         index: usize,
         id: &str,
         cfg: &FsConfig,
+        state: Option<&kestrel_devices::virtio::fs::FsState>,
     ) -> Result<FsShare, VmmError> {
-        let d = FsDeviceConfig::try_from(cfg).and_then(|c| Fs::new(&c));
+        let d = FsDeviceConfig::try_from(cfg).and_then(|c| match state {
+            Some(s) => Fs::restore(&c, s),
+            None => Fs::new(&c),
+        });
         let mut d = d.map_err(|source| DeviceError::Fs {
             tag: cfg.tag.clone(),
             source,

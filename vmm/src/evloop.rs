@@ -8,9 +8,9 @@
 
 use std::io::Read;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use thiserror::Error;
@@ -168,9 +168,93 @@ impl MutEventSubscriber for ConsoleInput {
     }
 }
 
-/// The loop thread's body: serve events until the VM stops and `others` have left.
-pub(crate) fn run(mut em: EventManager<Subscriber>, exit: &ExitState, others: &dyn Quiesce) {
+/// Holds the loop between two passes while the VM is paused: no device handler runs (no
+/// queue processing, no TAP or vsock socket read, no rate-limiter timer), so guest memory and
+/// the devices' state do not change under a snapshot. What a device had in flight completed
+/// in the pass before; what arrives meanwhile (packets, connections) waits in the host kernel.
+#[derive(Default)]
+pub(crate) struct Gate {
+    state: Mutex<GateState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// A pause asked the loop to stop between passes.
+    closed: bool,
+    /// The loop is held.
+    held: bool,
+}
+
+/// How often a held loop looks whether the VM is stopping.
+const GATE_POLL: Duration = Duration::from_millis(50);
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// On the loop's thread, between passes: wait while the gate is closed (and the VM is not
+    /// stopping).
+    fn hold(&self, exit: &ExitState) {
+        let mut g = self.lock();
+        if !g.closed || exit.stopping() {
+            return;
+        }
+        g.held = true;
+        self.cv.notify_all();
+        while g.closed && !exit.stopping() {
+            g = self
+                .cv
+                .wait_timeout(g, GATE_POLL)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+        g.held = false;
+        self.cv.notify_all();
+    }
+
+    /// Close the gate and wake the loop (`wake` is its control event); returns whether the
+    /// loop is held within `timeout` (it ends its current pass first).
+    pub(crate) fn close(&self, wake: &vmm_sys_util::eventfd::EventFd, timeout: Duration) -> bool {
+        let mut g = self.lock();
+        g.closed = true;
+        if g.held {
+            return true;
+        }
+        if let Err(e) = wake.write(1) {
+            tracing::warn!("event loop: cannot wake it to pause: {e}");
+        }
+        let deadline = Instant::now() + timeout;
+        while !g.held {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            g = self
+                .cv
+                .wait_timeout(g, left)
+                .map_or_else(|p| p.into_inner().0, |r| r.0);
+        }
+        true
+    }
+
+    /// Open the gate: the loop goes on with its next pass.
+    pub(crate) fn open(&self) {
+        self.lock().closed = false;
+        self.cv.notify_all();
+    }
+}
+
+/// The loop thread's body: serve events until the VM stops and `others` have left; between
+/// passes wait while `gate` is closed.
+pub(crate) fn run(
+    mut em: EventManager<Subscriber>,
+    exit: &ExitState,
+    others: &dyn Quiesce,
+    gate: &Gate,
+) {
     loop {
+        gate.hold(exit);
         let timeout = if exit.stopping() { 2 } else { -1 };
         if let Err(e) = em.run_with_timeout(timeout) {
             tracing::error!("event loop: {e:?}");
@@ -192,6 +276,8 @@ pub(crate) struct Console {
 /// The event loop of one VM: the subscribers it will serve, then its thread.
 pub(crate) struct EventLoop {
     subscribers: Mutex<Vec<Subscriber>>,
+    /// Held closed while the VM is paused.
+    pub(crate) gate: Arc<Gate>,
     handle: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -200,6 +286,7 @@ impl EventLoop {
     pub(crate) fn new(subscribers: Vec<Subscriber>) -> Self {
         EventLoop {
             subscribers: Mutex::new(subscribers),
+            gate: Arc::default(),
             handle: Mutex::new(None),
         }
     }
@@ -218,12 +305,13 @@ impl EventLoop {
         let em = self.build(exit, console)?;
         let name = env.thread_name("evloop");
         let exit = exit.clone();
+        let gate = self.gate.clone();
         let body = move |filtered: bool| {
             if !filtered {
                 // start() fails and stops the VM.
                 return;
             }
-            let r = kestrel_devices::catch_panic(|| run(em, &exit, others.as_ref()));
+            let r = kestrel_devices::catch_panic(|| run(em, &exit, others.as_ref(), &gate));
             if let Err(panic) = r {
                 exit.report(VmExit::ThreadPanicked {
                     thread: name,
@@ -395,7 +483,7 @@ mod tests {
         em.add_subscriber(Arc::new(Mutex::new(Control { exit: exit.clone() })));
         let others = Arc::new(Others::default());
         let (e, o) = (exit.clone(), others.clone());
-        let h = std::thread::spawn(move || run(em, &e, o.as_ref()));
+        let h = std::thread::spawn(move || run(em, &e, o.as_ref(), &Gate::default()));
         // A wake-up without a stop is served, and the others are not asked.
         exit.wake.write(1).unwrap();
         std::thread::sleep(Duration::from_millis(50));

@@ -179,6 +179,58 @@ impl MemoryManager {
         })
     }
 
+    /// Guest memory of a restored VM: `regions` (boot RAM and the hot-plugged ranges
+    /// `plugged`, each `(addr, size)`, as the snapshot had them) registered with KVM, one slot
+    /// each, with the hotplug region `hotplug`.
+    pub(crate) fn from_regions(
+        vm: &VmFd,
+        regions: Vec<GuestRegionMmap>,
+        plugged: &[(u64, u64)],
+        hotplug: Option<(u64, u64)>,
+        shared: bool,
+    ) -> Result<Self, MemoryError> {
+        let gm = GuestMemoryMmap::from_regions(regions)
+            .map_err(|e| MemoryError::Layout(e.to_string()))?;
+        let mut next_slot = 0;
+        let mut plugged_map = BTreeMap::new();
+        for r in gm.iter() {
+            let (addr, size) = (r.start_addr().0, r.len());
+            set_slot(vm, next_slot, addr, size, host_addr(r))?;
+            if plugged.contains(&(addr, size)) {
+                let p = PluggedRange {
+                    addr,
+                    size,
+                    slot: next_slot,
+                };
+                plugged_map.insert(addr, p);
+            }
+            next_slot += 1;
+        }
+        if plugged_map.len() != plugged.len() {
+            return Err(MemoryError::Layout(
+                "a hot-plugged range of the snapshot is not one of its memory regions".into(),
+            ));
+        }
+        Ok(MemoryManager {
+            mem: GuestMemoryAtomic::new(gm),
+            shared,
+            hotplug,
+            plugged: plugged_map,
+            next_slot,
+            free_slots: Vec::new(),
+        })
+    }
+
+    /// A new region of `size` bytes at `addr`, mapped as this VM maps its RAM (for a restore
+    /// that must copy a snapshot's memory into shared memory).
+    pub(crate) fn new_region(
+        addr: u64,
+        size: u64,
+        shared: bool,
+    ) -> Result<GuestRegionMmap, MemoryError> {
+        new_region(addr, size, shared)
+    }
+
     /// The atomic handle devices and vCPUs read memory through.
     pub(crate) fn guest_memory(&self) -> GuestMem {
         self.mem.clone()

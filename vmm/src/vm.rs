@@ -24,6 +24,9 @@ use crate::memory::{MemoryManager, PluggedRange};
 use crate::metrics::VmMetrics;
 use crate::snapshot;
 use crate::threads::{ThreadEnv, ThreadInfo, ThreadKind, STOP_JOIN_TIMEOUT};
+
+/// How long a pause waits for the event loop to end its pass.
+const STATE_CHANGE_TIMEOUT: Duration = Duration::from_secs(5);
 use crate::vcpu::control::VcpuRunState;
 use crate::vcpu::manager::VcpuManager;
 use crate::vcpu::{kick, VcpuError};
@@ -80,37 +83,41 @@ fn vcpu_err(e: VcpuError) -> VmmError {
     }
 }
 
+/// Where `config.serial` sends the console.
+fn console_sink(config: &VmConfig) -> Result<ConsoleSink, VmmError> {
+    Ok(match config.serial.output {
+        // Never blocks the event loop on a full pipe, and leaves stdout's flags alone.
+        SerialOutput::Stdout => Box::new(
+            kestrel_devices::legacy::NonBlockingWriter::stdout().map_err(|source| {
+                VmmError::SerialOutput {
+                    path: "stdout".into(),
+                    source,
+                }
+            })?,
+        ),
+        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::File => {
+            let path = config.serial.path.clone().unwrap_or_default();
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| VmmError::SerialOutput {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            Box::new(f)
+        }
+    })
+}
+
 impl Vm {
     /// Create a VM from `config`: validate, then create the KVM VM, guest memory, devices and
     /// boot vCPUs, and load the guest. No thread runs until [`Vm::start`]. On error everything
     /// created so far is released.
     pub fn create(config: &VmConfig) -> Result<Vm, VmmError> {
         config.validate_for_boot()?;
-        let sink: ConsoleSink = match config.serial.output {
-            // Never blocks the event loop on a full pipe, and leaves stdout's flags alone.
-            SerialOutput::Stdout => Box::new(
-                kestrel_devices::legacy::NonBlockingWriter::stdout().map_err(|source| {
-                    VmmError::SerialOutput {
-                        path: "stdout".into(),
-                        source,
-                    }
-                })?,
-            ),
-            SerialOutput::None => Box::new(std::io::sink()),
-            SerialOutput::File => {
-                let path = config.serial.path.clone().unwrap_or_default();
-                let f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(|source| VmmError::SerialOutput {
-                        path: path.display().to_string(),
-                        source,
-                    })?;
-                Box::new(f)
-            }
-        };
-        Self::create_with_console(config, sink)
+        Self::create_with_console(config, console_sink(config)?)
     }
 
     /// Like [`Vm::create`], with the serial console written to `console` instead of what
@@ -135,8 +142,20 @@ impl Vm {
         overrides: &kestrel_api::RestoreOverrides,
         console: Option<ConsoleSink>,
     ) -> Result<Vm, VmmError> {
-        let _ = (files, overrides, console);
-        Err(VmmError::NotPaused)
+        let (state, config) = crate::restore::prepare(files, overrides)?;
+        let console = match console {
+            Some(c) => c,
+            None => console_sink(&config)?,
+        };
+        let built = crate::restore::build_for_restore(files, &state, config, console)?;
+        let vm = Self::assemble(built);
+        tracing::info!(
+            "VM {} restored from {} in {} us",
+            vm.name,
+            files.state.display(),
+            vm.create_us
+        );
+        Ok(vm)
     }
 
     /// The configuration the VM runs with (a restored VM: the snapshot's with the overrides
@@ -159,7 +178,7 @@ impl Vm {
         );
         let m = p.machine;
         Vm {
-            config: p.config.clone(),
+            config: p.config.clone().into_owned(),
             threads: Arc::new(ThreadEnv::new(
                 &name,
                 p.seccomp,
@@ -285,22 +304,42 @@ impl Vm {
         self.vcpus.park(id).map_err(vcpu_err)
     }
 
-    /// Pause the guest: every vCPU leaves `KVM_RUN` and parks (guest time stands still for
-    /// it; devices still finish what the guest queued). Returns once all are parked.
-    /// [`Vm::stop`] works on a paused VM.
+    /// Pause the guest: every vCPU leaves `KVM_RUN` and parks, then the event loop finishes
+    /// its pass (what the devices had in flight completes) and waits, so no device touches
+    /// guest memory or changes state until [`Vm::resume`]. Returns once both hold. Pausing a
+    /// paused VM does nothing. [`Vm::stop`] works on a paused VM. In-process virtio-fs
+    /// workers finish the requests they took; they get no new ones (the vCPUs are parked).
     pub fn pause(&self) -> Result<(), VmmError> {
         let _serial = lock(&self.resize);
         self.ensure_running()?;
-        self.vcpus.pause().map_err(vcpu_err)
+        self.vcpus.pause().map_err(vcpu_err)?;
+        // Devices next: the loop ends its pass and waits (the vCPUs no longer notify).
+        if !self
+            .evloop
+            .gate
+            .close(&self.exit.wake, STATE_CHANGE_TIMEOUT)
+        {
+            self.evloop.gate.open();
+            self.vcpus.resume();
+            return Err(VmmError::NotRunning);
+        }
+        Ok(())
     }
 
-    /// Resume a paused guest: every vCPU that is not hot-removed runs again. Returns once they
-    /// run.
+    /// Resume a paused guest: the devices are served again, then every vCPU that is not
+    /// hot-removed runs again. Returns once they run. Resuming a VM that is not paused does
+    /// nothing.
     pub fn resume(&self) -> Result<(), VmmError> {
         let _serial = lock(&self.resize);
         self.ensure_running()?;
+        self.evloop.gate.open();
         self.vcpus.resume();
         Ok(())
+    }
+
+    /// Whether the VM is paused ([`Vm::pause`] without a [`Vm::resume`] since).
+    pub fn is_paused(&self) -> bool {
+        self.vcpus.is_paused()
     }
 
     /// Snapshot the paused VM into the directory `dir` (created if missing): the guest memory
@@ -318,6 +357,10 @@ impl Vm {
     /// device that cannot be saved (checked before anything is written), a KVM ioctl or the
     /// memory file; [`VmmError::StateFile`]; [`VmmError::Io`] if `dir` cannot be created.
     pub fn snapshot(&self, dir: &Path) -> Result<(), VmmError> {
+        self.ensure_running()?;
+        if !self.vcpus.is_paused() {
+            return Err(VmmError::NotPaused);
+        }
         std::fs::create_dir_all(dir).map_err(io_err("creating the snapshot directory"))?;
         self.snapshot_files(&snapshot::SnapshotFiles::in_dir(dir))
     }
@@ -356,6 +399,8 @@ impl Vm {
             plugged_memory,
         };
         state.cmdline = self.cmdline.clone();
+        state.config = Some(self.config.clone());
+        state.serial = lock(&self.serial).state();
         state.pvfpu = self.vcpus.shared().pvfpu;
         snapshot::write_state_file(&files.state, &state)?;
         tracing::info!(

@@ -48,6 +48,11 @@ impl BootSource {
         if let Some(initrd) = &self.initrd_path {
             check_file("boot-source.initrd_path", initrd)?;
         }
+        self.validate_args()
+    }
+
+    /// The command-line checks of [`BootSource::validate`], without looking at the files.
+    pub fn validate_args(&self) -> Result<(), ConfigError> {
         if let Some(args) = &self.boot_args {
             if args.len() > MAX_CMDLINE_LEN {
                 return Err(ConfigError::invalid(

@@ -232,10 +232,24 @@ impl VmConfig {
     /// KVM's vCPU limit, host memory, TAP devices and vhost-user daemons; and the kernel's
     /// format, which [`VmConfig::validate_for_boot`] adds.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_with(true)
+    }
+
+    /// [`VmConfig::validate`] for a VM restored from a snapshot: the same checks except the
+    /// kernel and initrd files (a restored guest is already in memory; they need not exist).
+    pub fn validate_for_restore(&self) -> Result<(), ConfigError> {
+        self.validate_with(false)
+    }
+
+    fn validate_with(&self, boot_files: bool) -> Result<(), ConfigError> {
         self.validate_unsupported_sections()?;
-        self.boot_source.validate()?;
+        if boot_files {
+            self.boot_source.validate()?;
+            self.check_initrd_fits()?;
+        } else {
+            self.boot_source.validate_args()?;
+        }
         self.check_cmdline_room()?;
-        self.check_initrd_fits()?;
         self.machine_config.validate()?;
         self.serial.validate()?;
         self.kestrel.validate()?;

@@ -129,20 +129,22 @@ impl RestoreOverrides {
         }
         for (i, o) in self.fs.iter().enumerate() {
             let field = format!("overrides.fs[{i}].tag");
-            let f = c
-                .fs
-                .iter_mut()
-                .find(|f| f.tag == o.tag)
-                .ok_or_else(|| unknown(field, "virtio-fs share", &o.tag))?;
+            let f =
+                c.fs.iter_mut()
+                    .find(|f| f.tag == o.tag)
+                    .ok_or_else(|| unknown(field, "virtio-fs share", &o.tag))?;
             if f.socket.is_some() {
                 return Err(ConfigError::invalid(
                     format!("overrides.fs[{i}].shared_dir"),
-                    format!("share {:?} is served by a vhost-user daemon, not a directory", o.tag),
+                    format!(
+                        "share {:?} is served by a vhost-user daemon, not a directory",
+                        o.tag
+                    ),
                 ));
             }
             f.shared_dir = Some(o.shared_dir.clone());
         }
-        c.validate()?;
+        c.validate_for_restore()?;
         Ok(c)
     }
 }
@@ -171,10 +173,9 @@ mod tests {
     #[test]
     fn unknown_devices_are_named() {
         let c = config();
-        let o = RestoreOverrides::from_json(
-            r#"{"drives":[{"drive_id":"nope","path_on_host":"/x"}]}"#,
-        )
-        .unwrap();
+        let o =
+            RestoreOverrides::from_json(r#"{"drives":[{"drive_id":"nope","path_on_host":"/x"}]}"#)
+                .unwrap();
         let e = o.apply(&c).unwrap_err();
         assert_eq!(e.field(), Some("overrides.drives[0].drive_id"));
         assert!(e.to_string().contains("\"nope\""), "{e}");
@@ -215,8 +216,13 @@ mod tests {
             }],
             ..Default::default()
         };
-        // The kernel does not exist, so validation fails on it: the override itself applied.
-        let e = o.apply(&c).unwrap_err();
-        assert_eq!(e.field(), Some("boot-source.kernel_image_path"), "{e}");
+        // A restore does not need the kernel file.
+        let r = o.apply(&c).unwrap();
+        assert_eq!(r.name(), "clone-1");
+        let n = &r.network_interfaces[0];
+        assert_eq!(n.host_dev_name.as_deref(), Some("tap1"));
+        assert_eq!(n.guest_mac.as_deref(), Some("02:00:00:00:00:09"));
+        assert_eq!(r.drives, c.drives);
+        assert_eq!(o.apply(&c).unwrap(), r, "applying is deterministic");
     }
 }

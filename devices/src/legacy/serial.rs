@@ -16,7 +16,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -95,6 +96,33 @@ impl Write for QueueWriter {
     }
 }
 
+/// A UART's registers and receive FIFO as a snapshot keeps them (vm-superio's
+/// `SerialState`, which has no serde support).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialRegs {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Receive FIFO (at most 64 bytes).
+    pub in_buffer: Vec<u8>,
+}
+
 /// The serial port as a bus device. Output is queued for the event loop (see the module
 /// documentation); sink errors (a closed pipe, a full disk) are counted and logged, never
 /// returned to the guest.
@@ -117,6 +145,49 @@ impl SerialDevice {
             sink: Some(out),
             tx_bytes: 0,
         }
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialRegs {
+        let s = self.uart.state();
+        SerialRegs {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// Take over saved registers (on a device just created for a restored VM); an interrupt
+    /// the saved state had pending is raised again.
+    ///
+    /// # Errors
+    /// The saved FIFO holds more than the UART's 64 bytes, or the interrupt eventfd could not
+    /// be duplicated or signalled.
+    pub fn restore(&mut self, regs: &SerialRegs) -> io::Result<()> {
+        let state = SerialState {
+            baud_divisor_low: regs.baud_divisor_low,
+            baud_divisor_high: regs.baud_divisor_high,
+            interrupt_enable: regs.interrupt_enable,
+            interrupt_identification: regs.interrupt_identification,
+            line_control: regs.line_control,
+            line_status: regs.line_status,
+            modem_control: regs.modem_control,
+            modem_status: regs.modem_status,
+            scratch: regs.scratch,
+            in_buffer: regs.in_buffer.clone(),
+        };
+        let irq = self.uart.interrupt_evt().0.try_clone()?;
+        let out = QueueWriter(self.shared.clone());
+        self.uart = Serial::from_state(&state, EventFdTrigger(irq), NoEvents, out)
+            .map_err(|e| io::Error::other(format!("serial state: {e:?}")))?;
+        Ok(())
     }
 
     /// The event-loop side of the output: a subscriber that drains the queue into the sink.
@@ -453,6 +524,37 @@ mod tests {
                 OwnedFd::from_raw_fd(fds[1]),
             )
         }
+    }
+
+    #[test]
+    fn saved_registers_come_back_on_a_new_device_with_their_pending_interrupt() {
+        let mut a = SerialDevice::new(irq(), Box::new(Sink::default()));
+        a.write(3, &[0x03]); // LCR: 8N1
+        a.write(7, &[0x5a]); // scratch
+        a.write(1, &[0x03]); // IER: RDA + THR empty
+        assert_eq!(a.enqueue_input(b"hi"), 2);
+        let saved = a.state();
+        assert_eq!(saved.in_buffer, b"hi");
+        assert_eq!(saved.scratch, 0x5a);
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: SerialRegs = serde_json::from_str(&json).unwrap();
+        let evt = irq();
+        let probe = evt.try_clone().unwrap();
+        let mut b = SerialDevice::new(evt, Box::new(Sink::default()));
+        b.restore(&back).unwrap();
+        assert_eq!(b.state(), saved);
+        assert!(
+            probe.read().unwrap() >= 1,
+            "the pending interrupt is raised again"
+        );
+        let mut got = [0u8; 1];
+        b.read(0, &mut got);
+        assert_eq!(&got, b"h");
+        let too_long = SerialRegs {
+            in_buffer: vec![0; 65],
+            ..saved
+        };
+        assert!(b.restore(&too_long).is_err());
     }
 
     #[test]

@@ -279,6 +279,15 @@ impl Device {
         })
     }
 
+    /// A restored device's transport takes over its saved registers (activating the device
+    /// again when the driver had it running).
+    pub(crate) fn restore_transport(
+        &self,
+        state: &kestrel_devices::virtio::mmio::MmioState,
+    ) -> Result<(), kestrel_devices::virtio::RestoreError> {
+        lock(&self.transport).restore(state)
+    }
+
     /// Test-only fault injection: the device's next event handler call panics; an event is
     /// signalled so that call comes.
     pub(crate) fn inject_handler_panic(&self) -> std::io::Result<()> {

@@ -87,6 +87,10 @@ pub struct SnapshotState {
     pub cmdline: String,
     /// The vCPUs serve the paravirtual extended-state switch ports (`pvfpu`).
     pub pvfpu: bool,
+    /// The configuration the VM was built from (a restore applies its overrides to it).
+    pub config: Option<kestrel_api::VmConfig>,
+    /// The serial port's registers.
+    pub serial: kestrel_devices::legacy::SerialRegs,
 }
 
 /// What CPU and memory hotplug changed since boot.
@@ -122,6 +126,8 @@ impl SnapshotState {
             hotplug: HotplugState::default(),
             cmdline: String::new(),
             pvfpu: false,
+            config: None,
+            serial: kestrel_devices::legacy::SerialRegs::default(),
         }
     }
 }
@@ -161,6 +167,34 @@ pub enum SnapshotError {
         device: String,
         /// Why.
         reason: &'static str,
+    },
+    /// A saved device does not fit the device the configuration makes.
+    #[error("device {device:?}: {reason}")]
+    DeviceMismatch {
+        /// The device id.
+        device: String,
+        /// Why.
+        reason: String,
+    },
+    /// A device's transport refused its saved registers.
+    #[error("device {device:?}: cannot restore its transport: {source}")]
+    DeviceRestore {
+        /// The device id.
+        device: String,
+        /// Why.
+        #[source]
+        source: kestrel_devices::virtio::RestoreError,
+    },
+    /// The serial port's saved registers could not be restored.
+    #[error("serial port: cannot restore its registers: {0}")]
+    Serial(#[source] std::io::Error),
+    /// The snapshot has more vCPUs than this VM can have.
+    #[error("the snapshot has {saved} vCPUs; this host and configuration allow {max}")]
+    VcpuCount {
+        /// vCPUs in the snapshot.
+        saved: usize,
+        /// The VM's `max_vcpus`.
+        max: u32,
     },
     /// The memory file could not be created or written.
     #[error("memory file {path}: {source}")]

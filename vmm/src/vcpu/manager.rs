@@ -13,7 +13,7 @@ use super::kick::VcpuThreads;
 use super::{create_vcpu, setup_boot_vcpu, Vcpu, VcpuError, VcpuShared};
 use crate::exit::VmExit;
 use crate::seccomp::FilterClass;
-use crate::snapshot::{save_vcpu, KvmSupport, VcpuState};
+use crate::snapshot::{restore_vcpu, save_vcpu, KvmSupport, SnapshotError, VcpuState};
 use crate::threads::{self, Ready, SpawnError, ThreadEnv, ThreadKind};
 
 /// How long plug, park, pause and resume wait for a vCPU thread to change state.
@@ -97,6 +97,30 @@ impl VcpuManager {
         for id in 0..count {
             let v = self.create(kvm, vm, id)?;
             lock(&self.pending).push(v);
+        }
+        Ok(())
+    }
+
+    /// Restore-only builder step: the created vCPUs take over `states` (one per vCPU, by
+    /// index); those in `unplugged` start parked as hot-removed.
+    pub(crate) fn restore_pending(
+        &self,
+        states: &[VcpuState],
+        unplugged: &[u32],
+        support: &KvmSupport,
+    ) -> Result<(), SnapshotError> {
+        let pending = lock(&self.pending);
+        for v in pending.iter() {
+            let state = states.iter().find(|s| s.id == v.id).ok_or_else(|| {
+                SnapshotError::DeviceMismatch {
+                    device: format!("vcpu{}", v.id),
+                    reason: "the snapshot has no state for this vCPU".into(),
+                }
+            })?;
+            restore_vcpu(&v.fd, state, support)?;
+            if unplugged.contains(&v.id) {
+                v.ctl.request_unplugged(true);
+            }
         }
         Ok(())
     }
