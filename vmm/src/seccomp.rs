@@ -323,6 +323,8 @@ fn vcpu_ioctls() -> Vec<u64> {
         ioc(r | w, 0x91, std::mem::size_of::<kvm_cpuid2>()), // KVM_GET_CPUID2
         ioc(r, 0xa1, std::mem::size_of::<kvm_debugregs>()), // KVM_GET_DEBUGREGS
         ioc(r, 0xa6, std::mem::size_of::<kvm_xcrs>()),     // KVM_GET_XCRS
+        // Telling the guest's kvmclock it was paused (`VcpuManager::pause`).
+        ioc(0, 0xad, 0), // KVM_KVMCLOCK_CTRL
     ]
 }
 

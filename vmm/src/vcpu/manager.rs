@@ -301,6 +301,16 @@ impl VcpuManager {
         for (id, ctl) in &ctls {
             self.wait_parked(*id, ctl)?;
         }
+        for (id, ctl) in &ctls {
+            let id = *id;
+            // The guest's soft-lockup watchdog then takes the pause for what it is instead
+            // of a stall (PVCLOCK_GUEST_STOPPED); a guest without kvmclock says EINVAL.
+            ctl.post_task(Box::new(move |fd| {
+                if let Err(e) = fd.kvmclock_ctrl() {
+                    tracing::debug!("vCPU {id}: KVM_KVMCLOCK_CTRL: {e}");
+                }
+            }));
+        }
         Ok(())
     }
 
