@@ -539,7 +539,10 @@ mod tests {
                 "/snapshot/load",
                 Some(r#"{"snapshot_path": "s", "mem_file_path": "m", "resume_vm": true}"#)
             ),
-            Ok(Route::LoadSnapshot(SnapshotLoad { resume_vm: true, .. }))
+            Ok(Route::LoadSnapshot(SnapshotLoad {
+                resume_vm: true,
+                ..
+            }))
         ));
         let (key, _) = parse("PATCH", "/drives/x", None);
         assert_eq!(key, Some(("patch_api_requests", "drive")));

@@ -393,8 +393,7 @@ impl Controller {
                 "resume_vm"
             }
         };
-        self.metrics
-            .store("latencies_us", name, micros_since(t0));
+        self.metrics.store("latencies_us", name, micros_since(t0));
         Ok(Response::no_content())
     }
 

@@ -101,7 +101,12 @@ struct Cli {
     #[arg(long, value_name = "DIR", conflicts_with = "api_sock")]
     snapshot_on_ready: Option<PathBuf>,
     /// How long --snapshot-on-ready waits for the guest agent, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 300, requires = "snapshot_on_ready")]
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 300,
+        requires = "snapshot_on_ready"
+    )]
     agent_timeout: u64,
     #[command(subcommand)]
     command: Option<Command>,

@@ -60,7 +60,10 @@ pub fn snapshot_on_ready(cli: &Cli, dir: &Path, logger: &Logger, metrics: &Metri
     if let Err(e) = std::fs::create_dir_all(dir) {
         return fail(
             2,
-            format!("--snapshot-on-ready {}: cannot create it: {e}", dir.display()),
+            format!(
+                "--snapshot-on-ready {}: cannot create it: {e}",
+                dir.display()
+            ),
         );
     }
     if let Err(e) = crate::apply_sections(&config, logger, metrics) {
@@ -70,8 +73,8 @@ pub fn snapshot_on_ready(cli: &Cli, dir: &Path, logger: &Logger, metrics: &Metri
         Ok(vm) => vm,
         Err(code) => return code,
     };
-    let result = wait_for_agent(&vm, &uds, Duration::from_secs(cli.agent_timeout))
-        .and_then(|version| {
+    let result =
+        wait_for_agent(&vm, &uds, Duration::from_secs(cli.agent_timeout)).and_then(|version| {
             tracing::info!("guest agent {version} answered: taking the snapshot");
             vmctl::pause_and_snapshot(&vm, dir)
                 .map_err(|e| format!("snapshot into {}: {e}", dir.display()))
@@ -137,9 +140,7 @@ pub fn restore(
     };
     let launch = || restore_vm(cli, &files, &overrides);
     match cli.api_socket() {
-        Some(sock) => crate::run_api(cli, sock, logger, metrics, started, || {
-            launch().map(Some)
-        }),
+        Some(sock) => crate::run_api(cli, sock, logger, metrics, started, || launch().map(Some)),
         None => match launch() {
             Ok((config, vm)) => crate::run_vm(&config, &vm, metrics),
             Err(code) => code,

@@ -135,7 +135,11 @@ pub fn restore(
     let sink = console.map(open_console).transpose()?;
     let vm = Arc::new(Vm::restore_files(files, overrides, sink)?);
     vm.start()?;
-    tracing::info!("VM {} restored from {}", vm.config().name(), files.state.display());
+    tracing::info!(
+        "VM {} restored from {}",
+        vm.config().name(),
+        files.state.display()
+    );
     Ok(vm)
 }
 

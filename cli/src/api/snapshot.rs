@@ -216,7 +216,10 @@ mod tests {
         )
         .unwrap();
         let f = c.files().unwrap();
-        assert_eq!((f.state.to_str(), f.memory.to_str()), (Some("s"), Some("m")));
+        assert_eq!(
+            (f.state.to_str(), f.memory.to_str()),
+            (Some("s"), Some("m"))
+        );
         let c: SnapshotCreate =
             serde_json::from_str(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#).unwrap();
         assert!(c.files().is_ok());
@@ -234,7 +237,10 @@ mod tests {
             r#"{"snapshot_path": "s", "mem_file_path": "m", "snapshot_type": "Half"}"#,
             r#"{"snapshot_path": "s", "mem_file_path": "m", "extra": 1}"#,
         ] {
-            assert!(serde_json::from_str::<SnapshotCreate>(bad).is_err(), "{bad}");
+            assert!(
+                serde_json::from_str::<SnapshotCreate>(bad).is_err(),
+                "{bad}"
+            );
         }
     }
 
@@ -295,10 +301,7 @@ mod tests {
                 r#"{"snapshot_path": "s"}"#,
                 "either `mem_backend` or `mem_file_path` is required",
             ),
-            (
-                r#"{"mem_file_path": "m"}"#,
-                "missing field `snapshot_path`",
-            ),
+            (r#"{"mem_file_path": "m"}"#, "missing field `snapshot_path`"),
             (
                 r#"{"snapshot_path": "s", "mem_file_path": "m", "network_overrides": [{"iface_id": "eth0"}]}"#,
                 "missing field `host_dev_name`",

@@ -652,7 +652,11 @@ fn snapshot_load_restores_paused_unless_resume_vm() {
     std::fs::write(h.dir.join("vm.state"), b"state").unwrap();
     // The logger and the serial console may be set up before a load.
     h.ok("PUT", "/logger", json!({"level": "Info"}));
-    h.ok("PUT", "/serial", json!({"serial_out_path": h.path("console.log")}));
+    h.ok(
+        "PUT",
+        "/serial",
+        json!({"serial_out_path": h.path("console.log")}),
+    );
     h.ok(
         "PUT",
         "/snapshot/load",
@@ -668,7 +672,9 @@ fn snapshot_load_restores_paused_unless_resume_vm() {
         Some(h.dir.join("clone.vsock"))
     );
     assert_eq!(
-        load.overrides.network_interfaces[0].host_dev_name.as_deref(),
+        load.overrides.network_interfaces[0]
+            .host_dev_name
+            .as_deref(),
         Some("tap7")
     );
     assert_eq!(console, Some(h.dir.join("console.log")));
@@ -721,27 +727,25 @@ fn snapshot_load_restores_paused_unless_resume_vm() {
 
 #[test]
 fn snapshot_load_is_refused_once_the_vm_is_configured() {
-    let configure: [(&str, fn(&Harness) -> Value); 5] = [
-        ("/machine-config", |_| {
-            json!({"vcpu_count": 1, "mem_size_mib": 128})
-        }),
-        ("/boot-source", |h| {
-            json!({"kernel_image_path": h.path("vmlinux")})
-        }),
-        ("/drives/d", |h| {
-            json!({"drive_id": "d", "path_on_host": h.path("new.img"), "is_root_device": false})
-        }),
-        ("/vsock", |h| {
-            json!({"guest_cid": 3, "uds_path": h.path("v.sock")})
-        }),
-        ("/cpu-config", |_| {
-            json!({"cpuid_modifiers": [], "msr_modifiers": []})
-        }),
+    let paths = [
+        "/machine-config",
+        "/boot-source",
+        "/drives/d",
+        "/vsock",
+        "/cpu-config",
     ];
-    for (i, (path, body)) in configure.iter().enumerate() {
+    for (i, path) in paths.into_iter().enumerate() {
         let mut h = harness(&format!("snapcfg{i}"));
         std::fs::write(h.dir.join("vm.state"), b"state").unwrap();
-        let b = body(&h);
+        let b = match path {
+            "/machine-config" => json!({"vcpu_count": 1, "mem_size_mib": 128}),
+            "/boot-source" => json!({"kernel_image_path": h.path("vmlinux")}),
+            "/drives/d" => {
+                json!({"drive_id": "d", "path_on_host": h.path("new.img"), "is_root_device": false})
+            }
+            "/vsock" => json!({"guest_cid": 3, "uds_path": h.path("v.sock")}),
+            _ => json!({"cpuid_modifiers": [], "msr_modifiers": []}),
+        };
         h.ok("PUT", path, b);
         h.fails(
             "PUT",
