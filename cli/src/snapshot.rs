@@ -94,24 +94,29 @@ pub fn snapshot_on_ready(cli: &Cli, dir: &Path, logger: &Logger, metrics: &Metri
 /// Fails when the VM stops first or `timeout` passes.
 fn wait_for_agent(vm: &Vm, uds: &Path, timeout: Duration) -> Result<String, String> {
     let t0 = Instant::now();
+    let mut last = String::from("no attempt");
     loop {
+        // The VM first: a guest that stopped is the better reason, even at the deadline.
         if let Some(exit) = vm.wait_timeout(Duration::ZERO) {
             return Err(format!(
                 "the guest stopped before its agent answered: {exit}"
             ));
         }
         let left = timeout.saturating_sub(t0.elapsed());
+        if left.is_zero() {
+            return Err(format!(
+                "the guest agent did not answer within {} s: {last}",
+                timeout.as_secs()
+            ));
+        }
         let attempt = AgentClient::connect(uds, AGENT_PORT, left.min(AGENT_ATTEMPT))
             .and_then(|mut agent| agent.ping());
         match attempt {
             Ok(version) => return Ok(version),
-            Err(e) if t0.elapsed() >= timeout => {
-                return Err(format!(
-                    "the guest agent did not answer within {} s: {e}",
-                    timeout.as_secs()
-                ))
+            Err(e) => {
+                tracing::debug!("guest agent not ready yet: {e}");
+                last = e.to_string();
             }
-            Err(e) => tracing::debug!("guest agent not ready yet: {e}"),
         }
         std::thread::sleep(AGENT_RETRY_PAUSE.min(timeout.saturating_sub(t0.elapsed())));
     }
