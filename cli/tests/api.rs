@@ -509,8 +509,7 @@ fn config_file_logger_and_metrics_sections() {
 
 /// Firecracker's snapshot flow with the tiny guest: pause and `PUT /snapshot/create` in one
 /// process; `PUT /snapshot/load` in a second (paused until resumed) and `kestrel restore` in a
-/// third (running, the API serving it). Until the library's restore is merged the loads fail
-/// (the test then fails at the first load).
+/// third (running, the API serving it); overrides that name a device the snapshot lacks exit 2.
 #[test]
 fn snapshot_create_then_load_and_restore() {
     if !have_kvm() {
@@ -576,4 +575,22 @@ fn snapshot_create_then_load_and_restore() {
     );
     assert_eq!(s, 400, "{v}");
     assert!(fault(&v).contains("after starting the microVM"), "{v}");
+    drop(k);
+
+    // Overrides that do not fit the snapshot: exit 2 naming the override, nothing started.
+    let bad = dir.join("bad-overrides.json");
+    std::fs::write(
+        &bad,
+        json!({"drives": [{"drive_id": "nope", "path_on_host": "/x.img"}]}).to_string(),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kestrel"))
+        .args(["restore", "--snapshot", snap_arg, "--overrides"])
+        .arg(&bad)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("overrides.drives[0].drive_id"), "{stderr}");
 }

@@ -12,10 +12,17 @@ fn scratch(tag: &str) -> PathBuf {
     d
 }
 
-/// A 64-bit ELF whose code is `jmp $` at 1 MiB (a guest that spins).
+/// A 64-bit ELF whose code is `jmp $` at 1 MiB (a guest that spins). Tests run in parallel
+/// and share the file: it is written under another name and renamed into place, so a
+/// `kestrel` reading it never sees it half-written.
 fn spin_kernel() -> PathBuf {
-    let p = scratch("k").join("spin.elf");
-    std::fs::write(&p, kestrel_tests::tiny_elf(&[0xeb, 0xfe])).unwrap();
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = scratch("k");
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("spin.elf.{n}"));
+    std::fs::write(&tmp, kestrel_tests::tiny_elf(&[0xeb, 0xfe])).unwrap();
+    let p = dir.join("spin.elf");
+    std::fs::rename(&tmp, &p).unwrap();
     p
 }
 
