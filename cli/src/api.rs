@@ -4,6 +4,9 @@
 //! Routing follows Firecracker's `parsed_request.rs`: a GET with a body, a PUT or PATCH
 //! without one, an unknown path or method, a bad id or a body that does not parse are all
 //! 400 with a `fault_message`; Firecracker has no 404 or 405, and neither has Kestrel.
+//! The snapshot bodies are in [`snapshot`].
+
+mod snapshot;
 
 use std::path::PathBuf;
 
@@ -13,6 +16,8 @@ use kestrel_api::{
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+pub use snapshot::{SnapshotCreate, SnapshotLoad};
 
 /// Why a request failed. Every variant is answered with 400 and `{"fault_message": ...}`
 /// (Firecracker's messages where Firecracker has one).
@@ -253,6 +258,10 @@ pub enum Route {
     PutFs(FsConfig),
     /// Kestrel: `GET /kestrel/threads`.
     GetThreads,
+    /// `PUT /snapshot/create`.
+    CreateSnapshot(SnapshotCreate),
+    /// `PUT /snapshot/load` (checked: Kestrel's refusals are answered before routing).
+    LoadSnapshot(SnapshotLoad),
 }
 
 /// Firecracker's per-endpoint request counters: (`get_api_requests` / `put_api_requests` /
@@ -339,7 +348,6 @@ const UNSUPPORTED: &[&str] = &[
     "entropy",
     "mmds",
     "pmem",
-    "snapshot",
     "hotplug",
 ];
 
@@ -370,6 +378,10 @@ fn parse_put(seg: &[&str], body: &[u8]) -> Result<Route, ApiError> {
         ["logger"] => Ok(Route::PutLogger(serde_json::from_slice(body)?)),
         ["metrics"] => Ok(Route::PutMetrics(serde_json::from_slice(body)?)),
         ["serial"] => Ok(Route::PutSerial(serde_json::from_slice(body)?)),
+        ["snapshot", "create"] => Ok(Route::CreateSnapshot(serde_json::from_slice(body)?)),
+        ["snapshot", "load"] => Ok(Route::LoadSnapshot(
+            serde_json::from_slice::<snapshot::SnapshotLoadBody>(body)?.try_into()?,
+        )),
         ["kestrel", "memory"] => Ok(Route::PlugMemory(serde_json::from_slice(body)?)),
         ["kestrel", "memory", "unplug"] => Ok(Route::UnplugMemory(serde_json::from_slice(body)?)),
         ["kestrel", "fs", rest @ ..] => {
@@ -514,8 +526,23 @@ mod tests {
             Ok(Route::PutUnsupported("balloon", _))
         ));
         assert!(matches!(
-            route("PUT", "/snapshot/create", Some(r#"{"snapshot_path": "s"}"#)),
-            Ok(Route::PutUnsupported("snapshot", _))
+            route(
+                "PUT",
+                "/snapshot/create",
+                Some(r#"{"snapshot_path": "s", "mem_file_path": "m"}"#)
+            ),
+            Ok(Route::CreateSnapshot(_))
+        ));
+        assert!(matches!(
+            route(
+                "PUT",
+                "/snapshot/load",
+                Some(r#"{"snapshot_path": "s", "mem_file_path": "m", "resume_vm": true}"#)
+            ),
+            Ok(Route::LoadSnapshot(SnapshotLoad {
+                resume_vm: true,
+                ..
+            }))
         ));
         let (key, _) = parse("PATCH", "/drives/x", None);
         assert_eq!(key, Some(("patch_api_requests", "drive")));

@@ -6,7 +6,12 @@
 //! `/network-interfaces`, `/vsock`, `/logger`, `/metrics`, `/serial` and `InstanceStart` only
 //! before boot; `PATCH /drives`, `/network-interfaces`, `/vm`, `SendCtrlAltDel` and
 //! `FlushMetrics` only after. Anything else out of turn is 400 with Firecracker's message.
+//!
+//! Snapshots as in Firecracker: `PUT /snapshot/create` needs a paused VM; `PUT /snapshot/load`
+//! is accepted only before anything that shapes the VM was configured (boot source, machine
+//! configuration, devices), and takes the place of `InstanceStart`.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,7 +20,9 @@ use kestrel_api::{
 };
 use serde_json::json;
 
-use crate::api::{self, ActionType, ApiError, DrivePatch, NetPatch, Route, VmState};
+use crate::api::{
+    self, ActionType, ApiError, DrivePatch, NetPatch, Route, SnapshotCreate, SnapshotLoad, VmState,
+};
 use crate::http::{Request, Response};
 use crate::logger::Logger;
 use crate::metrics::Metrics;
@@ -30,9 +37,42 @@ pub const DEFAULT_INSTANCE_ID: &str = "anonymous-instance";
 /// RAM block size for `PUT /kestrel/memory` when the body gives none (MiB).
 const DEFAULT_BLOCK_MIB: u64 = 128;
 
-/// Boots a configuration: applies the binary's defaults to it, validates it, creates and
-/// starts the VM. Errors name the field where the configuration is at fault.
-pub type Booter = Box<dyn FnMut(&mut VmConfig) -> Result<Arc<dyn Machine>, ApiError> + Send>;
+/// Firecracker's answer to `PUT /snapshot/load` after configuring the VM.
+const LOAD_AFTER_CONFIG: &str =
+    "Loading a microVM snapshot not allowed after configuring boot-specific resources.";
+
+/// Creates the VM the API asks for: the binary's over `kestrel_vmm::Vm`, a fake in tests.
+pub trait Launcher: Send {
+    /// `InstanceStart`: apply the binary's defaults to `config`, validate it, create and start
+    /// the VM. Errors name the field where the configuration is at fault.
+    fn boot(&mut self, config: &mut VmConfig) -> Result<Arc<dyn Machine>, ApiError>;
+
+    /// `PUT /snapshot/load`: restore the snapshot with its overrides and start it, the serial
+    /// console appended to `console` when given (else where the snapshot's configuration
+    /// says). Returns the restored VM's configuration and the VM.
+    fn restore(
+        &mut self,
+        load: &SnapshotLoad,
+        console: Option<&Path>,
+    ) -> Result<(VmConfig, Arc<dyn Machine>), ApiError>;
+}
+
+/// The launcher of a controller whose VM runs already: nothing more can be launched.
+struct Launched;
+
+impl Launcher for Launched {
+    fn boot(&mut self, _: &mut VmConfig) -> Result<Arc<dyn Machine>, ApiError> {
+        Err(ApiError::NotSupportedPostBoot)
+    }
+
+    fn restore(
+        &mut self,
+        _: &SnapshotLoad,
+        _: Option<&Path>,
+    ) -> Result<(VmConfig, Arc<dyn Machine>), ApiError> {
+        Err(ApiError::NotSupportedPostBoot)
+    }
+}
 
 /// The API controller (one per process; the server thread owns it).
 pub struct Controller {
@@ -40,33 +80,42 @@ pub struct Controller {
     /// `boot_source_set`). After boot: the configuration the VM runs, with run-time changes.
     config: VmConfig,
     boot_source_set: bool,
+    /// Something that shapes the VM was put (then a snapshot can no longer be loaded).
+    configured: bool,
     machine: Option<Arc<dyn Machine>>,
     paused: bool,
     instance_id: String,
     logger: Logger,
     metrics: Arc<Metrics>,
-    booter: Booter,
+    launcher: Box<dyn Launcher>,
 }
 
 impl Controller {
     /// A controller before boot.
-    pub fn new(instance_id: &str, logger: Logger, metrics: Arc<Metrics>, booter: Booter) -> Self {
+    pub fn new(
+        instance_id: &str,
+        logger: Logger,
+        metrics: Arc<Metrics>,
+        launcher: Box<dyn Launcher>,
+    ) -> Self {
         let mut config = VmConfig::new("", 1, 128);
         config.machine_config = MachineConfig::default();
         config.boot_source.boot_args = None;
         Controller {
             config,
             boot_source_set: false,
+            configured: false,
             machine: None,
             paused: false,
             instance_id: instance_id.to_string(),
             logger,
             metrics,
-            booter,
+            launcher,
         }
     }
 
-    /// A controller for a VM booted already (from `--config-file`).
+    /// A controller for a VM booted (from `--config-file`) or restored (`kestrel restore`)
+    /// already.
     pub fn running(
         instance_id: &str,
         logger: Logger,
@@ -74,8 +123,7 @@ impl Controller {
         config: VmConfig,
         machine: Arc<dyn Machine>,
     ) -> Self {
-        let booter: Booter = Box::new(|_| Err(ApiError::NotSupportedPostBoot));
-        let mut c = Controller::new(instance_id, logger, metrics, booter);
+        let mut c = Controller::new(instance_id, logger, metrics, Box::new(Launched));
         c.config = config;
         c.boot_source_set = true;
         c.started(machine);
@@ -158,6 +206,8 @@ impl Controller {
             Route::Action(a) => self.action(a),
             Route::PatchVm(s) => self.patch_vm(s),
             Route::PutUnsupported(section, body) => self.put_unsupported(section, body),
+            Route::CreateSnapshot(s) => self.create_snapshot(&s),
+            Route::LoadSnapshot(l) => self.load_snapshot(&l),
             route => self.kestrel_extension(route),
         }
     }
@@ -205,6 +255,7 @@ impl Controller {
         self.pre_boot()?;
         mc.validate()?;
         self.config.machine_config = mc;
+        self.configured = true;
         Ok(Response::no_content())
     }
 
@@ -213,6 +264,7 @@ impl Controller {
         b.validate()?;
         self.config.boot_source = b;
         self.boot_source_set = true;
+        self.configured = true;
         Ok(Response::no_content())
     }
 
@@ -228,6 +280,7 @@ impl Controller {
         }
         c.validate_fs()?;
         self.config = c;
+        self.configured = true;
         Ok(Response::no_content())
     }
 
@@ -311,7 +364,7 @@ impl Controller {
                     ));
                 }
                 let mut config = self.config.clone();
-                let machine = (self.booter)(&mut config)?;
+                let machine = self.launcher.boot(&mut config)?;
                 self.config = config;
                 self.started(machine);
                 tracing::info!("the microVM started");
@@ -340,9 +393,59 @@ impl Controller {
                 "resume_vm"
             }
         };
-        let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.metrics.store("latencies_us", name, us);
+        self.metrics.store("latencies_us", name, micros_since(t0));
         Ok(Response::no_content())
+    }
+
+    /// `PUT /snapshot/create`: the paused VM's state and memory into the two files.
+    fn create_snapshot(&mut self, s: &SnapshotCreate) -> Result<Response, ApiError> {
+        let m = self.post_boot()?.clone();
+        let files = s.files()?;
+        if !self.paused {
+            return Err(ApiError::BadRequest(
+                "Cannot create a snapshot of a running microVM: pause it first \
+                 (PATCH /vm {\"state\": \"Paused\"})."
+                    .into(),
+            ));
+        }
+        let t0 = Instant::now();
+        m.snapshot(&files)?;
+        self.metrics
+            .store("latencies_us", "full_create_snapshot", micros_since(t0));
+        tracing::info!("snapshot written to {}", files.state.display());
+        Ok(Response::no_content())
+    }
+
+    /// `PUT /snapshot/load`: restore and start in place of `InstanceStart`; paused unless
+    /// `resume_vm`.
+    fn load_snapshot(&mut self, l: &SnapshotLoad) -> Result<Response, ApiError> {
+        self.pre_boot()?;
+        if self.configured {
+            return Err(ApiError::BadRequest(LOAD_AFTER_CONFIG.into()));
+        }
+        let t0 = Instant::now();
+        let console = self.serial_file();
+        let (config, machine) = self.launcher.restore(l, console.as_deref())?;
+        self.config = config;
+        self.boot_source_set = true;
+        self.started(machine.clone());
+        if !l.resume_vm {
+            machine.pause()?;
+            self.paused = true;
+        }
+        self.metrics
+            .store("latencies_us", "load_snapshot", micros_since(t0));
+        tracing::info!("the microVM was restored from {}", l.files.state.display());
+        Ok(Response::no_content())
+    }
+
+    /// The console file `PUT /serial` named, if any.
+    fn serial_file(&self) -> Option<PathBuf> {
+        let s = &self.config.serial;
+        match s.output {
+            SerialOutput::File => s.path.clone(),
+            _ => None,
+        }
     }
 
     /// A Firecracker section Kestrel does not implement: a `cpu-config` template that changes
@@ -357,6 +460,7 @@ impl Controller {
             if matches!(&c, CpuConfig::Template(t) if t.is_empty()) {
                 self.pre_boot()?;
                 self.config.cpu_config = Some(c);
+                self.configured = true;
                 return Ok(Response::no_content());
             }
             return Err(ConfigError::not_supported("cpu-config", &c).into());
@@ -371,6 +475,11 @@ fn upsert<T>(list: &mut Vec<T>, item: T, id: impl Fn(&T) -> &String) {
         Some(i) => list[i] = item,
         None => list.push(item),
     }
+}
+
+/// Microseconds since `t0` (for `latencies_us`).
+fn micros_since(t0: Instant) -> u64 {
+    u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX)
 }
 
 fn mib_bytes(mib: u64) -> Option<u64> {

@@ -8,7 +8,7 @@
 //! Modules: `http` (HTTP/1.1 parsing and responses), `server` (the API thread's poll loop),
 //! `api` (Firecracker's routes, bodies and messages), `controller` (pre-boot/post-boot state
 //! machine), `vmctl` (every call into the running VM), `logger` and `metrics` (Firecracker's
-//! `logger` and `metrics`).
+//! `logger` and `metrics`), `snapshot` (`--snapshot-on-ready` and `kestrel restore`).
 
 mod api;
 mod controller;
@@ -16,6 +16,7 @@ mod http;
 mod logger;
 mod metrics;
 mod server;
+mod snapshot;
 mod vmctl;
 
 use std::os::unix::net::UnixListener;
@@ -28,8 +29,8 @@ use clap::{Parser, Subcommand};
 use kestrel_api::{LogLevel, LoggerConfig, MetricsConfig, SeccompMode, ThreadNames, VmConfig};
 use kestrel_vmm::{Vm, VmmError};
 
-use crate::api::ApiError;
-use crate::controller::{Booter, Controller, DEFAULT_INSTANCE_ID};
+use crate::api::{ApiError, SnapshotLoad};
+use crate::controller::{Controller, Launcher, DEFAULT_INSTANCE_ID};
 use crate::logger::Logger;
 use crate::metrics::{Metrics, FLUSH_PERIOD};
 use crate::vmctl::{Machine, VmMachine};
@@ -46,7 +47,9 @@ const DEFAULT_CONFIG: &str = include_str!("../../resources/configs/default.json"
                   Kestrel sections) and streams its serial console to stdout. Without --config \
                   it boots the default guest built by resources/build-guest.sh \
                   (cache: $KESTREL_CACHE, default /var/cache/kestrel). With --api-sock it serves \
-                  Firecracker's REST API on that Unix socket (docs/firecracker-api.md)."
+                  Firecracker's REST API on that Unix socket (docs/firecracker-api.md). \
+                  --snapshot-on-ready writes a snapshot once the guest agent answers; \
+                  `kestrel restore` runs a VM from a snapshot."
 )]
 struct Cli {
     /// VM configuration (JSON), Firecracker's shape plus Kestrel sections
@@ -59,39 +62,52 @@ struct Cli {
     #[arg(long, global = true)]
     config_file: Option<PathBuf>,
     /// Serve Firecracker's REST API on this Unix socket (HTTP/1.1). With a configuration file
-    /// the VM boots from it at once and the API serves the running VM.
-    #[arg(long, value_name = "PATH")]
+    /// (or `restore`) the VM starts at once and the API serves the running VM.
+    #[arg(long, global = true, value_name = "PATH")]
     api_sock: Option<PathBuf>,
     /// Firecracker's flag: no API socket (the default unless --api-sock is given).
-    #[arg(long)]
+    #[arg(long, global = true)]
     no_api: bool,
     /// Firecracker's instance id: in `GET /`, log lines and metrics (`emit_id`).
-    #[arg(long, default_value = DEFAULT_INSTANCE_ID)]
+    #[arg(long, global = true, default_value = DEFAULT_INSTANCE_ID)]
     id: String,
     /// Firecracker's logger flags: write Firecracker-style log lines to this file or FIFO.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH")]
     log_path: Option<PathBuf>,
     /// Log level of --log-path (Error, Warning, Info, Debug, Trace, Off; any case).
-    #[arg(long)]
+    #[arg(long, global = true)]
     level: Option<String>,
     /// Only log from modules whose path starts with this.
-    #[arg(long)]
+    #[arg(long, global = true)]
     module: Option<String>,
     /// Show the level in each log line.
-    #[arg(long)]
+    #[arg(long, global = true)]
     show_level: bool,
     /// Show the source file and line in each log line.
-    #[arg(long)]
+    #[arg(long, global = true)]
     show_log_origin: bool,
     /// Firecracker's metrics flag: write metrics lines to this file or FIFO.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH")]
     metrics_path: Option<PathBuf>,
     /// Largest API request body, in bytes (Firecracker's default: 51200).
-    #[arg(long, default_value_t = http::DEFAULT_MAX_BODY)]
+    #[arg(long, global = true, default_value_t = http::DEFAULT_MAX_BODY)]
     http_api_max_payload_size: usize,
     /// Print the effective configuration and kernel command line on stderr before booting.
-    #[arg(long)]
+    #[arg(long, global = true)]
     verbose: bool,
+    /// Boot, wait until the guest agent answers on the vsock (the configuration needs a
+    /// `vsock` section), pause, write a snapshot into DIR (`state` and `memory`), stop the VM
+    /// and print DIR.
+    #[arg(long, value_name = "DIR", conflicts_with = "api_sock")]
+    snapshot_on_ready: Option<PathBuf>,
+    /// How long --snapshot-on-ready waits for the guest agent, in seconds.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 300,
+        requires = "snapshot_on_ready"
+    )]
+    agent_timeout: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -100,9 +116,17 @@ struct Cli {
 enum Command {
     /// Check a configuration without creating anything.
     Validate,
+    /// Run a VM from a snapshot (written by --snapshot-on-ready or `PUT /snapshot/create`),
+    /// then behave as a normal run (--api-sock serves it running).
+    Restore(snapshot::RestoreArgs),
 }
 
 impl Cli {
+    /// The API socket, unless --no-api.
+    fn api_socket(&self) -> Option<&Path> {
+        self.api_sock.as_deref().filter(|_| !self.no_api)
+    }
+
     /// The configuration file, whichever flag named it.
     fn config_path(&self) -> Option<&PathBuf> {
         self.config.as_ref().or(self.config_file.as_ref())
@@ -197,11 +221,24 @@ fn main() -> ExitCode {
     if let Err(e) = apply_flags(&cli, &logger, &metrics) {
         return fail(2, e);
     }
-    if let Some(Command::Validate) = cli.command {
-        return validate(&cli);
+    match &cli.command {
+        Some(Command::Validate) => return validate(&cli),
+        Some(Command::Restore(args)) => {
+            return snapshot::restore(&cli, args, &logger, &metrics, started)
+        }
+        None => {}
     }
-    match cli.api_sock.as_ref().filter(|_| !cli.no_api) {
-        Some(sock) => run_api(&cli, sock, &logger, &metrics, started),
+    if let Some(dir) = &cli.snapshot_on_ready {
+        return snapshot::snapshot_on_ready(&cli, dir, &logger, &metrics);
+    }
+    match cli.api_socket() {
+        Some(sock) => {
+            let launch = || match cli.config_path() {
+                Some(_) => boot_config_file(&cli, &logger, &metrics).map(Some),
+                None => Ok(None),
+            };
+            run_api(&cli, sock, &logger, &metrics, started, launch)
+        }
         None => run_config(&cli, &logger, &metrics),
     }
 }
@@ -283,23 +320,30 @@ fn boot_config_file(
 
 /// Boot from the configuration file (or the default guest) without an API socket.
 fn run_config(cli: &Cli, logger: &Logger, metrics: &Metrics) -> ExitCode {
-    let (config, vm) = match boot_config_file(cli, logger, metrics) {
-        Ok(booted) => booted,
-        Err(code) => return code,
-    };
+    match boot_config_file(cli, logger, metrics) {
+        Ok((config, vm)) => run_vm(&config, &vm, metrics),
+        Err(code) => code,
+    }
+}
+
+/// Run the started `vm` (without an API socket) until it stops: the exit status.
+fn run_vm(config: &VmConfig, vm: &Arc<Vm>, metrics: &Metrics) -> ExitCode {
     let machine: Arc<dyn Machine> = Arc::new(VmMachine(vm.clone()));
     let cfg = config.clone();
     metrics.set_source(Box::new(move || machine.counters(&cfg)));
-    finish(&vm, metrics)
+    finish(vm, metrics)
 }
 
-/// Serve the API on `sock`; boot from the configuration file first when one is given.
+/// Serve the API on `sock`. `launch` runs once the socket is bound: it starts the VM the API
+/// then serves (from a configuration file, from a snapshot), or returns `None` for a
+/// pre-boot API; its `Err` is the exit status.
 fn run_api(
     cli: &Cli,
     sock: &Path,
     logger: &Logger,
     metrics: &Arc<Metrics>,
     started: Instant,
+    launch: impl FnOnce() -> Result<Option<(VmConfig, Arc<Vm>)>, ExitCode>,
 ) -> ExitCode {
     let listener = match UnixListener::bind(sock) {
         Ok(l) => l,
@@ -312,16 +356,19 @@ fn run_api(
     };
     let _cleanup = RemoveOnDrop(sock.to_path_buf());
     let (tx, rx) = mpsc::channel::<Arc<Vm>>();
-    let controller = if cli.config_path().is_some() {
-        let (config, vm) = match boot_config_file(cli, logger, metrics) {
-            Ok(booted) => booted,
-            Err(code) => return code,
-        };
-        let _ = tx.send(vm.clone());
-        let machine = Arc::new(VmMachine(vm));
-        Controller::running(&cli.id, logger.clone(), metrics.clone(), config, machine)
-    } else {
-        Controller::new(&cli.id, logger.clone(), metrics.clone(), api_booter(tx))
+    let controller = match launch() {
+        Err(code) => return code,
+        Ok(Some((config, vm))) => {
+            let _ = tx.send(vm.clone());
+            let machine = Arc::new(VmMachine(vm));
+            Controller::running(&cli.id, logger.clone(), metrics.clone(), config, machine)
+        }
+        Ok(None) => Controller::new(
+            &cli.id,
+            logger.clone(),
+            metrics.clone(),
+            Box::new(ApiLauncher(tx)),
+        ),
     };
     let server = match server::Server::new(listener, controller, cli.http_api_max_payload_size) {
         Ok(s) => s,
@@ -335,25 +382,49 @@ fn run_api(
         return fail(1, format!("cannot start the API thread: {e}"));
     }
     tracing::info!("API socket {} listening", sock.display());
-    // The API thread sends the VM once InstanceStart booted it; it never ends.
+    // The API thread sends the VM once InstanceStart or a snapshot load started it; it never
+    // ends.
     match rx.recv() {
         Ok(vm) => finish(&vm, metrics),
         Err(_) => fail(1, "the API thread ended"),
     }
 }
 
-/// `InstanceStart`: boot the configuration the API built and hand the VM to the main thread.
-fn api_booter(tx: mpsc::Sender<Arc<Vm>>) -> Booter {
-    Box::new(move |config: &mut VmConfig| {
+/// The API's [`Launcher`]: boots or restores the VM and hands it to the main thread, which
+/// waits for it to stop.
+struct ApiLauncher(mpsc::Sender<Arc<Vm>>);
+
+impl ApiLauncher {
+    fn started(&self, vm: Arc<Vm>) -> Arc<dyn Machine> {
+        let _ = self.0.send(vm.clone());
+        Arc::new(VmMachine(vm))
+    }
+}
+
+/// A library error as the API reports it: a configuration error names the field.
+fn api_error(e: VmmError) -> ApiError {
+    match e {
+        VmmError::Config(e) => ApiError::Config(e),
+        e => ApiError::Machine(e.into()),
+    }
+}
+
+impl Launcher for ApiLauncher {
+    fn boot(&mut self, config: &mut VmConfig) -> Result<Arc<dyn Machine>, ApiError> {
         binary_defaults(config, true);
         config.validate_for_boot()?;
-        let vm = vmctl::boot(config).map_err(|e| match e {
-            VmmError::Config(e) => ApiError::Config(e),
-            e => ApiError::Machine(e.into()),
-        })?;
-        let _ = tx.send(vm.clone());
-        Ok(Arc::new(VmMachine(vm)) as Arc<dyn Machine>)
-    })
+        let vm = vmctl::boot(config).map_err(api_error)?;
+        Ok(self.started(vm))
+    }
+
+    fn restore(
+        &mut self,
+        load: &SnapshotLoad,
+        console: Option<&Path>,
+    ) -> Result<(VmConfig, Arc<dyn Machine>), ApiError> {
+        let vm = vmctl::restore(&load.files, &load.overrides, console).map_err(api_error)?;
+        Ok((vm.config().clone(), self.started(vm)))
+    }
 }
 
 /// Firecracker's `api_server.process_startup_time_us` and `_cpu_us`: from `main` to the API

@@ -5,11 +5,12 @@
 //! API (device handles, pause) is a change of this file only; and the controller is tested
 //! against a fake [`Machine`] without KVM.
 
+use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::Arc;
 
-use kestrel_api::{RateLimiterConfig, VmConfig};
-use kestrel_vmm::{ThreadKind, VcpuRunState, Vm, VmExit, VmmError};
+use kestrel_api::{RateLimiterConfig, RestoreOverrides, VmConfig};
+use kestrel_vmm::{ConsoleSink, SnapshotFiles, ThreadKind, VcpuRunState, Vm, VmExit, VmmError};
 use serde::Serialize;
 use thiserror::Error;
 
@@ -89,6 +90,8 @@ pub trait Machine: Send + Sync {
     fn pause(&self) -> Result<(), MachineError>;
     /// Run them again.
     fn resume(&self) -> Result<(), MachineError>;
+    /// Write the paused VM's snapshot into `files` (it stays paused).
+    fn snapshot(&self, files: &SnapshotFiles) -> Result<(), MachineError>;
     /// Ctrl-Alt-Del on the i8042 keyboard.
     fn send_ctrl_alt_del(&self) -> Result<(), MachineError>;
     /// Run vCPUs `0..n` (creating or unparking them) and park the others.
@@ -116,6 +119,50 @@ pub fn boot(config: &VmConfig) -> Result<Arc<Vm>, VmmError> {
     tracing::info!("kernel command line: {}", vm.cmdline());
     vm.start()?;
     Ok(vm)
+}
+
+/// Restore the snapshot `files` with `overrides` and start it; the serial console appended to
+/// `console` when given (else where the snapshot's configuration says).
+///
+/// # Errors
+/// [`VmmError::Config`] for overrides that do not fit the snapshot (the field named);
+/// [`VmmError::SerialOutput`] when `console` cannot be opened; any restore or start error.
+pub fn restore(
+    files: &SnapshotFiles,
+    overrides: &RestoreOverrides,
+    console: Option<&Path>,
+) -> Result<Arc<Vm>, VmmError> {
+    let sink = console.map(open_console).transpose()?;
+    let vm = Arc::new(Vm::restore_files(files, overrides, sink)?);
+    vm.start()?;
+    tracing::info!(
+        "VM {} restored from {}",
+        vm.config().name(),
+        files.state.display()
+    );
+    Ok(vm)
+}
+
+/// `path` opened for appending (created if missing), as the console of a restored VM.
+fn open_console(path: &Path) -> Result<ConsoleSink, VmmError> {
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| VmmError::SerialOutput {
+            path: path.display().to_string(),
+            source,
+        })?;
+    Ok(Box::new(f))
+}
+
+/// Pause `vm` and write its snapshot into the directory `dir` (`state` and `memory`).
+///
+/// # Errors
+/// What [`Vm::pause`] and [`Vm::snapshot`] return.
+pub fn pause_and_snapshot(vm: &Vm, dir: &Path) -> Result<(), VmmError> {
+    vm.pause()?;
+    vm.snapshot(dir)
 }
 
 /// The kernel command line the guest got.
@@ -211,6 +258,10 @@ impl Machine for VmMachine {
 
     fn resume(&self) -> Result<(), MachineError> {
         Ok(self.0.resume()?)
+    }
+
+    fn snapshot(&self, files: &SnapshotFiles) -> Result<(), MachineError> {
+        Ok(self.0.snapshot_files(files)?)
     }
 
     fn send_ctrl_alt_del(&self) -> Result<(), MachineError> {

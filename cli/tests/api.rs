@@ -506,3 +506,91 @@ fn config_file_logger_and_metrics_sections() {
     assert_eq!(m["id"], "cfg-vm");
     assert!(m["vcpu"]["exit_io"].as_u64().unwrap() >= 1, "{m}");
 }
+
+/// Firecracker's snapshot flow with the tiny guest: pause and `PUT /snapshot/create` in one
+/// process; `PUT /snapshot/load` in a second (paused until resumed) and `kestrel restore` in a
+/// third (running, the API serving it); overrides that name a device the snapshot lacks exit 2.
+#[test]
+fn snapshot_create_then_load_and_restore() {
+    if !have_kvm() {
+        return;
+    }
+    let dir = scratch("snap");
+    let kernel = spin_kernel(&dir);
+    let snap = dir.join("snapshot");
+    let _ = std::fs::remove_dir_all(&snap);
+    std::fs::create_dir_all(&snap).unwrap();
+    let (state, memory) = (snap.join("state"), snap.join("memory"));
+    {
+        let k = Kestrel::start(&dir, &[]);
+        k.ok(
+            "PUT",
+            "/machine-config",
+            json!({"vcpu_count": 2, "mem_size_mib": 32}),
+        );
+        k.ok("PUT", "/boot-source", json!({"kernel_image_path": kernel}));
+        k.ok("PUT", "/actions", json!({"action_type": "InstanceStart"}));
+        let body = json!({"snapshot_path": state, "mem_file_path": memory});
+        let (s, v) = k.req("PUT", "/snapshot/create", Some(body.clone()));
+        assert_eq!(s, 400, "{v}");
+        assert!(fault(&v).contains("pause it first"), "{v}");
+        k.ok("PATCH", "/vm", json!({"state": "Paused"}));
+        k.ok("PUT", "/snapshot/create", body);
+        assert!(state.is_file() && memory.is_file());
+        let (_, v) = k.req("GET", "/", None);
+        assert_eq!(v["state"], "Paused");
+    }
+
+    let k = Kestrel::start(&scratch("snapload"), &[]);
+    k.ok(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": state,
+               "mem_backend": {"backend_type": "File", "backend_path": memory}}),
+    );
+    let (_, v) = k.req("GET", "/", None);
+    assert_eq!(v["state"], "Paused");
+    k.ok("PATCH", "/vm", json!({"state": "Resumed"}));
+    let (_, v) = k.req("GET", "/", None);
+    assert_eq!(v["state"], "Running");
+    let (_, v) = k.req("GET", "/vm/config", None);
+    assert_eq!(v["machine-config"]["vcpu_count"], 2, "{v}");
+    let (s, v) = k.req("GET", "/kestrel/threads", None);
+    assert_eq!(s, 200);
+    let vcpus = v.as_array().unwrap().iter().filter(|t| t["kind"] == "vcpu");
+    assert_eq!(vcpus.count(), 2, "{v}");
+    drop(k);
+
+    let snap_arg = snap.to_str().unwrap();
+    let k = Kestrel::start(
+        &scratch("snaprestore"),
+        &["restore", "--snapshot", snap_arg],
+    );
+    let (_, v) = k.req("GET", "/", None);
+    assert_eq!(v["state"], "Running");
+    let (s, v) = k.req(
+        "PUT",
+        "/snapshot/load",
+        Some(json!({"snapshot_path": state, "mem_file_path": memory})),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(fault(&v).contains("after starting the microVM"), "{v}");
+    drop(k);
+
+    // Overrides that do not fit the snapshot: exit 2 naming the override, nothing started.
+    let bad = dir.join("bad-overrides.json");
+    std::fs::write(
+        &bad,
+        json!({"drives": [{"drive_id": "nope", "path_on_host": "/x.img"}]}).to_string(),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kestrel"))
+        .args(["restore", "--snapshot", snap_arg, "--overrides"])
+        .arg(&bad)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("overrides.drives[0].drive_id"), "{stderr}");
+}

@@ -12,10 +12,17 @@ fn scratch(tag: &str) -> PathBuf {
     d
 }
 
-/// A 64-bit ELF whose code is `jmp $` at 1 MiB (a guest that spins).
+/// A 64-bit ELF whose code is `jmp $` at 1 MiB (a guest that spins). Tests run in parallel
+/// and share the file: it is written under another name and renamed into place, so a
+/// `kestrel` reading it never sees it half-written.
 fn spin_kernel() -> PathBuf {
-    let p = scratch("k").join("spin.elf");
-    std::fs::write(&p, kestrel_tests::tiny_elf(&[0xeb, 0xfe])).unwrap();
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = scratch("k");
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("spin.elf.{n}"));
+    std::fs::write(&tmp, kestrel_tests::tiny_elf(&[0xeb, 0xfe])).unwrap();
+    let p = dir.join("spin.elf");
+    std::fs::rename(&tmp, &p).unwrap();
     p
 }
 
@@ -241,4 +248,143 @@ fn thread_panics_exit_1_naming_the_thread() {
             "{what}: {stderr}"
         );
     }
+}
+
+/// `--snapshot-on-ready` needs a vsock to reach the guest agent: refused before anything is
+/// created (the snapshot directory included).
+#[test]
+fn snapshot_on_ready_without_vsock_exits_2() {
+    let cfg = write_config("novsock", &config_json(&spin_kernel(), ""));
+    let dir = scratch("novsock").join("snap");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = kestrel(
+        &[
+            "--config-file".as_ref(),
+            cfg.as_os_str(),
+            "--snapshot-on-ready".as_ref(),
+            dir.as_os_str(),
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("needs a `vsock` section"), "{stderr}");
+    assert!(!dir.exists());
+    // --agent-timeout only goes with --snapshot-on-ready; --api-sock not at all.
+    let out = kestrel(
+        &[
+            "--config-file".as_ref(),
+            cfg.as_os_str(),
+            "--agent-timeout".as_ref(),
+            "5".as_ref(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let out = kestrel(
+        &[
+            "--snapshot-on-ready".as_ref(),
+            dir.as_os_str(),
+            "--api-sock".as_ref(),
+            "/tmp/x.sock".as_ref(),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// A guest without an agent: `--snapshot-on-ready` gives up after `--agent-timeout`, and a
+/// guest that stops first is reported as soon as it stops (well before its 10 s); exit 1 and
+/// no snapshot either way.
+#[test]
+fn snapshot_on_ready_without_an_agent_exits_1() {
+    if !Path::new("/dev/kvm").exists() {
+        kestrel_tests::skip_without("/dev/kvm");
+        return;
+    }
+    let dir = scratch("noagent");
+    // mov al, 0xfe; out 0x64, al; jmp $ (resets through the i8042 at once)
+    let reset = dir.join("reset.elf");
+    std::fs::write(
+        &reset,
+        kestrel_tests::tiny_elf(&[0xb0, 0xfe, 0xe6, 0x64, 0xeb, 0xfe]),
+    )
+    .unwrap();
+    for (kernel, timeout, needle) in [
+        (
+            spin_kernel(),
+            "1",
+            "the guest agent did not answer within 1 s",
+        ),
+        (reset, "10", "the guest stopped before its agent answered"),
+    ] {
+        let uds = dir.join("v.sock");
+        let _ = std::fs::remove_file(&uds);
+        let vsock = format!(
+            r#", "vsock": {{"guest_cid": 3, "uds_path": "{}"}}"#,
+            uds.display()
+        );
+        let cfg = write_config("noagent", &config_json(&kernel, &vsock));
+        let snap = dir.join("snap");
+        let _ = std::fs::remove_dir_all(&snap);
+        let t0 = Instant::now();
+        let out = kestrel(
+            &[
+                "--config-file".as_ref(),
+                cfg.as_os_str(),
+                "--snapshot-on-ready".as_ref(),
+                snap.as_os_str(),
+                "--agent-timeout".as_ref(),
+                timeout.as_ref(),
+            ],
+            &[],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+        assert!(!snap.join("state").exists());
+        assert!(t0.elapsed() < Duration::from_secs(15));
+    }
+}
+
+/// `kestrel restore`: a missing snapshot, an overrides file that does not parse and a
+/// configuration flag exit 2 naming the problem; a state file that is not one exits 1.
+#[test]
+fn restore_refuses_bad_input() {
+    let dir = scratch("restore");
+    let snap = dir.join("snap");
+    let _ = std::fs::remove_dir_all(&snap);
+    let run = |extra: &[&std::ffi::OsStr]| {
+        let mut args = vec!["restore".as_ref(), "--snapshot".as_ref(), snap.as_os_str()];
+        args.extend_from_slice(extra);
+        let out = kestrel(&args, &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stderr)
+    };
+    let (code, stderr) = run(&[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("no snapshot there"), "{stderr}");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::write(snap.join("state"), b"not a state file").unwrap();
+    std::fs::write(snap.join("memory"), vec![0u8; 4096]).unwrap();
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, r#"{"drives": [{"drive_id": "a", "path": "/x"}]}"#).unwrap();
+    let (code, stderr) = run(&["--overrides".as_ref(), bad.as_os_str()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--overrides"), "{stderr}");
+    assert!(stderr.contains("unknown field `path`"), "{stderr}");
+    let (code, stderr) = run(&["--overrides".as_ref(), dir.join("none.json").as_os_str()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let cfg = write_config("restore", &config_json(&spin_kernel(), ""));
+    let (code, stderr) = run(&["--config".as_ref(), cfg.as_os_str()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("takes the configuration from the snapshot"),
+        "{stderr}"
+    );
+    let good = dir.join("good.json");
+    std::fs::write(&good, r#"{"name": "clone-1"}"#).unwrap();
+    let (code, stderr) = run(&["--overrides".as_ref(), good.as_os_str()]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("restoring"), "{stderr}");
 }

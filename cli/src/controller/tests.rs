@@ -52,6 +52,14 @@ impl Machine for Fake {
         self.log("resume".into());
         Ok(())
     }
+    fn snapshot(&self, files: &kestrel_vmm::SnapshotFiles) -> Result<(), MachineError> {
+        self.log(format!(
+            "snapshot {} {}",
+            files.state.display(),
+            files.memory.display()
+        ));
+        Ok(())
+    }
     fn send_ctrl_alt_del(&self) -> Result<(), MachineError> {
         self.log("cad".into());
         Ok(())
@@ -100,10 +108,47 @@ impl Machine for Fake {
     }
 }
 
+/// What the fake launcher was asked to restore: the load and the console file.
+type Restored = Arc<Mutex<Option<(SnapshotLoad, Option<PathBuf>)>>>;
+
+/// Boots and restores the fake machine, recording what it was given.
+struct FakeLauncher {
+    fake: Arc<Fake>,
+    booted: Arc<Mutex<Option<VmConfig>>>,
+    restored: Restored,
+}
+
+impl Launcher for FakeLauncher {
+    fn boot(&mut self, cfg: &mut VmConfig) -> Result<Arc<dyn Machine>, ApiError> {
+        cfg.kestrel
+            .thread_names
+            .get_or_insert(ThreadNames::Firecracker);
+        cfg.validate()?;
+        *self.booted.lock().unwrap() = Some(cfg.clone());
+        Ok(self.fake.clone() as Arc<dyn Machine>)
+    }
+
+    /// A state file that does not exist fails, as a real restore would.
+    fn restore(
+        &mut self,
+        load: &SnapshotLoad,
+        console: Option<&Path>,
+    ) -> Result<(VmConfig, Arc<dyn Machine>), ApiError> {
+        if !load.files.state.exists() {
+            return Err(MachineError::Invalid("no state file".into()).into());
+        }
+        *self.restored.lock().unwrap() = Some((load.clone(), console.map(Path::to_path_buf)));
+        let mut cfg = VmConfig::new("/snapshot/vmlinux", 2, 256);
+        cfg.kestrel.name = Some("restored".into());
+        Ok((cfg, self.fake.clone() as Arc<dyn Machine>))
+    }
+}
+
 struct Harness {
     c: Controller,
     fake: Arc<Fake>,
     booted: Arc<Mutex<Option<VmConfig>>>,
+    restored: Restored,
     dir: PathBuf,
 }
 
@@ -115,25 +160,23 @@ fn harness(tag: &str) -> Harness {
     }
     let fake = Arc::new(Fake::default());
     let booted = Arc::new(Mutex::new(None));
-    let (f, b) = (fake.clone(), booted.clone());
-    let booter: Booter = Box::new(move |cfg: &mut VmConfig| {
-        cfg.kestrel
-            .thread_names
-            .get_or_insert(ThreadNames::Firecracker);
-        cfg.validate()?;
-        *b.lock().unwrap() = Some(cfg.clone());
-        Ok(f.clone() as Arc<dyn Machine>)
-    });
+    let restored = Arc::new(Mutex::new(None));
+    let launcher = FakeLauncher {
+        fake: fake.clone(),
+        booted: booted.clone(),
+        restored: restored.clone(),
+    };
     let c = Controller::new(
         "vm-test",
         crate::logger::Logger::detached(),
         Metrics::new("vm-test"),
-        booter,
+        Box::new(launcher),
     );
     Harness {
         c,
         fake,
         booted,
+        restored,
         dir,
     }
 }
@@ -391,7 +434,7 @@ fn pre_boot_puts_are_validated_and_name_the_field() {
         "PUT",
         "/snapshot/create",
         Some(json!({"snapshot_path": "s", "mem_file_path": "m"})),
-        "not supported by Kestrel",
+        "not supported before starting the microVM",
     );
     h.fails(
         "PUT",
@@ -552,4 +595,209 @@ fn routing_errors_are_400_with_firecrackers_messages() {
         Some(json!({"drive_id": "b", "is_root_device": false})),
         "does not match",
     );
+}
+
+#[test]
+fn snapshot_create_needs_a_started_paused_vm() {
+    let mut h = harness("snapcreate");
+    let body = json!({"snapshot_path": h.path("vm.state"), "mem_file_path": h.path("vm.mem")});
+    h.fails(
+        "PUT",
+        "/snapshot/create",
+        Some(body.clone()),
+        "not supported before starting the microVM",
+    );
+    h.boot();
+    h.fails(
+        "PUT",
+        "/snapshot/create",
+        Some(body.clone()),
+        "Cannot create a snapshot of a running microVM: pause it first",
+    );
+    h.ok("PATCH", "/vm", json!({"state": "Paused"}));
+    let mut diff = body.clone();
+    diff["snapshot_type"] = json!("Diff");
+    h.fails(
+        "PUT",
+        "/snapshot/create",
+        Some(diff),
+        "`snapshot_type` = `Diff` is not supported by Kestrel",
+    );
+    h.fails(
+        "PUT",
+        "/snapshot/create",
+        Some(json!({"snapshot_path": "s"})),
+        "missing field `mem_file_path`",
+    );
+    h.ok("PUT", "/snapshot/create", body.clone());
+    let mut full = body;
+    full["snapshot_type"] = json!("Full");
+    full["version"] = json!("1.0.0");
+    h.ok("PUT", "/snapshot/create", full);
+    let (_, v) = h.req("GET", "/", None);
+    assert_eq!(v["state"], "Paused", "the VM stays paused");
+    let snap = format!("snapshot {} {}", h.path("vm.state"), h.path("vm.mem"));
+    assert_eq!(h.calls(), ["pause".to_string(), snap.clone(), snap]);
+    h.fails(
+        "PUT",
+        "/snapshot/other",
+        Some(json!({})),
+        "Invalid request method and/or path: PUT /snapshot/other.",
+    );
+}
+
+#[test]
+fn snapshot_load_restores_paused_unless_resume_vm() {
+    let mut h = harness("snapload");
+    std::fs::write(h.dir.join("vm.state"), b"state").unwrap();
+    // The logger and the serial console may be set up before a load.
+    h.ok("PUT", "/logger", json!({"level": "Info"}));
+    h.ok(
+        "PUT",
+        "/serial",
+        json!({"serial_out_path": h.path("console.log")}),
+    );
+    h.ok(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": h.path("vm.state"),
+               "mem_backend": {"backend_type": "File", "backend_path": h.path("vm.mem")},
+               "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap7"}],
+               "vsock_override": {"uds_path": h.path("clone.vsock")}}),
+    );
+    let (load, console) = h.restored.lock().unwrap().clone().unwrap();
+    assert_eq!(load.files.memory, h.dir.join("vm.mem"));
+    assert_eq!(
+        load.overrides.vsock_uds_path,
+        Some(h.dir.join("clone.vsock"))
+    );
+    assert_eq!(
+        load.overrides.network_interfaces[0]
+            .host_dev_name
+            .as_deref(),
+        Some("tap7")
+    );
+    assert_eq!(console, Some(h.dir.join("console.log")));
+    assert_eq!(h.calls(), ["pause"], "resume_vm defaults to false");
+    let (_, v) = h.req("GET", "/", None);
+    assert_eq!(v["state"], "Paused");
+    let (_, v) = h.req("GET", "/vm/config", None);
+    assert_eq!(v["kestrel"]["name"], "restored", "{v}");
+    assert_eq!(v["machine-config"]["vcpu_count"], 2, "{v}");
+    // The restored VM is started: post-boot rules from now on.
+    h.ok("PATCH", "/vm", json!({"state": "Resumed"}));
+    let (_, v) = h.req("GET", "/", None);
+    assert_eq!(v["state"], "Running");
+    let post = "The requested operation is not supported after starting the microVM.";
+    h.fails(
+        "PUT",
+        "/snapshot/load",
+        Some(json!({"snapshot_path": h.path("vm.state"), "mem_file_path": h.path("vm.mem")})),
+        post,
+    );
+    h.fails(
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStart"})),
+        post,
+    );
+    h.fails(
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 1, "mem_size_mib": 128})),
+        post,
+    );
+    assert!(h.booted.lock().unwrap().is_none());
+
+    // resume_vm: true leaves it running.
+    let mut h = harness("snapresume");
+    std::fs::write(h.dir.join("vm.state"), b"state").unwrap();
+    h.ok(
+        "PUT",
+        "/snapshot/load",
+        json!({"snapshot_path": h.path("vm.state"), "mem_file_path": h.path("vm.mem"),
+               "enable_diff_snapshots": false, "resume_vm": true}),
+    );
+    let (_, v) = h.req("GET", "/", None);
+    assert_eq!(v["state"], "Running");
+    assert!(h.calls().is_empty(), "{:?}", h.calls());
+    let (_, console) = h.restored.lock().unwrap().clone().unwrap();
+    assert_eq!(console, None, "no PUT /serial: the snapshot's console");
+}
+
+#[test]
+fn snapshot_load_is_refused_once_the_vm_is_configured() {
+    let paths = [
+        "/machine-config",
+        "/boot-source",
+        "/drives/d",
+        "/vsock",
+        "/cpu-config",
+    ];
+    for (i, path) in paths.into_iter().enumerate() {
+        let mut h = harness(&format!("snapcfg{i}"));
+        std::fs::write(h.dir.join("vm.state"), b"state").unwrap();
+        let b = match path {
+            "/machine-config" => json!({"vcpu_count": 1, "mem_size_mib": 128}),
+            "/boot-source" => json!({"kernel_image_path": h.path("vmlinux")}),
+            "/drives/d" => {
+                json!({"drive_id": "d", "path_on_host": h.path("new.img"), "is_root_device": false})
+            }
+            "/vsock" => json!({"guest_cid": 3, "uds_path": h.path("v.sock")}),
+            _ => json!({"cpuid_modifiers": [], "msr_modifiers": []}),
+        };
+        h.ok("PUT", path, b);
+        h.fails(
+            "PUT",
+            "/snapshot/load",
+            Some(json!({"snapshot_path": h.path("vm.state"), "mem_file_path": h.path("vm.mem")})),
+            "Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+        );
+        assert!(h.restored.lock().unwrap().is_none(), "{path}");
+    }
+}
+
+#[test]
+fn snapshot_load_bad_bodies_and_failures_leave_the_api_pre_boot() {
+    let mut h = harness("snapbad");
+    let state = h.path("vm.state");
+    for (body, needle) in [
+        (
+            json!({"snapshot_path": state, "mem_backend": {"backend_type": "Uffd", "backend_path": "/u.sock"}}),
+            "`mem_backend.backend_type` = `Uffd` is not supported by Kestrel",
+        ),
+        (
+            json!({"snapshot_path": state, "mem_file_path": "m",
+                   "mem_backend": {"backend_type": "File", "backend_path": "m"}}),
+            "not both",
+        ),
+        (
+            json!({"snapshot_path": state}),
+            "either `mem_backend` or `mem_file_path` is required",
+        ),
+        (
+            json!({"snapshot_path": state, "mem_file_path": "m", "enable_diff_snapshots": true}),
+            "`enable_diff_snapshots` = `true`",
+        ),
+        (
+            json!({"snapshot_path": state, "mem_file_path": "m", "vsock_override": {}}),
+            "missing field `uds_path`",
+        ),
+        (
+            json!({"snapshot_path": state, "mem_file_path": "m", "resume_vm": "yes"}),
+            "deserializing the json body",
+        ),
+        // The state file does not exist: the restore fails.
+        (
+            json!({"snapshot_path": state, "mem_file_path": "m"}),
+            "no state file",
+        ),
+    ] {
+        h.fails("PUT", "/snapshot/load", Some(body), needle);
+    }
+    let (_, v) = h.req("GET", "/", None);
+    assert_eq!(v["state"], "Not started");
+    // Nothing stuck: the API still boots normally.
+    h.boot();
+    assert!(h.booted.lock().unwrap().is_some());
 }
