@@ -55,15 +55,15 @@ pub(crate) fn prepare(
     Ok((state, config))
 }
 
-/// Build a VM from a snapshot: every step of the module documentation, in order. On error
-/// everything created so far is released.
+/// Build a VM from a snapshot: every step of the module documentation, in order (the restore
+/// began at `created_at`, with [`prepare`]). On error everything created so far is released.
 pub(crate) fn build_for_restore(
     files: &SnapshotFiles,
     state: &SnapshotState,
     config: VmConfig,
     console: ConsoleSink,
+    created_at: Instant,
 ) -> Result<BuiltVm<'static>, VmmError> {
-    let created_at = Instant::now();
     let seccomp_mode = config.kestrel.seccomp_or(SeccompMode::Errno);
     let seccomp = Filters::build(seccomp_mode)?;
     let mut machine = Machine::with_memory(&config, console, |vm_fd| {

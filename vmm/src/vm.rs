@@ -142,12 +142,13 @@ impl Vm {
         overrides: &kestrel_api::RestoreOverrides,
         console: Option<ConsoleSink>,
     ) -> Result<Vm, VmmError> {
+        let began = std::time::Instant::now();
         let (state, config) = crate::restore::prepare(files, overrides)?;
         let console = match console {
             Some(c) => c,
             None => console_sink(&config)?,
         };
-        let built = crate::restore::build_for_restore(files, &state, config, console)?;
+        let built = crate::restore::build_for_restore(files, &state, config, console, began)?;
         let vm = Self::assemble(built);
         tracing::info!(
             "VM {} restored from {} in {} us",
