@@ -129,15 +129,17 @@ impl RestoreOverrides {
         }
         for (i, o) in self.fs.iter().enumerate() {
             let field = format!("overrides.fs[{i}].tag");
-            let f = c
-                .fs
-                .iter_mut()
-                .find(|f| f.tag == o.tag)
-                .ok_or_else(|| unknown(field, "virtio-fs share", &o.tag))?;
+            let f =
+                c.fs.iter_mut()
+                    .find(|f| f.tag == o.tag)
+                    .ok_or_else(|| unknown(field, "virtio-fs share", &o.tag))?;
             if f.socket.is_some() {
                 return Err(ConfigError::invalid(
                     format!("overrides.fs[{i}].shared_dir"),
-                    format!("share {:?} is served by a vhost-user daemon, not a directory", o.tag),
+                    format!(
+                        "share {:?} is served by a vhost-user daemon, not a directory",
+                        o.tag
+                    ),
                 ));
             }
             f.shared_dir = Some(o.shared_dir.clone());
@@ -171,10 +173,9 @@ mod tests {
     #[test]
     fn unknown_devices_are_named() {
         let c = config();
-        let o = RestoreOverrides::from_json(
-            r#"{"drives":[{"drive_id":"nope","path_on_host":"/x"}]}"#,
-        )
-        .unwrap();
+        let o =
+            RestoreOverrides::from_json(r#"{"drives":[{"drive_id":"nope","path_on_host":"/x"}]}"#)
+                .unwrap();
         let e = o.apply(&c).unwrap_err();
         assert_eq!(e.field(), Some("overrides.drives[0].drive_id"));
         assert!(e.to_string().contains("\"nope\""), "{e}");
