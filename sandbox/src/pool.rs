@@ -536,4 +536,206 @@ fn start_and_connect(shared: &Shared, vm: &Vm, uds: &Path) -> Result<AgentClient
 }
 
 #[cfg(test)]
-mod tests {}
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    use crate::template::tests::{config_in, fake_template, TempDir};
+
+    /// A template whose snapshot files are garbage: every restore fails.
+    fn broken_template(tmp: &TempDir) -> Arc<Template> {
+        let c = config_in(&tmp.0);
+        let dir = tmp.0.join("template");
+        fake_template(&dir, &c);
+        Arc::new(Template::open(&dir).unwrap())
+    }
+
+    /// Overrides giving clone `n` its own socket and name in `dir`, recording the ids.
+    fn overrides_in(dir: &Path, ids: Arc<Mutex<Vec<u64>>>) -> OverridesFn {
+        let dir = dir.to_path_buf();
+        Arc::new(move |n| {
+            ids.lock().unwrap().push(n);
+            RestoreOverrides {
+                name: Some(format!("clone{n}")),
+                vsock_uds_path: Some(dir.join(format!("clone{n}.vsock"))),
+                ..Default::default()
+            }
+        })
+    }
+
+    #[test]
+    fn error_messages() {
+        assert_eq!(
+            PoolError::Empty { size: 0 }.to_string(),
+            "no clone is ready (pool of 0)"
+        );
+        assert_eq!(
+            PoolError::Timeout {
+                waited: Duration::from_millis(1500)
+            }
+            .to_string(),
+            "no clone became ready within 1.5s"
+        );
+        assert_eq!(
+            PoolError::Template(Arc::new(SandboxError::NoVsock)).to_string(),
+            "cannot make a clone of the template: vsock: a sandbox needs a vsock device for its \
+             guest agent"
+        );
+        assert_eq!(
+            PoolError::Filler("clone 3 panicked: boom".into()).to_string(),
+            "the pool's filler failed: clone 3 panicked: boom"
+        );
+        assert_eq!(PoolError::Closed.to_string(), "the pool is closed");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum() {
+        assert_eq!(backoff(0), Duration::ZERO);
+        assert_eq!(backoff(1), FILL_BACKOFF_MIN);
+        assert_eq!(backoff(2), FILL_BACKOFF_MIN * 2);
+        assert_eq!(backoff(4), FILL_BACKOFF_MIN * 8);
+        assert_eq!(backoff(9), FILL_BACKOFF_MIN * 256);
+        assert_eq!(backoff(10), FILL_BACKOFF_MAX);
+        assert_eq!(backoff(u32::MAX), FILL_BACKOFF_MAX);
+    }
+
+    #[test]
+    fn a_template_that_does_not_restore_fails_takes_fast_and_the_filler_backs_off() {
+        let tmp = TempDir::new("pool-broken");
+        let ids = Arc::new(Mutex::new(Vec::new()));
+        let pool = Pool::new(
+            broken_template(&tmp),
+            2,
+            overrides_in(&tmp.0, Arc::clone(&ids)),
+            Duration::from_secs(5),
+        );
+        let t = Instant::now();
+        let e = pool.take(Duration::from_secs(10)).err().expect("no clone");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        assert!(matches!(e, PoolError::Template(_)), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with("cannot make a clone of the template: "),
+            "{e}"
+        );
+        // Later takes fail at once too, without waiting out their timeout.
+        let t = Instant::now();
+        assert!(matches!(
+            pool.take(Duration::from_secs(10)),
+            Err(PoolError::Template(_))
+        ));
+        assert!(t.elapsed() < Duration::from_millis(500));
+
+        std::thread::sleep(Duration::from_millis(1000));
+        let st = pool.stats();
+        // Attempts at about 0, 0.1, 0.3, 0.7 and 1.5 s: a spinning filler makes thousands.
+        assert!(
+            (1..=5).contains(&st.failures),
+            "{} attempts in about a second",
+            st.failures
+        );
+        assert_eq!((st.created, st.handed_out, st.discarded), (0, 0, 0));
+        assert_eq!(pool.ready(), 0);
+        let ids = ids.lock().unwrap().clone();
+        assert_eq!(
+            ids,
+            (0..ids.len() as u64).collect::<Vec<_>>(),
+            "unique, in order"
+        );
+
+        let t = Instant::now();
+        pool.close();
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert!(matches!(
+            pool.take(Duration::from_secs(1)),
+            Err(PoolError::Closed)
+        ));
+        pool.close();
+        // No clone socket is left behind.
+        let left: Vec<_> = std::fs::read_dir(&tmp.0)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".vsock"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn an_empty_pool_times_out_and_a_zero_size_pool_is_empty() {
+        let tmp = TempDir::new("pool-wait");
+        // The filler is held in make_overrides until the test lets it go.
+        let (tx, rx) = mpsc::channel::<()>();
+        let rx = Mutex::new(rx);
+        let template = broken_template(&tmp);
+        let dir = tmp.0.clone();
+        let pool = Pool::new(
+            Arc::clone(&template),
+            1,
+            Arc::new(move |n| {
+                let _ = rx.lock().unwrap().recv();
+                RestoreOverrides {
+                    vsock_uds_path: Some(dir.join(format!("c{n}.vsock"))),
+                    ..Default::default()
+                }
+            }),
+            Duration::from_secs(1),
+        );
+        assert!(matches!(
+            pool.take(Duration::ZERO),
+            Err(PoolError::Empty { size: 1 })
+        ));
+        let t = Instant::now();
+        match pool.take(Duration::from_millis(200)) {
+            Err(PoolError::Timeout { waited }) => {
+                assert!(waited >= Duration::from_millis(200), "{waited:?}");
+                assert!(t.elapsed() < Duration::from_secs(2));
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        assert_eq!(pool.size(), 1);
+        assert!(Arc::ptr_eq(pool.template(), &template));
+        // The filler's thread is named.
+        let named = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+            .any(|c| c.trim_end() == "kestrel-pool");
+        assert!(named);
+        drop(tx);
+        drop(pool);
+
+        let zero = Pool::new(
+            template,
+            0,
+            overrides_in(&tmp.0, Arc::default()),
+            Duration::from_secs(1),
+        );
+        assert!(matches!(
+            zero.take(Duration::from_secs(5)),
+            Err(PoolError::Empty { size: 0 })
+        ));
+        assert_eq!(zero.stats(), PoolStats::default(), "nothing attempted");
+    }
+
+    #[test]
+    fn a_panicking_overrides_function_is_a_filler_error_not_a_dead_pool() {
+        let tmp = TempDir::new("pool-panic");
+        let pool = Pool::new(
+            broken_template(&tmp),
+            1,
+            Arc::new(|n| panic!("no overrides for clone {n}")),
+            Duration::from_secs(1),
+        );
+        let e = pool.take(Duration::from_secs(5)).err().expect("no clone");
+        assert!(matches!(e, PoolError::Filler(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "the pool's filler failed: clone 0 panicked: no overrides for clone 0"
+        );
+        // The filler lives on (and keeps backing off).
+        std::thread::sleep(Duration::from_millis(400));
+        let failures = pool.stats().failures;
+        assert!((2..=4).contains(&failures), "{failures}");
+        pool.close();
+    }
+}

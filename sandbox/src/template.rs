@@ -577,4 +577,398 @@ fn remove_any(path: &Path) -> io::Result<()> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {}
+pub(crate) mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use kestrel_api::{DriveConfig, VsockConfig};
+
+    /// A directory under the system's temporary directory, removed when dropped.
+    pub(crate) struct TempDir(pub(crate) PathBuf);
+
+    impl TempDir {
+        pub(crate) fn new(tag: &str) -> TempDir {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let n = N.fetch_add(1, Ordering::Relaxed);
+            let p = std::env::temp_dir()
+                .join(format!("kestrel-sandbox-{tag}-{}-{n}", std::process::id()));
+            let _ = fs::remove_dir_all(&p);
+            fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A configuration with a (fake) kernel file in `dir` and a vsock section.
+    pub(crate) fn config_in(dir: &Path) -> VmConfig {
+        let kernel = dir.join("vmlinux");
+        if !kernel.exists() {
+            fs::write(&kernel, b"not really a kernel").unwrap();
+        }
+        let mut c = VmConfig::new(kernel, 1, 128);
+        c.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.join("template.vsock"),
+            vsock_id: None,
+        });
+        c
+    }
+
+    /// Fill `dir` with what [`Template::open`] accepts: garbage snapshot files and a valid
+    /// template file for `config`.
+    pub(crate) fn fake_template(dir: &Path, config: &VmConfig) {
+        fs::create_dir_all(dir).unwrap();
+        fs::write(dir.join(snapshot::STATE_FILE), b"not a state file").unwrap();
+        fs::write(dir.join(snapshot::MEMORY_FILE), b"").unwrap();
+        let meta = TemplateMeta {
+            format: TEMPLATE_FORMAT,
+            key: template_key(config).unwrap(),
+            created_unix_ms: unix_ms(SystemTime::now()),
+            config: config.clone(),
+        };
+        write_meta(dir, &meta).unwrap();
+    }
+
+    fn set_mtime(path: &Path, secs: u64) {
+        let f = OpenOptions::new().write(true).open(path).unwrap();
+        f.set_modified(UNIX_EPOCH + Duration::from_secs(secs))
+            .unwrap();
+    }
+
+    #[test]
+    fn the_key_covers_the_guest_and_ignores_per_vm_fields() {
+        let tmp = TempDir::new("key");
+        let c = config_in(&tmp.0);
+        let key = template_key(&c).unwrap();
+        assert_eq!(key.len(), 64);
+        assert!(key
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert_eq!(template_key(&c.clone()).unwrap(), key, "stable");
+
+        // The vsock socket and the name differ per VM: they do not change the template.
+        let mut other = c.clone();
+        other.vsock.as_mut().unwrap().uds_path = "/run/elsewhere.vsock".into();
+        other.kestrel.name = Some("clone-7".into());
+        assert_eq!(template_key(&other).unwrap(), key);
+
+        // What the guest sees does.
+        let mut more = c.clone();
+        more.machine_config.vcpu_count = 2;
+        assert_ne!(template_key(&more).unwrap(), key, "vcpu_count");
+        let mut cid = c.clone();
+        cid.vsock.as_mut().unwrap().guest_cid = 4;
+        assert_ne!(template_key(&cid).unwrap(), key, "guest_cid");
+
+        // So do the files it boots from.
+        let kernel = c.boot_source.kernel_image_path.clone();
+        set_mtime(&kernel, 1_000_000);
+        let k1 = template_key(&c).unwrap();
+        assert_ne!(k1, key, "kernel mtime");
+        fs::write(&kernel, b"another kernel, longer").unwrap();
+        set_mtime(&kernel, 1_000_000);
+        assert_ne!(template_key(&c).unwrap(), k1, "kernel size");
+    }
+
+    #[test]
+    fn drives_and_initrd_count_by_identity() {
+        let tmp = TempDir::new("key-drives");
+        let mut c = config_in(&tmp.0);
+        let initrd = tmp.0.join("initrd");
+        let ro = tmp.0.join("ro.img");
+        let rw = tmp.0.join("rw.img");
+        for f in [&initrd, &ro, &rw] {
+            fs::write(f, [0u8; 512]).unwrap();
+            set_mtime(f, 5_000);
+        }
+        c.boot_source.initrd_path = Some(initrd.clone());
+        for (id, path, ro) in [("ro", &ro, true), ("rw", &rw, false)] {
+            c.drives.push(DriveConfig {
+                drive_id: id.into(),
+                path_on_host: Some(path.clone()),
+                is_read_only: ro,
+                ..Default::default()
+            });
+        }
+        let key = template_key(&c).unwrap();
+        set_mtime(&initrd, 6_000);
+        let k = template_key(&c).unwrap();
+        assert_ne!(k, key, "initrd mtime");
+        set_mtime(&ro, 6_000);
+        let k2 = template_key(&c).unwrap();
+        assert_ne!(k2, k, "read-only drive mtime");
+        // A writable drive's time changes with every guest write (the template's own too).
+        set_mtime(&rw, 6_000);
+        assert_eq!(template_key(&c).unwrap(), k2, "writable drive mtime");
+        fs::write(&rw, [0u8; 1024]).unwrap();
+        assert_ne!(template_key(&c).unwrap(), k2, "writable drive size");
+
+        fs::remove_file(&ro).unwrap();
+        let e = template_key(&c).unwrap_err();
+        assert!(
+            matches!(&e, TemplateError::FileIdentity { field, .. } if field == "drives[0].path_on_host"),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("template key: drives[0].path_on_host "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn open_refuses_what_is_not_a_complete_template() {
+        let tmp = TempDir::new("open");
+        let dir = tmp.0.join("t");
+        let missing = |dir: &Path| match Template::open(dir) {
+            Err(TemplateError::Incomplete { missing, .. }) => missing,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(missing(&dir), "state", "no directory at all");
+        fs::create_dir(&dir).unwrap();
+        assert_eq!(missing(&dir), "state");
+        let e = Template::open(&dir).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "template {}: no state file (not a template, or one whose creation did not \
+                 finish)",
+                dir.display()
+            )
+        );
+        fs::write(dir.join("state"), b"x").unwrap();
+        assert_eq!(missing(&dir), "memory");
+        fs::write(dir.join("memory"), b"").unwrap();
+        assert_eq!(missing(&dir), "template.json");
+
+        fs::write(dir.join(TEMPLATE_FILE), b"{ not json").unwrap();
+        let e = Template::open(&dir).unwrap_err();
+        assert!(matches!(e, TemplateError::Meta { .. }), "{e:?}");
+        assert!(e.to_string().contains("not a template file"), "{e}");
+
+        fs::write(dir.join(TEMPLATE_FILE), br#"{"format": 99, "key": "k"}"#).unwrap();
+        let e = Template::open(&dir).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                TemplateError::Format {
+                    found: 99,
+                    expected: 1,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string()
+                .ends_with("format 99; this Kestrel opens format 1 only"),
+            "{e}"
+        );
+
+        fs::write(dir.join(TEMPLATE_FILE), br#"{"format": 1, "key": "k"}"#).unwrap();
+        let e = Template::open(&dir).unwrap_err();
+        assert!(e.to_string().contains("missing field"), "{e}");
+
+        let c = config_in(&tmp.0);
+        fs::remove_file(dir.join(TEMPLATE_FILE)).unwrap();
+        fake_template(&dir, &c);
+        let t = Template::open(&dir).unwrap();
+        assert_eq!(t.dir(), dir);
+        assert_eq!(t.config(), &c);
+        assert_eq!(t.key(), template_key(&c).unwrap());
+        assert!(t.created() <= SystemTime::now());
+        assert_eq!(t.files(), SnapshotFiles::in_dir(&dir));
+        assert!(!dir.join("template.json.tmp").exists());
+    }
+
+    #[test]
+    fn create_refuses_a_directory_with_template_files_before_booting() {
+        let tmp = TempDir::new("create");
+        let c = config_in(&tmp.0);
+        let dir = tmp.0.join("t");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("memory"), b"a clone may map this").unwrap();
+        let e = Template::create(&c, &dir, Duration::from_millis(1)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SandboxError::Template(TemplateError::Exists { file: "memory", .. })
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("refusing to overwrite"), "{e}");
+        assert_eq!(
+            fs::read(dir.join("memory")).unwrap(),
+            b"a clone may map this"
+        );
+
+        // A sandbox needs its agent channel: refused before anything is created.
+        let mut no_vsock = c.clone();
+        no_vsock.vsock = None;
+        let fresh = tmp.0.join("fresh");
+        let e = Template::create(&no_vsock, &fresh, Duration::from_millis(1)).unwrap_err();
+        assert!(matches!(e, SandboxError::NoVsock), "{e:?}");
+        let e = Template::ensure(&no_vsock, &fresh, Duration::from_millis(1)).unwrap_err();
+        assert!(matches!(e, SandboxError::NoVsock), "{e:?}");
+        assert!(!fresh.exists());
+    }
+
+    #[test]
+    fn a_failed_create_removes_what_it_made() {
+        // The fake kernel does not boot: the VM is refused, and the directory this call
+        // created goes again (a directory that existed stays, empty).
+        let tmp = TempDir::new("create-fail");
+        let c = config_in(&tmp.0);
+        let dir = tmp.0.join("new");
+        assert!(Template::create(&c, &dir, Duration::from_millis(1)).is_err());
+        assert!(!dir.exists());
+        let existing = tmp.0.join("existing");
+        fs::create_dir(&existing).unwrap();
+        assert!(Template::create(&c, &existing, Duration::from_millis(1)).is_err());
+        assert_eq!(fs::read_dir(&existing).unwrap().count(), 0);
+    }
+
+    /// A creator that writes a fake template for `config` and counts its calls.
+    fn creator<'a>(
+        config: &'a VmConfig,
+        calls: &'a AtomicUsize,
+        hold: Duration,
+    ) -> impl FnOnce(&Path) -> Result<(), SandboxError> + 'a {
+        move |tmp: &Path| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            assert!(tmp.is_dir(), "given an existing directory");
+            assert_eq!(fs::read_dir(tmp).unwrap().count(), 0, "and an empty one");
+            let name = tmp.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(name.contains(".tmp-"), "{name}");
+            std::thread::sleep(hold);
+            fake_template(tmp, config);
+            Ok(())
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn ensure_creates_once_in_a_temporary_directory_and_renames_it() {
+        let tmp = TempDir::new("ensure");
+        let c = config_in(&tmp.0);
+        let key = template_key(&c).unwrap();
+        let root = tmp.0.join("root");
+        let calls = AtomicUsize::new(0);
+        let t = ensure_with(&root, &key, creator(&c, &calls, Duration::ZERO)).unwrap();
+        assert_eq!(t.dir(), root.join(&key));
+        assert_eq!(t.key(), key);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            names(&root),
+            vec![key.clone(), format!("{key}.lock")],
+            "no temporary left"
+        );
+
+        let again = ensure_with(&root, &key, creator(&c, &calls, Duration::ZERO)).unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "opened, not created again");
+        assert_eq!(again.created(), t.created());
+    }
+
+    #[test]
+    fn ensure_replaces_what_a_crashed_creator_left() {
+        let tmp = TempDir::new("ensure-crash");
+        let c = config_in(&tmp.0);
+        let key = template_key(&c).unwrap();
+        let root = tmp.0.join("root");
+        // A half-written template (no template.json), a temporary directory of a dead
+        // creator and a stray temporary file; another key's temporary directory stays.
+        fs::create_dir_all(root.join(&key)).unwrap();
+        fs::write(root.join(&key).join("memory"), b"half").unwrap();
+        fs::create_dir_all(root.join(format!("{key}.tmp-4242"))).unwrap();
+        fs::write(root.join(format!("{key}.tmp-1")), b"").unwrap();
+        fs::create_dir_all(root.join("otherkey.tmp-4242")).unwrap();
+        let calls = AtomicUsize::new(0);
+        let t = ensure_with(&root, &key, creator(&c, &calls, Duration::ZERO)).unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(Template::open(t.dir()).is_ok());
+        assert_eq!(
+            names(&root),
+            vec![
+                key.clone(),
+                format!("{key}.lock"),
+                "otherkey.tmp-4242".into()
+            ]
+        );
+
+        // A complete template whose key is not the directory's name is replaced.
+        let mut other = c.clone();
+        other.machine_config.vcpu_count = 2;
+        fake_template(&root.join("somekey"), &other);
+        let calls = AtomicUsize::new(0);
+        let t = ensure_with(&root, "somekey", |tmp: &Path| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            fake_template(tmp, &other);
+            let mut meta = read_meta(&tmp.join(TEMPLATE_FILE)).unwrap();
+            meta.key = "somekey".into();
+            write_meta(tmp, &meta).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "recreated");
+        assert_eq!(t.key(), "somekey");
+    }
+
+    #[test]
+    fn a_failed_ensure_leaves_nothing_and_releases_the_lock() {
+        let tmp = TempDir::new("ensure-fail");
+        let c = config_in(&tmp.0);
+        let key = template_key(&c).unwrap();
+        let root = tmp.0.join("root");
+        let e = ensure_with(&root, &key, |tmp: &Path| {
+            fs::write(tmp.join("memory"), b"partial").unwrap();
+            Err(SandboxError::NoVsock)
+        })
+        .unwrap_err();
+        assert!(matches!(e, SandboxError::NoVsock), "{e:?}");
+        assert_eq!(names(&root), vec![format!("{key}.lock")]);
+        let calls = AtomicUsize::new(0);
+        ensure_with(&root, &key, creator(&c, &calls, Duration::ZERO)).unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn concurrent_ensures_create_once_and_all_open_it() {
+        let tmp = TempDir::new("ensure-race");
+        let c = Arc::new(config_in(&tmp.0));
+        let key = template_key(&c).unwrap();
+        let root = tmp.0.join("root");
+        let calls = AtomicUsize::new(0);
+        let keys: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        // Each call opens its own descriptor of the lock file, so flock
+                        // serialises threads of one process as it does processes.
+                        let create = creator(&c, &calls, Duration::from_millis(200));
+                        ensure_with(&root, &key, create).map(|t| t.key().to_string())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect()
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(keys.iter().all(|k| *k == key));
+    }
+}
