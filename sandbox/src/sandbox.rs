@@ -9,16 +9,21 @@
 //! movable; it shrinks by offlining blocks in the guest, then deleting the slots and releasing
 //! the host pages.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use kestrel_api::VmConfig;
 use thiserror::Error;
 
-use kestrel_vmm::{Vm, VmExit, VmmError};
+use kestrel_vmm::{VcpuRunState, Vm, VmExit, VmmError};
 
 use crate::agent::{AgentClient, AgentError, AGENT_PORT};
+use crate::template::TemplateError;
+
+/// Host entropy bytes [`Sandbox::refresh_guest`] gives the guest (512 bits, credited).
+pub const REFRESH_ENTROPY_BYTES: usize = 64;
 
 /// Sandbox failures.
 #[derive(Debug, Error)]
@@ -35,6 +40,13 @@ pub enum SandboxError {
     /// Another resize is running.
     #[error("another resize is in progress")]
     ResizeInProgress,
+    /// A template could not be created, opened or found (see [`TemplateError`]).
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    /// Fresh entropy could not be read from the host's `/dev/urandom` (for
+    /// [`Sandbox::refresh_guest`]).
+    #[error("reading host entropy from /dev/urandom: {0}")]
+    HostEntropy(#[source] std::io::Error),
     /// The requested vCPU count is outside 1..=max_vcpus.
     #[error("cannot resize to {requested} vCPUs: allowed 1..={max}")]
     VcpuRange {
@@ -107,6 +119,40 @@ pub struct MemoryResize {
     pub guest_time: Duration,
 }
 
+/// Start `vm` unless it runs already.
+fn start(vm: &Vm) -> Result<(), SandboxError> {
+    match vm.start() {
+        Ok(()) | Err(VmmError::AlreadyStarted) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Boot RAM and the most RAM hotplug can reach, MiB.
+fn mem_bounds(mc: &kestrel_api::MachineConfig) -> (u64, u64) {
+    (
+        mc.mem_size_mib,
+        mc.max_mem_size_mib.unwrap_or(mc.mem_size_mib),
+    )
+}
+
+/// The vsock socket of a restored VM's configuration.
+fn restored_uds(vm: &Vm) -> Result<PathBuf, SandboxError> {
+    vm.config()
+        .vsock
+        .as_ref()
+        .map(|v| v.uds_path.clone())
+        .ok_or(SandboxError::NoVsock)
+}
+
+/// [`REFRESH_ENTROPY_BYTES`] bytes from the host's `/dev/urandom`.
+fn host_entropy() -> Result<[u8; REFRESH_ENTROPY_BYTES], SandboxError> {
+    let mut seed = [0u8; REFRESH_ENTROPY_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(SandboxError::HostEntropy)?;
+    Ok(seed)
+}
+
 /// Take the one-resize-at-a-time lock, or refuse with [`SandboxError::ResizeInProgress`].
 fn try_begin(lock: &Mutex<()>) -> Result<MutexGuard<'_, ()>, SandboxError> {
     match lock.try_lock() {
@@ -151,22 +197,87 @@ impl Sandbox {
             .as_ref()
             .map(|v| v.uds_path.clone())
             .ok_or(SandboxError::NoVsock)?;
-        match vm.start() {
-            Ok(()) | Err(VmmError::AlreadyStarted) => {}
-            Err(e) => return Err(e.into()),
-        }
+        start(&vm)?;
         let agent = AgentClient::connect(&uds, AGENT_PORT, agent_timeout)?;
         let mc = &config.machine_config;
-        Ok(Sandbox {
+        Ok(Self::assemble(
+            vm,
+            agent,
+            uds,
+            mc.vcpu_count,
+            mem_bounds(mc),
+        ))
+    }
+
+    /// A sandbox for a VM restored from a snapshot ([`Vm::restore`]): starts it if it was not
+    /// started, then waits (up to `agent_timeout`) for the guest agent on the restored
+    /// configuration's vsock socket ([`Vm::config`], i.e. the snapshot's with the overrides
+    /// applied). The online vCPU count is the number of vCPUs running after start (vCPUs the
+    /// guest had offlined before the snapshot stay parked). Does not refresh the guest: call
+    /// [`Sandbox::refresh_guest`] before handing it out.
+    ///
+    /// # Errors
+    /// [`SandboxError::NoVsock`] if the snapshot's VM has no vsock device; the VM's start
+    /// error; the agent's connect error (e.g. [`AgentError::Timeout`]). The VM is stopped on
+    /// error (dropped).
+    pub fn from_restored(vm: Vm, agent_timeout: Duration) -> Result<Sandbox, SandboxError> {
+        let uds = restored_uds(&vm)?;
+        start(&vm)?;
+        let agent = AgentClient::connect(&uds, AGENT_PORT, agent_timeout)?;
+        Ok(Self::from_restored_agent(vm, agent, uds))
+    }
+
+    /// [`Sandbox::from_restored`] for a started VM whose agent is already connected through
+    /// `uds`.
+    pub(crate) fn from_restored_agent(vm: Vm, agent: AgentClient, uds: PathBuf) -> Sandbox {
+        let running = vm
+            .vcpu_states()
+            .iter()
+            .filter(|(_, s)| *s == VcpuRunState::Running)
+            .count();
+        let online = u32::try_from(running).unwrap_or(u32::MAX).max(1);
+        let mem = mem_bounds(&vm.config().machine_config);
+        Self::assemble(vm, agent, uds, online, mem)
+    }
+
+    fn assemble(
+        vm: Vm,
+        agent: AgentClient,
+        uds: PathBuf,
+        online_vcpus: u32,
+        (boot_mib, max_mib): (u64, u64),
+    ) -> Sandbox {
+        Sandbox {
             vm: Arc::new(vm),
             agent: Mutex::new(agent),
             uds,
             resize: Mutex::new(()),
-            online_vcpus: Mutex::new(mc.vcpu_count),
-            boot_mib: mc.mem_size_mib,
-            max_mib: mc.max_mem_size_mib.unwrap_or(mc.mem_size_mib),
+            online_vcpus: Mutex::new(online_vcpus),
+            boot_mib,
+            max_mib,
             block_size: Mutex::new(None),
-        })
+        }
+    }
+
+    /// The hand-out step for a sandbox cloned from a template: mix
+    /// [`REFRESH_ENTROPY_BYTES`] fresh bytes of host entropy into the guest's pool (credited,
+    /// so the guest's RNG state no longer equals its siblings') and set the guest clock to the
+    /// host's (it stood still since the snapshot). Two agent calls.
+    ///
+    /// # Errors
+    /// [`SandboxError::HostEntropy`] if the host's `/dev/urandom` cannot be read; the agent's
+    /// error for either call.
+    pub fn refresh_guest(&self) -> Result<(), SandboxError> {
+        let seed = host_entropy()?;
+        let mut agent = self.agent();
+        agent.add_entropy(&seed)?;
+        agent.set_time_now()?;
+        Ok(())
+    }
+
+    /// The host path of the VM's vsock socket (where the agent is reached).
+    pub fn uds_path(&self) -> &Path {
+        &self.uds
     }
 
     /// The VM.

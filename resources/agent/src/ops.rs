@@ -434,6 +434,8 @@ fn set_time(a: SetTime) -> OpResult<Empty> {
 
 /// _IOW('R', 0x03, int[2]) from <linux/random.h>.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// _IO('R', 0x07) from <linux/random.h>.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
 
 fn add_entropy(a: AddEntropy) -> OpResult<Entropy> {
     let data = b64::decode(&a.data_b64)
@@ -465,6 +467,16 @@ fn add_entropy(a: AddEntropy) -> OpResult<Entropy> {
     // SAFETY: words is a valid rand_pool_info of the size it declares.
     if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, words.as_ptr()) } != 0 {
         return Err(OpError::last_os("ioctl(RNDADDENTROPY) on /dev/urandom"));
+    }
+    // Since Linux 5.18, crediting reseeds the CRNG only until it is initialised; after that it
+    // reseeds on a timer, and a VM cloned from a snapshot would read its template's stream
+    // until then. Reseed now (ENODATA: not initialised yet, crediting reseeds when it is).
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENODATA) {
+            return Err(OpError::os("ioctl(RNDRESEEDCRNG) on /dev/urandom", e));
+        }
     }
     Ok(Entropy {
         credited_bits: bits,
