@@ -508,6 +508,12 @@ pub fn cli_arg(name: &str, default: u64) -> u64 {
 /// Resident KiB of a process's mappings from its `smaps` text (`/proc/<pid>/smaps`), split by
 /// `inside(start, end)`: (outside, inside).
 pub fn smaps_rss_split(smaps: &str, inside: impl Fn(u64, u64) -> bool) -> (u64, u64) {
+    smaps_split(smaps, "Rss:", inside)
+}
+
+/// KiB of the smaps field `field` (`"Rss:"`, `"Pss:"`...) of a process's mappings from its
+/// `smaps` text, split by `inside(start, end)`: (outside, inside).
+pub fn smaps_split(smaps: &str, field: &str, inside: impl Fn(u64, u64) -> bool) -> (u64, u64) {
     let (mut outside_kb, mut inside_kb) = (0u64, 0u64);
     let mut cur_in = false;
     for line in smaps.lines() {
@@ -517,7 +523,7 @@ pub fn smaps_rss_split(smaps: &str, inside: impl Fn(u64, u64) -> bool) -> (u64, 
             let start = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
             let end = u64::from_str_radix(it.next().unwrap_or("0"), 16).unwrap_or(0);
             cur_in = inside(start, end);
-        } else if let Some(v) = line.strip_prefix("Rss:") {
+        } else if let Some(v) = line.strip_prefix(field) {
             let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
             if cur_in {
                 inside_kb += kb;
@@ -527,6 +533,54 @@ pub fn smaps_rss_split(smaps: &str, inside: impl Fn(u64, u64) -> bool) -> (u64, 
         }
     }
     (outside_kb, inside_kb)
+}
+
+/// KiB of `field` (`"Rss:"`, `"Pss:"`) over the mappings of `smaps` that start inside one of
+/// `ranges` (host address ranges, e.g. `Vm::guest_memory_host_ranges`).
+pub fn smaps_kib_in(smaps: &str, field: &str, ranges: &[(u64, u64)]) -> u64 {
+    smaps_split(smaps, field, |start, _| {
+        ranges.iter().any(|&(s, e)| start >= s && start < e)
+    })
+    .1
+}
+
+/// The guest memory file of the snapshot in `dir`: `dir/memory`, or the first `memory` file
+/// in a subdirectory of `dir` (a template directory may keep its snapshot one level down).
+/// Panics if there is none.
+pub fn snapshot_memory_file(dir: &Path) -> PathBuf {
+    let direct = kestrel_vmm::SnapshotFiles::in_dir(dir).memory;
+    if direct.exists() {
+        return direct;
+    }
+    std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {dir:?}: {e}"))
+        .filter_map(|e| Some(kestrel_vmm::SnapshotFiles::in_dir(&e.ok()?.path()).memory))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("no snapshot memory file in {dir:?}"))
+}
+
+/// KiB of the 4 KiB pages of the file at `path` that hold a non-zero byte (for a snapshot's
+/// memory file: the guest memory the guest or the VMM wrote, all of it resident in the VM
+/// the snapshot was taken of). Panics if the file cannot be read.
+pub fn nonzero_file_kib(path: &Path) -> u64 {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {path:?}: {e}"));
+    let mut buf = Vec::with_capacity(1 << 20);
+    let mut pages = 0u64;
+    loop {
+        buf.clear();
+        let n = (&mut f)
+            .take(1 << 20)
+            .read_to_end(&mut buf)
+            .unwrap_or_else(|e| panic!("read {path:?}: {e}"));
+        if n == 0 {
+            return pages * 4;
+        }
+        pages += buf
+            .chunks(4096)
+            .filter(|p| p.iter().any(|b| *b != 0))
+            .count() as u64;
+    }
 }
 
 #[cfg(test)]
@@ -548,6 +602,19 @@ Swap:                  0 kB
             (12, 4)
         );
         assert_eq!(smaps_rss_split(smaps, |_, _| false), (16, 0));
+        assert_eq!(smaps_kib_in(smaps, "Rss:", &[(0x1000, 0x2000)]), 4);
+        assert_eq!(smaps_kib_in(smaps, "Size:", &[(0x1000, 0x2000)]), 8);
+    }
+
+    #[test]
+    fn nonzero_pages_of_a_file() {
+        let p = scratch_dir().join("nonzero.bin");
+        let mut d = vec![0u8; 5 * 4096];
+        d[4096 + 17] = 1;
+        d[4 * 4096] = 0xff;
+        std::fs::write(&p, &d).unwrap();
+        assert_eq!(nonzero_file_kib(&p), 8);
+        std::fs::remove_file(&p).unwrap();
     }
 
     #[test]

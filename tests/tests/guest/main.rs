@@ -13,6 +13,7 @@ mod firecracker_api;
 mod fs;
 mod hotplug;
 mod net;
+mod snapshot;
 mod xstate;
 
 use std::time::{Duration, Instant};
