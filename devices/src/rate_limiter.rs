@@ -9,11 +9,19 @@
 //! A request larger than a bucket's size can never be paid in full; it is let through when the
 //! bucket is full and drives the budget negative, so the limiter waits proportionally longer
 //! afterwards (the long-run rate still holds, and a large request cannot deadlock the queue).
+//!
+//! Save and restore: [`RateLimiter::state`] is what the buckets hold (budget and one-time burst
+//! left, refilled up to the moment of the save) as a serde struct, [`RateLimiter::restore`]
+//! takes it over on a limiter built from the same bucket sizes and refill times. Time is
+//! relative: no instant is saved, so a restored bucket refills from the moment of the restore
+//! (time spent in the snapshot file does not refill it).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
 use kestrel_api::{RateLimiterConfig, TokenBucketConfig};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use vmm_sys_util::timerfd::TimerFd;
 
 /// Time source (real or fake in tests).
@@ -45,6 +53,46 @@ pub enum TokenType {
     Bytes,
     /// Operations.
     Ops,
+}
+
+/// The saved state of one [`TokenBucket`] ([`TokenBucket::state`]): its shape, to match the
+/// bucket it is restored into, and what it held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenBucketState {
+    /// Bucket size in tokens.
+    pub size: u64,
+    /// Refill time of a full bucket, in nanoseconds.
+    pub refill_ns: u64,
+    /// Tokens in the bucket at the save (negative: owed after an oversize request).
+    pub budget: i128,
+    /// One-time burst left.
+    pub one_time_burst: u64,
+}
+
+/// The saved state of a [`RateLimiter`] ([`RateLimiter::state`]): each configured bucket's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimiterState {
+    /// The bandwidth (bytes) bucket, if configured.
+    #[serde(default)]
+    pub bandwidth: Option<TokenBucketState>,
+    /// The operations bucket, if configured.
+    #[serde(default)]
+    pub ops: Option<TokenBucketState>,
+}
+
+/// Why a saved [`RateLimiterState`] does not fit a limiter.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RateLimiterStateError {
+    /// A bucket is configured on one side only, or with another size or refill time.
+    #[error("saved {bucket} bucket ({saved}) does not match the configured one ({configured})")]
+    Shape {
+        /// `bandwidth` or `ops`.
+        bucket: &'static str,
+        /// The saved bucket's shape (`size/refill_ns`, or `none`).
+        saved: String,
+        /// The configured bucket's shape.
+        configured: String,
+    },
 }
 
 /// One token bucket. Budget is in tokens; it may go negative after an oversize request.
@@ -157,6 +205,56 @@ impl TokenBucket {
     pub fn burst(&self) -> u64 {
         self.burst
     }
+
+    /// The state to save: the budget refilled up to `now` and the burst left.
+    pub fn state(&self, now: Duration) -> TokenBucketState {
+        let mut b = self.clone();
+        b.refill(now);
+        TokenBucketState {
+            size: b.size,
+            refill_ns: b.refill_ns,
+            budget: b.budget,
+            one_time_burst: b.burst,
+        }
+    }
+
+    /// Whether `state` was saved from a bucket of this size and refill time.
+    fn fits(&self, state: &TokenBucketState) -> bool {
+        self.size == state.size && self.refill_ns == state.refill_ns
+    }
+
+    /// Take over the budget and burst of `state` (which [`TokenBucket::fits`]); the bucket
+    /// refills from `now` on. A budget above the size is capped.
+    fn restore(&mut self, state: &TokenBucketState, now: Duration) {
+        self.budget = state.budget.min(i128::from(self.size));
+        self.burst = state.one_time_burst;
+        self.last = now;
+    }
+}
+
+/// A device's limiter takes over `saved` (`None`: the device had no buckets) if it is of the
+/// same shape; otherwise the buckets stay full and a warning names the device (`who`) and
+/// `what` limiter it is.
+pub(crate) fn restore_or_warn(
+    limiter: &mut RateLimiter,
+    saved: Option<&RateLimiterState>,
+    who: impl std::fmt::Display,
+    what: &str,
+) {
+    let saved = saved.copied().unwrap_or_default();
+    if let Err(e) = limiter.restore(&saved) {
+        tracing::warn!("{who}: {what} not restored ({e}); its buckets start full");
+    }
+}
+
+/// The saved state of a device's limiter: `None` when it has no bucket.
+pub(crate) fn saved_state(limiter: &RateLimiter) -> Option<RateLimiterState> {
+    (!limiter.is_unlimited()).then(|| limiter.state())
+}
+
+/// How a bucket (or its absence) reads in a [`RateLimiterStateError`].
+fn shape(size_refill: Option<(u64, u64)>) -> String {
+    size_refill.map_or_else(|| "none".to_string(), |(s, r)| format!("{s}/{r}ns"))
 }
 
 /// A rate limiter with its wake-up timer.
@@ -319,6 +417,58 @@ impl RateLimiter {
     /// The bandwidth bucket, for metrics and tests.
     pub fn bandwidth(&self) -> Option<&TokenBucket> {
         self.bandwidth.as_ref()
+    }
+
+    /// The operations bucket, for metrics and tests.
+    pub fn ops(&self) -> Option<&TokenBucket> {
+        self.ops.as_ref()
+    }
+
+    /// The buckets' state to save, as of now.
+    pub fn state(&self) -> RateLimiterState {
+        let now = self.clock.now();
+        RateLimiterState {
+            bandwidth: self.bandwidth.as_ref().map(|b| b.state(now)),
+            ops: self.ops.as_ref().map(|b| b.state(now)),
+        }
+    }
+
+    /// Take over saved bucket state on a limiter of the same shape (the same buckets, each
+    /// with the same size and refill time), e.g. one just built from a restored config:
+    /// budgets and bursts come back and refill from now on.
+    ///
+    /// # Errors
+    /// [`RateLimiterStateError::Shape`] naming the first bucket that differs; nothing
+    /// changed (the buckets stay full).
+    pub fn restore(&mut self, state: &RateLimiterState) -> Result<(), RateLimiterStateError> {
+        let pairs = [
+            ("bandwidth", &self.bandwidth, &state.bandwidth),
+            ("ops", &self.ops, &state.ops),
+        ];
+        for (bucket, mine, saved) in pairs {
+            let fits = match (mine, saved) {
+                (Some(m), Some(s)) => m.fits(s),
+                (None, None) => true,
+                _ => false,
+            };
+            if !fits {
+                return Err(RateLimiterStateError::Shape {
+                    bucket,
+                    saved: shape(saved.map(|s| (s.size, s.refill_ns))),
+                    configured: shape(mine.as_ref().map(|m| (m.size, m.refill_ns))),
+                });
+            }
+        }
+        let now = self.clock.now();
+        for (mine, saved) in [
+            (&mut self.bandwidth, &state.bandwidth),
+            (&mut self.ops, &state.ops),
+        ] {
+            if let (Some(m), Some(s)) = (mine.as_mut(), saved) {
+                m.restore(s, now);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -545,8 +695,144 @@ mod overflow_tests {
                         let _ = b.time_until(u64::MAX, c.now());
                     }
                 }
+                let saved = l.state();
+                let back: RateLimiterState =
+                    serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+                assert_eq!(back, saved);
+                let mut fresh = RateLimiter::with_clock(&cfg, Box::new(c.clone()), None);
+                fresh.restore(&back).unwrap();
+                let _ = fresh.consume(u64::MAX);
                 l.update(&RateLimiterConfig::default());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::test_util::{bucket, FakeClock};
+    use super::*;
+
+    fn limiter(cfg: &RateLimiterConfig) -> (RateLimiter, FakeClock) {
+        let c = FakeClock::default();
+        (RateLimiter::with_clock(cfg, Box::new(c.clone()), None), c)
+    }
+
+    fn both(bw: u64, ops: u64) -> RateLimiterConfig {
+        RateLimiterConfig {
+            bandwidth: Some(bucket(bw, Some(5000), 1000)),
+            ops: Some(bucket(ops, None, 1000)),
+        }
+    }
+
+    /// A drained bucket restored into a fresh limiter (full buckets) stays drained: it refills
+    /// from the restore on, at the configured rate, and the burst left comes back.
+    #[test]
+    fn drained_bucket_restored_stays_drained() {
+        let cfg = both(1000, 10);
+        let (mut rl, clock) = limiter(&cfg);
+        assert!(
+            rl.consume(5000 + 1000),
+            "burst, then the whole bandwidth budget"
+        );
+        for _ in 1..10 {
+            assert!(rl.consume(0));
+        }
+        clock.advance_ms(100);
+        let saved = rl.state();
+        let bw = saved.bandwidth.unwrap();
+        assert_eq!(
+            (bw.budget, bw.one_time_burst),
+            (100, 0),
+            "refilled to the save"
+        );
+        assert_eq!(saved.ops.unwrap().budget, 1);
+
+        // Much later, elsewhere: time in the snapshot does not refill it.
+        let (mut back, clock) = limiter(&cfg);
+        clock.advance_ms(1_000_000);
+        back.restore(&saved).unwrap();
+        assert_eq!(back.bandwidth().unwrap().budget(), 100);
+        assert_eq!(back.bandwidth().unwrap().burst(), 0);
+        assert_eq!(back.ops().unwrap().budget(), 1);
+        assert!(!back.consume(500), "still drained");
+        assert!(back.is_blocked());
+        back.unblock();
+        clock.advance_ms(400);
+        assert!(back.consume(500), "refilled from the restore on");
+        // An unused burst survives too.
+        let (fresh, _) = limiter(&cfg);
+        let s = fresh.state();
+        assert_eq!(s.bandwidth.unwrap().one_time_burst, 5000);
+        assert_eq!(s.bandwidth.unwrap().budget, 1000);
+    }
+
+    /// The state survives serde_json, negative budgets (an oversize request owed) included.
+    #[test]
+    fn state_round_trips_through_serde_json() {
+        let (mut rl, _clock) = limiter(&both(1000, 10));
+        assert!(rl.consume(5000 + 3000), "oversize on a full bucket");
+        let saved = rl.state();
+        assert_eq!(saved.bandwidth.unwrap().budget, -2000);
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: RateLimiterState = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+        let (mut restored, _) = limiter(&both(1000, 10));
+        restored.restore(&back).unwrap();
+        assert_eq!(restored.state(), saved);
+        // Missing buckets read as none.
+        let empty: RateLimiterState = serde_json::from_str("{}").unwrap();
+        assert_eq!(empty, RateLimiterState::default());
+        let extreme = TokenBucketState {
+            size: u64::MAX,
+            refill_ns: 1,
+            budget: -i128::from(u64::MAX),
+            one_time_burst: u64::MAX,
+        };
+        let json = serde_json::to_string(&extreme).unwrap();
+        assert_eq!(
+            serde_json::from_str::<TokenBucketState>(&json).unwrap(),
+            extreme
+        );
+    }
+
+    /// A state of another shape is refused and changes nothing.
+    #[test]
+    fn state_of_another_shape_is_refused() {
+        let (mut rl, _clock) = limiter(&both(1000, 10));
+        assert!(rl.consume(1000));
+        let saved = rl.state();
+        let shapes = [
+            both(2000, 10),
+            both(1000, 20),
+            RateLimiterConfig {
+                bandwidth: Some(bucket(1000, Some(5000), 500)),
+                ops: Some(bucket(10, None, 1000)),
+            },
+            RateLimiterConfig {
+                bandwidth: Some(bucket(1000, Some(5000), 1000)),
+                ops: None,
+            },
+            RateLimiterConfig::default(),
+        ];
+        for cfg in &shapes {
+            let (mut other, _) = limiter(cfg);
+            let before = other.state();
+            let e = other.restore(&saved).unwrap_err();
+            assert!(matches!(e, RateLimiterStateError::Shape { .. }), "{e}");
+            assert_eq!(other.state(), before, "nothing changed");
+        }
+        let e = limiter(&RateLimiterConfig::default())
+            .0
+            .restore(&saved)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "saved bandwidth bucket (1000/1000000000ns) does not match the configured one (none)"
+        );
+        // An unlimited limiter takes an unlimited state.
+        let (mut none, _) = limiter(&RateLimiterConfig::default());
+        none.restore(&RateLimiterState::default()).unwrap();
+        assert!(none.is_unlimited());
     }
 }

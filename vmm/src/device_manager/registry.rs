@@ -13,7 +13,7 @@ use event_manager::MutEventSubscriber;
 use kestrel_api::RateLimiterConfig;
 use kestrel_devices::virtio::block::{Block, BlockMetrics};
 use kestrel_devices::virtio::fs::vhost_user::{VhostUserFs, VhostUserFsMetrics};
-use kestrel_devices::virtio::fs::{Fs, FsMetrics, FsWorkers};
+use kestrel_devices::virtio::fs::{Fs, FsMetrics, FsSnapshotError, FsWorkers};
 use kestrel_devices::virtio::mmio::MmioTransport;
 use kestrel_devices::virtio::net::{Net, NetMetrics};
 use kestrel_devices::virtio::vsock::{Vsock, VsockMetrics};
@@ -246,31 +246,24 @@ impl Device {
     }
 
     /// The device's state for a snapshot (transport registers and the device's own state), or
-    /// why it cannot be snapshotted: a virtio-fs share the guest has brought up (its FUSE
-    /// session, the guest's open files and node ids, lives in the server or the daemon and is
-    /// not saved) or whose worker threads run.
+    /// why it cannot be snapshotted: a virtio-fs share the guest has mounted (it sent requests
+    /// on its queues; its FUSE session, the guest's open files and node ids, lives in the
+    /// server or the daemon and is not saved). A share the driver activated but never used
+    /// is saved with its queues, its worker threads (idle) running or not.
     pub(crate) fn snapshot_state(&self) -> Result<DeviceSnapshot, SnapshotError> {
-        let refuse = |reason| SnapshotError::Unsupported {
+        let refuse = |e: FsSnapshotError| SnapshotError::Unsupported {
             device: self.id.clone(),
-            reason,
+            reason: e.reason(),
         };
-        const FS_IN_USE: &str = "the guest has brought the virtio-fs share up; its FUSE \
-                                 session (open files, node ids) cannot be saved";
         let state = match &self.model {
             Model::Block(d) => DeviceState::Block(lock(d).state()),
             Model::Net(d) => DeviceState::Net(lock(d).state()),
             Model::Vsock(d) => DeviceState::Vsock(lock(d).state()),
-            Model::Fs(s) => {
-                if !s.workers.is_empty() {
-                    return Err(refuse("its virtio-fs worker threads are running"));
-                }
-                DeviceState::Fs(lock(&s.dev).state())
+            Model::Fs(s) => DeviceState::Fs(lock(&s.dev).snapshot_ready().map_err(refuse)?),
+            Model::VhostUserFs { dev, .. } => {
+                DeviceState::Fs(lock(dev).snapshot_ready().map_err(refuse)?)
             }
-            Model::VhostUserFs { dev, .. } => DeviceState::Fs(lock(dev).state()),
         };
-        if matches!(&state, DeviceState::Fs(f) if f.virtio.activated) {
-            return Err(refuse(FS_IN_USE));
-        }
         let transport = lock(&self.transport).state();
         Ok(DeviceSnapshot {
             id: self.id.clone(),
@@ -462,5 +455,110 @@ impl DeviceRegistry {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kestrel_devices::bus::BusDevice;
+    use kestrel_devices::virtio::mmio::reg;
+    use kestrel_devices::virtio::VirtioInterrupt;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
+
+    use super::*;
+
+    /// Queue `i`'s rings: descriptors, then the available and used rings 4 KiB apart.
+    fn rings(i: u64) -> [u64; 3] {
+        let base = 0x1_0000 + i * 0x4000;
+        [base, base + 0x1000, base + 0x2000]
+    }
+
+    /// Drive the transport as Linux's virtio-fs probe does: features, both queues, DRIVER_OK.
+    fn probe(t: &mut MmioTransport) {
+        let mut w = |off: u64, v: u32| t.write(off, &v.to_le_bytes());
+        let (ack, driver) = (status::ACKNOWLEDGE, status::DRIVER);
+        w(reg::STATUS, ack | driver);
+        w(reg::DRIVER_FEATURES_SEL, 1);
+        w(reg::DRIVER_FEATURES, 1); // VERSION_1
+        w(reg::STATUS, ack | driver | status::FEATURES_OK);
+        for i in 0..2u32 {
+            w(reg::QUEUE_SEL, i);
+            w(reg::QUEUE_NUM, 16);
+            let [desc, avail, used] = rings(u64::from(i));
+            for (low, addr) in [
+                (reg::QUEUE_DESC_LOW, desc),
+                (reg::QUEUE_DRIVER_LOW, avail),
+                (reg::QUEUE_DEVICE_LOW, used),
+            ] {
+                w(low, u32::try_from(addr).unwrap());
+            }
+            w(reg::QUEUE_READY, 1);
+        }
+        w(
+            reg::STATUS,
+            ack | driver | status::FEATURES_OK | status::DRIVER_OK,
+        );
+    }
+
+    /// A share the driver brought up but the guest never mounted is saved with its queues;
+    /// once the guest puts a request on a queue it is refused, naming the device.
+    #[test]
+    fn an_unmounted_share_is_saved_and_a_mounted_one_refused() {
+        let dir = std::env::temp_dir().join(format!("kestrel-registry-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut api = kestrel_api::FsConfig::shared_dir("tag", &dir);
+        api.queue_size = 16;
+        let cfg = kestrel_devices::virtio::fs::FsConfig::try_from(&api).unwrap();
+        let fs = Arc::new(Mutex::new(Fs::new(&cfg).unwrap()));
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let irq = Arc::new(VirtioInterrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        ));
+        let mut transport =
+            MmioTransport::new(fs.clone(), irq, GuestMemoryAtomic::new(mem.clone()));
+        probe(&mut transport);
+        assert!(fs.lock().unwrap().is_activated());
+        let workers = lock(&fs).worker_threads();
+        let share = FsShare {
+            index: 0,
+            tag: "tag".into(),
+            dev: fs,
+            workers,
+        };
+        let device = Device::new(
+            "fs0",
+            Model::Fs(share),
+            Arc::new(Mutex::new(transport)),
+            Arc::default(),
+            None,
+        );
+
+        let saved = device.snapshot_state().unwrap();
+        let DeviceState::Fs(state) = &saved.state else {
+            panic!("not a share: {saved:?}");
+        };
+        assert!(state.virtio.activated);
+        let queues: Vec<[u64; 3]> = state
+            .virtio
+            .queues
+            .iter()
+            .map(|q| [q.desc_table, q.avail_ring, q.used_ring])
+            .collect();
+        assert_eq!(queues, [rings(0), rings(1)]);
+
+        // FUSE_INIT published on the request queue: the guest mounts the share.
+        mem.write_obj(1u16, GuestAddress(rings(1)[1] + 2)).unwrap();
+        let e = device.snapshot_state().unwrap_err();
+        assert!(
+            matches!(&e, SnapshotError::Unsupported { device, .. } if device == "fs0"),
+            "{e}"
+        );
+        assert!(
+            e.to_string().starts_with(
+                "device \"fs0\" cannot be snapshotted: the guest has mounted the share"
+            ),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

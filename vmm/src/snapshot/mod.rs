@@ -153,7 +153,7 @@ pub enum DeviceState {
     Net(NetState),
     /// virtio-vsock.
     Vsock(VsockState),
-    /// virtio-fs (in-process or vhost-user), only while the guest has not brought it up.
+    /// virtio-fs (in-process or vhost-user), only while the guest has not mounted it.
     Fs(FsState),
 }
 

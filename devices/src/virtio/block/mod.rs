@@ -45,7 +45,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 
 use self::handler::Backend;
 use self::io::DiskFile;
-use crate::rate_limiter::RateLimiter;
+use crate::rate_limiter::{self, RateLimiter, RateLimiterState};
 
 use super::device::{CoreSpec, DeviceModel, RestoreError, Virtio, VirtioCore, VirtioState};
 use super::{EventFdError, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
@@ -237,6 +237,10 @@ pub struct BlockState {
     pub read_only: bool,
     /// Capacity in sectors the guest knows; the restored file must have it.
     pub capacity: u64,
+    /// The rate limiter's buckets (`None`: no limiter). Restored when the config to restore
+    /// with has a limiter of the same shape; otherwise its buckets start full.
+    #[serde(default)]
+    pub limiter: Option<RateLimiterState>,
 }
 
 /// A virtio-blk device.
@@ -314,12 +318,20 @@ impl Block {
 
     /// A device for `config` (the drive as saved: [`BlockState::path`], or a replacement
     /// with the same capacity) with the run-time state `state`; the transport activates it
-    /// again when it restores a running driver.
+    /// again when it restores a running driver. The rate limiter's buckets come back when the
+    /// config's limiter has the saved shape (else they start full, with a warning).
     pub fn restore(config: &BlockConfig, state: &BlockState) -> Result<Block, BlockError> {
         let mut block = Block::new(config)?;
         RestoreError::check("drive_id", state.drive_id.as_str(), block.drive_id())?;
         RestoreError::check("capacity", state.capacity, block.capacity())?;
         block.core.restore(&state.virtio)?;
+        let name = block.core.name().to_string();
+        rate_limiter::restore_or_warn(
+            &mut block.device.limiter,
+            state.limiter.as_ref(),
+            name,
+            "rate limiter",
+        );
         Ok(block)
     }
 
@@ -331,6 +343,7 @@ impl Block {
             path: self.path().map(Path::to_path_buf),
             read_only: self.is_read_only(),
             capacity: self.capacity(),
+            limiter: rate_limiter::saved_state(&self.device.limiter),
         }
     }
 
@@ -492,3 +505,54 @@ impl DeviceModel for BlockDevice {
 
 #[cfg(test)]
 mod tests;
+
+/// The rate limiter's buckets in the saved state.
+#[cfg(test)]
+mod limiter_state_tests {
+    use super::*;
+    use crate::rate_limiter::test_util::bucket;
+
+    /// An empty slot limited to 1000 bytes and 10 operations per 1000 s (nothing refills
+    /// while the test runs).
+    fn slot(bw: u64) -> BlockConfig {
+        BlockConfig {
+            drive_id: "disk0".into(),
+            rate_limiter: RateLimiterConfig {
+                bandwidth: Some(bucket(bw, None, 1_000_000)),
+                ops: Some(bucket(10, None, 1_000_000)),
+            },
+            ..BlockConfig::default()
+        }
+    }
+
+    #[test]
+    fn drained_limiter_is_restored_drained_and_another_shape_starts_full() {
+        let mut b = Block::new(&slot(1000)).unwrap();
+        assert!(b.device.limiter.consume(1000));
+        let state = b.state();
+        let saved = state.limiter.unwrap();
+        assert_eq!(saved.bandwidth.unwrap().budget, 0);
+        assert_eq!(saved.ops.unwrap().budget, 9);
+        let state: BlockState =
+            serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+
+        let mut back = Block::restore(&slot(1000), &state).unwrap();
+        assert_eq!(back.state().limiter, Some(saved));
+        assert!(!back.device.limiter.consume(1), "still drained");
+
+        let other = Block::restore(&slot(2000), &state).unwrap();
+        assert_eq!(other.rate_limiter().bandwidth().unwrap().budget(), 2000);
+        // A state without limiter (or from before limiters were saved) restores too.
+        let mut json = serde_json::to_value(&state).unwrap();
+        json.as_object_mut().unwrap().remove("limiter");
+        let old: BlockState = serde_json::from_value(json).unwrap();
+        assert_eq!(old.limiter, None);
+        let full = Block::restore(&slot(1000), &old).unwrap();
+        assert_eq!(full.rate_limiter().bandwidth().unwrap().budget(), 1000);
+        let unlimited = BlockConfig {
+            rate_limiter: RateLimiterConfig::default(),
+            ..slot(1000)
+        };
+        assert_eq!(Block::new(&unlimited).unwrap().state().limiter, None);
+    }
+}

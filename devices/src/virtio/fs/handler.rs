@@ -6,7 +6,7 @@ use vm_memory::GuestAddressSpace;
 
 use super::request::{drain_queue, report_panics};
 use super::{lock_metrics, worker, FsDevice, FsMetrics, HIPRIO_QUEUE};
-use crate::virtio::device::{QueueHandler, Trigger, VirtioCore};
+use crate::virtio::device::{QueueHandler, QueueState, Trigger, VirtioCore};
 
 /// Most chains handled per queue notification before yielding the event loop.
 const BATCH_LIMIT: usize = 256;
@@ -79,6 +79,7 @@ impl FsDevice {
             if self.workers[i].is_some() {
                 continue;
             }
+            let handed = QueueState::from(&*slot);
             let ctx = worker::WorkerContext {
                 tag: tag.clone(),
                 index: i,
@@ -99,6 +100,7 @@ impl FsDevice {
                     // Chains that arrived before the thread existed.
                     w.wake();
                     self.workers[i] = Some(w);
+                    self.handed_over[i] = Some(handed);
                 }
                 Err((e, queue)) => {
                     tracing::warn!(
@@ -120,6 +122,7 @@ impl FsDevice {
                 w.stop();
             }
         }
+        self.handed_over.fill(None);
     }
 }
 

@@ -29,6 +29,16 @@
 //! reply ([`FsMetrics::error_replies`]). Errors of the ring itself put the device into
 //! `needs_reset`, as does a panic inside the FUSE server (caught, [`FsMetrics::panics`]).
 //!
+//! Snapshots: the FUSE session (the guest's open files and node ids) lives in the server or
+//! the daemon and is not saved, so a share can only be saved before the guest mounted it. The
+//! Linux driver activates the device (`DRIVER_OK`) at probe, long before a mount; FUSE_INIT,
+//! sent at mount, is its first request. [`Virtio::snapshot_ready`] therefore saves an
+//! activated share whose rings the guest never used (every available and used index still 0
+//! in guest memory) with its queues as the driver set them up, and refuses one it used
+//! ([`FsSnapshotError::Mounted`]). Restored, the device is activated again on those queues:
+//! in-process, the worker threads start on them; vhost-user, the daemon gets the memory table
+//! and the rings again.
+//!
 //! Blocking: file-system calls run on the event loop and block it while they run (like the
 //! block device's file I/O). A slow host file system (an fsync, a cold read from a network
 //! file system) delays the other devices of the VM for that long.
@@ -49,9 +59,12 @@ use fuse_backend_rs::api::server::MAX_BUFFER_SIZE;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use virtio_bindings::virtio_ids::VIRTIO_ID_FS;
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemory};
 
 use self::server::{FuseServer, ShareOptions};
-use super::device::{CoreSpec, DeviceModel, RestoreError, Virtio, VirtioCore, VirtioState};
+use super::device::{
+    CoreSpec, DeviceModel, QueueState, RestoreError, Virtio, VirtioCore, VirtioState,
+};
 use super::{ActivateError, EventFdError, GuestMem, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
 
 /// Length of the tag field of the config space.
@@ -298,14 +311,6 @@ pub struct FsState {
 }
 
 impl FsState {
-    /// The state of a virtio-fs device's core.
-    fn of(core: &VirtioCore) -> FsState {
-        FsState {
-            virtio: core.state(),
-            geometry: FsGeometry::of(core),
-        }
-    }
-
     /// Take the state over into `core` if it is of the same geometry.
     fn restore_into(&self, core: &mut VirtioCore) -> Result<(), RestoreError> {
         RestoreError::check("geometry", &self.geometry, &FsGeometry::of(core))?;
@@ -313,17 +318,128 @@ impl FsState {
     }
 }
 
-/// The own part of either virtio-fs device ([`FsDevice`], [`vhost_user::VhostUserFsDevice`]):
-/// what makes [`Virtio::state`] and [`Virtio::tag`] theirs.
-pub trait FsModel: DeviceModel {}
+/// Why a virtio-fs share cannot be saved now ([`Virtio::snapshot_ready`]).
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum FsSnapshotError {
+    /// The guest put requests on queue `queue`: it has mounted the share, and the FUSE session
+    /// that holds its open files and node ids cannot be saved.
+    #[error("queue {queue}: {}", FsSnapshotError::MOUNTED)]
+    Mounted {
+        /// The first queue found in use.
+        queue: usize,
+    },
+    /// The indices of queue `queue`'s rings are not in guest memory.
+    #[error("queue {queue}: {}", FsSnapshotError::UNREADABLE)]
+    RingUnreadable {
+        /// The queue.
+        queue: usize,
+    },
+}
 
-impl FsModel for FsDevice {}
+impl FsSnapshotError {
+    const MOUNTED: &'static str = "the guest has mounted the share (it sent requests); its \
+                                   FUSE session (open files, node ids) cannot be saved";
+    const UNREADABLE: &'static str = "the guest's ring indices are not in guest memory";
+
+    /// Why, without the queue (for errors that carry a static reason).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FsSnapshotError::Mounted { .. } => FsSnapshotError::MOUNTED,
+            FsSnapshotError::RingUnreadable { .. } => FsSnapshotError::UNREADABLE,
+        }
+    }
+}
+
+/// Offset of the 16-bit index in a split ring's available and used rings (after `flags`).
+const RING_IDX_OFFSET: u64 = 2;
+
+/// Whether the guest never used the rings of queue `q` (`queue` is its index, for errors):
+/// the available index (requests the driver published) and the used index (requests the
+/// device completed) in guest memory are 0, and so is where the device is in them. A queue
+/// the driver did not make ready is never used.
+fn check_unused<M: GuestMemory>(
+    mem: &M,
+    queue: usize,
+    q: &QueueState,
+) -> Result<(), FsSnapshotError> {
+    if !q.ready {
+        return Ok(());
+    }
+    let idx = |ring: u64| {
+        let addr = GuestAddress(ring).checked_add(RING_IDX_OFFSET)?;
+        mem.read_obj::<[u8; 2]>(addr).ok().map(u16::from_le_bytes)
+    };
+    match (idx(q.avail_ring), idx(q.used_ring)) {
+        (Some(0), Some(0)) if q.next_avail == 0 && q.next_used == 0 => Ok(()),
+        (Some(_), Some(_)) => Err(FsSnapshotError::Mounted { queue }),
+        _ => Err(FsSnapshotError::RingUnreadable { queue }),
+    }
+}
+
+/// The own part of either virtio-fs device ([`FsDevice`], [`vhost_user::VhostUserFsDevice`]):
+/// what makes [`Virtio::state`], [`Virtio::snapshot_ready`] and [`Virtio::tag`] theirs.
+pub trait FsModel: DeviceModel {
+    /// The activated queues (empty when not activated): each as the core holds it, or, for
+    /// one the device handed to a worker thread, as it was when the worker took it.
+    fn queue_states(&self, core: &VirtioCore) -> Vec<QueueState> {
+        core.active().map_or_else(Vec::new, |a| {
+            a.queues.iter().map(QueueState::from).collect()
+        })
+    }
+}
+
+impl FsModel for FsDevice {
+    fn queue_states(&self, core: &VirtioCore) -> Vec<QueueState> {
+        let Some(active) = core.active() else {
+            return Vec::new();
+        };
+        active
+            .queues
+            .iter()
+            .zip(self.handed_over.iter().chain(std::iter::repeat(&None)))
+            .map(|(q, handed)| handed.unwrap_or_else(|| QueueState::from(q)))
+            .collect()
+    }
+}
+
 impl FsModel for vhost_user::VhostUserFsDevice {}
 
 impl<D: FsModel> Virtio<D> {
-    /// The run-time state to save.
+    /// The run-time state. A queue served by a worker thread is saved as it was when the
+    /// worker took it over (where the worker is in it is not known here):
+    /// [`Virtio::snapshot_ready`] is what a snapshot saves.
     pub fn state(&self) -> FsState {
-        FsState::of(&self.core)
+        let mut virtio = self.core.state();
+        if virtio.activated {
+            virtio.queues = self.device.queue_states(&self.core);
+        }
+        FsState {
+            virtio,
+            geometry: FsGeometry::of(&self.core),
+        }
+    }
+
+    /// The state to save in a snapshot, if the share can be saved: when the driver has not
+    /// activated the device, or has activated it but never used its rings (the guest has not
+    /// mounted the share). The state then holds the queues as the driver set them up, and
+    /// the restored device is activated on them ([`VirtioDevice::activate_restored`]).
+    ///
+    /// # Errors
+    /// [`FsSnapshotError::Mounted`] when the guest sent a request on any queue (read from the
+    /// rings in guest memory: FUSE_INIT, sent at mount, is the first); a ring whose indices
+    /// are outside guest memory is [`FsSnapshotError::RingUnreadable`].
+    ///
+    /// [`VirtioDevice::activate_restored`]: super::VirtioDevice::activate_restored
+    pub fn snapshot_ready(&self) -> Result<FsState, FsSnapshotError> {
+        let state = self.state();
+        let Some(active) = self.core.active() else {
+            return Ok(state);
+        };
+        let mem = active.mem.memory();
+        for (i, q) in state.virtio.queues.iter().enumerate() {
+            check_unused(&*mem, i, q)?;
+        }
+        Ok(state)
     }
 
     /// The mount tag.
@@ -357,6 +473,9 @@ pub struct FsDevice {
     inject_worker_panic: Arc<AtomicBool>,
     /// One slot per queue (the high-priority queue always stays on the event loop).
     workers: Vec<Option<worker::Worker>>,
+    /// For each queue handed to a worker thread, its state when the worker took it (for
+    /// [`Virtio::state`]: the core's slot is empty then).
+    handed_over: Vec<Option<QueueState>>,
     /// The worker threads that run, as they list themselves.
     running_workers: FsWorkers,
 }
@@ -382,6 +501,7 @@ impl Fs {
             panic_hook: None,
             inject_worker_panic: Arc::new(AtomicBool::new(false)),
             workers: core.queue_max_sizes().iter().map(|_| None).collect(),
+            handed_over: core.queue_max_sizes().iter().map(|_| None).collect(),
             running_workers: FsWorkers::default(),
         };
         Ok(Virtio::from_parts(core, device))

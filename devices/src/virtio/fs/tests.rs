@@ -2200,3 +2200,189 @@ fn saved_state_restores_a_running_share() {
     assert!(d.lookup(ROOT_ID, "f").is_ok());
     assert_eq!(d.dev.lock().unwrap().state().virtio.queues[1].next_avail, 4);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots of shares the guest has not mounted
+
+/// The queues of a state saved from a `Driver::new` device: as the driver set them up, the
+/// device at the start of each ring.
+fn assert_fresh_queues(state: &FsState) {
+    assert!(state.virtio.activated);
+    assert_eq!(state.virtio.queues.len(), 2);
+    for (i, q) in state.virtio.queues.iter().enumerate() {
+        let base = RING_BASE + i as u64 * RING_STRIDE;
+        assert_eq!(
+            (q.desc_table, q.avail_ring, q.used_ring),
+            (base, base + 0x1000, base + 0x2000),
+            "queue {i}"
+        );
+        assert!(q.ready && q.size == QSIZE, "queue {i}");
+        assert_eq!((q.next_avail, q.next_used), (0, 0), "queue {i}");
+    }
+}
+
+/// A share the driver activated (as Linux does at probe) but the guest never mounted is saved
+/// with its queues; restored with another directory (the override) and activated again on
+/// the same rings, it serves the guest's first FUSE_INIT (on a worker thread when the share
+/// has them). Once used, the restored share is no longer ready for a snapshot.
+fn unmounted_share_restores(worker_threads: bool) {
+    let tmp = TmpDir::new("kfs");
+    let (old_dir, new_dir) = (tmp.0.join("old"), tmp.0.join("new"));
+    for (dir, file) in [(&old_dir, "f"), (&new_dir, "g")] {
+        std::fs::create_dir(dir).unwrap();
+        std::fs::write(dir.join(file), b"x").unwrap();
+    }
+    let share = |dir: &Path| {
+        let mut c = FsConfig::shared_dir("kestrel", dir);
+        c.worker_threads = worker_threads;
+        c
+    };
+    let mut d = driver_for(&share(&old_dir));
+    let workers = usize::from(worker_threads);
+    assert_eq!(d.dev.lock().unwrap().worker_tids().len(), workers);
+    let state = d.dev.lock().unwrap().snapshot_ready().unwrap();
+    assert_fresh_queues(&state);
+    assert_eq!(d.dev.lock().unwrap().state(), state);
+    let state: FsState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    let (rings, mem) = (std::mem::take(&mut d.rings), d.mem.clone());
+    drop(d);
+
+    let config = super::FsConfig::try_from(&share(&new_dir)).unwrap();
+    let fs = Fs::restore(&config, &state).unwrap();
+    assert!(!fs.is_activated());
+    let mut d = Driver::with_rings(fs, mem, rings);
+    let gm = GuestMemoryAtomic::new(d.mem.clone());
+    let interrupt = d.interrupt.clone();
+    d.dev
+        .lock()
+        .unwrap()
+        .activate_restored(gm, interrupt)
+        .unwrap();
+    d.em.run_with_timeout(100).unwrap();
+    assert_eq!(d.dev.lock().unwrap().worker_tids().len(), workers);
+    assert_fresh_queues(&d.dev.lock().unwrap().snapshot_ready().unwrap());
+
+    d.init();
+    assert!(d.lookup(ROOT_ID, "g").is_ok());
+    assert_eq!(d.lookup(ROOT_ID, "f").map(|_| ()), Err(libc::ENOENT));
+    let m = d.dev.lock().unwrap().metrics();
+    assert_eq!(m.worker_requests, if worker_threads { 3 } else { 0 });
+    assert_eq!(
+        d.dev.lock().unwrap().snapshot_ready(),
+        Err(FsSnapshotError::Mounted { queue: 1 })
+    );
+}
+
+#[test]
+fn unmounted_share_is_saved_with_its_queues_and_restores() {
+    unmounted_share_restores(false);
+}
+
+#[test]
+fn unmounted_share_with_worker_threads_is_saved_with_its_queues_and_restores() {
+    unmounted_share_restores(true);
+}
+
+/// A share the guest sent a request on is refused, whichever queue and whether or not the
+/// request was served yet (its rings in guest memory say so); a share the driver never
+/// activated is saved without queues.
+#[test]
+fn a_share_the_guest_used_is_not_ready_for_a_snapshot() {
+    for workers in [false, true] {
+        let s = Share::with(|c| c.worker_threads = workers);
+        let e = s.d.dev.lock().unwrap().snapshot_ready().unwrap_err();
+        assert_eq!(
+            e,
+            FsSnapshotError::Mounted { queue: 1 },
+            "workers: {workers}"
+        );
+        assert!(e.reason().starts_with("the guest has mounted the share"));
+        assert!(e.to_string().contains("FUSE session"), "{e}");
+    }
+    // A request published on the high-priority queue, not yet served.
+    let tmp = TmpDir::new("kfs");
+    let mut d = driver_for(&FsConfig::shared_dir("kestrel", &tmp.0));
+    assert!(d.dev.lock().unwrap().snapshot_ready().is_ok());
+    d.rings[0].set_desc(&d.mem, 0, REQ_BUF, 64, 0, 0);
+    d.rings[0].publish(&d.mem, 0);
+    assert_eq!(
+        d.dev.lock().unwrap().snapshot_ready(),
+        Err(FsSnapshotError::Mounted { queue: 0 })
+    );
+    // Never activated: nothing to check.
+    let dev = new_fs(&FsConfig::shared_dir("kestrel", &tmp.0)).unwrap();
+    let state = dev.snapshot_ready().unwrap();
+    assert!(!state.virtio.activated && state.virtio.queues.is_empty());
+    // Ring indices outside guest memory (a queue the transport would not have accepted).
+    let mut dev = new_fs(&FsConfig::shared_dir("kestrel", &tmp.0)).unwrap();
+    let mem = guest_memory();
+    let mut queues = fresh_rings(&mem, 2).1;
+    queues[1]
+        .try_set_avail_ring_address(GuestAddress(MEM_SIZE as u64 + 0x1000))
+        .unwrap();
+    let irq = Arc::new(VirtioInterrupt::new(
+        EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+    ));
+    dev.activate(GuestMemoryAtomic::new(mem), irq, queues)
+        .unwrap();
+    assert_eq!(
+        dev.snapshot_ready(),
+        Err(FsSnapshotError::RingUnreadable { queue: 1 })
+    );
+}
+
+/// The vhost-user share the guest has not mounted is saved with its queues; restored against
+/// a new daemon, activation hands it the memory table and the rings again, and the guest's
+/// first FUSE_INIT is answered.
+#[test]
+fn unmounted_vhost_user_share_restores_against_a_new_daemon() {
+    let Some(bin) = find_virtiofsd() else {
+        eprintln!("skipped: no virtiofsd (scripts/install-virtiofsd.sh installs it)");
+        return;
+    };
+    let tmp = TmpDir::new("kfs");
+    let share = tmp.0.join("share");
+    std::fs::create_dir(&share).unwrap();
+    std::fs::write(share.join("greeting"), b"hello").unwrap();
+    let config = |socket: PathBuf| VhostUserFsConfig {
+        geometry: FsGeometry {
+            tag: "vtag".into(),
+            num_request_queues: 1,
+            queue_size: QSIZE,
+        },
+        socket,
+    };
+    let sock = tmp.0.join("vfsd1.sock");
+    let daemon = spawn_virtiofsd(&bin, &sock, &share);
+    let dev = vhost_user::VhostUserFs::new(&config(sock)).unwrap();
+    let (mut d, queues) = Driver::new(dev, shared_guest_memory());
+    d.activate(queues);
+    assert!(d.dev.lock().unwrap().is_started());
+    let state = d.dev.lock().unwrap().snapshot_ready().unwrap();
+    assert_fresh_queues(&state);
+    let state: FsState = serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+    let (rings, mem) = (std::mem::take(&mut d.rings), d.mem.clone());
+    drop(d);
+    drop(daemon);
+
+    let sock = tmp.0.join("vfsd2.sock");
+    let _daemon = spawn_virtiofsd(&bin, &sock, &share);
+    let dev = vhost_user::VhostUserFs::restore(&config(sock), &state).unwrap();
+    let mut d = Driver::with_rings(dev, mem, rings);
+    let gm = GuestMemoryAtomic::new(d.mem.clone());
+    let interrupt = d.interrupt.clone();
+    d.dev
+        .lock()
+        .unwrap()
+        .activate_restored(gm, interrupt)
+        .unwrap();
+    d.em.run_with_timeout(100).unwrap();
+    assert!(d.dev.lock().unwrap().is_started());
+    assert_eq!(d.dev.lock().unwrap().metrics().activations, 1);
+    d.init();
+    assert_eq!(d.lookup(ROOT_ID, "greeting").unwrap().attr.size, 5);
+    assert_eq!(
+        d.dev.lock().unwrap().snapshot_ready(),
+        Err(FsSnapshotError::Mounted { queue: 1 })
+    );
+}

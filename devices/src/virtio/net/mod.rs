@@ -60,7 +60,7 @@ use vm_memory::VolatileSlice;
 use self::rx::RxState;
 use super::device::{CoreSpec, DeviceModel, RestoreError, Virtio, VirtioCore, VirtioState};
 use super::{ActivateError, EventFdError, GuestMem, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-use crate::rate_limiter::RateLimiter;
+use crate::rate_limiter::{self, RateLimiter, RateLimiterState};
 use crate::tap::{offload, Tap, TapError};
 
 /// Size of each queue.
@@ -305,6 +305,13 @@ pub struct NetState {
     pub tap: Option<String>,
     /// The receive offloads (`TUNSETOFFLOAD` flags) the driver's features asked for.
     pub offloads: u32,
+    /// The RX rate limiter's buckets (`None`: no limiter). Restored when the config to
+    /// restore with has an RX limiter of the same shape; otherwise its buckets start full.
+    #[serde(default)]
+    pub rx_limiter: Option<RateLimiterState>,
+    /// The TX rate limiter's buckets, as `rx_limiter`.
+    #[serde(default)]
+    pub tx_limiter: Option<RateLimiterState>,
 }
 
 /// A virtio-net device. See the module documentation.
@@ -389,12 +396,22 @@ impl Net {
 
     /// A device for `config` with the run-time state `state` (the link comes back up only
     /// when the config has a TAP); the transport activates it again when it restores a
-    /// running driver.
+    /// running driver. Each rate limiter's buckets come back when the config's limiter has
+    /// the saved shape (else they start full, with a warning).
     pub fn restore(config: &NetConfig, state: &NetState) -> Result<Net, NetError> {
         let mut net = Net::new(config)?;
         RestoreError::check("iface_id", state.iface_id.as_str(), net.iface_id())?;
         net.core.restore(&state.virtio)?;
         net.device.link_up = state.link_up && net.device.backend.is_some();
+        let name = net.core.name().to_string();
+        let dev = &mut net.device;
+        let saved = [
+            (&mut dev.rx_limiter, &state.rx_limiter, "RX rate limiter"),
+            (&mut dev.tx_limiter, &state.tx_limiter, "TX rate limiter"),
+        ];
+        for (limiter, saved, what) in saved {
+            rate_limiter::restore_or_warn(limiter, saved.as_ref(), &name, what);
+        }
         Ok(net)
     }
 
@@ -407,6 +424,8 @@ impl Net {
             link_up: self.device.link_up,
             tap: self.tap_name().map(str::to_string),
             offloads: tap_offload_flags(self.core.acked_features()),
+            rx_limiter: rate_limiter::saved_state(&self.device.rx_limiter),
+            tx_limiter: rate_limiter::saved_state(&self.device.tx_limiter),
         }
     }
 
@@ -606,3 +625,48 @@ impl DeviceModel for NetDevice {
 
 #[cfg(test)]
 mod tests;
+
+/// The rate limiters' buckets in the saved state.
+#[cfg(test)]
+mod limiter_state_tests {
+    use super::*;
+    use crate::rate_limiter::test_util::bucket;
+
+    /// A slot whose RX limiter allows `rx` packets and TX `tx` packets per 1000 s.
+    fn slot(rx: Option<u64>, tx: u64) -> NetConfig {
+        let ops = |n| RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(bucket(n, None, 1_000_000)),
+        };
+        NetConfig {
+            rx_rate_limiter: rx.map(ops).unwrap_or_default(),
+            tx_rate_limiter: ops(tx),
+            ..NetConfig::slot("eth0")
+        }
+    }
+
+    #[test]
+    fn drained_limiters_are_restored_per_direction() {
+        let mut n = Net::new(&slot(Some(4), 8)).unwrap();
+        for _ in 0..4 {
+            assert!(n.device.rx_limiter.consume(0));
+        }
+        assert!(n.device.tx_limiter.consume(0));
+        let state: NetState =
+            serde_json::from_str(&serde_json::to_string(&n.state()).unwrap()).unwrap();
+        let budget = |s: &Option<RateLimiterState>| s.unwrap().ops.unwrap().budget;
+        assert_eq!(
+            (budget(&state.rx_limiter), budget(&state.tx_limiter)),
+            (0, 7)
+        );
+
+        let mut back = Net::restore(&slot(Some(4), 8), &state).unwrap();
+        assert!(!back.device.rx_limiter.consume(0), "RX still drained");
+        assert_eq!(budget(&back.state().tx_limiter), 7);
+        // Another RX shape: RX starts unlimited as configured, TX is still restored.
+        let other = Net::restore(&slot(None, 8), &state).unwrap();
+        assert!(other.device.rx_limiter.is_unlimited());
+        assert_eq!(other.state().rx_limiter, None);
+        assert_eq!(budget(&other.state().tx_limiter), 7);
+    }
+}
