@@ -75,11 +75,15 @@ impl VsockDevice {
             }
             // The tx queue stops while the control backlog is full.
             let tx_held_back = self.muxer.ctrl_full();
-            let rx_used =
+            let rx_held = self.reset_event_pending || self.reset_ack_pending;
+            let rx_used = if rx_held {
+                0
+            } else {
                 match self.process_rx(&mem, &mut active.queues[RX_QUEUE], &mut rx_budget, ops) {
                     Ok(n) => n,
                     Err(e) => break Some(e),
-                };
+                }
+            };
             // Another round only if the rx side drained a backlog that held tx back.
             if !(tx_held_back && rx_used > 0) || tx_budget == 0 {
                 break None;
@@ -233,6 +237,7 @@ impl VsockDevice {
             }
         };
         self.reset_event_pending = false;
+        self.reset_ack_pending = len == EVENT_LEN;
         if let Err(why) = add_used(queue, &mem, head, len, "event") {
             drop(mem);
             core.fail(&why);
@@ -258,6 +263,11 @@ impl QueueHandler for VsockDevice {
         if let Trigger::Own { token, fd, set } = trigger {
             let active = core.is_activated() && !core.is_failed();
             self.muxer.handle_event(token, fd, set, ops, active);
+        }
+        // The guest posts event buffers again after handling the reset event.
+        if trigger == Trigger::Queue(EVENT_QUEUE) && self.reset_ack_pending {
+            self.reset_ack_pending = false;
+            tracing::info!("vsock: the guest handled the transport reset");
         }
         self.send_reset_event(core);
         self.process_queues(core, ops);

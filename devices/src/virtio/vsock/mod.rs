@@ -192,6 +192,10 @@ pub struct VsockDevice {
     teardown_pending: bool,
     /// A restored device owes the guest a transport-reset event.
     reset_event_pending: bool,
+    /// The reset event was sent and the guest has not handled it yet (it posts the event
+    /// buffer again and kicks the event queue when it has): packets for the guest wait, since
+    /// the guest would reset a connection it accepted before handling the event.
+    reset_ack_pending: bool,
     muxer: Muxer,
     scratch: Box<[u8]>,
 }
@@ -222,6 +226,7 @@ impl Vsock {
             cid,
             teardown_pending: false,
             reset_event_pending: false,
+            reset_ack_pending: false,
             muxer: Muxer::new(cid, &config.uds_path)?,
             scratch: vec![0u8; MAX_PKT_DATA].into_boxed_slice(),
         };
@@ -285,6 +290,7 @@ impl DeviceModel for VsockDevice {
         // Connections hold fds in the event loop's epoll set: the loop drops them.
         self.teardown_pending = true;
         self.reset_event_pending = false;
+        self.reset_ack_pending = false;
         core.wake();
     }
 }

@@ -1291,10 +1291,11 @@ fn rx_kept_busy_is_served_in_bounded_passes() {
 
 /// A restored vsock device keeps the guest's CID and nothing of its connections, and tells the
 /// guest so: once activated again from the saved queues it puts
-/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` in the first event buffer the driver posts (once).
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` in the first event buffer the driver posts (once), and
+/// holds packets for the guest back until the guest has handled it.
 #[test]
 fn restored_device_sends_a_transport_reset_event() {
-    let g = Guest::new(4);
+    let mut g = Guest::new(4);
     let state = g.dev().state();
     assert!(state.virtio.activated);
     assert_eq!(state.guest_cid, CID);
@@ -1332,8 +1333,22 @@ fn restored_device_sends_a_transport_reset_event() {
     let id: u32 = g.mem.read_obj(GuestAddress(EVENT_BUF)).unwrap();
     assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
     assert!(irq.read().is_ok());
+    // Until the guest has handled the reset (it posts the event buffer again and kicks),
+    // nothing reaches its rx queue: a connection made now would be reset by the late event.
+    let mut c = UnixStream::connect(g.dir.0.join("r.sock")).unwrap();
+    c.write_all(b"CONNECT 52\n").unwrap();
+    pump(&mut em);
+    assert!(
+        g.rx.take_used(&g.mem).is_empty(),
+        "rx held until the reset is handled"
+    );
     events.publish(&g.mem, 0);
     kicks[EVENT_QUEUE].write(1).unwrap();
     pump(&mut em);
     assert!(events.take_used(&g.mem).is_empty(), "sent once");
+    assert_eq!(
+        g.rx.take_used(&g.mem).len(),
+        1,
+        "then the connection request reaches it"
+    );
 }
