@@ -97,6 +97,7 @@ fn full_requests() -> Vec<Request> {
         }
         .into(),
         SetTime { unix_ns: u64::MAX }.into(),
+        GetTime {}.into(),
         AddEntropy {
             data_b64: "AAEC".into(),
             credit_bits: Some(8),
@@ -229,6 +230,7 @@ fn every_result_round_trips() {
         removed: false,
     });
     round_trip(Entropy { credited_bits: 24 });
+    round_trip(GuestTime { unix_ns: u64::MAX });
     round_trip(MemInfo {
         mem_total_kb: 3,
         mem_free_kb: 2,

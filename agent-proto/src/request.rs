@@ -13,7 +13,8 @@ use thiserror::Error;
 
 use crate::response::{
     AllocTouchStats, CpuOnline, CpuSets, Empty, Entropy, ExecOutput, FileData, FileDigest,
-    IoBenchStats, MemInfo, MetaBenchStats, OfflinedMemory, Pong, ProbedMemory, StreamStats,
+    GuestTime, IoBenchStats, MemInfo, MetaBenchStats, OfflinedMemory, Pong, ProbedMemory,
+    StreamStats,
 };
 
 /// An op's arguments: its name on the wire and the type the agent answers with in `ok`.
@@ -108,6 +109,8 @@ ops! {
     "offline_memory" => OfflineMemory -> OfflinedMemory;
     /// Set CLOCK_REALTIME.
     "set_time" => SetTime -> Empty;
+    /// Read CLOCK_REALTIME (no process is started).
+    "get_time" => GetTime -> GuestTime;
     /// Add entropy to the kernel's pool.
     "add_entropy" => AddEntropy -> Entropy;
     /// `/proc/meminfo` totals.
@@ -372,6 +375,11 @@ pub struct SetTime {
     /// Nanoseconds since the Unix epoch.
     pub unix_ns: u64,
 }
+
+/// `get_time`: no arguments.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetTime {}
 
 /// `add_entropy`: mix bytes into the kernel's pool and credit them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -136,6 +136,13 @@ impl<'de> Deserialize<'de> for Empty {
     }
 }
 
+/// `get_time`'s result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestTime {
+    /// CLOCK_REALTIME in nanoseconds since the Unix epoch.
+    pub unix_ns: u64,
+}
+
 /// `ping`'s result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Pong {

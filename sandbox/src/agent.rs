@@ -833,6 +833,11 @@ impl AgentClient {
         self.request(args).map(drop)
     }
 
+    /// The guest's wall clock (CLOCK_REALTIME), nanoseconds since the Unix epoch.
+    pub fn get_time(&mut self) -> Result<u64, AgentError> {
+        self.request(proto::GetTime {}).map(|t| t.unix_ns)
+    }
+
     /// Guest memory totals.
     pub fn meminfo(&mut self) -> Result<MemInfo, AgentError> {
         self.request(proto::Meminfo {})

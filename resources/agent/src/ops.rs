@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use kestrel_agent_proto::{
     b64, kind, AddEntropy, CpuOnline, CpuSets, Empty, Entropy, FileData, FileDigest, FileMode,
-    MemInfo, Mount, OfflineMemory, OfflinedMemory, OnlineCpu, Pong, ProbeMemory, ProbedMemory,
-    ReadFile, Request, SetTime, Sha256File, WriteFile,
+    GuestTime, MemInfo, Mount, OfflineMemory, OfflinedMemory, OnlineCpu, Pong, ProbeMemory,
+    ProbedMemory, ReadFile, Request, SetTime, Sha256File, WriteFile,
 };
 use sha2::{Digest, Sha256};
 
@@ -58,6 +58,7 @@ pub fn run(id: u64, request: Request) -> (Vec<u8>, Option<After>) {
         Request::ProbeMemory(a) => reply(id, probe_memory(a)),
         Request::OfflineMemory(a) => reply(id, offline_memory(a)),
         Request::SetTime(a) => reply(id, set_time(a)),
+        Request::GetTime(_) => reply(id, get_time()),
         Request::AddEntropy(a) => reply(id, add_entropy(a)),
         Request::Meminfo(_) => reply(id, meminfo()),
         Request::Cpus(_) => reply(id, cpus()),
@@ -413,6 +414,15 @@ fn offline_memory(a: OfflineMemory) -> OpResult<OfflinedMemory> {
         block_size: bs,
         mem_total_kb: meminfo()?.mem_total_kb,
         removed: false,
+    })
+}
+
+fn get_time() -> OpResult<GuestTime> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| OpError::bad_request("get_time: the clock is before 1970"))?;
+    Ok(GuestTime {
+        unix_ns: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
     })
 }
 

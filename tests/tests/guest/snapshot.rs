@@ -205,9 +205,10 @@ fn read_counter(a: &mut AgentClient) -> u64 {
 }
 
 /// Pause stops the guest: a counter a guest shell bumps in a loop (started through the agent,
-/// detached) stands still while the VM is paused for 3 s, and the vCPU threads use no CPU
-/// time meanwhile; pause and resume are idempotent, `is_paused` tells which; after resume the
-/// counter runs on.
+/// detached) advances over a 3 s pause less than half as much as over the 3 s of running that
+/// follow (its rate depends on the load of the machine, so the two windows are compared, not a
+/// rate), and the vCPU threads use no CPU time while paused; pause and resume are idempotent,
+/// `is_paused` tells which.
 fn check_pause_stops_the_guest(sb: &Sandbox) {
     let vm = sb.vm();
     let mut a = sb.agent();
@@ -216,61 +217,57 @@ fn check_pause_stops_the_guest(sb: &Sandbox) {
         "(i=0; while :; do i=$((i+1)); echo $i > /tmp/cnt; done) </dev/null >/dev/null 2>&1 & \
          echo $! > /tmp/cnt.pid",
     );
-    let (c0, cpu_a, t0) = (
-        read_counter(&mut a),
-        vm_thread_cpu_ns(vm, true),
-        Instant::now(),
+    let c0 = read_counter(&mut a);
+    assert!(
+        wait_until(Duration::from_secs(60), || read_counter(&mut a) > c0 + 2),
+        "the guest counter does not run"
     );
-    std::thread::sleep(Duration::from_secs(2));
-    let (c1, cpu_b) = (read_counter(&mut a), vm_thread_cpu_ns(vm, true));
-    let rate = c1.saturating_sub(c0) as f64 / t0.elapsed().as_secs_f64();
-    assert!(rate > 1.0, "the guest counter does not run ({c0} -> {c1})");
+    let (cpu_a, t0) = (vm_thread_cpu_ns(vm, true), Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu_running = vm_thread_cpu_ns(vm, true).saturating_sub(cpu_a);
+    let running_for = t0.elapsed();
 
-    let (before, t_before) = (read_counter(&mut a), Instant::now());
+    let before = read_counter(&mut a);
     assert!(!vm.is_paused());
     let t_pause = Instant::now();
     vm.pause().expect("pause");
     let pause_latency = t_pause.elapsed();
-    let paused_at = Instant::now();
     assert!(vm.is_paused(), "is_paused after pause");
     vm.pause().expect("a second pause is a no-op");
     assert!(vm.is_paused());
     let cpu0 = vm_thread_cpu_ns(vm, true);
     std::thread::sleep(Duration::from_secs(3));
-    let cpu1 = vm_thread_cpu_ns(vm, true);
-    let paused = paused_at.elapsed();
+    let cpu_paused = vm_thread_cpu_ns(vm, true).saturating_sub(cpu0);
+    let t_resume = Instant::now();
     vm.resume().expect("resume");
+    let resume_latency = t_resume.elapsed();
     assert!(!vm.is_paused(), "is_paused after resume");
     vm.resume().expect("a second resume is a no-op");
     assert!(!vm.is_paused());
-    let after = read_counter(&mut a);
-    let running = t_before.elapsed().saturating_sub(paused).as_secs_f64();
-    let advanced = after.saturating_sub(before);
+    let after_pause = read_counter(&mut a);
+    std::thread::sleep(Duration::from_secs(3));
+    let after_run = read_counter(&mut a);
+    let (paused_counts, running_counts) = (
+        after_pause.saturating_sub(before),
+        after_run.saturating_sub(after_pause),
+    );
     eprintln!(
-        "pause: counter {rate:.0}/s running; {advanced} counts over {:.2} s ({:.2} s of it \
-         paused); vCPU CPU time while paused {} us (running: {} ms in the 2 s before); pause \
-         took {pause_latency:?}",
-        t_before.elapsed().as_secs_f64(),
-        paused.as_secs_f64(),
-        (cpu1.saturating_sub(cpu0)) / 1000,
-        cpu_b.saturating_sub(cpu_a) / 1_000_000,
+        "pause: counter +{paused_counts} over the 3 s pause, +{running_counts} over the 3 s \
+         after; vCPU CPU time {} us while paused, {} us in {running_for:?} running; pause \
+         {pause_latency:?}, resume {resume_latency:?}",
+        cpu_paused / 1000,
+        cpu_running / 1000,
     );
     assert!(
-        cpu1.saturating_sub(cpu0) < 20_000_000,
+        cpu_paused < 20_000_000,
         "vCPU threads used {} us of CPU while paused",
-        (cpu1.saturating_sub(cpu0)) / 1000
+        cpu_paused / 1000
     );
-    // Running the whole time, the counter would have gone rate × (running + 3 s); the paused
-    // 3 s may add at most 1 s worth.
-    let allowed = rate * (running + 1.0);
+    assert!(running_counts > 0, "the counter stands still after resume");
     assert!(
-        (advanced as f64) < allowed,
-        "the counter advanced {advanced} (allowed {allowed:.0} at {rate:.0}/s): the guest ran \
-         while paused"
-    );
-    assert!(
-        wait_until(Duration::from_secs(30), || read_counter(&mut a) > after),
-        "the counter stands still after resume"
+        paused_counts * 2 < running_counts,
+        "the counter advanced {paused_counts} over the pause, {running_counts} running: the \
+         guest ran while paused"
     );
     sh_ok(&mut a, "kill $(cat /tmp/cnt.pid)");
 }
@@ -652,9 +649,9 @@ fn eight_clones_of_one_template() {
         t0.elapsed()
     );
 
+    check_clocks_within_a_second(&clones);
     check_urandom_differs_after_hand_out(&clones);
     check_all_clones_answer(&clones);
-    check_clocks_within_a_second(&clones);
     check_clones_share_memory(&clones, cold_kib);
     for c in &clones {
         assert_eq!(c.vm().stop(), VmExit::Stopped);
@@ -689,26 +686,16 @@ fn check_all_clones_answer(clones: &[Sandbox]) {
     }
 }
 
-/// `time.tv_sec` + `time.tv_usec` of busybox `adjtimex`'s output: the guest's CLOCK_REALTIME.
-fn adjtimex_seconds(out: &str) -> f64 {
-    let field = |name: &str| -> f64 {
-        out.lines()
-            .find_map(|l| l.trim().strip_prefix(name))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no {name} in adjtimex output:\n{out}"))
-    };
-    field("time.tv_sec:") + field("time.tv_usec:") / 1e6
-}
-
 /// Each clone's clock is within 1 s of the host's (the template was snapshotted long before:
-/// the clock was set on hand-out). The guest's time is read between two host readings.
+/// the clock was set on hand-out). The guest's time (agent `get_time`, no process started) is
+/// read between two host readings.
 fn check_clocks_within_a_second(clones: &[Sandbox]) {
     for (i, c) in clones.iter().enumerate() {
         let mut a = c.agent();
         let before = unix_now();
-        let out = sh_ok(&mut a, "adjtimex");
+        let guest_ns = a.get_time().expect("get_time");
         let after = unix_now();
-        let guest = adjtimex_seconds(&out);
+        let guest = guest_ns as f64 / 1e9;
         eprintln!(
             "clone {i}: guest clock {:+.3} s from the host's (read within {:.3} s)",
             guest - before,
