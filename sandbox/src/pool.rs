@@ -73,8 +73,8 @@ pub struct PoolStats {
     pub created: u64,
     /// Attempts of the filler that failed.
     pub failures: u64,
-    /// The last successful take, first part: from the call to a clone whose agent answered
-    /// (waiting for the filler and the pings included), microseconds.
+    /// The last successful take, first part: from the call to a ready clone in hand (waiting
+    /// for the filler included; no guest round trip), microseconds.
     pub last_take_us: u64,
     /// Of `last_take_us`, the time spent waiting for the filler, microseconds.
     pub last_wait_us: u64,
@@ -187,10 +187,12 @@ impl Pool {
         }
     }
 
-    /// Hand out a ready clone, waiting up to `timeout` for one. Each candidate's agent must
-    /// answer a ping (given at least [`TAKE_PING_MIN`]); one that does not is discarded (its
-    /// VM stopped) and the next one tried. The clone handed out has been refreshed
-    /// ([`Sandbox::refresh_guest`]); the filler is told to make a replacement.
+    /// Hand out a ready clone, waiting up to `timeout` for one, and refresh it
+    /// ([`Sandbox::refresh_guest`]: reseed the RNG, set the clock). A candidate whose VM has
+    /// stopped, or whose refresh fails (its agent does not answer), is discarded (its VM
+    /// stopped) and the next one tried; the filler is told to make a replacement.
+    /// [`PoolStats::last_take_us`] is the hand-out without the refresh (taking a ready clone:
+    /// VMM side only), [`PoolStats::last_refresh_us`] the refresh (two agent round trips).
     ///
     /// # Errors
     /// [`PoolError::Closed`]; [`PoolError::Empty`] for a pool of size 0, or nothing ready and
@@ -203,11 +205,10 @@ impl Pool {
         loop {
             let (sb, w) = self.next_ready(start, deadline, timeout)?;
             waited += w;
-            let ping_for = deadline
-                .map_or(timeout, |d| d.saturating_duration_since(Instant::now()))
-                .max(TAKE_PING_MIN);
-            if let Err(e) = ping(&sb, ping_for) {
-                tracing::warn!("pool: discarding a clone whose agent does not answer: {e}");
+            // A clone whose VM has stopped is discarded here; one whose agent does not answer
+            // fails the refresh below (the refresh is the health check: no extra round trip).
+            if let Some(why) = sb.vm().exit_reason() {
+                tracing::warn!("pool: discarding a clone whose VM stopped: {why:?}");
                 self.discard(sb);
                 continue;
             }
@@ -344,15 +345,6 @@ fn remove_socket(uds: &Path) {
         }
         _ => {}
     }
-}
-
-/// Ping the agent with a call timeout of `limit`, then restore the default call timeout.
-fn ping(sb: &Sandbox, limit: Duration) -> Result<String, AgentError> {
-    let mut agent = sb.agent();
-    agent.set_call_timeout(Some(limit));
-    let r = agent.ping();
-    agent.set_call_timeout(Some(DEFAULT_CALL_TIMEOUT));
-    r
 }
 
 /// The filler thread: keep `size` clones ready until closed.
