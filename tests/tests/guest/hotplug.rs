@@ -1,14 +1,14 @@
-//! CPU and memory hotplug without ACPI on the project's guest kernel: one boot (1 vCPU,
-//! 256 MiB; max 2 vCPUs, 1 GiB), many checks through the sandbox API and the guest agent.
+//! CPU and memory hotplug without ACPI on the project's guest kernel: one clone of the shared
+//! template (1 vCPU, 256 MiB; max 2 vCPUs, 1 GiB), many checks through the sandbox API and the
+//! guest agent.
 
 use std::time::{Duration, Instant};
 
 use kestrel_agent_proto as proto;
 use kestrel_sandbox::{Sandbox, SandboxError};
-use kestrel_tests::guest::agent_guest;
 use kestrel_vmm::{ThreadKind, VcpuRunState};
 
-use super::{check_clean_shutdown, create_captured, sandbox, sh};
+use super::{check_clean_shutdown, sh};
 
 /// Resident KiB of the host pages in [start, end) (mincore; 0 when the range is unmapped).
 fn rss_in(start: u64, end: u64) -> u64 {
@@ -41,13 +41,12 @@ fn report(what: &str, t: Instant, vmm: Duration, guest: Duration) {
 
 #[test]
 fn vcpu_and_memory_hotplug() {
-    let mut guest = agent_guest("hotplug", 1, 256);
-    guest.config.kestrel.name = Some("hp".into());
-    guest.config.machine_config.max_vcpus = Some(2);
-    guest.config.machine_config.max_mem_size_mib = Some(1024);
-    let (vm, cap) = create_captured(&guest.config);
+    // A clone of the shared template (1 vCPU and 256 MiB, up to 2 vCPUs and 1 GiB: the
+    // configuration this test needs), so hotplug runs on a restored VM; the template's
+    // creation is the cold boot of this configuration.
+    let sb = crate::snapshot::clone_of(crate::snapshot::template(), "hp");
+    let vm = sb.vm();
     assert!(vm.cmdline().contains("maxcpus=1"), "{}", vm.cmdline());
-    let sb = sandbox(&guest.config, vm, &cap);
     let cpus = sb.agent().cpus().unwrap();
     assert_eq!(cpus.online, "0");
     assert_eq!(cpus.possible, "0-1", "the MP table lists max_vcpus CPUs");
