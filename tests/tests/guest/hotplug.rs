@@ -8,20 +8,9 @@ use kestrel_agent_proto as proto;
 use kestrel_sandbox::{Sandbox, SandboxError};
 use kestrel_vmm::{ThreadKind, VcpuRunState};
 
-use super::{check_clean_shutdown, sh};
+use kestrel_tests::resident_kib;
 
-/// Resident KiB of the host pages in [start, end) (mincore; 0 when the range is unmapped).
-fn rss_in(start: u64, end: u64) -> u64 {
-    let len = usize::try_from(end - start).expect("a host range fits the address space");
-    let mut v = vec![0u8; len / 4096];
-    // SAFETY: mincore only writes one byte per page of the range into `v` (`len / 4096`
-    // bytes); the range is page-aligned. It reads no memory.
-    let r = unsafe { libc::mincore(start as *mut libc::c_void, len, v.as_mut_ptr()) };
-    if r != 0 {
-        return 0;
-    }
-    v.iter().filter(|b| *b & 1 != 0).count() as u64 * 4
-}
+use super::{check_clean_shutdown, sh};
 
 fn vm_rss_kb() -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -142,13 +131,13 @@ fn check_memory_shrink_releases_host_pages(sb: &Sandbox, grown_kb: u64) {
     // Host ranges come in guest-address order: the top block is the last one.
     let (hs, he) = *ranges.last().unwrap();
     assert_eq!(he - hs, top.size);
-    let block_rss_before = rss_in(hs, he);
+    let block_rss_before = resident_kib(hs, he);
     let rss_before = vm_rss_kb();
     let r = sb.resize_memory(384).unwrap();
     assert_eq!(r.total_mib, 384);
     // The block's host pages are gone (the mapping is dropped or emptied); the process RSS is
     // printed too, but other guests may run in this process, so only the range is asserted.
-    let block_rss_after = rss_in(hs, he);
+    let block_rss_after = resident_kib(hs, he);
     eprintln!(
         "shrink: top block resident {block_rss_before} kB before, {block_rss_after} kB after; \
          process RSS {rss_before} -> {} kB",

@@ -25,7 +25,7 @@ use kestrel_sandbox::{Pool, Sandbox, Template};
 use kestrel_tests::guest::{agent_guest, hex, kestrel_binary, KillOnDrop, MIB, MIB_BYTES};
 use kestrel_tests::netns::Netns;
 use kestrel_tests::{
-    nonzero_file_kib, smaps_kib_in, snapshot_memory_file, vm_thread_cpu_ns, XorShift,
+    nonzero_file_kib, resident_kib, smaps_kib_in, snapshot_memory_file, vm_thread_cpu_ns, XorShift,
 };
 use kestrel_vmm::snapshot::FORMAT_VERSION;
 use kestrel_vmm::{SnapshotFiles, ThreadKind, VcpuRunState, Vm, VmExit};
@@ -306,8 +306,11 @@ fn write_disk_before_snapshot(a: &mut AgentClient) -> String {
 /// are compared with: a lower bound of it).
 fn check_snapshot_of_a_paused_guest(sb: Sandbox, snap: &Path) {
     let vm = sb.vm();
-    let smaps = fs::read_to_string("/proc/self/smaps").unwrap();
-    let cold_rss_kib = smaps_kib_in(&smaps, "Rss:", &vm.guest_memory_host_ranges());
+    let cold_rss_kib: u64 = vm
+        .guest_memory_host_ranges()
+        .iter()
+        .map(|&(s, e)| resident_kib(s, e))
+        .sum();
     vm.pause().expect("pause");
     let t = Instant::now();
     vm.snapshot(snap).expect("snapshot");
