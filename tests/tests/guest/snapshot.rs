@@ -183,7 +183,7 @@ fn pause_snapshot_and_restore_in_another_process() {
         fs::create_dir_all(&d).unwrap();
         fs::write(d.join("who"), who).unwrap();
     }
-    guest.config.fs = vec![FsConfig::shared_dir("share", &guest.dir.join("share-a"))];
+    guest.config.fs = vec![FsConfig::shared_dir("share", guest.dir.join("share-a"))];
     let (vm, cap) = create_captured(&guest.config);
     let sb = sandbox(&guest.config, vm, &cap);
 
