@@ -20,9 +20,11 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn spin_vm(name: &str) -> Vm {
-    let k = write_tiny_guest(&format!("{name}.elf"), &spin());
-    let mut c = VmConfig::new(k, 2, 64);
+/// A started tiny guest `name` running `code` on `vcpus` vCPUs and 64 MiB, with a 4 KiB drive
+/// `d0`.
+fn tiny_vm(name: &str, code: &[u8], vcpus: u32) -> Vm {
+    let k = write_tiny_guest(&format!("{name}.elf"), code);
+    let mut c = VmConfig::new(k, vcpus, 64);
     c.serial.output = SerialOutput::None;
     c.kestrel.name = Some(name.into());
     let disk = scratch_dir().join(format!("{name}-disk.img"));
@@ -35,6 +37,10 @@ fn spin_vm(name: &str) -> Vm {
     let vm = Vm::create(&c).expect("create");
     vm.start().expect("start");
     vm
+}
+
+fn spin_vm(name: &str) -> Vm {
+    tiny_vm(name, &spin(), 2)
 }
 
 #[test]
@@ -156,20 +162,7 @@ fn counter_in(mem: &[u8], state: &snapshot::SnapshotState) -> u32 {
 }
 
 fn counting_vm(name: &str) -> Vm {
-    let k = write_tiny_guest(&format!("{name}.elf"), &counting_guest());
-    let mut c = VmConfig::new(k, 1, 64);
-    c.serial.output = SerialOutput::None;
-    c.kestrel.name = Some(name.into());
-    let disk = scratch_dir().join(format!("{name}-disk.img"));
-    std::fs::write(&disk, vec![0u8; 4096]).expect("disk");
-    c.drives.push(DriveConfig {
-        drive_id: "d0".into(),
-        path_on_host: Some(disk),
-        ..DriveConfig::default()
-    });
-    let vm = Vm::create(&c).expect("create");
-    vm.start().expect("start");
-    vm
+    tiny_vm(name, &counting_guest(), 1)
 }
 
 fn counter(vm: &Vm) -> u32 {

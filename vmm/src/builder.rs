@@ -120,16 +120,7 @@ pub(crate) fn build_for_boot(
         extra_args.push(pvfpu::CMDLINE_FLAG.to_string());
     }
     let devices = steps.dm.finish();
-    let shared = Arc::new(VcpuShared {
-        mem: guest_mem.clone(),
-        pio: std::mem::take(&mut machine.legacy.pio),
-        mmio: devices.mmio_bus,
-        exit: machine.exit.clone(),
-        counters,
-        first_run: std::sync::OnceLock::new(),
-        pvfpu,
-    });
-    let vcpus = VcpuManager::new(shared, machine.max_vcpus);
+    let vcpus = machine.vcpu_manager(guest_mem.clone(), devices.mmio_bus, counters, pvfpu);
     let vcpu_count = config.machine_config.vcpu_count;
     vcpus.create_boot_vcpus(&machine.kvm, &machine.vm_fd, vcpu_count)?;
     let boot = BootData {
@@ -200,6 +191,29 @@ impl Machine {
             exit,
             legacy,
         })
+    }
+}
+
+impl Machine {
+    /// Step 7's manager: the vCPUs will share guest memory, the legacy PIO bus (taken from
+    /// the machine), the virtio `mmio` bus, the exit state and `counters`.
+    pub(crate) fn vcpu_manager(
+        &mut self,
+        mem: GuestMem,
+        mmio: kestrel_devices::bus::Bus,
+        counters: Arc<VmCounters>,
+        pvfpu: bool,
+    ) -> VcpuManager {
+        let shared = Arc::new(VcpuShared {
+            mem,
+            pio: std::mem::take(&mut self.legacy.pio),
+            mmio,
+            exit: self.exit.clone(),
+            counters,
+            first_run: std::sync::OnceLock::new(),
+            pvfpu,
+        });
+        VcpuManager::new(shared, self.max_vcpus)
     }
 }
 

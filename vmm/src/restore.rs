@@ -34,8 +34,6 @@ use crate::seccomp::Filters;
 use crate::snapshot::{
     self, DeviceSnapshot, KvmSupport, SnapshotError, SnapshotFiles, SnapshotState,
 };
-use crate::vcpu::manager::VcpuManager;
-use crate::vcpu::VcpuShared;
 
 /// Read the snapshot's state and the configuration the restored VM gets (the snapshot's,
 /// `overrides` applied, validated). Nothing is created.
@@ -95,16 +93,7 @@ pub(crate) fn build_for_restore(
     )?;
     restore_devices(&mut steps, &config, &state.devices)?;
     let devices = steps.dm.finish();
-    let shared = Arc::new(VcpuShared {
-        mem: guest_mem,
-        pio: std::mem::take(&mut machine.legacy.pio),
-        mmio: devices.mmio_bus,
-        exit: machine.exit.clone(),
-        counters,
-        first_run: std::sync::OnceLock::new(),
-        pvfpu: state.pvfpu,
-    });
-    let vcpus = VcpuManager::new(shared, machine.max_vcpus);
+    let vcpus = machine.vcpu_manager(guest_mem, devices.mmio_bus, counters, state.pvfpu);
     // At most MAX_SUPPORTED_VCPUS (checked above against max_vcpus).
     let count = u32::try_from(state.vcpus.len()).unwrap_or(u32::MAX);
     vcpus.create_boot_vcpus(&machine.kvm, &machine.vm_fd, count)?;
