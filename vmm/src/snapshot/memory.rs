@@ -28,7 +28,9 @@ pub struct MemoryRange {
 
 /// Write every region of `mem` to a new file at `path` (replacing one that exists) and sync
 /// it. Returns where each region went. Regions are multiples of the page size, so every
-/// offset stays page-aligned.
+/// offset stays page-aligned. Pages that are all zero are not written: the file is sparse
+/// (holes read back as zeros, so a `MAP_PRIVATE` mapping of it is the same memory), which
+/// makes a snapshot of a guest that touched little of its RAM small and fast to write.
 ///
 /// # Errors
 /// [`SnapshotError::MemoryFile`] naming the file; [`SnapshotError::GuestMemory`] naming the
@@ -41,21 +43,27 @@ pub fn write_memory_file(
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::create(path).map_err(file_err)?;
+    let file = File::create(path).map_err(file_err)?;
     let mut ranges = Vec::new();
     let mut offset = 0u64;
+    let mut chunk = vec![0u8; CHUNK];
     for region in mem.iter() {
         let guest_addr = region.start_addr();
         let size = region.len();
-        let copy_err = |source| SnapshotError::GuestMemory {
-            path: path.to_path_buf(),
-            addr: guest_addr.0,
-            source,
-        };
-        // A region of the host's address space always fits usize.
-        let count = usize::try_from(size).unwrap_or(usize::MAX);
-        mem.write_all_volatile_to(guest_addr, &mut file, count)
-            .map_err(copy_err)?;
+        let mut done = 0u64;
+        while done < size {
+            // At most CHUNK bytes: fits usize.
+            let n = usize::try_from((size - done).min(CHUNK as u64)).unwrap_or(CHUNK);
+            let at = GuestAddress(guest_addr.0 + done);
+            mem.read_slice(&mut chunk[..n], at)
+                .map_err(|source| SnapshotError::GuestMemory {
+                    path: path.to_path_buf(),
+                    addr: at.0,
+                    source,
+                })?;
+            write_nonzero_pages(&file, &chunk[..n], offset + done).map_err(file_err)?;
+            done += n as u64;
+        }
         ranges.push(MemoryRange {
             guest_addr: guest_addr.0,
             size,
@@ -63,8 +71,36 @@ pub fn write_memory_file(
         });
         offset = offset.saturating_add(size);
     }
+    file.set_len(offset).map_err(file_err)?;
     file.sync_all().map_err(file_err)?;
     Ok(ranges)
+}
+
+/// Bytes of guest memory copied per step.
+const CHUNK: usize = 1 << 20;
+
+/// Write the pages of `buf` (at file offset `at`) that hold a non-zero byte, each run of them
+/// with one write.
+fn write_nonzero_pages(file: &File, buf: &[u8], at: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const PAGE_LEN: usize = 4096;
+    let page = PAGE_LEN;
+    let mut run: Option<usize> = None;
+    for (i, p) in buf.chunks(page).enumerate() {
+        let zero = p.iter().all(|b| *b == 0);
+        match (zero, run) {
+            (false, None) => run = Some(i * page),
+            (true, Some(start)) => {
+                file.write_all_at(&buf[start..i * page], at + start as u64)?;
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = run {
+        file.write_all_at(&buf[start..], at + start as u64)?;
+    }
+    Ok(())
 }
 
 /// Page size the memory file's offsets are aligned to.
@@ -165,6 +201,10 @@ mod tests {
                 }
             ]
         );
+        // The all-zero first page is a hole: two of the three pages are allocated.
+        use std::os::unix::fs::MetadataExt;
+        let allocated = std::fs::metadata(&path).expect("stat").blocks() * 512;
+        assert!(allocated < 0x3000, "sparse: {allocated} bytes allocated");
         let bytes = std::fs::read(&path).expect("read back");
         std::fs::remove_file(&path).expect("clean up");
         assert_eq!(bytes.len(), 0x3000);
