@@ -375,10 +375,11 @@ impl RestoredElsewhere {
         ns.ip(&["link", "set", tap, "up"]);
         let log = dir.join("restore.log");
         let out = File::create(&log).unwrap();
+        let kestrel = kestrel_binary();
         let t = Instant::now();
         let child = Command::new("ip")
             .args(["netns", "exec", &ns.0])
-            .arg(kestrel_binary())
+            .arg(kestrel)
             .args(["--no-api", "restore", "--snapshot"])
             .arg(snap)
             .arg("--overrides")
