@@ -190,9 +190,11 @@ fn without_the_assist_guest_tasks_share_vector_registers() {
     assert_eq!(m.assist_xstate_save + m.assist_xstate_load, 0, "{m:?}");
     if kestrel_vmm::host_kvm_is_software() && usable.contains("ymm") {
         assert_eq!(bad[0], 0, "xmm is switched by the guest itself: {line}");
+        // Which of the registers above xmm a task finds changed depends on where the guest
+        // switched tasks: any of them (ymm, zmm, opmask) shows the state is shared.
         assert!(
-            bad[1] > 0,
-            "expected ymm mismatches without the assist: {line}"
+            bad[1] + bad[2] + bad[3] > 0,
+            "expected ymm/zmm/k mismatches without the assist: {line}"
         );
         assert!(
             bad[4] > 0,
