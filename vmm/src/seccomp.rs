@@ -545,6 +545,7 @@ mod tests {
                 0xc008_ae91,
                 0x8080_aea1,
                 0x8188_aea6,
+                0xaead, // KVM_KVMCLOCK_CTRL
             ]
         );
     }
