@@ -1,6 +1,8 @@
 //! Snapshot bench (issue 13): pause and resume latency, snapshot time and size, restore to the
-//! first `KVM_RUN` for 128/256/512 MiB tiny guests (the VMM side: a tiny guest's memory is
-//! written in full like a Linux guest's); with `KESTREL_BENCH_GUEST=1` also the real guest:
+//! first `KVM_RUN` for 128/256/512 MiB tiny guests (the VMM side; a tiny guest writes little
+//! of its RAM, so its sparse memory file is mostly holes: the snapshot time is the scan for
+//! zero pages plus the sync, a lower bound for a guest that wrote its memory); with
+//! `KESTREL_BENCH_GUEST=1` also the real guest:
 //! restore to the agent answering (VMM and guest shares), pool hand-out and refresh, PSS per
 //! clone. Prints markdown tables next to the anchors and targets.
 //!
